@@ -1,0 +1,31 @@
+"""Engine configuration: one frozen dataclass, validated once at startup."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str = DEFAULT_MODEL
+    dtype: Literal["float32", "bfloat16"] = "float32"   # the body; lm_head always runs in fp32
+    block_size: int = 16
+    num_kv_blocks: int = 0            # 0: derive from kv_cache_memory_mb
+    kv_cache_memory_mb: int = 1024
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 0            # 0: the model's own context length
+    enable_chunked_prefill: bool = True
+    num_threads: int = 0              # 0: leave torch's default
+    seed: int = 0                     # seeds requests that carry no seed of their own
+
+    def __post_init__(self) -> None:
+        assert self.dtype in ("float32", "bfloat16"), f"unsupported dtype {self.dtype}"
+        assert self.block_size in (8, 16, 32, 64), "block_size must be 8, 16, 32 or 64"
+        assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
+        assert self.num_kv_blocks >= 0 and self.kv_cache_memory_mb >= 1
+        if not self.enable_chunked_prefill:
+            # Without chunking a whole prompt must fit in one step's budget.
+            assert self.max_model_len == 0 or self.max_model_len <= self.max_num_batched_tokens

@@ -1,0 +1,249 @@
+"""The engine: a synchronous core (shared with the offline `LLM`) and `AsyncEngine`, whose loop
+runs as an asyncio task and each model step in a worker thread."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio.to_thread
+import structlog
+from transformers import AutoTokenizer
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.loader import resolve_model
+from engine.model_runner import ModelRunner
+from engine.scheduler import EMPTY_RESULT, Batch, Scheduler, StepResult
+from engine.sequence import Sequence
+from engine.types import GenerateRequest, RequestError, TokenDelta
+
+log = structlog.get_logger("plumbline.engine")
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int
+
+
+class EngineCore:
+    """Tokenizer, runner, block manager and scheduler; one step = schedule -> run -> postprocess."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir = resolve_model(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.runner = ModelRunner(config, self.model_dir)
+        capacity = self.runner.num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or self.runner.max_position_embeddings,
+                                 capacity)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.blocks, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids(),
+            enable_chunked_prefill=config.enable_chunked_prefill)
+
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = getattr(self.runner.hf_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    def add_request(self, request: GenerateRequest) -> list[Sequence]:
+        """Validate and enqueue; raises RequestError for what the engine cannot take."""
+        prompt = list(request.prompt_token_ids)
+        params = request.sampling
+        if not prompt:
+            raise RequestError("the prompt is empty", "prompt")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise RequestError(f"prompt token ids must lie in [0, {self.vocab_size})", "prompt")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt)} tokens; this model's context is "
+                               f"{self.max_model_len} tokens", "messages")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt)} tokens) exceeds the "
+                f"context of {self.max_model_len} tokens", "max_tokens")
+        if params.n > self.config.max_num_seqs:
+            raise RequestError(f"n must be <= {self.config.max_num_seqs}", "n")
+        base = params.seed if params.seed is not None else self.runner.next_seed()
+        seqs = []
+        for i in range(params.n):
+            # Each of n samples gets its own stream, fixed by (seed, index) alone.
+            seed = (base + i * 0x9E3779B97F4A7C15) & _MASK64 if i else base
+            seq = Sequence(request.request_id, i, list(prompt), len(prompt), params, seed)
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        return seqs
+
+    def abort(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def run(self, batch: Batch) -> StepResult:
+        return self.runner.run(batch) if batch.seqs else EMPTY_RESULT
+
+    def step(self) -> list[TokenDelta]:
+        """One synchronous step (the offline path)."""
+        batch = self.scheduler.schedule()
+        return self.deltas(self.scheduler.postprocess(batch, self.run(batch)))
+
+    @staticmethod
+    def deltas(changed: list[Sequence]) -> list[TokenDelta]:
+        out = []
+        for seq in changed:
+            start = seq.num_sent_tokens
+            seq.num_sent_tokens = seq.num_completion_tokens
+            out.append(TokenDelta(
+                seq.request_id, seq.index, tuple(seq.completion_token_ids[start:]),
+                tuple(seq.logprobs[start:]), tuple(seq.top_logprobs[start:]),
+                seq.finish_reason, seq.num_prompt_tokens, seq.num_completion_tokens, seq.error))
+        return out
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.blocks.num_free_blocks,
+                           self.blocks.num_blocks, s.num_preemptions)
+
+
+class RequestStream:
+    """The consumer side of one request: merges deltas per sequence while the client lags, so
+    the engine never waits on a slow consumer."""
+
+    def __init__(self, request_id: str, n: int, engine: AsyncEngine) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._pending: dict[int, TokenDelta] = {}
+        self._ready = asyncio.Event()
+        self._num_unfinished = n
+        self.finished = False
+
+    def put(self, delta: TokenDelta) -> None:
+        prev = self._pending.get(delta.index)
+        self._pending[delta.index] = prev.merge(delta) if prev else delta
+        self._ready.set()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        while not self._pending:
+            if self._num_unfinished == 0:
+                self.finished = True
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        index = next(iter(self._pending))
+        delta = self._pending.pop(index)
+        if delta.finish_reason is not None:
+            self._num_unfinished -= 1
+        return delta
+
+    async def aclose(self) -> None:
+        """Stop consuming; aborts the request if it is still running."""
+        self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.core = EngineCore(config)
+        self.tokenizer = self.core.tokenizer
+        self._streams: dict[str, RequestStream] = {}
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.num_steps = 0
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="plumbline-engine")
+
+    async def shutdown(self) -> None:
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def add_request(self, request: GenerateRequest) -> RequestStream:
+        """Enqueue; raises RequestError at once for a bad request. Iterate the stream for deltas."""
+        if self._task is None or self._task.done():
+            raise RuntimeError("the engine is not running")
+        if request.request_id in self._streams:
+            raise RequestError(f"request id {request.request_id!r} is already in use", "request_id")
+        self.core.add_request(request)
+        stream = RequestStream(request.request_id, request.sampling.n, self)
+        self._streams[request.request_id] = stream
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return stream
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        """Async iterator of deltas; leaving it early aborts the request."""
+        stream = self.add_request(request)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            if not stream.finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._streams:
+            self.core.abort(request_id)
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        scheduler = self.core.scheduler
+        while True:
+            self._wakeup.clear()
+            if not scheduler.has_work():
+                await self._wakeup.wait()
+                continue
+            batch = scheduler.schedule()
+            result, error = EMPTY_RESULT, None
+            if batch.seqs:
+                try:
+                    result = await anyio.to_thread.run_sync(self.core.run, batch)
+                except Exception as exc:  # one failed step fails its batch, never the loop
+                    log.exception("model_step_failed", num_seqs=len(batch.seqs))
+                    error = f"internal error in the model step ({type(exc).__name__})"
+            self.num_steps += 1
+            for delta in self.core.deltas(scheduler.postprocess(batch, result, error)):
+                stream = self._streams.get(delta.request_id)
+                if stream is not None:
+                    stream.put(delta)
+            self._forget_finished()
+            if not batch.seqs:
+                # Work is queued but nothing fits yet (cannot last: validation bounds every
+                # request by the cache); yield instead of spinning.
+                await asyncio.sleep(0.001)
+
+    def _forget_finished(self) -> None:
+        live = {s.request_id for s in (*self.core.scheduler.running, *self.core.scheduler.waiting)}
+        for request_id in [r for r in self._streams if r not in live]:
+            del self._streams[request_id]

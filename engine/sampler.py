@@ -1,0 +1,125 @@
+"""penalties -> (grammar mask) -> temperature -> top-k / top-p / min-p -> log_softmax -> sample.
+
+The processed distribution is computed once; the token is drawn from it and its logprob read from
+the same tensor, so a reported logprob is by construction that of the distribution sampled from.
+
+- processed (default): log-softmax after penalties, temperature and truncation. For greedy rows
+  (temperature 0) it is the log-softmax after penalties at temperature 1, untruncated.
+- raw: log-softmax of the unmodified model logits.
+
+Each sequence draws one uniform number per sampled token from its own generator and inverts the
+CDF of its row, so its random stream never depends on what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.scheduler import StepResult
+from engine.sequence import Sequence
+from engine.types import TopLogprob
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row sampling inputs, built from the sequences that sample this step."""
+
+    temperatures: torch.Tensor    # [S] fp32; 1.0 for greedy rows
+    is_greedy: list[bool]
+    top_k: list[int]
+    top_p: list[float]
+    min_p: list[float]
+    penalized_rows: list[int]
+    num_top: list[int]            # top-N alternatives wanted per row (0 = none)
+    raw_rows: list[int]           # rows reporting raw logprobs
+    seqs: list[Sequence]
+
+    @classmethod
+    def from_seqs(cls, seqs: list[Sequence]) -> SamplingBatch:
+        ps = [s.sampling for s in seqs]
+        return cls(
+            temperatures=torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps],
+                                      dtype=torch.float32),
+            is_greedy=[p.is_greedy for p in ps],
+            top_k=[p.top_k for p in ps], top_p=[p.top_p for p in ps], min_p=[p.min_p for p in ps],
+            penalized_rows=[i for i, p in enumerate(ps) if p.has_penalties],
+            num_top=[p.logprobs or 0 for p in ps],
+            raw_rows=[i for i, p in enumerate(ps) if p.logprobs_mode == "raw"],
+            seqs=seqs,
+        )
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> None:
+    """In place on logits [S, vocab]. Presence/frequency count completion tokens (OpenAI);
+    repetition divides positive / multiplies negative logits of prompt+completion tokens (HF)."""
+    vocab = logits.shape[1]
+    for r in rows:
+        seq, p = seqs[r], seqs[r].sampling
+        row = logits[r]                                                     # [vocab]
+        if p.repetition_penalty != 1.0 and seq.token_ids:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                    vals * p.repetition_penalty)
+        out = seq.completion_token_ids
+        if out and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=vocab)
+            counts = counts[:vocab].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """One row [vocab] of temperature-scaled logits with dropped tokens set to -inf.
+
+    Order: top-k, then top-p on what is left, then min-p on what is left; at least the most
+    likely token always survives."""
+    if top_k > 0 and top_k < logits.shape[0]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = (torch.cumsum(probs, dim=-1) - probs) > top_p   # mass before this token exceeds p
+        drop[0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter_(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> StepResult:
+    """logits [S, vocab] fp32 (modified in place) -> one token, logprob and top-N per row."""
+    raw_logprobs = torch.log_softmax(logits[batch.raw_rows], dim=-1) if batch.raw_rows else None
+    if batch.penalized_rows:
+        apply_penalties(logits, batch.penalized_rows, batch.seqs)
+    logits.div_(batch.temperatures.unsqueeze(1))                            # [S, vocab]
+    for r, seq in enumerate(batch.seqs):
+        if not batch.is_greedy[r] and (batch.top_k[r] or batch.top_p[r] < 1.0 or batch.min_p[r]):
+            logits[r] = truncate(logits[r], batch.top_k[r], batch.top_p[r], batch.min_p[r])
+    logprobs = torch.log_softmax(logits, dim=-1)                            # [S, vocab] processed
+    # Greedy picks from the logits, not the log-softmax: subtracting logsumexp can round two
+    # close logits into a tie that transformers' argmax would not see.
+    token_ids = torch.argmax(logits, dim=-1)                                # [S] greedy choice
+    sampled_rows = [r for r, g in enumerate(batch.is_greedy) if not g]
+    if sampled_rows:
+        # Inverse CDF with one uniform in (0, 1] per row: a zero-probability token is never hit.
+        u = torch.stack([1.0 - torch.rand((), generator=batch.seqs[r].rng) for r in sampled_rows])
+        probs = logprobs[sampled_rows].exp()                                # [R, vocab]
+        cdf = torch.cumsum(probs, dim=-1)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+        token_ids[sampled_rows] = picks.clamp_(max=logits.shape[1] - 1)
+    report = logprobs
+    if raw_logprobs is not None:
+        report = logprobs.clone()
+        report[batch.raw_rows] = raw_logprobs
+    chosen = report.gather(1, token_ids.unsqueeze(1)).squeeze(1)            # [S]
+    max_top = max(batch.num_top)
+    tops: list[tuple[TopLogprob, ...]] = [()] * len(batch.seqs)
+    if max_top:
+        top_vals, top_ids = torch.topk(report, max_top, dim=-1)             # [S, max_top]
+        vals, ids = top_vals.tolist(), top_ids.tolist()
+        tops = [tuple(TopLogprob(t, v) for t, v in zip(ids[r][:n], vals[r][:n]))
+                for r, n in enumerate(batch.num_top)]
+    return StepResult(token_ids.tolist(), chosen.tolist(), tops)

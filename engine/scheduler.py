@@ -1,0 +1,173 @@
+"""Continuous batching: waiting and running queues, chunked prefill, preemption by recompute.
+
+No torch, no asyncio, no I/O. State changes only between steps, on the event loop; an abort that
+lands mid-step is recorded and applied in `postprocess`, never while the step reads the blocks.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+from engine.types import FinishReason, TopLogprob
+
+
+@dataclass(slots=True)
+class Batch:
+    seqs: list[Sequence]      # decodes first (one token each), then prefill chunks
+    num_decodes: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_scheduled_tokens for s in self.seqs)
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.samples_this_step]
+
+
+class StepResult(NamedTuple):
+    """One entry per sequence of `Batch.sampling_seqs`, in that order."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[tuple[TopLogprob, ...]]
+
+
+EMPTY_RESULT = StepResult([], [], [])
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: set[int],
+                 enable_chunked_prefill: bool = True) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.aborted: set[str] = set()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.aborted)
+
+    def schedule(self) -> Batch:
+        budget = self.max_num_batched_tokens
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
+        # decode: running sequences, oldest first (a chunked prefill in progress continues here)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._reserve(seq, n):
+                break                                   # seq itself was preempted
+            seq.num_scheduled_tokens = n
+            budget -= n
+            (decodes if seq.is_decode else prefills).append(seq)
+            i += 1
+        # prefill: admit waiting sequences while budget, slots and blocks last
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = seq.num_tokens - seq.num_computed_tokens
+            if n > budget and not self.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, n)):
+                break
+            self.blocks.allocate(seq, n)
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.status = SequenceStatus.RUNNING
+            seq.num_scheduled_tokens = n
+            budget -= n
+            (decodes if seq.is_decode else prefills).append(seq)
+        return Batch(decodes + prefills, len(decodes))
+
+    def _reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Allocate blocks for seq, preempting the newest running sequences if needed."""
+        while not self.blocks.can_allocate(self.blocks.blocks_needed(seq, num_new_tokens)):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq, num_new_tokens)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute later: drop its KV, keep its tokens, put it at the head of the queue."""
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, batch: Batch, result: StepResult,
+                    error: str | None = None) -> list[Sequence]:
+        """Append sampled tokens, finish sequences, free blocks; return the sequences that changed.
+
+        The only place a sequence finishes. `error` fails every sequence of the batch.
+        """
+        changed: list[Sequence] = []
+        samples = iter(zip(result.token_ids, result.logprobs, result.top_logprobs))
+        for seq in batch.seqs:
+            sampled = seq.samples_this_step
+            seq.num_computed_tokens += seq.num_scheduled_tokens
+            seq.num_scheduled_tokens = 0
+            if error is not None:
+                seq.error = error
+                self._finish(seq, FinishReason.ERROR)
+                changed.append(seq)
+                continue
+            if not sampled or seq.is_finished:
+                continue
+            token_id, logprob, top = next(samples)
+            seq.token_ids.append(token_id)
+            seq.logprobs.append(logprob)
+            seq.top_logprobs.append(top)
+            reason = self._stop_reason(seq, token_id)
+            if reason is not None:
+                self._finish(seq, reason)
+            changed.append(seq)
+        if self.aborted:
+            for seq in [*self.running, *self.waiting]:
+                if seq.request_id in self.aborted:
+                    self._finish(seq, FinishReason.ABORT)
+                    if seq not in changed:
+                        changed.append(seq)
+            self.aborted.clear()   # an abort for an unknown or finished request is moot
+        return changed
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        params = seq.sampling
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return FinishReason.STOP
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.is_finished:
+            return
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.blocks.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

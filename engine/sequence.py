@@ -1,0 +1,68 @@
+"""A sequence: one stream of tokens being generated (a request with n > 1 has n of them)."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.types import FinishReason, SamplingParams, TopLogprob
+
+
+class SequenceStatus(enum.IntEnum):
+    # Ordered so that "finished" is one comparison: status >= FINISHED.
+    WAITING_FOR_GRAMMAR = 0
+    WAITING = 1
+    RUNNING = 2
+    FINISHED = 3
+
+
+_ids = itertools.count()
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: str
+    index: int                               # position within its request (n > 1)
+    token_ids: list[int]                     # prompt + completion
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    seed: int                                # of this sequence's own random stream
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_computed_tokens: int = 0             # tokens whose KV is in the cache
+    num_scheduled_tokens: int = 0            # tokens this step computes
+    block_table: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[tuple[TopLogprob, ...]] = field(default_factory=list)
+    num_sent_tokens: int = 0                 # completion tokens already handed out as deltas
+    num_preemptions: int = 0
+    error: str | None = None
+    rng: Any = None                          # torch.Generator, owned by the sampler
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status >= SequenceStatus.FINISHED
+
+    @property
+    def is_decode(self) -> bool:
+        """All tokens but the newest are cached: this step computes one token."""
+        return self.num_computed_tokens == self.num_tokens - 1
+
+    @property
+    def samples_this_step(self) -> bool:
+        """Whether the scheduled chunk reaches the end of the sequence (so a token is sampled)."""
+        return self.num_computed_tokens + self.num_scheduled_tokens == self.num_tokens

@@ -1,0 +1,165 @@
+"""The vocabulary the engine shares with the gateway: requests in, token deltas out."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from grammars.spec import GrammarSpec
+
+LogprobsMode = Literal["processed", "raw"]
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"          # EOS, a stop token id, or a stop string (gateway/LLM)
+    LENGTH = "length"      # max_tokens or the context window ran out
+    ABORT = "abort"        # client went away or abort() was called
+    ERROR = "error"        # the step failed for this sequence; others go on
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                  # 0 or -1: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None     # top-N alternatives per token (0 = only the sampled one)
+    logprobs_mode: LogprobsMode = "processed"
+    include_stop_str_in_output: bool = False
+    grammar: GrammarSpec | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        checks = [
+            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.temperature >= 0.0, "temperature", "must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]"),
+            (self.top_k >= 0, "top_k", "must be >= 0 (or -1 for off)"),
+            (0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]"),
+            (self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0"),
+            (self.n >= 1, "n", "must be >= 1"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.logprobs_mode in ("processed", "raw"), "logprobs_mode", "must be 'processed' or 'raw'"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise ValueError(f"{name} {why}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """New tokens of one sequence (index within its request) since the last delta."""
+
+    request_id: str
+    index: int
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]                       # one per token, in the request's mode
+    top_logprobs: tuple[tuple[TopLogprob, ...], ...]  # one tuple per token ((), when not asked)
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    error: str | None = None
+
+    def merge(self, later: TokenDelta) -> TokenDelta:
+        """Concatenate a later delta of the same sequence (used when a consumer falls behind)."""
+        assert later.request_id == self.request_id and later.index == self.index
+        return TokenDelta(
+            self.request_id, self.index, self.token_ids + later.token_ids,
+            self.logprobs + later.logprobs, self.top_logprobs + later.top_logprobs,
+            later.finish_reason, later.num_prompt_tokens, later.num_completion_tokens,
+            later.error,
+        )
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One finished sequence, as the offline `LLM` returns it."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[tuple[TopLogprob, ...]]
+    text: str
+    finish_reason: str | None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """All sequences of one prompt; the first one's fields are exposed directly."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def logprobs(self) -> list[float]:
+        return self.outputs[0].logprobs
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "outputs": [
+            {"index": o.index, "text": o.text, "token_ids": o.token_ids,
+             "logprobs": o.logprobs, "finish_reason": o.finish_reason} for o in self.outputs]}
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (maps to HTTP 400); `param` names the culprit."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
