@@ -1,7 +1,8 @@
 """The engine's hot operations. The engine calls only these public functions."""
+from kernels.logit_mask import apply_token_bitmask
 from kernels.attention import AttentionMetadata, paged_attention, slots_for, store_kvcache
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary
 
-__all__ = ["AttentionMetadata", "apply_rotary", "paged_attention", "rms_norm", "slots_for",
+__all__ = ["AttentionMetadata", "apply_rotary", "apply_token_bitmask", "paged_attention", "rms_norm", "slots_for",
            "store_kvcache"]

@@ -1,0 +1,56 @@
+"""Which implementation a kernel call runs, and Triton kernels that can run interpreted.
+
+The one place in `kernels/` that reads environment variables:
+- PLUMBLINE_KERNELS=triton together with TRITON_INTERPRET=1 sends CPU tensors through the
+  Triton kernels (run by Triton's interpreter); anything else keeps the fast CPU paths.
+- CUDA tensors always take the Triton kernels.
+
+Triton decides between compiling and interpreting when `@triton.jit` decorates a function, that
+is at import. `jit` below defers that choice to each launch, so one process (a pytest run) can
+import the kernels once and still interpret them in the tests that set TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether a call on tensor `t` should take the Triton kernel."""
+    if t.is_cuda:
+        return True
+    return os.environ.get("PLUMBLINE_KERNELS", "").lower() == "triton" and interpreting()
+
+
+class LazyKernel:
+    """`@jit` kernel: `kernel[grid](*args)` compiles it, or interprets it under TRITON_INTERPRET."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self._compiled: Any = None
+        self._interpreted: Any = None
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __getitem__(self, grid: Any) -> Any:
+        if interpreting():
+            if self._interpreted is None:
+                from triton.runtime.interpreter import InterpretedFunction
+                self._interpreted = InterpretedFunction(self.fn)
+            return self._interpreted[grid]
+        if self._compiled is None:
+            from triton.runtime.jit import JITFunction
+            self._compiled = JITFunction(self.fn)
+        return self._compiled[grid]
+
+
+def jit(fn: Callable[..., Any]) -> LazyKernel:
+    """Like `triton.jit` for a self-contained kernel (one that calls no other jit function)."""
+    return LazyKernel(fn)
