@@ -1,0 +1,107 @@
+"""The scheduler alone: fake step results stand in for the model."""
+from engine.block_manager import BlockManager
+from engine.scheduler import Scheduler, StepResult
+from engine.sequence import Sequence, SequenceStatus
+from engine.types import FinishReason, SamplingParams
+
+EOS = 2
+
+
+def make(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, max_model_len=256):
+    bm = BlockManager(num_blocks, block_size)
+    return bm, Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                         max_model_len=max_model_len, eos_token_ids={EOS})
+
+
+def add(sched, rid, prompt_len, max_tokens=4, **kw):
+    s = Sequence(rid, 0, [5] * prompt_len, prompt_len, SamplingParams(max_tokens=max_tokens, **kw), 0)
+    sched.add(s)
+    return s
+
+
+def step(sched, token=7):
+    """One step; returns the batch and the number of tokens it scheduled."""
+    batch = sched.schedule()
+    n = len(batch.sampling_seqs)
+    num_tokens = batch.num_tokens
+    sched.postprocess(batch, StepResult([token] * n, [0.0] * n, [()] * n))
+    return batch, num_tokens
+
+
+def test_chunked_prefill_mixes_with_decodes_within_budget():
+    bm, sched = make(budget=16)
+    a = add(sched, "a", 10)
+    batch, num_tokens = step(sched)
+    assert num_tokens == 10 and a.num_completion_tokens == 1
+    b = add(sched, "b", 30)
+    batch, _ = step(sched)
+    # a decodes (1 token), b's prefill takes the remaining 15 of the budget
+    assert [s.request_id for s in batch.seqs] == ["a", "b"] and batch.num_decodes == 1
+    assert b.num_computed_tokens == 15 and b.num_completion_tokens == 0
+    batch, num_tokens = step(sched)
+    assert b.num_computed_tokens == 30 and b.num_completion_tokens == 1   # chunk reached the end
+    assert num_tokens == 16
+
+
+def test_finish_on_length_eos_and_stop_token_frees_blocks():
+    bm, sched = make()
+    a = add(sched, "a", 3, max_tokens=2)
+    b = add(sched, "b", 3, max_tokens=5)
+    c = add(sched, "c", 3, max_tokens=5, stop_token_ids=(9,))
+    step(sched)                                   # all prefill, token 7
+    batch = sched.schedule()
+    sched.postprocess(batch, StepResult([7, EOS, 9], [0.0] * 3, [()] * 3))
+    assert a.finish_reason is FinishReason.LENGTH
+    assert b.finish_reason is FinishReason.STOP and c.finish_reason is FinishReason.STOP
+    assert bm.num_free_blocks == bm.num_blocks and not sched.has_work()
+
+
+def test_ignore_eos_keeps_going():
+    bm, sched = make()
+    a = add(sched, "a", 3, max_tokens=3, ignore_eos=True)
+    for _ in range(3):
+        step(sched, token=EOS)
+    assert a.num_completion_tokens == 3 and a.finish_reason is FinishReason.LENGTH
+
+
+def test_preemption_by_recompute_when_blocks_run_out():
+    # Each sequence alone fits (8 + 20 tokens = 7 blocks) but both together do not.
+    bm, sched = make(num_blocks=8, block_size=4, budget=64)
+    a = add(sched, "a", 8, max_tokens=20)
+    b = add(sched, "b", 8, max_tokens=20)
+    step(sched)                                   # 2 blocks each + growth
+    preempted = 0
+    for _ in range(100):
+        if not sched.has_work():
+            break
+        before = sched.num_preemptions
+        step(sched)
+        preempted += sched.num_preemptions - before
+        used = sum(len(s.block_table) for s in sched.running)
+        assert used + bm.num_free_blocks == bm.num_blocks
+    assert preempted >= 1
+    assert a.num_completion_tokens == 20 and b.num_completion_tokens == 20
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_abort_mid_step_applies_in_postprocess():
+    bm, sched = make()
+    a = add(sched, "a", 5, max_tokens=10)
+    b = add(sched, "b", 5, max_tokens=10)
+    batch = sched.schedule()
+    sched.abort("a")                              # lands while the step "runs"
+    assert a.block_table, "blocks must stay while the step reads them"
+    changed = sched.postprocess(batch, StepResult([7, 7], [0.0, 0.0], [(), ()]))
+    assert a.finish_reason is FinishReason.ABORT and a in changed
+    assert b.status is SequenceStatus.RUNNING
+    sched.abort("b")
+    sched.postprocess(sched.schedule(), StepResult([7], [0.0], [()]))
+    assert bm.num_free_blocks == bm.num_blocks and not sched.has_work()
+
+
+def test_max_num_seqs_bounds_running():
+    bm, sched = make(max_num_seqs=2, budget=100)
+    for i in range(5):
+        add(sched, str(i), 3)
+    batch, _ = step(sched)
+    assert len(batch.seqs) == 2 and len(sched.waiting) == 3
