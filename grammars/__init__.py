@@ -1,0 +1,25 @@
+"""Constrained decoding: grammar specs, compilers and per-request token masks."""
+from grammars.base import (
+    CompiledGrammar,
+    CompilerOptions,
+    Grammar,
+    GrammarCompiler,
+    allocate_bitmask,
+    available_backends,
+    bitmask_width,
+    register_backend,
+)
+from grammars.spec import GrammarError, GrammarSpec
+
+__all__ = [
+    "CompiledGrammar",
+    "CompilerOptions",
+    "Grammar",
+    "GrammarCompiler",
+    "GrammarError",
+    "GrammarSpec",
+    "allocate_bitmask",
+    "available_backends",
+    "bitmask_width",
+    "register_backend",
+]

@@ -1,0 +1,301 @@
+"""The per-request `Grammar` protocol and the `GrammarCompiler` that hands out grammars.
+
+Shape (as in vLLM's structured-output layer): a backend compiles a `GrammarSpec` once into an
+immutable, shared `CompiledGrammar`; each request gets a fresh cursor from `matcher()`. The
+compiler owns an LRU cache keyed by (spec, backend, options) and a small thread pool so that
+compiles run off the event loop with a timeout.
+
+Bitmask layout (shared with kernels.apply_token_bitmask): int32 [batch, ceil(vocab/32)], bit j
+of word w set <=> token 32*w + j allowed. Rows of unconstrained sequences stay all ones (-1).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+
+from grammars.spec import GrammarError, GrammarSpec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Grammar", "CompiledGrammar", "Backend", "CompilerOptions", "GrammarCompiler", "GrammarError",
+    "register_backend", "available_backends", "allocate_bitmask", "bitmask_width", "check_bitmask_row",
+]
+
+
+@runtime_checkable
+class Grammar(Protocol):
+    """One request's cursor through a compiled grammar. Not thread-safe; one owner at a time."""
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance by one token; False (and no state change) if the grammar forbids it."""
+        ...
+
+    def accept(self, token_ids: Sequence[int]) -> bool:
+        """Advance by each token in turn; stops at the first forbidden one and returns False."""
+        ...
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into bitmask[row] (EOS only where the grammar may end)."""
+        ...
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last num_tokens accepted tokens."""
+        ...
+
+    def is_terminated(self) -> bool:
+        """True once EOS was accepted, or the grammar is complete and can take nothing but EOS."""
+        ...
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the grammar forces next (fast-forward); [] where none or not reported."""
+        ...
+
+    def reset(self) -> None:
+        """Back to the start state."""
+        ...
+
+
+class CompiledGrammar(Protocol):
+    """A compiled, immutable grammar; shared between requests and threads."""
+
+    spec: GrammarSpec
+    backend: str
+    vocab_size: int
+    notes: tuple[str, ...]  # what the compiler did beyond the plain spec (fallbacks), for logs
+
+    def matcher(self) -> Grammar:
+        """A fresh cursor at the start state."""
+        ...
+
+
+class Backend(Protocol):
+    """A grammar library bound to one tokenizer and one set of options."""
+
+    name: str
+
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        """Compile a validated spec; raise GrammarError naming the problem."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CompilerOptions:
+    """Options that change what a spec compiles to; part of the cache key."""
+
+    # Whitespace allowed between JSON tokens: up to this many of [ \t\n\r] per gap (so the model
+    # cannot run away emitting whitespace); 0 means compact JSON only.
+    max_whitespace: int = 16
+    # json_schema specs the backend refuses or cannot express exactly are compiled as a relaxed
+    # superset and the document is validated with jsonschema before EOS (see grammars/fallback.py).
+    json_fallback: bool = True
+    # Also gate EOS on jsonschema for schemas the backend compiled as given (defence in depth).
+    always_validate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_whitespace < 0:
+            raise ValueError("max_whitespace must be >= 0")
+
+
+BackendFactory = Callable[[Any, int, CompilerOptions], Backend]
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make a backend selectable by name; factory(tokenizer, vocab_size, options) -> Backend."""
+    _BACKENDS[name] = factory
+
+
+def available_backends() -> list[str]:
+    _register_builtin()
+    return sorted(_BACKENDS)
+
+
+def _register_builtin() -> None:
+    # Factories import their library lazily: a backend that is not installed only fails when used.
+    if "llguidance" in _BACKENDS:
+        return
+
+    def llguidance_factory(tok: Any, vocab_size: int, opts: CompilerOptions) -> Backend:
+        from grammars.llguidance import LLGuidanceBackend
+        return LLGuidanceBackend(tok, vocab_size, opts)
+
+    def outlines_factory(tok: Any, vocab_size: int, opts: CompilerOptions) -> Backend:
+        from grammars.outlines_core import OutlinesCoreBackend
+        return OutlinesCoreBackend(tok, vocab_size, opts)
+
+    def xgrammar_factory(tok: Any, vocab_size: int, opts: CompilerOptions) -> Backend:
+        from grammars.xgrammar import XGrammarBackend
+        return XGrammarBackend(tok, vocab_size, opts)
+
+    _BACKENDS.setdefault("llguidance", llguidance_factory)
+    _BACKENDS.setdefault("outlines_core", outlines_factory)
+    _BACKENDS.setdefault("xgrammar", xgrammar_factory)
+
+
+def bitmask_width(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allocate_bitmask(max_num_seqs: int, vocab_size: int, pin_memory: bool = False) -> torch.Tensor:
+    """The step bitmask, all ones (every token allowed): int32 [max_num_seqs, ceil(vocab/32)]."""
+    import torch
+
+    return torch.full((max_num_seqs, bitmask_width(vocab_size)), -1, dtype=torch.int32,
+                      pin_memory=pin_memory)
+
+
+def check_bitmask_row(bitmask: torch.Tensor, row: int, vocab_size: int) -> None:
+    """Assert what the adapters rely on when they write a row through a raw pointer."""
+    import torch
+
+    assert bitmask.dtype == torch.int32, f"bitmask must be int32, got {bitmask.dtype}"
+    assert bitmask.device.type == "cpu", "bitmask must be on the CPU"
+    assert bitmask.dim() == 2 and bitmask.shape[1] == bitmask_width(vocab_size), (
+        f"bitmask must be [batch, {bitmask_width(vocab_size)}], got {tuple(bitmask.shape)}")
+    assert 0 <= row < bitmask.shape[0], f"row {row} out of range for {bitmask.shape[0]} rows"
+    assert bitmask.stride(1) == 1, "bitmask rows must be contiguous"
+
+
+@dataclass(slots=True)
+class _Entry:
+    # A cache slot: the compiled grammar, or the GrammarError it raised (bad specs come back).
+    future: concurrent.futures.Future[CompiledGrammar]
+    compile_s: float = 0.0
+
+
+@dataclass
+class GrammarCompiler:
+    """Compiles specs with a named backend, caches the results (LRU), compiles off-loop.
+
+    `tokenizer` is a Hugging Face fast tokenizer; `vocab_size` is the model's logit width when
+    it exceeds the tokenizer's (padded embeddings): those extra ids are never allowed.
+    """
+
+    tokenizer: Any
+    backend: str = "llguidance"
+    vocab_size: int | None = None
+    options: CompilerOptions = field(default_factory=CompilerOptions)
+    max_cached: int = 256
+    max_workers: int = 2
+    _backends: dict[str, Backend] = field(default_factory=dict, init=False, repr=False)
+    _cache: OrderedDict[tuple[GrammarSpec, str, CompilerOptions], _Entry] = field(
+        default_factory=OrderedDict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _register_builtin()
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"unknown grammar backend {self.backend!r}; have {sorted(_BACKENDS)}")
+        if self.vocab_size is None:
+            self.vocab_size = len(self.tokenizer)
+        assert self.vocab_size >= len(self.tokenizer), "vocab_size must cover the tokenizer"
+        self.eos_token_id: int = self.tokenizer.eos_token_id
+
+    # --- public ---------------------------------------------------------------------------
+
+    def compile(self, spec: GrammarSpec, backend: str | None = None) -> CompiledGrammar:
+        """Compile (or fetch from cache) on the calling thread; raises GrammarError."""
+        entry, is_new = self._claim(spec, backend)
+        if is_new:
+            self._run(entry, spec, backend or self.backend)
+        return entry.future.result()
+
+    def compile_future(self, spec: GrammarSpec,
+                       backend: str | None = None) -> concurrent.futures.Future[CompiledGrammar]:
+        """Start a compile in the worker pool; the future raises GrammarError on failure."""
+        entry, is_new = self._claim(spec, backend)
+        if is_new:
+            self._executor().submit(self._run, entry, spec, backend or self.backend)
+        return entry.future
+
+    async def compile_async(self, spec: GrammarSpec, timeout: float | None = None,
+                            backend: str | None = None) -> CompiledGrammar:
+        """Compile in the worker pool without blocking the loop; GrammarError on timeout.
+
+        A compile that times out keeps running in its thread (native code cannot be
+        interrupted) and lands in the cache; the pool size bounds how many can pile up.
+        """
+        future = asyncio.wrap_future(self.compile_future(spec, backend))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise GrammarError(f"{spec.kind} grammar compile timed out after {timeout:g}s") from None
+
+    def compile_time(self, spec: GrammarSpec, backend: str | None = None) -> float | None:
+        """Seconds the cached compile of spec took, if it is cached and done."""
+        with self._lock:
+            entry = self._cache.get((spec, backend or self.backend, self.options))
+        return entry.compile_s if entry is not None and entry.future.done() else None
+
+    def cache_size(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _claim(self, spec: GrammarSpec, backend: str | None) -> tuple[_Entry, bool]:
+        # One entry per key: concurrent requests for the same spec share one compile.
+        key = (spec, backend or self.backend, self.options)
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._cache.move_to_end(key)
+                return entry, False
+            entry = _Entry(concurrent.futures.Future())
+            self._cache[key] = entry
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+            return entry, True
+
+    def _run(self, entry: _Entry, spec: GrammarSpec, backend: str) -> None:
+        start = time.perf_counter()
+        try:
+            spec.validate()
+            compiled = self._backend(backend).compile(spec)
+        except GrammarError as e:
+            entry.future.set_exception(e)
+        except Exception as e:  # a library bug must become this request's 400, not a crash
+            entry.future.set_exception(GrammarError(f"{backend} failed to compile the {spec.kind} grammar: {e}"))
+        else:
+            entry.future.set_result(compiled)
+        finally:
+            entry.compile_s = time.perf_counter() - start
+
+    def _backend(self, name: str) -> Backend:
+        with self._lock:
+            backend = self._backends.get(name)
+        if backend is None:
+            factory = _BACKENDS.get(name)
+            if factory is None:
+                raise GrammarError(f"unknown grammar backend {name!r}; have {sorted(_BACKENDS)}")
+            try:
+                backend = factory(self.tokenizer, self.vocab_size or 0, self.options)
+            except ImportError as e:
+                raise GrammarError(f"grammar backend {name!r} is not installed: {e}") from None
+            with self._lock:
+                backend = self._backends.setdefault(name, backend)
+        return backend
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.max_workers, thread_name_prefix="grammar-compile")
+            return self._pool

@@ -1,0 +1,219 @@
+"""llguidance adapter (the default backend): JSON schema, regex, choice and Lark grammars.
+
+Compiles are near-instant (an Earley parser over a lazily built lexer, no vocabulary-wide
+precomputation), masks take well under a millisecond, and it reports forced (fast-forward)
+tokens. Special tokens of the tokenizer are only ever matched by explicit `<|name|>` syntax in a
+grammar, so they never appear inside JSON strings; byte-level tokens (partial UTF-8) are handled
+on bytes, so a character split across tokens is still reachable.
+
+json_schema specs that llguidance refuses go through grammars/fallback.py: a relaxed superset is
+compiled here, and the document is validated with jsonschema before EOS is allowed.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Sequence
+
+import llguidance
+import llguidance.hf
+
+from grammars.base import CompilerOptions, check_bitmask_row
+from grammars.fallback import ValidatedGrammar, relaxations, schema_validator
+from grammars.spec import GrammarError, GrammarSpec
+
+if TYPE_CHECKING:
+    import torch
+
+# Building an LLTokenizer walks the whole vocabulary (~0.5 s); one per HF tokenizer object.
+_TOKENIZERS: weakref.WeakKeyDictionary[Any, dict[int, llguidance.LLTokenizer]] = weakref.WeakKeyDictionary()
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def ll_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer:
+    """The llguidance view of a Hugging Face fast tokenizer, padded to the model's vocab_size."""
+    with _TOKENIZERS_LOCK:
+        per_size = _TOKENIZERS.setdefault(tokenizer, {})
+        llt = per_size.get(vocab_size)
+        if llt is None:
+            # transformers 5 names its fast tokenizer class TokenizersBackend and keeps
+            # PreTrainedTokenizerFast as an alias, so llguidance's helper accepts it; it
+            # serialises the Rust tokenizer, added tokens included, so bytes stay exact.
+            try:
+                llt = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+            except ValueError as e:
+                raise GrammarError(f"llguidance needs a fast (Rust) tokenizer: {e}") from None
+            per_size[vocab_size] = llt
+        return llt
+
+
+def _lark_literal(text: str) -> str:
+    # llguidance Lark string literals take JSON string escapes.
+    return json.dumps(text, ensure_ascii=False)
+
+
+class LLGuidanceGrammar:
+    """A request's cursor: an llguidance LLMatcher."""
+
+    __slots__ = ("_matcher", "_width", "_eos", "_ended", "_eos_counted")
+
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_token_id: int) -> None:
+        self._matcher = matcher
+        self._width = (vocab_size + 31) // 32
+        self._eos = eos_token_id
+        self._ended = False        # EOS accepted
+        self._eos_counted = False  # whether llguidance counts that EOS as a token for rollback
+
+    def accept_token(self, token_id: int) -> bool:
+        if self._ended:
+            return False
+        if token_id == self._eos:
+            # try_consume_tokens never takes EOS; consume_token does, where the grammar accepts.
+            # A matcher that already stopped (nothing can follow) takes EOS without recording it.
+            if not self.is_accepting():
+                return False
+            was_stopped = self._matcher.is_stopped()
+            if not self._matcher.consume_token(token_id):
+                return False
+            self._ended, self._eos_counted = True, not was_stopped
+            return True
+        # try_consume_tokens leaves the matcher untouched on a forbidden token, where
+        # consume_token would put it into a permanent error state.
+        return self._matcher.try_consume_tokens([token_id]) == 1
+
+    def accept(self, token_ids: Sequence[int]) -> bool:
+        token_ids = list(token_ids)
+        if self._eos in token_ids:
+            return all(self.accept_token(t) for t in token_ids)
+        return self._matcher.try_consume_tokens(token_ids) == len(token_ids)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        check_bitmask_row(bitmask, row, self._width * 32)
+        self._matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), self._width * 4)
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens > 0 and self._ended:
+            self._ended = False
+            if not self._eos_counted:
+                num_tokens -= 1
+        if num_tokens > 0:
+            ok = self._matcher.rollback(num_tokens)
+            assert ok, f"llguidance rollback({num_tokens}) failed: {self._matcher.get_error()}"
+
+    def is_terminated(self) -> bool:
+        return self._ended or (self._matcher.is_stopped() and not self._matcher.is_error())
+
+    def is_accepting(self) -> bool:
+        """True where EOS may come next."""
+        return self._matcher.is_accepting() and not self._matcher.is_error()
+
+    def is_dead(self) -> bool:
+        return self._matcher.is_error()
+
+    def forced_tokens(self) -> list[int]:
+        if self._ended or self._matcher.is_stopped():
+            return []
+        return list(self._matcher.compute_ff_tokens())
+
+    def reset(self) -> None:
+        self._matcher.reset()
+        self._ended = False
+
+    @property
+    def error(self) -> str:
+        return self._matcher.get_error()
+
+
+class LLGuidanceCompiled:
+    """An immutable compiled grammar: a template matcher that each request deep-copies."""
+
+    def __init__(self, spec: GrammarSpec, template: llguidance.LLMatcher, llt: llguidance.LLTokenizer,
+                 vocab_size: int, validator: Any = None, notes: tuple[str, ...] = ()) -> None:
+        self.spec = spec
+        self.backend = "llguidance"
+        self.vocab_size = vocab_size
+        self.notes = notes
+        self._template = template
+        self._llt = llt
+        self._validator = validator  # set where EOS is gated on jsonschema (fallback.py)
+
+    @property
+    def is_exact(self) -> bool:
+        """False where the grammar is a relaxed superset and jsonschema gates EOS."""
+        return not any(n.startswith("relaxed") for n in self.notes)
+
+    def matcher(self) -> LLGuidanceGrammar | ValidatedGrammar:
+        inner = LLGuidanceGrammar(self._template.deep_copy(), self.vocab_size, self._llt.eos_token)
+        if self._validator is None:
+            return inner
+        return ValidatedGrammar(inner, self._validator, self._llt.decode_bytes, self._llt.eos_token)
+
+
+class LLGuidanceBackend:
+    name = "llguidance"
+
+    def __init__(self, tokenizer: Any, vocab_size: int, options: CompilerOptions) -> None:
+        self.options = options
+        self.vocab_size = vocab_size
+        self.llt = ll_tokenizer(tokenizer, vocab_size)
+        if options.max_whitespace == 0:
+            self._json_options: dict[str, Any] = {"whitespace_flexible": False}
+        else:
+            self._json_options = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{1,{options.max_whitespace}}}"}
+
+    def compile(self, spec: GrammarSpec) -> LLGuidanceCompiled:
+        if spec.kind == "json_schema":
+            return self._compile_json_schema(spec)
+        if spec.kind == "json_object":
+            grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=self._json_options)
+        elif spec.kind == "regex":
+            grammar = llguidance.LLMatcher.grammar_from_regex(spec.source)
+        elif spec.kind == "choice":
+            grammar = llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(_lark_literal(c) for c in spec.choices()))
+        elif spec.kind == "cfg":
+            grammar = llguidance.LLMatcher.grammar_from_lark(spec.source)
+        else:
+            raise GrammarError(f"llguidance cannot compile grammar kind {spec.kind!r}")
+        template, error = self._build(grammar)
+        if template is None:
+            raise GrammarError(f"invalid {spec.kind} grammar: {error}")
+        return LLGuidanceCompiled(spec, template, self.llt, self.vocab_size)
+
+    def _compile_json_schema(self, spec: GrammarSpec) -> LLGuidanceCompiled:
+        schema = spec.schema()
+        validator = schema_validator(schema) if self.options.json_fallback else None
+        template, first_error = self._build_schema(schema, {})
+        if template is not None:
+            gate = validator if self.options.always_validate else None
+            return LLGuidanceCompiled(spec, template, self.llt, self.vocab_size, gate)
+        if validator is None:
+            raise GrammarError(f"unsupported json_schema: {first_error}")
+        # Fallback: the first relaxed superset llguidance compiles, with jsonschema gating EOS.
+        for note, relaxed, extra in relaxations(schema):
+            template, _ = self._build_schema(relaxed, extra)
+            if template is not None:
+                notes = (f"relaxed ({note}) because llguidance said: {first_error}",)
+                return LLGuidanceCompiled(spec, template, self.llt, self.vocab_size, validator, notes)
+        raise GrammarError(f"unsupported json_schema: {first_error}")
+
+    def _build_schema(self, schema: Any, extra: dict[str, Any]) -> tuple[llguidance.LLMatcher | None, str]:
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, overrides={**self._json_options, **extra})
+        except ValueError as e:
+            return None, _clean(str(e))
+        return self._build(grammar)
+
+    def _build(self, grammar: str) -> tuple[llguidance.LLMatcher | None, str]:
+        matcher = llguidance.LLMatcher(self.llt, grammar, log_level=0)
+        if matcher.is_error():
+            return None, _clean(matcher.get_error())
+        return matcher, ""
+
+
+def _clean(message: str) -> str:
+    # llguidance errors carry parser state dumps after the first lines; keep the message.
+    return re.sub(r"\s+", " ", message.strip().split("\n<state>")[0])[:500]
