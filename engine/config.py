@@ -20,12 +20,15 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     num_threads: int = 0              # 0: leave torch's default
     seed: int = 0                     # seeds requests that carry no seed of their own
+    grammar_backend: str = "llguidance"
+    grammar_compile_timeout: float = 5.0   # seconds; a slower compile is the request's 400
 
     def __post_init__(self) -> None:
         assert self.dtype in ("float32", "bfloat16"), f"unsupported dtype {self.dtype}"
         assert self.block_size in (8, 16, 32, 64), "block_size must be 8, 16, 32 or 64"
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
         assert self.num_kv_blocks >= 0 and self.kv_cache_memory_mb >= 1
+        assert self.grammar_compile_timeout > 0
         if not self.enable_chunked_prefill:
             # Without chunking a whole prompt must fit in one step's budget.
             assert self.max_model_len == 0 or self.max_model_len <= self.max_num_batched_tokens

@@ -18,6 +18,7 @@ from engine.model_runner import ModelRunner
 from engine.scheduler import EMPTY_RESULT, Batch, Scheduler, StepResult
 from engine.sequence import Sequence
 from engine.types import GenerateRequest, RequestError, TokenDelta
+from grammars import CompiledGrammar, GrammarCompiler, GrammarError
 
 log = structlog.get_logger("plumbline.engine")
 
@@ -50,6 +51,8 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids(),
             enable_chunked_prefill=config.enable_chunked_prefill)
+        self.grammars = GrammarCompiler(self.tokenizer, backend=config.grammar_backend,
+                                        vocab_size=self.vocab_size)
 
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -63,9 +66,35 @@ class EngineCore:
     def vocab_size(self) -> int:
         return self.runner.vocab_size
 
-    def add_request(self, request: GenerateRequest) -> list[Sequence]:
-        """Validate and enqueue; raises RequestError for what the engine cannot take."""
-        prompt = list(request.prompt_token_ids)
+    def add_request(self, request: GenerateRequest,
+                    grammar: CompiledGrammar | None = None) -> list[Sequence]:
+        """Validate and enqueue; raises RequestError for what the engine cannot take.
+
+        A request with a grammar spec and no compiled `grammar` compiles it here, blocking
+        (the offline path); AsyncEngine compiles off the loop and passes the result."""
+        self.validate(request)
+        spec = request.sampling.grammar
+        if spec is not None and grammar is None:
+            try:
+                grammar = self.grammars.compile(spec)
+            except GrammarError as e:
+                raise RequestError(str(e), "response_format") from None
+        params = request.sampling
+        base = params.seed if params.seed is not None else self.runner.next_seed()
+        seqs = []
+        for i in range(params.n):
+            # Each of n samples gets its own stream, fixed by (seed, index) alone.
+            seed = (base + i * 0x9E3779B97F4A7C15) & _MASK64 if i else base
+            seq = Sequence(request.request_id, i, list(request.prompt_token_ids),
+                           len(request.prompt_token_ids), params, seed)
+            seq.grammar = grammar.matcher() if grammar is not None else None
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        return seqs
+
+    def validate(self, request: GenerateRequest) -> None:
+        """Raise RequestError for a request the engine cannot take."""
+        prompt = request.prompt_token_ids
         params = request.sampling
         if not prompt:
             raise RequestError("the prompt is empty", "prompt")
@@ -80,15 +109,6 @@ class EngineCore:
                 f"context of {self.max_model_len} tokens", "max_tokens")
         if params.n > self.config.max_num_seqs:
             raise RequestError(f"n must be <= {self.config.max_num_seqs}", "n")
-        base = params.seed if params.seed is not None else self.runner.next_seed()
-        seqs = []
-        for i in range(params.n):
-            # Each of n samples gets its own stream, fixed by (seed, index) alone.
-            seed = (base + i * 0x9E3779B97F4A7C15) & _MASK64 if i else base
-            seq = Sequence(request.request_id, i, list(prompt), len(prompt), params, seed)
-            self.scheduler.add(seq)
-            seqs.append(seq)
-        return seqs
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -133,6 +153,18 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._num_unfinished = n
         self.finished = False
+        self._ready_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ready_future.set_result(None)
+
+    async def ready(self) -> None:
+        """Wait until the request is queued in the engine (its grammar compiled); raises
+        RequestError if it never will be (a grammar that fails to compile or times out)."""
+        await asyncio.shield(self._ready_future)
+
+    def _fail(self, error: RequestError) -> None:
+        self._ready_future.set_exception(error)
+        self._num_unfinished = 0
+        self._ready.set()
 
     def put(self, delta: TokenDelta) -> None:
         prev = self._pending.get(delta.index)
@@ -144,6 +176,8 @@ class RequestStream:
 
     async def __anext__(self) -> TokenDelta:
         while not self._pending:
+            if self._ready_future.done() and self._ready_future.exception() is not None:
+                raise self._ready_future.exception()  # type: ignore[misc]
             if self._num_unfinished == 0:
                 self.finished = True
                 raise StopAsyncIteration
@@ -165,6 +199,7 @@ class AsyncEngine:
         self.core = EngineCore(config)
         self.tokenizer = self.core.tokenizer
         self._streams: dict[str, RequestStream] = {}
+        self._compiling: dict[str, asyncio.Task[None]] = {}
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.num_steps = 0
@@ -190,12 +225,41 @@ class AsyncEngine:
             raise RuntimeError("the engine is not running")
         if request.request_id in self._streams:
             raise RequestError(f"request id {request.request_id!r} is already in use", "request_id")
-        self.core.add_request(request)
+        self.core.validate(request)
         stream = RequestStream(request.request_id, request.sampling.n, self)
         self._streams[request.request_id] = stream
+        if request.sampling.grammar is None:
+            self._enqueue(request, None)
+        else:
+            # The request waits for its grammar (WAITING_FOR_GRAMMAR) without blocking others.
+            stream._ready_future = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._compile_then_enqueue(request, stream))
+            self._compiling[request.request_id] = task
+        return stream
+
+    def _enqueue(self, request: GenerateRequest, grammar: CompiledGrammar | None) -> None:
+        self.core.add_request(request, grammar)
         assert self._wakeup is not None
         self._wakeup.set()
-        return stream
+
+    async def _compile_then_enqueue(self, request: GenerateRequest, stream: RequestStream) -> None:
+        spec = request.sampling.grammar
+        assert spec is not None
+        try:
+            compiled = await self.core.grammars.compile_async(
+                spec, timeout=self.core.config.grammar_compile_timeout)
+            self._enqueue(request, compiled)
+        except GrammarError as e:
+            self._streams.pop(request.request_id, None)
+            stream._fail(RequestError(str(e), "response_format"))
+        except asyncio.CancelledError:             # aborted while compiling
+            self._streams.pop(request.request_id, None)
+            stream._fail(RequestError("request aborted while its grammar compiled", None))
+            raise
+        else:
+            stream._ready_future.set_result(None)
+        finally:
+            self._compiling.pop(request.request_id, None)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Async iterator of deltas; leaving it early aborts the request."""
@@ -208,7 +272,10 @@ class AsyncEngine:
                 self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
-        if request_id in self._streams:
+        task = self._compiling.get(request_id)
+        if task is not None:
+            task.cancel()
+        elif request_id in self._streams:
             self.core.abort(request_id)
             if self._wakeup is not None:
                 self._wakeup.set()
@@ -245,5 +312,6 @@ class AsyncEngine:
 
     def _forget_finished(self) -> None:
         live = {s.request_id for s in (*self.core.scheduler.running, *self.core.scheduler.waiting)}
+        live.update(self._compiling)
         for request_id in [r for r in self._streams if r not in live]:
             del self._streams[request_id]

@@ -38,6 +38,9 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
                           for _ in range(cfg.num_hidden_layers)]
         self._seed_rng = random.Random(config.seed)
+        # One grammar bitmask for the whole engine, sliced per step: int32 [max_num_seqs, words].
+        self.bitmask = torch.full((config.max_num_seqs, (self.vocab_size + 31) // 32), -1,
+                                  dtype=torch.int32)
 
     @property
     def max_position_embeddings(self) -> int:
@@ -90,10 +93,14 @@ class ModelRunner:
             return EMPTY_RESULT
         logits = self.model.compute_logits(hidden[sample_rows])                   # [S, vocab] fp32
         seqs = batch.sampling_seqs
-        for seq in seqs:
+        masked_rows = []
+        for row, seq in enumerate(seqs):
             if seq.rng is None and not seq.sampling.is_greedy:
                 seq.rng = torch.Generator().manual_seed(seq.seed)
-        return sample(logits, SamplingBatch.from_seqs(seqs))
+            if seq.grammar is not None:
+                seq.grammar.fill_bitmask(self.bitmask, row)
+                masked_rows.append(row)
+        return sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows)
 
     def next_seed(self) -> int:
         """A seed for a request that brought none (reproducible from the engine's seed)."""

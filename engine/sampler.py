@@ -19,6 +19,7 @@ import torch
 from engine.scheduler import StepResult
 from engine.sequence import Sequence
 from engine.types import TopLogprob
+from kernels import apply_token_bitmask
 
 
 @dataclass(slots=True)
@@ -89,11 +90,16 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> to
     return logits
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> StepResult:
-    """logits [S, vocab] fp32 (modified in place) -> one token, logprob and top-N per row."""
+def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | None = None,
+           masked_rows: list[int] | None = None) -> StepResult:
+    """logits [S, vocab] fp32 (modified in place) -> one token, logprob and top-N per row.
+
+    bitmask [>= S, ceil(vocab/32)] int32: grammar masks for masked_rows (others untouched)."""
     raw_logprobs = torch.log_softmax(logits[batch.raw_rows], dim=-1) if batch.raw_rows else None
     if batch.penalized_rows:
         apply_penalties(logits, batch.penalized_rows, batch.seqs)
+    if masked_rows:
+        apply_token_bitmask(logits, bitmask, masked_rows)                 # one batched apply
     logits.div_(batch.temperatures.unsqueeze(1))                            # [S, vocab]
     for r, seq in enumerate(batch.seqs):
         if not batch.is_greedy[r] and (batch.top_k[r] or batch.top_p[r] < 1.0 or batch.min_p[r]):

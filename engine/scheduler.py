@@ -138,6 +138,12 @@ class Scheduler:
             seq.token_ids.append(token_id)
             seq.logprobs.append(logprob)
             seq.top_logprobs.append(top)
+            if seq.grammar is not None and not seq.grammar.accept_token(token_id):
+                # The mask allowed only what the grammar accepts: this is a bug, not bad input.
+                seq.error = f"grammar rejected sampled token {token_id}"
+                self._finish(seq, FinishReason.ERROR)
+                changed.append(seq)
+                continue
             reason = self._stop_reason(seq, token_id)
             if reason is not None:
                 self._finish(seq, reason)
@@ -157,6 +163,8 @@ class Scheduler:
             return FinishReason.STOP
         if token_id in params.stop_token_ids:
             return FinishReason.STOP
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            return FinishReason.STOP          # the structure is complete
         if seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None

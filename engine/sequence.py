@@ -40,6 +40,7 @@ class Sequence:
     num_preemptions: int = 0
     error: str | None = None
     rng: Any = None                          # torch.Generator, owned by the sampler
+    grammar: Any = None                      # grammars.Grammar cursor, or None (unconstrained)
 
     @property
     def num_tokens(self) -> int:
