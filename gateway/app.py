@@ -1,0 +1,168 @@
+"""`create_app(config)`: routes, pure-ASGI middleware, and a lifespan that loads the engine.
+
+The model loads in a worker thread after the lifespan has yielded, so /health answers and /ready
+says 503 while it loads. `begin_drain` (SIGTERM) refuses new requests, lets running ones finish
+for `drain_timeout_s`, then aborts what is left; each aborted stream ends with an error event.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio.to_thread
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine import AsyncEngine, EngineConfig
+from gateway import protocol as p
+from gateway import routes
+from gateway.admission import Admission
+from gateway.config import GatewayConfig
+from gateway.logs import RequestContextMiddleware
+from gateway.metrics import Metrics
+from gateway.openapi import openapi_schema
+from gateway.sse import send_json
+from gateway.state import EngineClient, Runtime
+from gateway.tokens import TokenTable
+
+log = structlog.get_logger("plumbline.gateway")
+
+EngineFactory = Callable[[EngineConfig], EngineClient]
+_OPEN_PATHS = ("/health", "/ready", "/metrics", "/openapi.json")
+
+
+class AuthMiddleware:
+    """Bearer API keys on everything but the probes, metrics and the schema."""
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.api_keys = [k.encode() for k in api_keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.api_keys or scope["path"] in _OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        token = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                token = value[7:].strip()
+        # compare with every key, always: the time taken says nothing about which key is close
+        if not any([hmac.compare_digest(token, key) for key in self.api_keys]):
+            exc = p.Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+            await send_json(send, exc.status, exc.body(), {"WWW-Authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = None) -> Starlette:
+    factory: EngineFactory = engine_factory or AsyncEngine
+    metrics = Metrics(config.model_name)
+    runtime = Runtime(config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        loading = asyncio.create_task(_load(runtime, factory), name="plumbline-load")
+        try:
+            yield {"runtime": runtime}
+        finally:
+            runtime.is_draining = True
+            loading.cancel()
+            if runtime.engine is not None:
+                await runtime.engine.shutdown()
+            log.info("server_stopped")
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_schema(config.model_name))
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/completions", routes.completions, methods=["POST"]),
+            Route("/v1/models", routes.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", routes.get_model, methods=["GET"]),
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/ready", routes.ready, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+        ],
+        middleware=[Middleware(RequestContextMiddleware, metrics=metrics),
+                    Middleware(AuthMiddleware, api_keys=config.api_keys)],
+        exception_handlers={p.APIError: _api_error, HTTPException: _http_error,
+                            Exception: _unexpected_error},
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime    # for the CLI's signal handler and for tests
+    return app
+
+
+async def _load(rt: Runtime, factory: EngineFactory) -> None:
+    log.info("model_loading", model=rt.config.engine.model)
+    try:
+        engine = await anyio.to_thread.run_sync(factory, rt.config.engine)
+        await engine.start()
+    except Exception as exc:
+        rt.load_error = f"{type(exc).__name__}: {exc}"
+        log.exception("model_load_failed", model=rt.config.engine.model)
+        return
+    rt.admission = Admission(int(engine.core.config.max_num_seqs), rt.config.max_queued_requests,
+                             rt.config.retry_after_s)
+    rt.token_table = TokenTable(engine.tokenizer)
+    rt.engine = engine
+    log.info("model_loaded", model=rt.config.model_name, max_model_len=rt.max_model_len)
+
+
+def begin_drain(rt: Runtime) -> asyncio.Task[None] | None:
+    """SIGTERM: refuse new requests now; abort whatever still runs after the grace period."""
+    if rt.is_draining:
+        return None
+    rt.is_draining = True
+    if rt.admission is not None:
+        rt.admission.close()
+    log.info("drain_started", num_active=len(rt.active), grace_s=rt.config.drain_timeout_s)
+    return asyncio.get_running_loop().create_task(_drain(rt))
+
+
+async def _drain(rt: Runtime) -> None:
+    with anyio.move_on_after(rt.config.drain_timeout_s):
+        while rt.active or (rt.admission is not None and rt.admission.num_in_use):
+            await asyncio.sleep(0.05)
+        return
+    if rt.admission is not None:
+        rt.admission.fail_waiting()
+    if rt.engine is not None:
+        for request_id in list(rt.active):
+            rt.engine.abort(request_id)
+    log.warning("drain_timed_out", num_aborted=len(rt.active))
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, p.APIError)
+    return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    err: p.APIError
+    if exc.status_code == 404:
+        err = p.NotFound(f"no route {request.url.path}")
+    elif exc.status_code == 405:
+        err = p.MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        err = p.BadRequest(str(exc.detail))
+        err.status = exc.status_code
+    return JSONResponse(err.body(), err.status)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled_exception", exc_info=exc)
+    err = p.internal_error()
+    return JSONResponse(err.body(), err.status)

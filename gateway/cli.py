@@ -1,0 +1,135 @@
+"""`plumbline` command line: `plumbline serve [options]` (more subcommands can join `_COMMANDS`)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from engine.config import DEFAULT_MODEL, EngineConfig
+from gateway import logs
+from gateway.config import GatewayConfig
+
+log = structlog.get_logger("plumbline.gateway")
+
+
+def _add_serve(sub: Any) -> None:
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model id, HF-format directory or .gguf file")
+    s.add_argument("--served-model-name", default="", help="the id clients send (default: --model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", action="append", default=[],
+                   help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")
+    s.add_argument("--api-key-file", type=Path, help="a file with one API key per line")
+    s.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests that may wait for a slot; more get 429")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    s.add_argument("--keepalive-interval", type=float, default=10.0,
+                   help="seconds between SSE keep-alive pings while a stream is quiet")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM")
+    s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    e = s.add_argument_group("engine")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    e.add_argument("--max-num-seqs", type=int, default=64)
+    e.add_argument("--max-num-batched-tokens", type=int, default=512)
+    e.add_argument("--max-model-len", type=int, default=0, help="0: the model's own")
+    e.add_argument("--kv-cache-memory-mb", type=int, default=1024)
+    e.add_argument("--num-kv-blocks", type=int, default=0, help="0: from --kv-cache-memory-mb")
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--num-threads", type=int, default=0, help="torch threads; 0: torch's default")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-chunked-prefill", action="store_true")
+    s.set_defaults(func=serve)
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    keys = list(args.api_key)
+    if args.api_key_file is not None:
+        keys += [line.strip() for line in args.api_key_file.read_text().splitlines()
+                 if line.strip() and not line.startswith("#")]
+    engine = EngineConfig(
+        model=args.model, dtype=args.dtype, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
+        num_threads=args.num_threads, seed=args.seed)
+    return GatewayConfig(
+        engine=engine, host=args.host, port=args.port, served_model_name=args.served_model_name,
+        api_keys=tuple(keys), max_queued_requests=args.max_queued_requests,
+        max_body_bytes=args.max_body_bytes, keepalive_interval_s=args.keepalive_interval,
+        drain_timeout_s=args.drain_timeout,
+        log_json={"auto": None, "json": True, "console": False}[args.log_format],
+        log_level=args.log_level)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import begin_drain, create_app
+    from gateway.state import Runtime
+
+    config = config_from_args(args)
+    logs.configure(config.log_json, config.log_level)
+    app = create_app(config)
+    runtime: Runtime = app.state.runtime
+
+    class Server(uvicorn.Server):
+        """uvicorn, plus our drain on the first SIGTERM/SIGINT and an exit if loading fails."""
+
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            self.loop.create_task(self._exit_if_load_fails())
+            await super().startup(sockets)
+            if not self.should_exit:
+                log.info("server_listening", url=f"http://{config.host}:{config.port}",
+                         model=config.model_name, auth=bool(config.api_keys))
+
+        async def _exit_if_load_fails(self) -> None:
+            while runtime.engine is None and runtime.load_error is None:
+                await asyncio.sleep(0.1)
+            if runtime.load_error is not None:
+                self.should_exit = True
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.loop is not None and not runtime.is_draining:
+                self.loop.call_soon_threadsafe(begin_drain, runtime)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(
+        app, host=config.host, port=config.port, access_log=False, log_level=config.log_level,
+        # our own drain aborts at drain_timeout_s; uvicorn's cut-off is only the backstop
+        timeout_graceful_shutdown=int(config.drain_timeout_s) + 5))
+    server.run()
+    return 1 if runtime.load_error is not None else 0
+
+
+_COMMANDS: list[Callable[[Any], None]] = [_add_serve]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="plumbline", description="plumbline LLM server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except AssertionError as exc:      # a config check failed: say which, no traceback
+        print(f"plumbline: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

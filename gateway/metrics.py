@@ -1,0 +1,83 @@
+"""Prometheus metrics, named like vLLM's (`vllm:` becomes `plumbline:`) where they mean the same.
+
+Each app gets its own registry, so several apps (tests) never collide. Engine gauges are read
+from `engine.stats()` at scrape time rather than pushed per step.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from gateway.state import Runtime
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = r = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        self.http_requests = Counter("plumbline:http_requests", "HTTP requests by route and status",
+                                     ["route", "status"], registry=r)
+        self.request_success = Counter("plumbline:request_success",
+                                       "Finished generation requests by finish reason",
+                                       [*labels, "finished_reason"], registry=r)
+        self.prompt_tokens = Counter("plumbline:prompt_tokens", "Prompt tokens processed",
+                                     labels, registry=r)
+        self.generation_tokens = Counter("plumbline:generation_tokens", "Tokens generated",
+                                         labels, registry=r)
+        self.ttft_hist = Histogram("plumbline:time_to_first_token_seconds",
+                                   "Arrival to first token", labels, buckets=_LATENCY_BUCKETS,
+                                   registry=r)
+        self.itl_hist = Histogram("plumbline:inter_token_latency_seconds",
+                                  "Time between tokens of one sequence", labels,
+                                  buckets=_ITL_BUCKETS, registry=r)
+        self.e2e_hist = Histogram("plumbline:e2e_request_latency_seconds",
+                                  "Arrival to last token", labels, buckets=_LATENCY_BUCKETS,
+                                  registry=r)
+        self.queue_hist = Histogram("plumbline:request_queue_time_seconds",
+                                    "Arrival to admission into the engine", labels,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.num_running = Gauge("plumbline:num_requests_running",
+                                 "Sequences running in the engine", labels, registry=r)
+        self.num_waiting = Gauge("plumbline:num_requests_waiting",
+                                 "Requests queued in the gateway plus sequences waiting in the engine",
+                                 labels, registry=r)
+        self.kv_usage = Gauge("plumbline:kv_cache_usage_perc",
+                              "Fraction of KV cache blocks in use (0-1)", labels, registry=r)
+        self.num_preemptions = Gauge("plumbline:num_preemptions",
+                                     "Preemptions since start (a counter kept by the engine)",
+                                     labels, registry=r)
+        m = model_name
+        self.ttft = self.ttft_hist.labels(m)
+        self.itl = self.itl_hist.labels(m)
+        self.e2e = self.e2e_hist.labels(m)
+        self.queue_time = self.queue_hist.labels(m)
+
+    def observe_finished(self, finish_reasons: list[str], num_prompt_tokens: int,
+                         num_completion_tokens: int, e2e_s: float) -> None:
+        m = self.model_name
+        for reason in finish_reasons:
+            self.request_success.labels(m, reason).inc()
+        self.prompt_tokens.labels(m).inc(num_prompt_tokens)
+        self.generation_tokens.labels(m).inc(num_completion_tokens)
+        self.e2e.observe(e2e_s)
+
+    def render(self, runtime: Runtime) -> bytes:
+        m = self.model_name
+        if runtime.engine is not None:
+            stats = runtime.engine.stats()
+            queued = runtime.admission.num_waiting if runtime.admission else 0
+            self.num_running.labels(m).set(stats.num_running)
+            self.num_waiting.labels(m).set(stats.num_waiting + queued)
+            self.kv_usage.labels(m).set(1.0 - stats.num_free_blocks / max(1, stats.num_blocks))
+            self.num_preemptions.labels(m).set(stats.num_preemptions)
+        return generate_latest(self.registry)

@@ -1,0 +1,57 @@
+"""/openapi.json: the paths by hand, the request schemas from the pydantic models."""
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from gateway import protocol as p
+
+_ERROR = {"description": "OpenAI-style error",
+          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+    "message": {"type": "string"}, "type": {"type": "string"},
+    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def _generation(summary: str, schema: str) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+        "responses": {
+            "200": {"description": "A JSON body, or server-sent events when stream is true",
+                    "content": {"application/json": {}, "text/event-stream": {}}},
+            **{code: _ERROR for code in ("400", "401", "404", "413", "429", "503")}},
+    }}
+
+
+def _get(summary: str) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+
+
+@cache
+def openapi_schema(model_name: str) -> dict[str, Any]:
+    _, defs = models_json_schema(
+        [(p.ChatCompletionRequest, "validation"), (p.CompletionRequest, "validation")],
+        ref_template="#/components/schemas/{model}")
+    schemas = {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "plumbline", "version": "0.1.0",
+                 "description": f"OpenAI-compatible API serving {model_name}"},
+        "paths": {
+            "/v1/chat/completions": _generation("Create a chat completion", "ChatCompletionRequest"),
+            "/v1/completions": _generation("Create a text completion", "CompletionRequest"),
+            "/v1/models": _get("List the served model"),
+            "/v1/models/{model}": _get("Describe the served model"),
+            "/health": _get("Liveness"),
+            "/ready": _get("Readiness: 503 until the model is loaded and while draining"),
+            "/metrics": _get("Prometheus metrics"),
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

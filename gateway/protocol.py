@@ -1,0 +1,433 @@
+"""The OpenAI wire format: request models and their validation, sampling parameters, and the one
+place where errors become OpenAI error JSON with a status code and `FinishReason` becomes a string.
+
+Request models are strict (no "1" for 1, no true for 1) and forbid unknown fields, so a typo is a
+400 naming it instead of a silently ignored option. vLLM's extra-body names are accepted where they
+mean the same thing; our own fields live in the `plumbline` object.
+"""
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal, TypeVar
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine import FinishReason, SamplingParams
+
+_M = TypeVar("_M", bound=BaseModel)
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """A client-visible error; `status`, `type` and `code` follow OpenAI's error object."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None, *, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class BadRequest(APIError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class NotSupported(BadRequest):
+    code = "not_supported"
+
+
+class Unauthorized(APIError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class NotFound(APIError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(APIError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class PayloadTooLarge(APIError):
+    status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class QueueFull(APIError):
+    status, type, code = 429, "rate_limit_error", "queue_full"
+
+
+class Unavailable(APIError):
+    status, type, code = 503, "server_error", "unavailable"
+
+
+class InternalError(APIError):
+    pass
+
+
+def internal_error() -> APIError:
+    """What a client sees for an unexpected exception: never the exception itself."""
+    return InternalError("internal server error; the server log has the details")
+
+
+def from_validation_error(exc: ValidationError) -> BadRequest:
+    """The first pydantic error as a 400 naming its parameter (`messages[0].content`)."""
+    err = exc.errors(include_url=False)[0]
+    param = _param_path(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return BadRequest(f"unknown field '{param}'", param, code="unknown_field")
+    if err["type"] == "missing":
+        return BadRequest(f"'{param}' is required", param, code="missing_field")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return BadRequest(f"{param}: {msg}" if param else msg, param or None)
+
+
+def _param_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in part or part in _TYPE_TAGS:   # union branches, not fields
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "text", "json_object",
+              "json_schema", "function"}
+
+
+def parse(model: type[_M], body: Any) -> _M:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def finish_reason_name(reason: FinishReason, stopped_by_string: bool = False) -> str:
+    """OpenAI's finish_reason. Our own stop-string abort is a "stop"."""
+    if reason is FinishReason.ABORT and stopped_by_string:
+        return "stop"
+    return reason.value
+
+
+def logprob_value(x: float) -> float:
+    """JSON has no -inf; OpenAI reports -9999.0 for impossible tokens."""
+    return -9999.0 if math.isinf(x) or math.isnan(x) else x
+
+
+# ------------------------------------------------------------------------------ request models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise NotSupported(f"content parts of type '{part.type}' are not supported; "
+                                   "send text parts", "messages")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaSpec(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat,
+                           Field(discriminator="type")]
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extra-body object (exactly one constraint)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class PlumblineOptions(_Strict):
+    """Our vendor extension: `"plumbline": {...}` in a request."""
+
+    logprobs_mode: Literal["processed", "raw"] | None = None
+
+
+NonNegInt = Annotated[int, Field(ge=0)]
+PosInt = Annotated[int, Field(ge=1)]
+
+
+class _GenerationRequest(_Strict):
+    model: str
+    max_tokens: PosInt | None = None
+    temperature: Annotated[float, Field(ge=0.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    n: Annotated[int, Field(ge=1, le=64)] = 1
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # accepted and ignored: bookkeeping fields some clients always send
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # vLLM extra-body names
+    top_k: int | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[NonNegInt] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    min_tokens: NonNegInt = 0
+    logprobs_mode: Literal["processed", "raw", "processed_logprobs", "raw_logprobs"] | None = None
+    # structured output, vLLM's names
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    plumbline: PlumblineOptions | None = None
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        for s in stop:
+            if not s:
+                raise BadRequest("stop strings must be non-empty", "stop")
+        return tuple(stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def resolved_logprobs_mode(self) -> Literal["processed", "raw"]:
+        if self.plumbline is not None and self.plumbline.logprobs_mode is not None:
+            return self.plumbline.logprobs_mode
+        if self.logprobs_mode is not None:
+            return "raw" if self.logprobs_mode.startswith("raw") else "processed"
+        return "processed"
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: PosInt | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    suffix: str | None = None
+    best_of: PosInt | None = None
+
+
+# --------------------------------------------------------------------- validation and mapping
+
+
+def check_unsupported(req: _GenerationRequest) -> None:
+    """Options we parse but cannot honour yet: a clear 400, never silently ignored."""
+    if req.logit_bias:
+        raise NotSupported("logit_bias is not supported yet", "logit_bias")
+    if req.min_tokens:
+        raise NotSupported("min_tokens is not supported yet", "min_tokens")
+    if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise NotSupported("suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise NotSupported("best_of other than n is not supported", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise NotSupported("echo with logprobs (prompt logprobs) is not supported yet", "echo")
+
+
+def structured_output_spec(req: _GenerationRequest) -> None:
+    """Validate response_format / tools / tool_choice / structured_outputs / guided_*.
+
+    The one switch for constrained decoding: it returns None when nothing constrains the output
+    and refuses every constraint until the engine takes `SamplingParams.grammar`; when it does,
+    return a `GrammarSpec` here instead of raising.
+    """
+    asked: list[str] = []
+    if isinstance(req, ChatCompletionRequest):
+        if req.tool_choice is not None and not req.tools and req.tool_choice != "none":
+            raise BadRequest("tool_choice needs tools", "tool_choice")
+        names = {t.function.name for t in req.tools or []}
+        if len(names) != len(req.tools or []):
+            raise BadRequest("tool names must be unique", "tools")
+        if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in names:
+            raise BadRequest(f"tool_choice names an unknown function "
+                             f"'{req.tool_choice.function.name}'", "tool_choice")
+        for i, tool in enumerate(req.tools or []):
+            _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+        if req.tools and req.tool_choice != "none":
+            asked.append("tools")
+        if isinstance(req.response_format, JsonSchemaFormat):
+            _check_schema(req.response_format.json_schema.schema_,
+                          "response_format.json_schema.schema")
+        if req.response_format is not None and not isinstance(req.response_format, TextFormat):
+            asked.append("response_format")
+        if any(m.tool_calls for m in req.messages):
+            asked.append("messages[].tool_calls")
+    so = req.structured_outputs
+    if so is not None:
+        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object")
+                 if getattr(so, k) not in (None, False)]
+        if len(given) != 1:
+            raise BadRequest("structured_outputs takes exactly one of json, regex, choice, "
+                             "grammar, json_object", "structured_outputs")
+        if isinstance(so.json_, dict):
+            _check_schema(so.json_, "structured_outputs.json")
+        asked.append("structured_outputs")
+    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(req, name) is not None:
+            if name == "guided_json" and isinstance(req.guided_json, dict):
+                _check_schema(req.guided_json, name)
+            asked.append(name)
+    if asked:
+        raise NotSupported(f"{asked[0]} is not supported yet: constrained decoding is not "
+                           "enabled in this server", asked[0].split("[")[0])
+    return None
+
+
+def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
+    if schema is None:
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise BadRequest(f"{param} is not a valid JSON schema: {exc.message}", param) from None
+
+
+def sampling_params(req: _GenerationRequest, *, max_tokens: int | None, num_logprobs: int | None,
+                    default_max_tokens: int) -> SamplingParams:
+    """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
+    fields: dict[str, Any] = {
+        "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
+        "n": req.n, "stop": req.stop_strings, "ignore_eos": req.ignore_eos,
+        "stop_token_ids": tuple(req.stop_token_ids or ()),
+        "include_stop_str_in_output": req.include_stop_str_in_output,
+        "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),
+        # any Python int is a valid seed; the engine wants 64 bits
+        "seed": None if req.seed is None else req.seed & ((1 << 64) - 1),
+    }
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            fields[name] = value
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        message = str(exc)
+        raise BadRequest(message, message.split(" ", 1)[0]) from None
+
+
+def check_text(value: str, param: str) -> None:
+    """JSON may smuggle lone surrogates ("\\ud800") that are not valid UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{param} is not valid UTF-8 (lone surrogate)", param) from None

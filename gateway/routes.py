@@ -1,0 +1,359 @@
+"""Endpoints. Thin: parse -> tokenize -> queue -> `Generation` -> SSE chunks or one JSON body."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from engine import SamplingParams
+from gateway import protocol as p
+from gateway.logs import log_fields
+from gateway.sse import DONE, DeferredJSONResponse, EventStreamResponse, frame
+from gateway.state import Runtime
+from gateway.stream import ChoiceUpdate, Generation
+from gateway.tokens import TokenTable
+
+Endpoint = Callable[[Request], Any]
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.state.runtime
+    return rt
+
+
+# ----------------------------------------------------------------------------- plain endpoints
+
+
+async def health(request: Request) -> Response:
+    rt = runtime(request)
+    if rt.load_error is not None:
+        return JSONResponse({"status": "failed", "error": "the model failed to load"}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    rt = runtime(request)
+    try:
+        rt.ready()
+    except p.APIError as exc:
+        return JSONResponse(exc.body(), exc.status)
+    return JSONResponse({"status": "ready", "model": rt.config.model_name})
+
+
+async def metrics(request: Request) -> Response:
+    from gateway.metrics import CONTENT_TYPE
+
+    rt = runtime(request)
+    return Response(rt.metrics.render(rt), media_type=CONTENT_TYPE)
+
+
+def _model_card(rt: Runtime) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": rt.config.model_name, "object": "model",
+                            "created": rt.started_at, "owned_by": "plumbline"}
+    if rt.engine is not None:
+        card["max_model_len"] = rt.max_model_len
+    return card
+
+
+async def list_models(request: Request) -> Response:
+    rt = runtime(request)
+    return JSONResponse({"object": "list", "data": [_model_card(rt)]})
+
+
+async def get_model(request: Request) -> Response:
+    rt = runtime(request)
+    check_model(rt, request.path_params["model"])
+    return JSONResponse(_model_card(rt))
+
+
+def check_model(rt: Runtime, model: str) -> None:
+    if model not in (rt.config.model_name, rt.config.engine.model):
+        raise p.NotFound(f"the model '{model}' does not exist; this server serves "
+                         f"'{rt.config.model_name}'", "model", code="model_not_found")
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The body as JSON: 413 beyond max_bytes, 400 for invalid UTF-8 or JSON."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise p.PayloadTooLarge(f"the request body exceeds {max_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise p.PayloadTooLarge(f"the request body exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise p.BadRequest("the request body is not valid UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise p.BadRequest(f"the request body is not valid JSON: {exc.msg} at position "
+                           f"{exc.pos}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise p.BadRequest(f"{name} is not valid JSON")
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+
+def check_fits(rt: Runtime, prompt_ids: Sequence[int], params: SamplingParams,
+               prompt_param: str) -> None:
+    """The engine's own admission checks, made before the response starts so they stay 400s
+    rather than error events (the engine repeats them in add_request)."""
+    assert rt.engine is not None and rt.admission is not None
+    vocab_size = int(rt.engine.core.vocab_size)
+    if not prompt_ids:
+        raise p.BadRequest("the prompt is empty", prompt_param)
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise p.BadRequest(f"prompt token ids must lie in [0, {vocab_size})", prompt_param)
+    if len(prompt_ids) >= rt.max_model_len:
+        raise p.BadRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                           f"{rt.max_model_len} tokens", prompt_param, code="context_length_exceeded")
+    if len(prompt_ids) + params.max_tokens > rt.max_model_len:
+        raise p.BadRequest(f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt_ids)} "
+                           f"tokens) exceeds the context of {rt.max_model_len} tokens",
+                           "max_tokens", code="context_length_exceeded")
+    if params.n > rt.admission.capacity:
+        raise p.BadRequest(f"n must be <= {rt.admission.capacity}", "n")
+    for token_id in params.stop_token_ids:
+        if token_id >= vocab_size:
+            raise p.BadRequest(f"stop_token_ids must lie in [0, {vocab_size})", "stop_token_ids")
+
+
+def start(request: Request, rt: Runtime, kind: str, prompt_ids: Sequence[int],
+          params: SamplingParams, skip_special_tokens: bool) -> Generation:
+    _, admission = rt.ready()
+    ticket = admission.enter(params.n)
+    gen = Generation(rt, f"{kind}-{uuid.uuid4().hex}", prompt_ids, params, ticket,
+                     skip_special_tokens=skip_special_tokens)
+    log_fields(request.scope)["completion_id"] = gen.request_id
+    return gen
+
+
+def closer(request: Request, gen: Generation) -> Callable[[], None]:
+    """Runs once when the response ends, whatever happened: slot, metrics, summary line."""
+    fields = log_fields(request.scope)
+
+    def close() -> None:
+        gen.close()
+        o = gen.outcome
+        fields.update(prompt_tokens=o.num_prompt_tokens, completion_tokens=o.num_completion_tokens,
+                      finish_reason=",".join(o.finish_reasons) or None,
+                      ttft_ms=None if o.ttft_s is None else round(o.ttft_s * 1000, 1),
+                      queue_ms=None if o.queue_s is None else round(o.queue_s * 1000, 1))
+    return close
+
+
+def usage(gen: Generation) -> dict[str, int]:
+    o = gen.outcome
+    return {"prompt_tokens": o.num_prompt_tokens, "completion_tokens": o.num_completion_tokens,
+            "total_tokens": o.num_prompt_tokens + o.num_completion_tokens}
+
+
+def plumbline_extension(params: SamplingParams) -> dict[str, Any]:
+    return {"logprobs_mode": params.logprobs_mode} if params.logprobs is not None else {}
+
+
+# ------------------------------------------------------------------------------ chat completions
+
+
+async def chat_completions(request: Request) -> Any:
+    rt = runtime(request)
+    rt.ready()
+    req = p.parse(p.ChatCompletionRequest, await read_json(request, rt.config.max_body_bytes))
+    check_model(rt, req.model)
+    p.check_unsupported(req)
+    p.structured_output_spec(req)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise p.BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
+    prompt_ids = render_chat(rt, req.messages)
+    params = p.sampling_params(
+        req, max_tokens=req.max_completion_tokens or req.max_tokens,
+        num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        default_max_tokens=rt.max_model_len - len(prompt_ids))
+    check_fits(rt, prompt_ids, params, "messages")
+    gen = start(request, rt, "chatcmpl", prompt_ids, params, req.skip_special_tokens)
+    chat = ChatFormatter(rt, gen, req)
+    if req.stream:
+        return EventStreamResponse(chat.events(), ping_interval=rt.config.keepalive_interval_s,
+                                   on_close=closer(request, gen))
+    return DeferredJSONResponse(chat.collect, on_close=closer(request, gen))
+
+
+def render_chat(rt: Runtime, messages: list[p.ChatMessage]) -> list[int]:
+    tokenizer = rt.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise p.NotSupported("this model has no chat template; use /v1/completions", "messages")
+    conversation = []
+    for i, m in enumerate(messages):
+        text = m.text()
+        p.check_text(text, f"messages[{i}].content")
+        message: dict[str, Any] = {"role": m.role, "content": text}
+        if m.name is not None:
+            message["name"] = m.name
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        conversation.append(message)
+    try:
+        prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                               tokenize=False)
+    except Exception as exc:  # a template may refuse a conversation (e.g. role order)
+        raise p.BadRequest(f"the chat template rejected these messages: {exc}", "messages") from None
+    return list(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+
+class ChatFormatter:
+    def __init__(self, rt: Runtime, gen: Generation, req: p.ChatCompletionRequest) -> None:
+        self.gen = gen
+        self.req = req
+        assert rt.token_table is not None
+        self.tokens = rt.token_table
+        self.base = {"id": gen.request_id, "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": rt.config.model_name}
+        self.want_logprobs = gen.params.logprobs is not None
+
+    def _logprobs(self, u: ChoiceUpdate) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        return {"content": [self.tokens.chat_entry(t, lp, top) for t, lp, top
+                            in zip(u.token_ids, u.logprobs, u.top_logprobs)]}
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        extra = {"usage": None} if self.req.include_usage else {}
+        yield frame({**self.base, "choices": [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None} for i in range(self.gen.params.n)], **extra})
+        async for u in self.gen.updates():
+            if not u.text and u.finish_reason is None and not self.want_logprobs:
+                continue          # e.g. half a character held back
+            delta = {"content": u.text} if u.text else {}
+            yield frame({**self.base, "choices": [
+                {"index": u.index, "delta": delta, "logprobs": self._logprobs(u),
+                 "finish_reason": u.finish_reason}], **extra})
+        if self.req.include_usage:
+            yield frame({**self.base, "choices": [], "usage": usage(self.gen),
+                         **_ext(self.gen.params)})
+        yield DONE
+
+    async def collect(self) -> dict[str, Any]:
+        n = self.gen.params.n
+        texts, reasons = [""] * n, [None] * n
+        entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        async for u in self.gen.updates():
+            texts[u.index] += u.text
+            reasons[u.index] = u.finish_reason or reasons[u.index]
+            lp = self._logprobs(u)
+            if lp is not None:
+                entries[u.index] += lp["content"]
+        return {"id": self.gen.request_id, "object": "chat.completion",
+                "created": self.base["created"], "model": self.base["model"],
+                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                             "logprobs": {"content": entries[i]} if self.want_logprobs else None,
+                             "finish_reason": reasons[i]} for i in range(n)],
+                "usage": usage(self.gen), **_ext(self.gen.params)}
+
+
+def _ext(params: SamplingParams) -> dict[str, Any]:
+    ext = plumbline_extension(params)
+    return {"plumbline": ext} if ext else {}
+
+
+# ------------------------------------------------------------------------------- completions
+
+
+async def completions(request: Request) -> Any:
+    rt = runtime(request)
+    rt.ready()
+    req = p.parse(p.CompletionRequest, await read_json(request, rt.config.max_body_bytes))
+    check_model(rt, req.model)
+    p.check_unsupported(req)
+    p.structured_output_spec(req)
+    prompt_ids = tokenize_prompt(rt, req.prompt)
+    params = p.sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
+                               default_max_tokens=16)   # OpenAI's default for completions
+    check_fits(rt, prompt_ids, params, "prompt")
+    gen = start(request, rt, "cmpl", prompt_ids, params, req.skip_special_tokens)
+    fmt = CompletionFormatter(rt, gen, req)
+    if req.stream:
+        return EventStreamResponse(fmt.events(), ping_interval=rt.config.keepalive_interval_s,
+                                   on_close=closer(request, gen))
+    return DeferredJSONResponse(fmt.collect, on_close=closer(request, gen))
+
+
+def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            raise p.NotSupported("a list of several prompts is not supported yet; send one "
+                                 "request per prompt", "prompt")
+        prompt = prompt[0]     # type: ignore[assignment]
+    if isinstance(prompt, str):
+        p.check_text(prompt, "prompt")
+        return list(rt.tokenizer(prompt).input_ids)
+    return list(prompt)        # type: ignore[arg-type]
+
+
+class CompletionFormatter:
+    def __init__(self, rt: Runtime, gen: Generation, req: p.CompletionRequest) -> None:
+        self.gen = gen
+        self.req = req
+        assert rt.token_table is not None
+        self.tokens = rt.token_table
+        self.base = {"id": gen.request_id, "object": "text_completion",
+                     "created": int(time.time()), "model": rt.config.model_name}
+        self.echo = (rt.tokenizer.decode(list(gen.prompt_ids), skip_special_tokens=True)
+                     if req.echo else "")
+        self.want_logprobs = gen.params.logprobs is not None
+
+    def _logprobs(self, u: ChoiceUpdate, offset: int) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        return self.tokens.completion_logprobs(u.token_ids, u.logprobs, u.top_logprobs, offset)
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        extra = {"usage": None} if self.req.include_usage else {}
+        n = self.gen.params.n
+        offsets = [len(self.echo)] * n
+        if self.echo:
+            yield frame({**self.base, "choices": [
+                {"index": i, "text": self.echo, "logprobs": None, "finish_reason": None}
+                for i in range(n)], **extra})
+        async for u in self.gen.updates():
+            if not u.text and u.finish_reason is None and not self.want_logprobs:
+                continue
+            lp = self._logprobs(u, offsets[u.index])
+            offsets[u.index] += len(u.text)
+            yield frame({**self.base, "choices": [
+                {"index": u.index, "text": u.text, "logprobs": lp,
+                 "finish_reason": u.finish_reason}], **extra})
+        if self.req.include_usage:
+            yield frame({**self.base, "choices": [], "usage": usage(self.gen),
+                         **_ext(self.gen.params)})
+        yield DONE
+
+    async def collect(self) -> dict[str, Any]:
+        n = self.gen.params.n
+        texts, reasons = [self.echo] * n, [None] * n
+        lps: list[dict[str, list[Any]]] = [
+            {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            for _ in range(n)]
+        async for u in self.gen.updates():
+            lp = self._logprobs(u, len(texts[u.index]))
+            texts[u.index] += u.text
+            reasons[u.index] = u.finish_reason or reasons[u.index]
+            if lp is not None:
+                for key in lps[u.index]:
+                    lps[u.index][key] += lp[key]
+        return {**self.base, "choices": [
+            {"index": i, "text": texts[i], "logprobs": lps[i] if self.want_logprobs else None,
+             "finish_reason": reasons[i]} for i in range(n)],
+            "usage": usage(self.gen), **_ext(self.gen.params)}

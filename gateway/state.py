@@ -1,0 +1,71 @@
+"""What the lifespan shares with the routes: the engine (once loaded), metrics and the queue."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from engine import GenerateRequest, TokenDelta
+from gateway.admission import Admission
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.protocol import Unavailable
+from gateway.tokens import TokenTable
+
+
+class EngineStatsLike(Protocol):
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int
+
+
+class EngineClient(Protocol):
+    """The part of `engine.AsyncEngine` the gateway uses (tests substitute a fake)."""
+
+    tokenizer: Any
+    core: Any           # max_model_len, vocab_size, config.max_num_seqs
+
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...
+    def add_request(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]: ...
+    def abort(self, request_id: str) -> None: ...
+    def stats(self) -> EngineStatsLike: ...
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: GatewayConfig
+    metrics: Metrics
+    engine: EngineClient | None = None
+    admission: Admission | None = None
+    token_table: TokenTable | None = None
+    load_error: str | None = None
+    is_draining: bool = False
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    active: set[str] = field(default_factory=set)     # request ids in the engine (for the drain)
+
+    @property
+    def tokenizer(self) -> Any:
+        assert self.engine is not None
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.engine is not None
+        return int(self.engine.core.max_model_len)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and not self.is_draining
+
+    def ready(self) -> tuple[EngineClient, Admission]:
+        """The engine and queue, or a 503 while loading or draining."""
+        if self.is_draining:
+            raise Unavailable("the server is shutting down", code="shutting_down")
+        if self.engine is None or self.admission is None:
+            raise Unavailable("the model is still loading" if self.load_error is None
+                              else "the model failed to load", code="not_ready")
+        return self.engine, self.admission

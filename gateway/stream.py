@@ -1,0 +1,215 @@
+"""Per request: token deltas -> incremental detokenizer -> stop strings -> choice updates.
+
+The detokenizer decodes a sliding window of a few tokens (the vLLM/TGI "prefix offset" scheme):
+text is released only when the window decodes to more than its prefix and does not end in an
+incomplete UTF-8 sequence (U+FFFD), so no broken character ever leaves. Stop strings are matched
+on the text; whatever tail could still grow into a stop string is held back, so no part of one
+leaks even when it spans tokens. Streaming and non-streaming responses consume the same updates.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from engine import FinishReason, GenerateRequest, RequestError, SamplingParams, TopLogprob
+from gateway.protocol import BadRequest, InternalError, Unavailable, finish_reason_name
+
+if TYPE_CHECKING:
+    from gateway.admission import Ticket
+    from gateway.state import Runtime
+
+_CONTEXT_TOKENS = 5   # prompt tokens that seed the window, so the first token decodes in context
+
+
+class Detokenizer:
+    """Token ids in, complete characters out."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
+
+    def push(self, token_ids: Sequence[int], final: bool = False) -> str:
+        """The text the new tokens complete; at `final`, whatever is left, complete or not."""
+        self._ids.extend(token_ids)
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset:])
+        if len(text) <= len(prefix) or (text.endswith("\ufffd") and not final):
+            return ""
+        # Keep only the last window: text beyond it never changes once released.
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return text[len(prefix):]
+
+
+class StopMatcher:
+    """Finds the first stop string in the text and holds back tails that may start one."""
+
+    def __init__(self, stop: Sequence[str], include_stop: bool) -> None:
+        self.stop = tuple(stop)
+        self.include_stop = include_stop
+        self._max_len = max((len(s) for s in self.stop), default=0)
+        self._text = ""        # released + held
+        self._num_released = 0
+        self.stopped = False
+
+    def feed(self, text: str, final: bool = False) -> str:
+        """Append text; return what can be released now."""
+        if self.stopped:
+            return ""
+        if not self.stop:
+            return text
+        start = max(self._num_released, len(self._text) - self._max_len + 1)
+        self._text += text
+        hits = [(at, s) for s in self.stop if (at := self._text.find(s, start)) >= 0]
+        if hits:
+            at, s = min(hits)
+            self.stopped = True
+            return self._release(at + len(s) if self.include_stop else at)
+        end = len(self._text)
+        if not final:
+            end -= self._held_len()
+        return self._release(end)
+
+    def _held_len(self) -> int:
+        tail = self._text[self._num_released:]
+        for k in range(min(self._max_len - 1, len(tail)), 0, -1):
+            if any(s.startswith(tail[-k:]) for s in self.stop):
+                return k
+        return 0
+
+    def _release(self, end: int) -> str:
+        out = self._text[self._num_released:end]
+        self._num_released = max(self._num_released, end)
+        return out
+
+
+@dataclass(slots=True)
+class ChoiceUpdate:
+    """New text (and the tokens behind it) of one choice; finish_reason on its last update."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[tuple[TopLogprob, ...], ...] = ()
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class _Choice:
+    detok: Detokenizer
+    stops: StopMatcher
+    num_tokens: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the request summary line and the usage object need."""
+
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    ttft_s: float | None = None
+    queue_s: float | None = None
+
+
+class Generation:
+    """One request's run through the engine: wait for a slot, generate, turn deltas into updates.
+
+    `updates()` is an async generator; leaving it early (disconnect, error) aborts the request
+    and frees its slot in a `finally`.
+    """
+
+    def __init__(self, runtime: Runtime, request_id: str, prompt_ids: Sequence[int],
+                 params: SamplingParams, ticket: Ticket, *, skip_special_tokens: bool = True) -> None:
+        self.runtime = runtime
+        self.request_id = request_id
+        self.prompt_ids = tuple(prompt_ids)
+        self.params = params
+        self.ticket = ticket
+        self.skip_special_tokens = skip_special_tokens
+        self.arrival = time.monotonic()
+        self.outcome = Outcome(num_prompt_tokens=len(self.prompt_ids))
+        self._is_closed = False
+
+    async def updates(self) -> AsyncIterator[ChoiceUpdate]:
+        rt = self.runtime
+        engine = rt.engine
+        assert engine is not None
+        choices = [_Choice(Detokenizer(rt.tokenizer, self.prompt_ids, self.skip_special_tokens),
+                           StopMatcher(self.params.stop, self.params.include_stop_str_in_output))
+                   for _ in range(self.params.n)]
+        num_open = len(choices)
+        stream = None
+        last_token_at: list[float | None] = [None] * len(choices)
+        try:
+            await self.ticket.wait()
+            self.outcome.queue_s = time.monotonic() - self.arrival
+            rt.metrics.queue_time.observe(self.outcome.queue_s)
+            try:
+                stream = engine.add_request(
+                    GenerateRequest(self.request_id, self.prompt_ids, self.params))
+            except RequestError as exc:
+                raise BadRequest(exc.message, exc.param) from None
+            rt.active.add(self.request_id)
+            async for delta in stream:
+                choice = choices[delta.index]
+                if choice.finish_reason is not None:
+                    continue      # it ended on a stop string; the engine runs it out (n > 1)
+                now = time.monotonic()
+                if delta.token_ids:
+                    if self.outcome.ttft_s is None:
+                        self.outcome.ttft_s = now - self.arrival
+                        rt.metrics.ttft.observe(self.outcome.ttft_s)
+                    prev = last_token_at[delta.index]
+                    if prev is not None:
+                        rt.metrics.itl.observe((now - prev) / len(delta.token_ids))
+                    last_token_at[delta.index] = now
+                if delta.finish_reason is FinishReason.ERROR:
+                    raise InternalError(delta.error or "the engine failed this request",
+                                        code="engine_error")
+                if delta.finish_reason is FinishReason.ABORT:
+                    # Only the shutdown drain aborts a request the gateway still reads.
+                    raise Unavailable("the server is shutting down; the request was aborted",
+                                      code="shutting_down")
+                final = delta.finish_reason is not None
+                text = choice.stops.feed(choice.detok.push(delta.token_ids, final), final)
+                choice.num_tokens = delta.num_completion_tokens
+                if choice.stops.stopped:
+                    choice.finish_reason = "stop"
+                elif final:
+                    assert delta.finish_reason is not None
+                    choice.finish_reason = finish_reason_name(delta.finish_reason)
+                if choice.finish_reason is not None:
+                    num_open -= 1
+                yield ChoiceUpdate(delta.index, text, delta.token_ids, delta.logprobs,
+                                   delta.top_logprobs, choice.finish_reason)
+                if num_open == 0:
+                    break
+        finally:
+            if stream is not None:
+                engine.abort(self.request_id)      # a no-op when it already finished
+                rt.active.discard(self.request_id)
+            self.ticket.release()
+            self.outcome.num_completion_tokens = sum(c.num_tokens for c in choices)
+            self.outcome.finish_reasons = [c.finish_reason or "abort" for c in choices]
+
+    def close(self) -> None:
+        """Once, when the response ends (even if `updates()` never ran): slot and metrics."""
+        self.ticket.release()
+        if self._is_closed:
+            return
+        self._is_closed = True
+        if self.outcome.finish_reasons:
+            self.runtime.metrics.observe_finished(
+                self.outcome.finish_reasons, self.outcome.num_prompt_tokens,
+                self.outcome.num_completion_tokens, time.monotonic() - self.arrival)
