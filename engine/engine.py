@@ -130,10 +130,12 @@ class EngineCore:
         for seq in changed:
             start = seq.num_sent_tokens
             seq.num_sent_tokens = seq.num_completion_tokens
+            first = start == 0 and seq.sampling.prompt_logprobs is not None
             out.append(TokenDelta(
                 seq.request_id, seq.index, tuple(seq.completion_token_ids[start:]),
                 tuple(seq.logprobs[start:]), tuple(seq.top_logprobs[start:]),
-                seq.finish_reason, seq.num_prompt_tokens, seq.num_completion_tokens, seq.error))
+                seq.finish_reason, seq.num_prompt_tokens, seq.num_completion_tokens, seq.error,
+                tuple(seq.prompt_logprobs or [None]) if first else None))
         return out
 
     def stats(self) -> EngineStats:

@@ -42,6 +42,8 @@ class LLM:
                 out.token_ids += delta.token_ids
                 out.logprobs += delta.logprobs
                 out.top_logprobs += delta.top_logprobs
+                if delta.prompt_logprobs is not None and ro.prompt_logprobs is None:
+                    ro.prompt_logprobs = list(delta.prompt_logprobs)
                 if delta.finish_reason is not None:
                     out.finish_reason = _finish_name(delta.finish_reason)
                 elif params_by_id[delta.request_id].stop and self._hit_stop(

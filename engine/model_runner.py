@@ -12,6 +12,7 @@ from engine.loader import load_state_dict
 from engine.model import LlamaModel
 from engine.sampler import SamplingBatch, sample
 from engine.scheduler import EMPTY_RESULT, Batch, StepResult
+from engine.types import PromptLogprob, TopLogprob
 from kernels import AttentionMetadata, slots_for
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -89,8 +90,9 @@ class ModelRunner:
         """One model step over the batch; runs in a worker thread."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)   # [T, hidden]
+        prompt_logprobs = self.prompt_logprobs(batch, hidden)
         if not sample_rows:
-            return EMPTY_RESULT
+            return EMPTY_RESULT._replace(prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_rows])                   # [S, vocab] fp32
         seqs = batch.sampling_seqs
         masked_rows = []
@@ -100,7 +102,45 @@ class ModelRunner:
             if seq.grammar is not None:
                 seq.grammar.fill_bitmask(self.bitmask, row)
                 masked_rows.append(row)
-        return sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows)
+        result = sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows)
+        return result._replace(prompt_logprobs=prompt_logprobs)
+
+    def prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> dict[int, list[PromptLogprob]] | None:
+        """Raw logprobs of the prompt tokens this step's chunks predict, for sequences that ask.
+
+        Row t of a chunk predicts token t+1; positions collected before a preemption are skipped."""
+        rows: list[int] = []
+        targets: list[int] = []
+        owners: list[tuple[int, int, int]] = []          # (seq_id, first row, num rows)
+        offset = 0
+        for seq in batch.seqs:
+            start, n = seq.num_computed_tokens, seq.num_scheduled_tokens
+            if seq.sampling.prompt_logprobs is not None:
+                have = len(seq.prompt_logprobs or [None])   # entries for tokens 0 .. have-1
+                positions = [p for p in range(start, start + n)
+                             if have <= p + 1 < seq.num_prompt_tokens]
+                if positions:
+                    owners.append((seq.seq_id, len(rows), len(positions)))
+                    rows += [offset + p - start for p in positions]
+                    targets += [seq.token_ids[p + 1] for p in positions]
+            offset += n
+        if not rows:
+            return None
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), -1)   # [R, vocab]
+        chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1).tolist()
+        max_top = max(s.sampling.prompt_logprobs or 0 for s in batch.seqs)
+        top_vals, top_ids = (torch.topk(logprobs, max_top, -1) if max_top else (None, None))
+        out: dict[int, list[PromptLogprob]] = {}
+        by_id = {s.seq_id: s for s in batch.seqs}
+        for seq_id, first, count in owners:
+            k = by_id[seq_id].sampling.prompt_logprobs or 0
+            entries = []
+            for r in range(first, first + count):
+                top = () if not k else tuple(TopLogprob(i, v) for i, v in zip(
+                    top_ids[r, :k].tolist(), top_vals[r, :k].tolist()))
+                entries.append(PromptLogprob(chosen[r], top))
+            out[seq_id] = entries
+        return out
 
     def next_seed(self) -> int:
         """A seed for a request that brought none (reproducible from the engine's seed)."""

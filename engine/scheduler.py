@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
-from engine.types import FinishReason, TopLogprob
+from engine.types import FinishReason, PromptLogprob, TopLogprob
 
 
 @dataclass(slots=True)
@@ -34,6 +34,8 @@ class StepResult(NamedTuple):
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[tuple[TopLogprob, ...]]
+    # seq_id -> PromptLogprobs of the prompt positions this step computed (prompt_logprobs asks)
+    prompt_logprobs: dict[int, list[PromptLogprob]] | None = None
 
 
 EMPTY_RESULT = StepResult([], [], [])
@@ -125,6 +127,8 @@ class Scheduler:
         samples = iter(zip(result.token_ids, result.logprobs, result.top_logprobs))
         for seq in batch.seqs:
             sampled = seq.samples_this_step
+            if result.prompt_logprobs and seq.seq_id in result.prompt_logprobs:
+                seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + result.prompt_logprobs[seq.seq_id]
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
             if error is not None:

@@ -37,6 +37,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[tuple[TopLogprob, ...]] = field(default_factory=list)
     num_sent_tokens: int = 0                 # completion tokens already handed out as deltas
+    prompt_logprobs: list[Any] | None = None  # PromptLogprob per prompt token, when asked
     num_preemptions: int = 0
     error: str | None = None
     rng: Any = None                          # torch.Generator, owned by the sampler

@@ -37,6 +37,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None     # top-N alternatives per token (0 = only the sampled one)
     logprobs_mode: LogprobsMode = "processed"
+    prompt_logprobs: int | None = None  # logprobs of the prompt tokens (raw), with top-N
     include_stop_str_in_output: bool = False
     grammar: GrammarSpec | None = None
 
@@ -60,6 +61,8 @@ class SamplingParams:
             (self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0"),
             (self.n >= 1, "n", "must be >= 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+             "must be in [0, 20]"),
             (self.logprobs_mode in ("processed", "raw"), "logprobs_mode", "must be 'processed' or 'raw'"),
         ]
         for ok, name, why in checks:
@@ -90,6 +93,14 @@ class TopLogprob:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptLogprob:
+    """Raw logprob of a prompt token given the tokens before it, with the top-N alternatives."""
+
+    logprob: float
+    top: tuple[TopLogprob, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TokenDelta:
     """New tokens of one sequence (index within its request) since the last delta."""
 
@@ -102,6 +113,8 @@ class TokenDelta:
     num_prompt_tokens: int
     num_completion_tokens: int
     error: str | None = None
+    # Once, in a request's first delta, when asked: one entry per prompt token (None for the first).
+    prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
 
     def merge(self, later: TokenDelta) -> TokenDelta:
         """Concatenate a later delta of the same sequence (used when a consumer falls behind)."""
@@ -110,7 +123,7 @@ class TokenDelta:
             self.request_id, self.index, self.token_ids + later.token_ids,
             self.logprobs + later.logprobs, self.top_logprobs + later.top_logprobs,
             later.finish_reason, later.num_prompt_tokens, later.num_completion_tokens,
-            later.error,
+            later.error, self.prompt_logprobs or later.prompt_logprobs,
         )
 
 
@@ -133,6 +146,7 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
     @property
     def token_ids(self) -> list[int]:

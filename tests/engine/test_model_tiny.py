@@ -101,3 +101,16 @@ def test_n_samples_differ_and_stop_strings_cut_text(tiny):
                                                    stop=[stop]))[0]
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert greedy.text.startswith(cut.text)
+
+
+def test_prompt_logprobs_match_transformers_across_chunks(tiny):
+    llm, hf = tiny
+    prompt = PROMPTS[0] + " " + PROMPTS[1]          # longer than the 7-token step budget
+    out = llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2))[0]
+    ids = out.prompt_token_ids
+    ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)   # [len, vocab]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for t in range(1, len(ids)):
+        entry = out.prompt_logprobs[t]
+        assert abs(entry.logprob - ref[t - 1, ids[t]].item()) <= 1e-5
+        assert [x.token_id for x in entry.top] == torch.topk(ref[t - 1], 2).indices.tolist()
