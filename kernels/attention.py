@@ -2,6 +2,11 @@
 
 Cache layout, per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim];
 a slot is block_id * block_size + offset, and a block_table row lists a sequence's block ids.
+
+The fast CPU decode path gathers whole blocks (one memcpy of block_size * num_kv_heads *
+head_dim elements per block, not one per key) and runs one masked SDPA over the batch: the
+gather is its only cost over SDPA on contiguous keys. The Triton kernel reads blocks in place
+through the block table, one program per (sequence, kv head, tile of query rows), online softmax.
 """
 from __future__ import annotations
 
@@ -9,6 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.backend import jit, use_triton
 
 
 @dataclass(slots=True)
@@ -16,6 +25,8 @@ class AttentionMetadata:
     """Per-step attention inputs, built once per step and shared by every layer.
 
     Sequences are ordered decodes first (one query each), then prefills (ragged queries).
+    The last four fields are the block-table view the fast paths use. The runner may fill them;
+    left at their defaults they are derived from the fields above on first use (`paged_view`).
     """
 
     slot_mapping: torch.Tensor          # [num_tokens] int64: cache slot of each new token
@@ -25,6 +36,10 @@ class AttentionMetadata:
     prefill_query_lens: list[int]       # per prefill sequence: new tokens this step
     prefill_seq_lens: list[int]         # per prefill sequence: cached + new tokens
     prefill_slots: list[torch.Tensor]   # per prefill sequence: [seq_len] int64 slots of its keys
+    block_tables: torch.Tensor | None = None     # [num_seqs, max_blocks] int32, padding 0
+    seq_lens: torch.Tensor | None = None         # [num_seqs] int32: cached + new keys
+    query_start_loc: torch.Tensor | None = None  # [num_seqs + 1] int32: cumulative new tokens
+    max_query_len: int = 0
 
 
 def slots_for(block_table: list[int], num_tokens: int, block_size: int) -> list[int]:
@@ -32,49 +47,284 @@ def slots_for(block_table: list[int], num_tokens: int, block_size: int) -> list[
     return [block_table[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
 
 
-def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write key/value [num_tokens, num_kv_heads, head_dim] into the cache at slot_mapping."""
+def paged_view(meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+    """Fill meta's block-table fields from its slot lists (once per step; layers reuse them).
+
+    Position p of a sequence lives in slot block_table[p // block_size] * block_size + p % bs,
+    so the slots at positions 0, bs, 2*bs, ... divided by bs are its block table.
+    """
+    if meta.block_tables is not None:
+        return meta
+    nd = meta.num_decodes
+    decode_lens = meta.decode_mask.view(nd, -1).sum(-1).tolist() if nd else []
+    tables = [row[::block_size] // block_size for row in meta.decode_slots[:nd]]
+    tables += [slots[::block_size] // block_size for slots in meta.prefill_slots]
+    seq_lens = decode_lens + list(meta.prefill_seq_lens)
+    query_lens = [1] * nd + list(meta.prefill_query_lens)
+    max_blocks = max((len(t) for t in tables), default=0)
+    block_tables = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        block_tables[i, :len(t)] = t
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    device = meta.slot_mapping.device
+    meta.block_tables = block_tables.to(device)
+    meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    meta.query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
+    meta.max_query_len = max(query_lens, default=0)
+    return meta
+
+
+# --- torch reference (the spec) ---------------------------------------------------------------
+
+def store_kvcache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] at slot_mapping, one token at a time."""
+    bs = k_cache.shape[1]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:                                  # -1: a padding token, not stored
+            k_cache[slot // bs, slot % bs] = key[t]
+            v_cache[slot // bs, slot % bs] = value[t]
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                        query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per sequence: keys read block by block, fp32 softmax, causal over cached + new keys."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, bs = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for s, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = starts[s], starts[s + 1]
+        n = q_end - q_start
+        blocks = block_tables[s, :(seq_len + bs - 1) // bs].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()   # [L, kvh, d]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        group = num_heads // num_kv_heads
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)                     # [h, L, d]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        qs = q[q_start:q_end].float().transpose(0, 1)                             # [h, n, d]
+        scores = qs @ k.transpose(1, 2) * scale                                   # [h, n, L]
+        q_pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)
+        visible = torch.arange(seq_len).unsqueeze(0) <= q_pos                     # [n, L]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[q_start:q_end] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
+    return out
+
+
+# --- fast CPU path ----------------------------------------------------------------------------
+
+def _store_kvcache_cpu(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The decodes of the batch: q [nd, h, d] -> [nd, h, d], one SDPA over gathered blocks."""
+    nd, num_heads, head_dim = q.shape
+    _, bs, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    assert meta.block_tables is not None and meta.seq_lens is not None
+    max_len = meta.decode_slots.shape[1]
+    num_blocks = (max_len + bs - 1) // bs
+    blocks = meta.block_tables[:nd, :num_blocks].reshape(-1)              # [nd * num_blocks]
+    # Keys past max_len are cut so SDPA sees exactly the shapes the per-slot gather gave it
+    # (the same summation order: results equal the plain gather-then-SDPA bit for bit).
+    k = k_cache.index_select(0, blocks).view(nd, num_blocks * bs, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, blocks).view(nd, num_blocks * bs, num_kv_heads, head_dim)
+    k, v = k[:, :max_len], v[:, :max_len]
+    # A decode's query heads of one kv group share keys and position, so fold the group into
+    # the query-length axis: q [nd, kvh, group, d] against k [nd, kvh, L, d], no kv expansion.
+    qd = q.view(nd, num_kv_heads, group, head_dim)
+    o = F.scaled_dot_product_attention(qd, k.transpose(1, 2).to(q.dtype),
+                                       v.transpose(1, 2).to(q.dtype),
+                                       attn_mask=meta.decode_mask, scale=scale)
+    return o.reshape(nd, num_heads, head_dim)
+
+
+def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n: int,
+                 seq_len: int, slots: torch.Tensor, scale: float) -> torch.Tensor:
+    """One prefill sequence: q [n, h, d] -> [n, h, d], causal over its seq_len keys."""
+    num_kv_heads, head_dim = k_flat.shape[1], k_flat.shape[2]
+    group = q.shape[1] // num_kv_heads
+    qp = q.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)           # [kvh, g, n, d]
+    k = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(1).to(q.dtype)  # [kvh, 1, L, d]
+    v = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(1).to(q.dtype)
+    if n == seq_len:
+        o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale)
+    else:
+        # Query i sits at position seq_len - n + i and sees keys 0 ..= that position.
+        pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)
+        mask = torch.arange(seq_len).unsqueeze(0) <= pos                        # [n, L]
+        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale)
+    return o.permute(2, 0, 1, 3).reshape(n, q.shape[1], head_dim)
+
+
+def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    nd = meta.num_decodes
+    outs = [_decode_cpu(q[:nd], k_cache, v_cache, meta, scale)] if nd else []
+    start = nd
+    for n, seq_len, slots in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots):
+        outs.append(_prefill_cpu(q[start:start + n], k_flat, v_flat, n, seq_len, slots, scale))
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+# --- Triton kernels ---------------------------------------------------------------------------
+
+@jit
+def _store_kvcache_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                          key_stride, value_stride, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    # grid: (num_tokens,); a token's kv heads are ROW = num_kv_heads * head_dim contiguous values,
+    # and so is a cache slot.
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < ROW
+    if slot >= 0:                                    # -1: a padding token, not stored
+        k = tl.load(key_ptr + t * key_stride + offs, mask=ok)
+        v = tl.load(value_ptr + t * value_stride + offs, mask=ok)
+        tl.store(k_cache_ptr + slot * ROW + offs, k, mask=ok)
+        tl.store(v_cache_ptr + slot * ROW + offs, v, mask=ok)
+
+
+def _store_kvcache_triton(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_tokens, num_kv_heads, head_dim = key.shape
+    row = num_kv_heads * head_dim
+    assert value.shape == key.shape and k_cache.shape == v_cache.shape
+    assert k_cache.shape[2:] == (num_kv_heads, head_dim), "cache heads/dim differ from key's"
+    assert key.dtype == value.dtype == k_cache.dtype == v_cache.dtype, "no casts in the kernel"
+    assert key.stride(1) == head_dim and key.stride(2) == 1, "a token's key must be contiguous"
+    assert value.stride(1) == head_dim and value.stride(2) == 1, "a token's value must be contiguous"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert slot_mapping.numel() == num_tokens and slot_mapping.device == key.device
+    if num_tokens == 0:
+        return
+    _store_kvcache_kernel[(num_tokens,)](key, value, k_cache, v_cache, slot_mapping,
+                                         key.stride(0), value.stride(0),
+                                         ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+@jit
+def _paged_attention_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                            seq_lens_ptr, query_start_ptr, scale,
+                            stride_qt, stride_qh, stride_ot, stride_oh,
+                            stride_cb, stride_cs, stride_ch, stride_bt,
+                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+    # grid: (num_seqs, num_kv_heads, cdiv(max_query_len * GROUP, BLOCK_M)). The rows of a tile
+    # are (query token, head of the kv group) pairs, row = token * GROUP + head_in_group, so a
+    # decode's GROUP heads share one tile and one read of each key block.
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = tok < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    q_off = (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh
+    # Dots take fp32 operands: "tf32" is exact for bf16/fp16 values, and Triton's interpreter
+    # multiplies bf16 operands as raw integers (triton 3.9), so bf16 dots could not be tested.
+    q = tl.load(q_ptr + q_off + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = q.to(tl.float32)                                                           # [M, D]
+    q_pos = seq_len - q_len + tok                # absolute position of each row's token
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Keys past the tile's last query position are invisible to every row of the tile.
+    last_tok = tl.minimum((tl.program_id(2) * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1)
+    kv_end = seq_len - q_len + last_tok + 1
+    offs_n = tl.arange(0, BLOCK_SIZE)
+    for j in range(0, tl.cdiv(kv_end, BLOCK_SIZE)):
+        block = tl.load(block_tables_ptr + seq * stride_bt + j).to(tl.int64)
+        k_pos = j * BLOCK_SIZE + offs_n
+        in_seq = k_pos < seq_len
+        c_off = block * stride_cb + offs_n[:, None] * stride_cs + kv_head * stride_ch + dims[None, :]
+        k = tl.load(k_cache_ptr + c_off).to(tl.float32)                            # [N, D]
+        # Slots past seq_len may hold anything (even NaN): zero them so p @ v stays finite.
+        v = tl.load(v_cache_ptr + c_off, mask=in_seq[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale          # [M, N]
+        visible = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_off = (q_start + tok).to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh
+    tl.store(out_ptr + o_off + dims[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                            query_start_loc: torch.Tensor, max_query_len: int,
+                            scale: float) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    _, bs, num_kv_heads, _ = k_cache.shape
+    assert num_heads % num_kv_heads == 0, "query heads must be a multiple of kv heads"
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert k_cache.shape[3] == head_dim and k_cache.stride(3) == 1 and q.stride(2) == 1
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and cache dtypes differ"
+    assert head_dim & (head_dim - 1) == 0 and bs >= 16 and bs & (bs - 1) == 0, \
+        "head_dim and block_size must be powers of two (block_size >= 16 for tl.dot)"
+    assert block_tables.dtype == seq_lens.dtype == query_start_loc.dtype == torch.int32
+    assert block_tables.stride(1) == 1 and seq_lens.numel() + 1 == query_start_loc.numel()
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    num_seqs = seq_lens.numel()
+    if num_seqs == 0:
+        return out
+    block_m = 16 if max_query_len * group <= 16 else 32
+    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len * group, block_m))
+    _paged_attention_kernel[grid](
+        out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=bs, BLOCK_M=block_m,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return out
+
+
+# --- public -----------------------------------------------------------------------------------
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into the cache at slot_mapping."""
+    if use_triton(key) and key.dtype == k_cache.dtype:
+        _store_kvcache_triton(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        _store_kvcache_cpu(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [num_tokens, num_heads, head_dim] -> out [num_tokens, num_heads, head_dim].
 
-    Decodes are batched into one call over keys gathered by slot; prefills run per sequence,
-    causal over cached plus new keys.
+    Decodes come first in q (one token each), then each prefill's new tokens; every query sees
+    its sequence's keys up to and including its own position.
     """
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-    num_heads = q.shape[1]
-    group = num_heads // num_kv_heads
-    outs = []
-    nd = meta.num_decodes
-    if nd:
-        # A decode's query heads of one kv group share keys and position, so fold the group into
-        # the query-length axis: q [B, kvh, group, d] against k [B, kvh, L, d], no kv expansion.
-        qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
-        k = k_flat[meta.decode_slots].transpose(1, 2)          # [B, kvh, L, d]
-        v = v_flat[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, k.to(q.dtype), v.to(q.dtype),
-                                           attn_mask=meta.decode_mask, scale=scale)
-        outs.append(o.reshape(nd, num_heads, head_dim))
-    start = nd
-    for n, seq_len, slots in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots):
-        qp = q[start:start + n].view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        k = k_flat[slots].transpose(0, 1).unsqueeze(1).to(q.dtype)   # [kvh, 1, L, d]
-        v = v_flat[slots].transpose(0, 1).unsqueeze(1).to(q.dtype)
-        if n == seq_len:
-            o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale)
-        else:
-            # Query i sits at position seq_len - n + i and sees keys 0 ..= that position.
-            pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)
-            mask = torch.arange(seq_len).unsqueeze(0) <= pos                 # [n, L]
-            o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale)
-        outs.append(o.permute(2, 0, 1, 3).reshape(n, num_heads, head_dim))   # [n, h, d]
-        start += n
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    paged_view(meta, k_cache.shape[1])
+    if use_triton(q):
+        assert meta.block_tables is not None and meta.seq_lens is not None
+        assert meta.query_start_loc is not None
+        return _paged_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                       meta.query_start_loc, meta.max_query_len, scale)
+    return _paged_attention_cpu(q, k_cache, v_cache, meta, scale)

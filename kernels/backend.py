@@ -8,11 +8,16 @@ The one place in `kernels/` that reads environment variables:
 Triton decides between compiling and interpreting when `@triton.jit` decorates a function, that
 is at import. `jit` below defers that choice to each launch, so one process (a pytest run) can
 import the kernels once and still interpret them in the tests that set TRITON_INTERPRET=1.
+Triton's own helpers (`tl.cdiv`, `tl.max`, `tl.sum`, ...) were decorated at import too, as
+compiled functions that refuse to be called from Python; `_interpreting_helpers` lets the
+interpreter call them for the duration of an interpreted launch.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -27,6 +32,40 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     return os.environ.get("PLUMBLINE_KERNELS", "").lower() == "triton" and interpreting()
+
+
+_helpers_lock = threading.Lock()
+_interpreted_helpers: dict[Any, Any] = {}
+
+
+@contextlib.contextmanager
+def _interpreting_helpers() -> Iterator[None]:
+    """While an interpreted kernel runs, a call to a compiled @triton.jit helper is interpreted."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        fn = _interpreted_helpers.get(self.fn)
+        if fn is None:
+            fn = _interpreted_helpers[self.fn] = InterpretedFunction(self.fn)
+        return fn(*args, **kwargs)
+
+    with _helpers_lock:
+        original = JITFunction.__call__
+        JITFunction.__call__ = call  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original  # type: ignore[method-assign]
+
+
+class _InterpretedLaunch:
+    def __init__(self, launch: Any) -> None:
+        self.launch = launch
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _interpreting_helpers():
+            return self.launch(*args, **kwargs)
 
 
 class LazyKernel:
@@ -44,7 +83,7 @@ class LazyKernel:
             if self._interpreted is None:
                 from triton.runtime.interpreter import InterpretedFunction
                 self._interpreted = InterpretedFunction(self.fn)
-            return self._interpreted[grid]
+            return _InterpretedLaunch(self._interpreted[grid])
         if self._compiled is None:
             from triton.runtime.jit import JITFunction
             self._compiled = JITFunction(self.fn)

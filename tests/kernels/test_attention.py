@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import AttentionMetadata, paged_attention, slots_for, store_kvcache
+from kernels.attention import (_paged_attention_triton, _store_kvcache_triton, paged_attention_ref,
+                               paged_view, store_kvcache_ref)
+
+# (cached tokens, new tokens) per sequence, decodes (one new token) first. Lengths 1, block
+# boundaries (16, 32) and one past them, a fresh prefill, chunked prefills of 1 and many tokens.
+RAGGED = [(0, 1), (15, 1), (16, 1), (32, 1), (0, 5), (16, 16), (40, 1), (3, 30)]
+
+
+def build(seqs: list[tuple[int, int]], block_size: int, num_kv_heads: int, group: int,
+          head_dim: int, dtype: torch.dtype, seed: int = 0):
+    """Random cache, queries and metadata built the way engine/model_runner.py builds them."""
+    g = torch.Generator().manual_seed(seed)
+    need = [(c + n + block_size - 1) // block_size for c, n in seqs]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks, generator=g).tolist()      # scattered blocks
+    tables, used = [], 0
+    for k in need:
+        tables.append(perm[used:used + k])
+        used += k
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype)
+    v_cache = torch.randn(shape, generator=g).to(dtype)
+    num_tokens = sum(n for _, n in seqs)
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=g).to(dtype)
+    num_decodes = 0
+    while num_decodes < len(seqs) and seqs[num_decodes][1] == 1:
+        num_decodes += 1
+    slot_mapping, decode_slots, pq, pl, ps = [], [], [], [], []
+    for i, ((c, n), table) in enumerate(zip(seqs, tables)):
+        s = slots_for(table, c + n, block_size)
+        slot_mapping += s[c:]
+        if i < num_decodes:
+            decode_slots.append(s)
+        else:
+            pq.append(n); pl.append(c + n); ps.append(torch.tensor(s, dtype=torch.long))
+    max_len = max((len(s) for s in decode_slots), default=0)
+    mask = torch.zeros(len(decode_slots), 1, 1, max_len, dtype=torch.bool)
+    for b, s in enumerate(decode_slots):
+        mask[b, 0, 0, :len(s)] = True
+    padded = [s + [0] * (max_len - len(s)) for s in decode_slots]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long), num_decodes=num_decodes,
+        decode_slots=torch.tensor(padded, dtype=torch.long).view(len(padded), max_len),
+        decode_mask=mask, prefill_query_lens=pq, prefill_seq_lens=pl, prefill_slots=ps)
+    max_blocks = max(need)
+    block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        block_tables[i, :len(t)] = torch.tensor(t)
+    seq_lens = torch.tensor([c + n for c, n in seqs], dtype=torch.int32)
+    starts = torch.tensor([0] + [n for _, n in seqs]).cumsum(0).to(torch.int32)
+    return q, k_cache, v_cache, meta, (block_tables, seq_lens, starts)
+
+
+def tol(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+
+
+def test_paged_view_derives_block_tables() -> None:
+    q, kc, vc, meta, (bt, lens, starts) = build(RAGGED, 16, 1, 1, 64, torch.float32)
+    paged_view(meta, 16)
+    assert torch.equal(meta.block_tables, bt)
+    assert torch.equal(meta.seq_lens, lens) and torch.equal(meta.query_start_loc, starts)
+    assert meta.max_query_len == 30
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_matches_reference(block_size: int, group: int, head_dim: int,
+                                    dtype: torch.dtype) -> None:
+    q, kc, vc, meta, (bt, lens, starts) = build(RAGGED, block_size, 2, group, head_dim, dtype)
+    expected = paged_attention_ref(q, kc, vc, bt, lens, starts, head_dim ** -0.5)
+    out = paged_attention(q, kc, vc, meta, head_dim ** -0.5)
+    torch.testing.assert_close(out, expected, **tol(dtype))
+
+
+@pytest.mark.parametrize("seqs", [[(0, 1)], [(33, 1), (0, 1)], [(0, 7)], [(5, 3), (16, 16)]])
+def test_cpu_path_decode_only_and_prefill_only(seqs: list[tuple[int, int]]) -> None:
+    q, kc, vc, meta, (bt, lens, starts) = build(seqs, 16, 3, 3, 64, torch.float32)
+    expected = paged_attention_ref(q, kc, vc, bt, lens, starts, 0.125)
+    torch.testing.assert_close(paged_attention(q, kc, vc, meta, 0.125), expected, **tol(torch.float32))
+
+
+# Interpreted Triton is slow: a covering set of the (block size, GQA ratio, head dim, dtype) grid.
+TRITON_CASES = [(16, 1, 64, torch.float32), (32, 3, 64, torch.float32), (16, 4, 128, torch.float32),
+                (32, 1, 128, torch.bfloat16), (16, 3, 64, torch.bfloat16), (32, 4, 64, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("block_size,group,head_dim,dtype", TRITON_CASES)
+def test_triton_attention_matches_reference(interpret: None, block_size: int, group: int,
+                                            head_dim: int, dtype: torch.dtype) -> None:
+    q, kc, vc, meta, (bt, lens, starts) = build(RAGGED, block_size, 2, group, head_dim, dtype)
+    expected = paged_attention_ref(q, kc, vc, bt, lens, starts, head_dim ** -0.5)
+    out = paged_attention(q, kc, vc, meta, head_dim ** -0.5)       # Triton under the fixture
+    torch.testing.assert_close(out, expected, **tol(dtype))
+
+
+def test_triton_attention_ignores_nan_past_seq_len(interpret: None) -> None:
+    q, kc, vc, meta, (bt, lens, starts) = build([(0, 1), (3, 2)], 16, 1, 3, 64, torch.float32)
+    expected = paged_attention_ref(q, kc, vc, bt, lens, starts, 0.125)
+    kc[bt[:, 0].long(), 8:] = float("nan")                          # beyond every sequence's keys
+    vc[bt[:, 0].long(), 8:] = float("nan")
+    out = _paged_attention_triton(q, kc, vc, bt, lens, starts, 2, 0.125)
+    torch.testing.assert_close(out, expected, **tol(torch.float32))
+
+
+def kv_case(dtype: torch.dtype, strided: bool):
+    g = torch.Generator().manual_seed(1)
+    kc = torch.zeros(4, 16, 3, 64, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    qkv = torch.randn(6, 9, 64, generator=g).to(dtype)            # v as a strided view, as in the model
+    key = qkv[:, 3:6] if strided else qkv[:, 3:6].contiguous()
+    value = qkv[:, 6:9]
+    slots = torch.tensor([0, 15, 16, 17, 63, 40])
+    return key, value, kc, vc, slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kvcache_cpu_matches_reference(dtype: torch.dtype) -> None:
+    key, value, kc, vc, slots = kv_case(dtype, strided=True)
+    kr, vr = kc.clone(), vc.clone()
+    store_kvcache_ref(key, value, kr, vr, slots)
+    store_kvcache(key, value, kc, vc, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kvcache_triton_matches_reference(interpret: None, dtype: torch.dtype) -> None:
+    key, value, kc, vc, slots = kv_case(dtype, strided=True)
+    slots[2] = -1                                                   # padding: not stored
+    kr, vr = kc.clone(), vc.clone()
+    store_kvcache_ref(key, value, kr, vr, slots)
+    store_kvcache(key, value, kc, vc, slots)                       # Triton under the fixture
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("block_size,group,head_dim,dtype", TRITON_CASES)
+def test_triton_attention_cuda(cuda: torch.device, block_size: int, group: int, head_dim: int,
+                               dtype: torch.dtype) -> None:
+    seqs = RAGGED + [(500, 1), (0, 300), (200, 77)]
+    q, kc, vc, meta, (bt, lens, starts) = build(seqs, block_size, 2, group, head_dim, dtype)
+    expected = paged_attention_ref(q, kc, vc, bt, lens, starts, head_dim ** -0.5)
+    args = [t.to(cuda) for t in (q, kc, vc, bt, lens, starts)]
+    out = _paged_attention_triton(*args, max(n for _, n in seqs), head_dim ** -0.5)
+    torch.testing.assert_close(out.cpu(), expected, **tol(dtype))
+
+
+@pytest.mark.cuda
+def test_store_kvcache_cuda(cuda: torch.device) -> None:
+    key, value, kc, vc, slots = kv_case(torch.bfloat16, strided=True)
+    kr, vr = kc.clone(), vc.clone()
+    store_kvcache_ref(key, value, kr, vr, slots)
+    kc, vc = kc.to(cuda), vc.to(cuda)
+    _store_kvcache_triton(key.to(cuda), value.to(cuda), kc, vc, slots.to(cuda))
+    assert torch.equal(kc.cpu(), kr) and torch.equal(vc.cpu(), vr)
