@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import anyio.to_thread
 import structlog
@@ -135,7 +136,8 @@ class EngineCore:
                 seq.request_id, seq.index, tuple(seq.completion_token_ids[start:]),
                 tuple(seq.logprobs[start:]), tuple(seq.top_logprobs[start:]),
                 seq.finish_reason, seq.num_prompt_tokens, seq.num_completion_tokens, seq.error,
-                tuple(seq.prompt_logprobs or [None]) if first else None))
+                tuple(seq.prompt_logprobs or [None]) if first else None,
+                tuple(seq.weights_versions[start:])))
         return out
 
     def stats(self) -> EngineStats:
@@ -206,7 +208,50 @@ class AsyncEngine:
         self._task: asyncio.Task[None] | None = None
         self.num_steps = 0
 
+    async def update_weights(self, state_dict: dict[str, Any],
+                             mode: Literal["pause", "drain", "abort"] = "pause",
+                             reset_cache: bool = False) -> int:
+        """Swap in new weights while serving; returns the new weights version.
+
+        pause: finish the current step, swap, resume (the KV cache is kept unless reset_cache);
+        drain: stop admitting new requests, let running ones finish, swap, resume;
+        abort: abort running requests, swap. reset_cache recomputes running sequences' KV with
+        the new weights (they are preempted). Tokens report the version they were sampled with."""
+        if mode not in ("pause", "drain", "abort"):
+            raise RequestError("mode must be 'pause', 'drain' or 'abort'", "mode")
+        async with self._update_lock:
+            # Build off the loop first (seconds for a big model); the swap itself is instant.
+            model = await anyio.to_thread.run_sync(self.core.runner.build_model, state_dict)
+            scheduler = self.core.scheduler
+            try:
+                if mode == "drain":
+                    scheduler.admitting = False
+                    while scheduler.running or any(s.num_preemptions for s in scheduler.waiting):
+                        await asyncio.sleep(0.005)
+                elif mode == "abort":
+                    for request_id in {s.request_id for s in scheduler.running}:
+                        self.abort(request_id)
+                    while scheduler.running:
+                        await asyncio.sleep(0.005)
+                async with self._step_lock:
+                    version = self.core.runner.swap_model(model)
+                    if reset_cache:
+                        for seq in list(scheduler.running):
+                            scheduler.preempt(seq)
+            finally:
+                scheduler.admitting = True
+                if self._wakeup is not None:
+                    self._wakeup.set()
+            log.info("weights_updated", version=version, mode=mode, reset_cache=reset_cache)
+            return version
+
+    @property
+    def weights_version(self) -> int:
+        return self.core.runner.weights_version
+
     async def start(self) -> None:
+        self._step_lock = asyncio.Lock()
+        self._update_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._loop(), name="plumbline-engine")
 
@@ -293,20 +338,21 @@ class AsyncEngine:
             if not scheduler.has_work():
                 await self._wakeup.wait()
                 continue
-            batch = scheduler.schedule()
-            result, error = EMPTY_RESULT, None
-            if batch.seqs:
-                try:
-                    result = await anyio.to_thread.run_sync(self.core.run, batch)
-                except Exception as exc:  # one failed step fails its batch, never the loop
-                    log.exception("model_step_failed", num_seqs=len(batch.seqs))
-                    error = f"internal error in the model step ({type(exc).__name__})"
-            self.num_steps += 1
-            for delta in self.core.deltas(scheduler.postprocess(batch, result, error)):
-                stream = self._streams.get(delta.request_id)
-                if stream is not None:
-                    stream.put(delta)
-            self._forget_finished()
+            async with self._step_lock:            # a weight swap waits for the step to end
+                batch = scheduler.schedule()
+                result, error = EMPTY_RESULT, None
+                if batch.seqs:
+                    try:
+                        result = await anyio.to_thread.run_sync(self.core.run, batch)
+                    except Exception as exc:  # one failed step fails its batch, never the loop
+                        log.exception("model_step_failed", num_seqs=len(batch.seqs))
+                        error = f"internal error in the model step ({type(exc).__name__})"
+                self.num_steps += 1
+                for delta in self.core.deltas(scheduler.postprocess(batch, result, error)):
+                    stream = self._streams.get(delta.request_id)
+                    if stream is not None:
+                        stream.put(delta)
+                self._forget_finished()
             if not batch.seqs:
                 # Work is queued but nothing fits yet (cannot last: validation bounds every
                 # request by the cache); yield instead of spinning.

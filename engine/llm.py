@@ -42,6 +42,7 @@ class LLM:
                 out.token_ids += delta.token_ids
                 out.logprobs += delta.logprobs
                 out.top_logprobs += delta.top_logprobs
+                out.weights_versions += delta.weights_versions
                 if delta.prompt_logprobs is not None and ro.prompt_logprobs is None:
                     ro.prompt_logprobs = list(delta.prompt_logprobs)
                 if delta.finish_reason is not None:
@@ -56,6 +57,10 @@ class LLM:
             for out in ro.outputs:
                 out.text = self._text(out, p)
         return list(outputs.values())
+
+    def update_weights(self, state_dict: dict[str, Any]) -> int:
+        """Swap in new weights (same architecture) between generate calls; returns the version."""
+        return self.core.runner.load_weights(state_dict)
 
     def _hit_stop(self, out: CompletionOutput, stop: tuple[str, ...]) -> bool:
         text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)

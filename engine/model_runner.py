@@ -28,6 +28,7 @@ class ModelRunner:
             raise ValueError(f"model type {self.hf_config.model_type!r} is not llama-family")
         self.dtype = _DTYPES[config.dtype]
         self.model = LlamaModel(self.hf_config, load_state_dict(model_dir), self.dtype)
+        self.weights_version = 0
         self.vocab_size = self.model.lm_head.shape[0]
         self.block_size = config.block_size
         cfg = self.hf_config
@@ -92,7 +93,8 @@ class ModelRunner:
         hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)   # [T, hidden]
         prompt_logprobs = self.prompt_logprobs(batch, hidden)
         if not sample_rows:
-            return EMPTY_RESULT._replace(prompt_logprobs=prompt_logprobs)
+            return EMPTY_RESULT._replace(prompt_logprobs=prompt_logprobs,
+                                         weights_version=self.weights_version)
         logits = self.model.compute_logits(hidden[sample_rows])                   # [S, vocab] fp32
         seqs = batch.sampling_seqs
         masked_rows = []
@@ -103,7 +105,28 @@ class ModelRunner:
                 seq.grammar.fill_bitmask(self.bitmask, row)
                 masked_rows.append(row)
         result = sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows)
-        return result._replace(prompt_logprobs=prompt_logprobs)
+        return result._replace(prompt_logprobs=prompt_logprobs, weights_version=self.weights_version)
+
+    def build_model(self, state: dict[str, torch.Tensor]) -> LlamaModel:
+        """A model of the same architecture from new weights; refuses mismatched shapes."""
+        model = LlamaModel(self.hf_config, state, self.dtype)
+        old, new = self.model, model
+        pairs = [(old.embed, new.embed, "embed_tokens"), (old.lm_head, new.lm_head, "lm_head")]
+        pairs += [(a[k], b[k], f"layers.{i}.{k}") for i, (a, b) in enumerate(zip(old.layers, new.layers))
+                  for k in ("qkv", "o", "gate_up", "down")]
+        for a, b, name in pairs:
+            if a.shape != b.shape:
+                raise ValueError(f"weight {name} has shape {tuple(b.shape)}, expected {tuple(a.shape)}")
+        return model
+
+    def swap_model(self, model: LlamaModel) -> int:
+        """Install a model built by build_model (between steps only); returns the new version."""
+        self.model = model
+        self.weights_version += 1
+        return self.weights_version
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> int:
+        return self.swap_model(self.build_model(state))
 
     def prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> dict[int, list[PromptLogprob]] | None:
         """Raw logprobs of the prompt tokens this step's chunks predict, for sequences that ask.

@@ -36,6 +36,7 @@ class StepResult(NamedTuple):
     top_logprobs: list[tuple[TopLogprob, ...]]
     # seq_id -> PromptLogprobs of the prompt positions this step computed (prompt_logprobs asks)
     prompt_logprobs: dict[int, list[PromptLogprob]] | None = None
+    weights_version: int = 0
 
 
 EMPTY_RESULT = StepResult([], [], [])
@@ -55,6 +56,7 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self.aborted: set[str] = set()
         self.num_preemptions = 0
+        self.admitting = True     # False while a weight update drains: only preempted ones resume
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -83,6 +85,8 @@ class Scheduler:
         # prefill: admit waiting sequences while budget, slots and blocks last
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self.admitting and seq.num_preemptions == 0:
+                break
             n = seq.num_tokens - seq.num_computed_tokens
             if n > budget and not self.enable_chunked_prefill:
                 break
@@ -141,6 +145,7 @@ class Scheduler:
             token_id, logprob, top = next(samples)
             seq.token_ids.append(token_id)
             seq.logprobs.append(logprob)
+            seq.weights_versions.append(result.weights_version)
             seq.top_logprobs.append(top)
             if seq.grammar is not None and not seq.grammar.accept_token(token_id):
                 # The mask allowed only what the grammar accepts: this is a bug, not bad input.

@@ -35,6 +35,7 @@ class Sequence:
     num_scheduled_tokens: int = 0            # tokens this step computes
     block_table: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    weights_versions: list[int] = field(default_factory=list)   # of each completion token
     top_logprobs: list[tuple[TopLogprob, ...]] = field(default_factory=list)
     num_sent_tokens: int = 0                 # completion tokens already handed out as deltas
     prompt_logprobs: list[Any] | None = None  # PromptLogprob per prompt token, when asked

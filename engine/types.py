@@ -115,6 +115,7 @@ class TokenDelta:
     error: str | None = None
     # Once, in a request's first delta, when asked: one entry per prompt token (None for the first).
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
+    weights_versions: tuple[int, ...] = ()            # weights version of each token
 
     def merge(self, later: TokenDelta) -> TokenDelta:
         """Concatenate a later delta of the same sequence (used when a consumer falls behind)."""
@@ -124,6 +125,7 @@ class TokenDelta:
             self.logprobs + later.logprobs, self.top_logprobs + later.top_logprobs,
             later.finish_reason, later.num_prompt_tokens, later.num_completion_tokens,
             later.error, self.prompt_logprobs or later.prompt_logprobs,
+            self.weights_versions + later.weights_versions,
         )
 
 
@@ -137,6 +139,7 @@ class CompletionOutput:
     top_logprobs: list[tuple[TopLogprob, ...]]
     text: str
     finish_reason: str | None
+    weights_versions: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
