@@ -7,6 +7,7 @@ from grammars.base import (
     allocate_bitmask,
     available_backends,
     bitmask_width,
+    fill_bitmasks,
     register_backend,
 )
 from grammars.spec import GrammarError, GrammarSpec
@@ -21,5 +22,6 @@ __all__ = [
     "allocate_bitmask",
     "available_backends",
     "bitmask_width",
+    "fill_bitmasks",
     "register_backend",
 ]

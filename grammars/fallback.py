@@ -80,8 +80,8 @@ def _drop_constraints(node: Any) -> Any:
 
 def schema_validator(schema: Any) -> Any:
     """A jsonschema validator for the schema's own draft, checking formats it knows."""
-    import jsonschema
-    from jsonschema import validators
+    import jsonschema  # type: ignore[import-untyped, unused-ignore]
+    from jsonschema import validators  # type: ignore[import-untyped, unused-ignore]
 
     cls = validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
@@ -141,8 +141,17 @@ class ValidatedGrammar:
     def accept(self, token_ids: Sequence[int]) -> bool:
         return all(self.accept_token(t) for t in token_ids)
 
+    @property
+    def ll_matcher(self) -> Any:
+        """The inner llguidance matcher, for batched mask fills (then gate_eos per row)."""
+        return getattr(self._inner, "ll_matcher", None)
+
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self._inner.fill_bitmask(bitmask, row)
+        self.gate_eos(bitmask, row)
+
+    def gate_eos(self, bitmask: torch.Tensor, row: int) -> None:
+        """Clear the EOS bit of a row the inner grammar filled, unless the document validates."""
         word, bit = divmod(self._eos, 32)
         value = int(bitmask[row, word])
         if (value >> bit) & 1 and not self.document_is_valid():

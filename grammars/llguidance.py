@@ -15,7 +15,7 @@ import json
 import re
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import llguidance
 import llguidance.hf
@@ -26,6 +26,7 @@ from grammars.spec import GrammarError, GrammarSpec
 
 if TYPE_CHECKING:
     import torch
+    from llguidance._lib import JsonCompileOptions
 
 # Building an LLTokenizer walks the whole vocabulary (~0.5 s); one per HF tokenizer object.
 _TOKENIZERS: weakref.WeakKeyDictionary[Any, dict[int, llguidance.LLTokenizer]] = weakref.WeakKeyDictionary()
@@ -49,6 +50,26 @@ def ll_tokenizer(tokenizer: Any, vocab_size: int) -> llguidance.LLTokenizer:
         return llt
 
 
+_EXECUTOR: llguidance.LLExecutor | None = None
+
+
+def fill_rows_parallel(bitmask: torch.Tensor, batch: Sequence[tuple[Any, llguidance.LLMatcher, int]]) -> None:
+    """Fill the rows of many llguidance cursors at once: (grammar, its ll_matcher, row)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = llguidance.LLExecutor()
+    width = bitmask.shape[1]
+    for _, _, row in batch:
+        check_bitmask_row(bitmask, row, width * 32)
+    assert bitmask.is_contiguous(), "the batched fill writes whole rows through one pointer"
+    _EXECUTOR.unsafe_compute_mask_ptr([(m, row) for _, m, row in batch], bitmask.data_ptr(), width * 4,
+                                      bitmask.shape[0])
+    for grammar, _, row in batch:
+        gate = getattr(grammar, "gate_eos", None)
+        if gate is not None:
+            gate(bitmask, row)
+
+
 def _lark_literal(text: str) -> str:
     # llguidance Lark string literals take JSON string escapes.
     return json.dumps(text, ensure_ascii=False)
@@ -65,6 +86,10 @@ class LLGuidanceGrammar:
         self._eos = eos_token_id
         self._ended = False        # EOS accepted
         self._eos_counted = False  # whether llguidance counts that EOS as a token for rollback
+
+    @property
+    def ll_matcher(self) -> llguidance.LLMatcher:
+        return self._matcher
 
     def accept_token(self, token_id: int) -> bool:
         if self._ended:
@@ -167,7 +192,8 @@ class LLGuidanceBackend:
         if spec.kind == "json_schema":
             return self._compile_json_schema(spec)
         if spec.kind == "json_object":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=self._json_options)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                {"type": "object"}, overrides=cast("JsonCompileOptions", self._json_options))
         elif spec.kind == "regex":
             grammar = llguidance.LLMatcher.grammar_from_regex(spec.source)
         elif spec.kind == "choice":
@@ -202,7 +228,7 @@ class LLGuidanceBackend:
     def _build_schema(self, schema: Any, extra: dict[str, Any]) -> tuple[llguidance.LLMatcher | None, str]:
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, overrides={**self._json_options, **extra})
+                schema, overrides=cast("JsonCompileOptions", {**self._json_options, **extra}))
         except ValueError as e:
             return None, _clean(str(e))
         return self._build(grammar)

@@ -18,7 +18,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Sequence
 
-import outlines_core
+import outlines_core  # type: ignore[import-untyped, unused-ignore]
 
 from grammars.base import CompilerOptions, check_bitmask_row
 from grammars.llguidance import ll_tokenizer

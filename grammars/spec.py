@@ -157,8 +157,8 @@ class GrammarSpec:
 
 def check_json_schema(schema: Any) -> None:
     """Raise GrammarError if `schema` is not a valid JSON schema under its own draft."""
-    import jsonschema
-    from jsonschema import validators
+    import jsonschema  # type: ignore[import-untyped, unused-ignore]
+    from jsonschema import validators  # type: ignore[import-untyped, unused-ignore]
 
     if isinstance(schema, bool):
         return

@@ -84,3 +84,22 @@ def test_pattern_properties_dropped_with_additional_properties() -> None:
     schema = {"type": "object", "patternProperties": {"^x": {}}, "additionalProperties": False}
     dropped = [r for note, r, _ in relaxations(schema) if note == "constraint keywords dropped"][0]
     assert "patternProperties" not in dropped and "additionalProperties" not in dropped
+
+
+def test_batched_fill_matches_row_by_row(compiler: Any, tokenizer: Any) -> None:
+    from grammars import allocate_bitmask, fill_bitmasks
+
+    plain = GrammarCompiler(tokenizer, options=CompilerOptions(always_validate=False))
+    cursors = [compiler.compile(GrammarSpec.json_schema(ONE_OF)).matcher() for _ in range(3)]
+    cursors.append(plain.compile(GrammarSpec.json_schema({"type": "integer"})).matcher())
+    for m, text in zip(cursors, ['{"a":5}', '{"a":1}', '{"a":', "12"]):
+        assert m.accept(encode(tokenizer, text))
+    rows = [(m, row) for m, row in zip(cursors, [4, 0, 2, 5])]
+    batched, single = allocate_bitmask(6, len(tokenizer)), allocate_bitmask(6, len(tokenizer))
+    fill_bitmasks(batched, rows)
+    for m, row in rows:
+        m.fill_bitmask(single, row)
+    assert torch.equal(batched, single)
+    assert (batched[1] == -1).all() and (batched[3] == -1).all()      # unlisted rows untouched
+    assert not batched[4].any()                                        # the dead end: '{"a":5}'
+    assert is_allowed(batched, 0, EOS) and is_allowed(batched, 5, EOS)
