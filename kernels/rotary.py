@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+from kernels.backend import jit, use_triton
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# --- torch reference (the spec) ---------------------------------------------------------------
+
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, h, d], k [T, kvh, d]; cos/sin [T, d] for each token's position."""
     cos = cos.unsqueeze(1).to(q.dtype)
     sin = sin.unsqueeze(1).to(q.dtype)
@@ -15,3 +21,77 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# --- fast CPU path ----------------------------------------------------------------------------
+
+def _rotate_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Half by half into one output, no concatenated rotate_half copy. The same products and
+    # sums as the reference (x1*c - x2*s is x1*c + (-x2)*s exactly), so the same values.
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos[..., :half], out=o1)
+    o1.sub_(x2 * sin[..., :half])
+    torch.mul(x2, cos[..., half:], out=o2)
+    o2.add_(x1 * sin[..., half:])
+    return out
+
+
+def _apply_rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos = cos.unsqueeze(1).to(q.dtype)                                   # [T, 1, d]
+    sin = sin.unsqueeze(1).to(q.dtype)
+    return _rotate_cpu(q, cos, sin), _rotate_cpu(k, cos, sin)
+
+
+# --- Triton kernel ----------------------------------------------------------------------------
+
+@jit
+def _rotary_kernel(out_ptr, x_ptr, cos_ptr, sin_ptr, num_heads, x_stride_t, x_stride_h,
+                   cos_stride, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    # grid: (num_tokens,); every head of one token, [BLOCK_H, HALF] per half. Products and sums
+    # are rounded to x's dtype where the reference's elementwise ops round; the arithmetic
+    # itself runs in fp32 (Triton's interpreter cannot do bf16 arithmetic directly).
+    dtype = x_ptr.dtype.element_ty
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, HALF)
+    ok = (heads < num_heads)[:, None]
+    x_off = t * x_stride_t + heads[:, None] * x_stride_h + dims[None, :]
+    x1 = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_off + HALF, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + t * cos_stride + dims).to(dtype).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * cos_stride + HALF + dims).to(dtype).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * cos_stride + dims).to(dtype).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * cos_stride + HALF + dims).to(dtype).to(tl.float32)[None, :]
+    o1 = (x1 * c1).to(dtype).to(tl.float32) - (x2 * s1).to(dtype).to(tl.float32)
+    o2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    o_off = t * num_heads * 2 * HALF + heads[:, None] * 2 * HALF + dims[None, :]
+    tl.store(out_ptr + o_off, o1.to(dtype), mask=ok)
+    tl.store(out_ptr + o_off + HALF, o2.to(dtype), mask=ok)
+
+
+def _rotate_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = x.shape
+    half = head_dim // 2
+    assert x.stride(2) == 1 and head_dim % 2 == 0 and half & (half - 1) == 0
+    assert cos.shape == sin.shape == (num_tokens, head_dim) and cos.stride() == sin.stride()
+    assert cos.stride(1) == 1 and cos.dtype == sin.dtype
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=x.dtype, device=x.device)
+    if num_tokens:
+        _rotary_kernel[(num_tokens,)](out, x, cos, sin, num_heads, x.stride(0), x.stride(1),
+                                      cos.stride(0), HALF=half,
+                                      BLOCK_H=triton.next_power_of_2(num_heads))
+    return out
+
+
+# --- public -----------------------------------------------------------------------------------
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, h, d], k [T, kvh, d]; cos/sin [T, d] for each token's position."""
+    if use_triton(q):
+        return _rotate_triton(q, cos, sin), _rotate_triton(k, cos, sin)
+    return _apply_rotary_cpu(q, k, cos, sin)
