@@ -210,6 +210,8 @@ class LLGuidanceBackend:
 
     def _compile_json_schema(self, spec: GrammarSpec) -> LLGuidanceCompiled:
         schema = spec.schema()
+        if schema is True:
+            schema = {}  # the schema that accepts everything, in the form llguidance reads
         validator = schema_validator(schema) if self.options.json_fallback else None
         template, first_error = self._build_schema(schema, {})
         if template is not None:

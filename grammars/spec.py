@@ -160,7 +160,9 @@ def check_json_schema(schema: Any) -> None:
     import jsonschema  # type: ignore[import-untyped, unused-ignore]
     from jsonschema import validators  # type: ignore[import-untyped, unused-ignore]
 
-    if isinstance(schema, bool):
+    if schema is False:
+        raise GrammarError("json_schema false accepts no document")
+    if schema is True:
         return
     try:
         cls = validators.validator_for(schema, default=jsonschema.Draft202012Validator)

@@ -127,6 +127,13 @@ def test_other_kinds(compiler: Any, tokenizer: Any, spec: GrammarSpec, good: str
     assert not (m.accept(encode(tokenizer, bad)) and m.accept_token(EOS))
 
 
+def test_true_schema_is_any_json_exactly(compiler: Any, tokenizer: Any) -> None:
+    g = compiler.compile(GrammarSpec.json_schema(True))
+    assert g.notes == ()
+    m = g.matcher()
+    assert m.accept(encode(tokenizer, '[1,"a",{"b":null}]')) and m.accept_token(EOS)
+
+
 def test_compile_errors_name_the_problem(tokenizer: Any) -> None:
     exact = GrammarCompiler(tokenizer, options=CompilerOptions(json_fallback=False, always_validate=False))
     with pytest.raises(GrammarError, match="unsupported json_schema: .*oneOf"):

@@ -13,6 +13,7 @@ from grammars import GrammarError, GrammarSpec
     (GrammarSpec("json_schema", "[1, 2]"), "must be a JSON object or boolean"),
     (GrammarSpec("json_schema", '{"type": 5}'), "invalid json_schema"),
     (GrammarSpec("json_schema", '{"properties": {"a": {"minLength": -1}}}'), "properties/a/minLength"),
+    (GrammarSpec("json_schema", "false"), "accepts no document"),
     (GrammarSpec("regex", ""), "regex must not be empty"),
     (GrammarSpec("regex", "(ab"), "invalid regex"),
     (GrammarSpec("choice", "[]"), "non-empty list"),
