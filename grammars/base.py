@@ -7,6 +7,18 @@ compiles run off the event loop with a timeout.
 
 Bitmask layout (shared with kernels.apply_token_bitmask): int32 [batch, ceil(vocab/32)], bit j
 of word w set <=> token 32*w + j allowed. Rows of unconstrained sequences stay all ones (-1).
+
+How the engine drives it, per constrained sequence:
+- admit: `await compiler.compile_async(spec, timeout)` (GrammarError -> 400), then
+  `compiled.matcher()`; while waiting the sequence sits in WAITING_FOR_GRAMMAR.
+- each step: `fill_bitmasks(bitmask, [(grammar, row), ...])` into the pinned CPU bitmask, reset
+  rows of unconstrained sequences to -1, copy once, apply with kernels.apply_token_bitmask.
+- after sampling: `grammar.accept_token(token)` (False cannot happen under the mask; treat it
+  as an error). Then `is_terminated()` -> finish "stop" (EOS need not be sampled when the
+  grammar can take nothing else); `is_dead()` -> finish with an error (fallback dead end);
+  `forced_tokens()` -> append and `accept()` them without sampling (fast-forward), feeding them
+  to the model next step as a multi-token chunk.
+- speculative/rejected tokens: `rollback(n)`.
 """
 from __future__ import annotations
 

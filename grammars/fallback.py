@@ -1,23 +1,32 @@
 """Our path for JSON schemas a backend refuses: a relaxed superset grammar + a jsonschema EOS gate.
 
 llguidance compiles ~84% of real-world schemas exactly and refuses the rest (oneOf, not,
-if/then, dependencies, uniqueItems, unknown formats, lookaround regexes, ...). For those:
+if/then, dependencies, uniqueItems, unknown formats, lookaround regexes, ...). For those,
+`compile_json_schema` (used by every backend) does:
 
 1. `relaxations(schema)` yields progressively looser schemas, each accepting a superset of the
-   documents the original accepts: oneOf read as anyOf and unimplemented keywords ignored;
-   then constraint keywords the backend chokes on dropped; finally any JSON value of the
-   schema's top-level type. The backend compiles the first one it can.
+   documents the original accepts: oneOf rewritten as anyOf and unimplemented keywords ignored
+   (llguidance's `lenient`); then constraint keywords the backend chokes on dropped; then any
+   JSON value of the schema's top-level type; then any JSON value. The backend compiles the
+   first one it can.
 2. `ValidatedGrammar` wraps the resulting cursor and allows EOS only where the text so far is
-   a complete JSON document that the *original* schema validates (jsonschema, with format
-   checks): the EOS bit is cleared from the mask otherwise, `accept_token(eos)` refuses it and
-   `is_terminated()` stays False. Every token other than EOS is judged by the relaxed grammar.
+   a complete JSON document that the *original* schema validates (jsonschema, with the format
+   checks it knows): the EOS bit is cleared from the mask otherwise, `accept_token(eos)` refuses
+   it and `is_terminated()` stays False. Every token other than EOS is judged by the relaxed
+   grammar.
 
-Soundness: a sequence can only end through EOS (or be judged terminated), and both require
-jsonschema to accept the whole document, so an invalid document is never accepted. The price:
-the mask is a superset before the end, so generation can reach a dead end, a complete document
-(the relaxed grammar allows nothing but EOS) that fails validation; `fill_bitmask` then writes an
-all-zero row and `is_dead()` is True, and the engine must finish the sequence with an error
-rather than sample from it.
+Soundness: a sequence only ends through EOS (or is judged terminated), and both require
+jsonschema to accept the whole document, so an invalid document is never accepted, whatever the
+relaxed grammar let through. The price: before the end the mask is a superset, so generation
+can reach a dead end, a complete document (the relaxed grammar allows nothing but EOS) that
+fails validation; `fill_bitmask` then writes an all-zero row and `is_dead()` is True, and the
+engine must finish the sequence with an error rather than sample from it.
+
+Schemas a backend compiles as given are wrapped too (CompilerOptions.always_validate), as an
+audit rather than a mask: the document is validated when EOS is accepted (or termination is
+asked), not on every mask, since the exact grammar already allows EOS only after a valid
+document. It costs one validation per sequence and catches backend bugs (xgrammar accepts a few
+invalid dev instances on its own).
 """
 from __future__ import annotations
 
@@ -25,10 +34,12 @@ import copy
 import json
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from grammars.spec import GrammarError, GrammarSpec
+
 if TYPE_CHECKING:
     import torch
 
-    from grammars.base import Grammar
+    from grammars.base import CompiledGrammar, CompilerOptions, Grammar
 
 # Keywords whose value is a subschema, a list of subschemas, or a name -> subschema map.
 _SUBSCHEMA = ("additionalProperties", "items", "additionalItems", "contains", "propertyNames", "not",
@@ -43,20 +54,105 @@ _CONSTRAINTS = ("pattern", "format", "patternProperties", "propertyNames", "minP
                 "unevaluatedProperties", "unevaluatedItems")
 
 
+# Options for llguidance's JSON compiler at the relaxed levels; other backends ignore them.
+_LENIENT = {"coerce_one_of": True, "lenient": True}
+
+
+def compile_json_schema(spec: GrammarSpec, options: CompilerOptions, backend: str,
+                        compile_schema: Callable[[GrammarSpec, Any, dict[str, Any]], CompiledGrammar],
+                        decode_bytes: Callable[[list[int]], bytes], eos_token_id: int) -> CompiledGrammar:
+    """Compile a json_schema spec exactly if the backend can, else through the relaxed path.
+
+    compile_schema(spec, schema, backend_options) compiles a parsed schema (spec being the
+    request's, for the record) or raises GrammarError naming the problem.
+    """
+    schema = spec.schema()
+    if schema is True:
+        schema = {}  # accepts everything, in the form every backend reads
+    try:
+        compiled = compile_schema(spec, schema, {})
+    except GrammarError as e:
+        first_error = str(e)
+    else:
+        if not options.always_validate:
+            return compiled
+        return GatedCompiled(spec, compiled, schema_validator(schema), decode_bytes, eos_token_id,
+                             gate_mask=False, notes=())
+    if not options.json_fallback:
+        raise GrammarError(f"unsupported json_schema: {first_error}")
+    validator = schema_validator(schema)
+    for note, relaxed, extra in relaxations(schema):
+        try:
+            compiled = compile_schema(spec, relaxed, extra)
+        except GrammarError:
+            continue
+        notes = (f"relaxed ({note}) because {backend} said: {first_error}",)
+        return GatedCompiled(spec, compiled, validator, decode_bytes, eos_token_id, gate_mask=True, notes=notes)
+    raise GrammarError(f"unsupported json_schema: {first_error}")
+
+
+class GatedCompiled:
+    """A backend's compiled grammar whose cursors are ValidatedGrammars over the original schema."""
+
+    def __init__(self, spec: GrammarSpec, inner: CompiledGrammar, validator: Any,
+                 decode_bytes: Callable[[list[int]], bytes], eos_token_id: int, *, gate_mask: bool,
+                 notes: tuple[str, ...]) -> None:
+        self.spec = spec
+        self.backend = inner.backend
+        self.vocab_size = inner.vocab_size
+        self.notes = notes
+        self.is_exact = not gate_mask
+        self._inner = inner
+        self._validator = validator
+        self._decode = decode_bytes
+        self._eos = eos_token_id
+
+    def matcher(self) -> ValidatedGrammar:
+        return ValidatedGrammar(self._inner.matcher(), self._validator, self._decode, self._eos,
+                                gate_mask=not self.is_exact)
+
+
 def relaxations(schema: Any) -> Iterator[tuple[str, Any, dict[str, Any]]]:
     """Looser and looser supersets of `schema`: (note, relaxed schema, backend JSON options)."""
-    lenient = {"coerce_one_of": True, "lenient": True}
-    yield "oneOf as anyOf, unsupported keywords ignored", schema, lenient
     if isinstance(schema, dict):
-        yield "constraint keywords dropped", _drop_constraints(copy.deepcopy(schema)), lenient
+        any_of = _one_of_as_any_of(copy.deepcopy(schema))
+        yield "oneOf as anyOf, unsupported keywords ignored", any_of, _LENIENT
+        yield "constraint keywords dropped", _drop_constraints(copy.deepcopy(any_of)), _LENIENT
         top_type = schema.get("type")
         if isinstance(top_type, (str, list)):
             yield f"any JSON of type {top_type}", {"type": top_type}, {}
     yield "any JSON value", {}, {}
 
 
-def _drop_constraints(node: Any) -> Any:
-    if isinstance(node, dict):
+def _subschemas_mapped(node: Any, fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    """fn applied to a schema, then to every subschema it holds (never to data such as enum values)."""
+    if not isinstance(node, dict):
+        return node
+    node = fn(node)
+    for key in _SUBSCHEMA:
+        if isinstance(node.get(key), dict):
+            node[key] = _subschemas_mapped(node[key], fn)
+    for key in _SUBSCHEMA_LIST:
+        if isinstance(node.get(key), list):
+            node[key] = [_subschemas_mapped(s, fn) for s in node[key]]
+    for key in _SUBSCHEMA_MAP:
+        if isinstance(node.get(key), dict):
+            node[key] = {name: _subschemas_mapped(s, fn) for name, s in node[key].items()}
+    return node
+
+
+def _one_of_as_any_of(schema: Any) -> Any:
+    def rename(node: dict[str, Any]) -> dict[str, Any]:
+        # "exactly one of" -> "at least one of": a superset; jsonschema still judges the end.
+        if "oneOf" in node and "anyOf" not in node:
+            node["anyOf"] = node.pop("oneOf")
+        return node
+
+    return _subschemas_mapped(schema, rename)
+
+
+def _drop_constraints(schema: Any) -> Any:
+    def drop(node: dict[str, Any]) -> dict[str, Any]:
         if "patternProperties" in node:
             # additionalProperties applies to keys no pattern matched: once the patterns go,
             # it would wrongly cover those keys too.
@@ -65,17 +161,10 @@ def _drop_constraints(node: Any) -> Any:
             node.pop(key, None)
         if "$ref" in node:
             # A $ref with sibling keywords means "both"; keeping only the $ref is a superset.
-            node = {"$ref": node["$ref"], **{k: node[k] for k in ("definitions", "$defs") if k in node}}
-        for key in _SUBSCHEMA:
-            if key in node and isinstance(node[key], (dict, bool)):
-                node[key] = _drop_constraints(node[key])
-        for key in _SUBSCHEMA_LIST:
-            if isinstance(node.get(key), list):
-                node[key] = [_drop_constraints(s) for s in node[key]]
-        for key in _SUBSCHEMA_MAP:
-            if isinstance(node.get(key), dict):
-                node[key] = {k: _drop_constraints(s) for k, s in node[key].items()}
-    return node
+            node = {k: node[k] for k in ("$ref", "definitions", "$defs") if k in node}
+        return node
+
+    return _subschemas_mapped(schema, drop)
 
 
 def schema_validator(schema: Any) -> Any:
@@ -97,11 +186,14 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 class ValidatedGrammar:
     """Wraps a cursor over a relaxed grammar; EOS only where jsonschema accepts the document."""
 
-    __slots__ = ("_inner", "_validator", "_decode", "_eos", "_token_ids", "_ended", "_verdict")
+    __slots__ = ("_inner", "_validator", "_decode", "_eos", "_gate_mask", "_token_ids", "_ended", "_verdict")
 
     def __init__(self, inner: Grammar, validator: Any, decode_bytes: Callable[[list[int]], bytes],
-                 eos_token_id: int) -> None:
+                 eos_token_id: int, *, gate_mask: bool = True) -> None:
         self._inner = inner
+        # True: clear EOS from masks until the document validates (relaxed grammars).
+        # False: validate only when EOS is accepted (exact grammars: an audit).
+        self._gate_mask = gate_mask
         self._validator = validator
         self._decode = decode_bytes
         self._eos = eos_token_id
@@ -152,6 +244,8 @@ class ValidatedGrammar:
 
     def gate_eos(self, bitmask: torch.Tensor, row: int) -> None:
         """Clear the EOS bit of a row the inner grammar filled, unless the document validates."""
+        if not self._gate_mask:
+            return
         word, bit = divmod(self._eos, 32)
         value = int(bitmask[row, word])
         if (value >> bit) & 1 and not self.document_is_valid():

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 import llguidance
 import llguidance.hf
 
-from grammars.base import CompilerOptions, check_bitmask_row
-from grammars.fallback import ValidatedGrammar, relaxations, schema_validator
+from grammars.base import CompiledGrammar, CompilerOptions, check_bitmask_row
+from grammars.fallback import compile_json_schema
 from grammars.spec import GrammarError, GrammarSpec
 
 if TYPE_CHECKING:
@@ -154,26 +154,16 @@ class LLGuidanceGrammar:
 class LLGuidanceCompiled:
     """An immutable compiled grammar: a template matcher that each request deep-copies."""
 
-    def __init__(self, spec: GrammarSpec, template: llguidance.LLMatcher, llt: llguidance.LLTokenizer,
-                 vocab_size: int, validator: Any = None, notes: tuple[str, ...] = ()) -> None:
+    def __init__(self, spec: GrammarSpec, template: llguidance.LLMatcher, vocab_size: int, eos_token_id: int) -> None:
         self.spec = spec
         self.backend = "llguidance"
         self.vocab_size = vocab_size
-        self.notes = notes
+        self.notes: tuple[str, ...] = ()
         self._template = template
-        self._llt = llt
-        self._validator = validator  # set where EOS is gated on jsonschema (fallback.py)
+        self._eos = eos_token_id
 
-    @property
-    def is_exact(self) -> bool:
-        """False where the grammar is a relaxed superset and jsonschema gates EOS."""
-        return not any(n.startswith("relaxed") for n in self.notes)
-
-    def matcher(self) -> LLGuidanceGrammar | ValidatedGrammar:
-        inner = LLGuidanceGrammar(self._template.deep_copy(), self.vocab_size, self._llt.eos_token)
-        if self._validator is None:
-            return inner
-        return ValidatedGrammar(inner, self._validator, self._llt.decode_bytes, self._llt.eos_token)
+    def matcher(self) -> LLGuidanceGrammar:
+        return LLGuidanceGrammar(self._template.deep_copy(), self.vocab_size, self._eos)
 
 
 class LLGuidanceBackend:
@@ -188,9 +178,10 @@ class LLGuidanceBackend:
         else:
             self._json_options = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{1,{options.max_whitespace}}}"}
 
-    def compile(self, spec: GrammarSpec) -> LLGuidanceCompiled:
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         if spec.kind == "json_schema":
-            return self._compile_json_schema(spec)
+            return compile_json_schema(spec, self.options, self.name, self._compile_schema,
+                                       self.llt.decode_bytes, self.llt.eos_token)
         if spec.kind == "json_object":
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 {"type": "object"}, overrides=cast("JsonCompileOptions", self._json_options))
@@ -203,43 +194,22 @@ class LLGuidanceBackend:
             grammar = llguidance.LLMatcher.grammar_from_lark(spec.source)
         else:
             raise GrammarError(f"llguidance cannot compile grammar kind {spec.kind!r}")
-        template, error = self._build(grammar)
-        if template is None:
-            raise GrammarError(f"invalid {spec.kind} grammar: {error}")
-        return LLGuidanceCompiled(spec, template, self.llt, self.vocab_size)
+        return LLGuidanceCompiled(spec, self._build(grammar, spec.kind), self.vocab_size, self.llt.eos_token)
 
-    def _compile_json_schema(self, spec: GrammarSpec) -> LLGuidanceCompiled:
-        schema = spec.schema()
-        if schema is True:
-            schema = {}  # the schema that accepts everything, in the form llguidance reads
-        validator = schema_validator(schema) if self.options.json_fallback else None
-        template, first_error = self._build_schema(schema, {})
-        if template is not None:
-            gate = validator if self.options.always_validate else None
-            return LLGuidanceCompiled(spec, template, self.llt, self.vocab_size, gate)
-        if validator is None:
-            raise GrammarError(f"unsupported json_schema: {first_error}")
-        # Fallback: the first relaxed superset llguidance compiles, with jsonschema gating EOS.
-        for note, relaxed, extra in relaxations(schema):
-            template, _ = self._build_schema(relaxed, extra)
-            if template is not None:
-                notes = (f"relaxed ({note}) because llguidance said: {first_error}",)
-                return LLGuidanceCompiled(spec, template, self.llt, self.vocab_size, validator, notes)
-        raise GrammarError(f"unsupported json_schema: {first_error}")
-
-    def _build_schema(self, schema: Any, extra: dict[str, Any]) -> tuple[llguidance.LLMatcher | None, str]:
+    def _compile_schema(self, spec: GrammarSpec, schema: Any, extra: dict[str, Any]) -> LLGuidanceCompiled:
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 schema, overrides=cast("JsonCompileOptions", {**self._json_options, **extra}))
         except ValueError as e:
-            return None, _clean(str(e))
-        return self._build(grammar)
+            raise GrammarError(_clean(str(e))) from None
+        return LLGuidanceCompiled(spec, self._build(grammar, "json_schema"), self.vocab_size, self.llt.eos_token)
 
-    def _build(self, grammar: str) -> tuple[llguidance.LLMatcher | None, str]:
+    def _build(self, grammar: str, kind: str) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.llt, grammar, log_level=0)
         if matcher.is_error():
-            return None, _clean(matcher.get_error())
-        return matcher, ""
+            error = _clean(matcher.get_error())
+            raise GrammarError(error if kind == "json_schema" else f"invalid {kind} grammar: {error}")
+        return matcher
 
 
 def _clean(message: str) -> str:

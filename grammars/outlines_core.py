@@ -4,7 +4,8 @@ outlines-core compiles a regex into a token-level DFA over the whole vocabulary 
 masks are a table lookup but compiles of real schemas are slow and large (measured on this
 machine: a realistic tool-call schema did not finish in 300 s and used 4 GB). Keep it for
 regex/choice constraints or small schemas, behind the compile timeout. No Lark grammars (it has
-no CFG support) and no jsonschema fallback: what it refuses is a 400.
+no CFG support). JSON schemas go through grammars/fallback.py like llguidance's (relaxed with
+a jsonschema EOS gate where refused, audited at EOS otherwise).
 
 The vocabulary is built from each token's exact bytes (taken from llguidance's view of the same
 tokenizer), so byte-level partial-UTF-8 tokens keep their bytes; special tokens are left out of
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import outlines_core  # type: ignore[import-untyped, unused-ignore]
 
-from grammars.base import CompilerOptions, check_bitmask_row
+from grammars.base import CompiledGrammar, CompilerOptions, check_bitmask_row
+from grammars.fallback import compile_json_schema
 from grammars.llguidance import ll_tokenizer
 from grammars.spec import GrammarError, GrammarSpec
 
@@ -128,14 +130,16 @@ class OutlinesCoreBackend:
         self.options = options
         self.vocab_size = vocab_size
         self.vocabulary = _vocabulary(tokenizer, vocab_size)
+        self._llt = ll_tokenizer(tokenizer, vocab_size)  # exact token bytes for the jsonschema gate
         self.eos_token_id = int(self.vocabulary.get_eos_token_id())
         # outlines-core's default JSON whitespace is already bounded (an optional single space).
         self._whitespace = "" if options.max_whitespace == 0 else None
 
-    def compile(self, spec: GrammarSpec) -> OutlinesCoreCompiled:
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         if spec.kind == "json_schema":
-            regex = self._schema_regex(spec.source)
-        elif spec.kind == "json_object":
+            return compile_json_schema(spec, self.options, self.name, self._compile_schema,
+                                       self._llt.decode_bytes, self._llt.eos_token)
+        if spec.kind == "json_object":
             regex = self._schema_regex('{"type": "object"}')
         elif spec.kind == "regex":
             regex = spec.source
@@ -144,15 +148,22 @@ class OutlinesCoreBackend:
         else:
             raise GrammarError("outlines_core supports json_schema, json_object, regex and choice, "
                                f"not {spec.kind}")
+        return self._compile_regex(spec, regex)
+
+    def _compile_regex(self, spec: GrammarSpec, regex: str) -> OutlinesCoreCompiled:
         try:
             index = outlines_core.Index(regex, self.vocabulary)
         except Exception as e:
             raise GrammarError(f"outlines_core cannot compile this {spec.kind}: {str(e).strip()[:500]}") from None
         return OutlinesCoreCompiled(spec, index, self.vocab_size, self.eos_token_id)
 
+    def _compile_schema(self, spec: GrammarSpec, schema: Any, extra: dict[str, Any]) -> OutlinesCoreCompiled:
+        # `extra` holds llguidance's JSON options; outlines-core has no counterpart to use.
+        return self._compile_regex(spec, self._schema_regex(json.dumps(schema)))
+
     def _schema_regex(self, schema_text: str) -> str:
         try:
             return str(outlines_core.json_schema.build_regex_from_schema(
-                json.dumps(json.loads(schema_text)), whitespace_pattern=self._whitespace))
+                schema_text, whitespace_pattern=self._whitespace))
         except Exception as e:
             raise GrammarError(f"outlines_core cannot express this json_schema: {str(e).strip()[:500]}") from None

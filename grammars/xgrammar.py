@@ -2,7 +2,9 @@
 
 Selectable per server or per request; llguidance stays the default (xgrammar precomputes
 per-state token masks at compile time: seconds for a realistic schema on this CPU, where
-llguidance takes milliseconds). No jsonschema fallback here: what xgrammar refuses is a 400.
+llguidance takes milliseconds). JSON schemas go through grammars/fallback.py like llguidance's:
+refused ones are relaxed with EOS gated on jsonschema, and exact ones are audited at EOS
+(xgrammar on its own accepts a few invalid dev instances).
 Special tokens other than the stop tokens are never allowed (xgrammar keeps them out of its
 token trie); byte-level tokens are decoded to their raw bytes by TokenizerInfo.
 """
@@ -15,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import xgrammar
 
-from grammars.base import CompilerOptions, check_bitmask_row
+from grammars.base import CompiledGrammar, CompilerOptions, check_bitmask_row
+from grammars.fallback import compile_json_schema
+from grammars.llguidance import ll_tokenizer
 from grammars.spec import GrammarError, GrammarSpec
 
 if TYPE_CHECKING:
@@ -94,16 +98,18 @@ class XGrammarBackend:
         self.options = options
         self.vocab_size = vocab_size
         self.compiler = _xgr_compiler(tokenizer, vocab_size)
+        self._llt = ll_tokenizer(tokenizer, vocab_size)  # exact token bytes for the jsonschema gate
+        ws = options.max_whitespace
+        self._json_kw: dict[str, Any] = ({"any_whitespace": False} if ws == 0
+                                         else {"any_whitespace": True, "max_whitespace_cnt": ws})
 
-    def compile(self, spec: GrammarSpec) -> XGrammarCompiled:
-        ws = self.options.max_whitespace
-        json_kw: dict[str, Any] = ({"any_whitespace": False} if ws == 0
-                                   else {"any_whitespace": True, "max_whitespace_cnt": ws})
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        if spec.kind == "json_schema":
+            return compile_json_schema(spec, self.options, self.name, self._compile_schema,
+                                       self._llt.decode_bytes, self._llt.eos_token)
         try:
-            if spec.kind == "json_schema":
-                compiled = self.compiler.compile_json_schema(spec.source, strict_mode=True, **json_kw)
-            elif spec.kind == "json_object":
-                compiled = self.compiler.compile_json_schema('{"type": "object"}', strict_mode=False, **json_kw)
+            if spec.kind == "json_object":
+                compiled = self.compiler.compile_json_schema('{"type": "object"}', strict_mode=False, **self._json_kw)
             elif spec.kind == "regex":
                 compiled = self.compiler.compile_regex(spec.source)
             elif spec.kind == "choice":
@@ -117,4 +123,12 @@ class XGrammarBackend:
             raise
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its parser's message
             raise GrammarError(f"xgrammar cannot compile this {spec.kind}: {str(e).strip()[:500]}") from None
+        return XGrammarCompiled(spec, compiled, self.vocab_size)
+
+    def _compile_schema(self, spec: GrammarSpec, schema: Any, extra: dict[str, Any]) -> XGrammarCompiled:
+        # `extra` holds llguidance's JSON options; xgrammar has no counterpart to use.
+        try:
+            compiled = self.compiler.compile_json_schema(json.dumps(schema), strict_mode=True, **self._json_kw)
+        except Exception as e:
+            raise GrammarError(str(e).strip()[:500]) from None
         return XGrammarCompiled(spec, compiled, self.vocab_size)

@@ -103,3 +103,23 @@ def test_batched_fill_matches_row_by_row(compiler: Any, tokenizer: Any) -> None:
     assert (batched[1] == -1).all() and (batched[3] == -1).all()      # unlisted rows untouched
     assert not batched[4].any()                                        # the dead end: '{"a":5}'
     assert is_allowed(batched, 0, EOS) and is_allowed(batched, 5, EOS)
+
+
+class _RejectAll:
+    def is_valid(self, instance: Any) -> bool:
+        return False
+
+
+def test_exact_grammars_are_audited_at_eos_not_in_the_mask(tokenizer: Any, bitmask: torch.Tensor) -> None:
+    # Stand in for a backend bug: the exact grammar allows EOS, jsonschema disagrees.
+    from grammars.llguidance import ll_tokenizer
+
+    plain = GrammarCompiler(tokenizer, options=CompilerOptions(always_validate=False))
+    llt = ll_tokenizer(tokenizer, len(tokenizer))
+    inner = plain.compile(GrammarSpec.json_schema({"type": "integer"})).matcher()
+    m = ValidatedGrammar(inner, _RejectAll(), llt.decode_bytes, EOS, gate_mask=False)
+    assert m.accept(encode(tokenizer, "12"))
+    m.fill_bitmask(bitmask, 0)
+    assert is_allowed(bitmask, 0, EOS)                 # the mask is the backend's
+    assert not m.accept_token(EOS)                     # the audit refuses the end
+    assert not m.is_terminated()
