@@ -4,8 +4,8 @@ Cache layout, per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads,
 a slot is block_id * block_size + offset, and a block_table row lists a sequence's block ids.
 
 The fast CPU decode path gathers whole blocks (one memcpy of block_size * num_kv_heads *
-head_dim elements per block, not one per key) and runs one masked SDPA over the batch: the
-gather is its only cost over SDPA on contiguous keys. The Triton kernel reads blocks in place
+head_dim elements per block, not one per key) a few sequences at a time into a reused buffer
+and runs masked SDPA on it: the gather is its only cost over SDPA on contiguous keys. The Triton kernel reads blocks in place
 through the block table, one program per (sequence, kv head, tile of query rows), online softmax.
 """
 from __future__ import annotations
@@ -123,28 +123,43 @@ def _store_kvcache_cpu(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
+_GATHER_BYTES = 1 << 20   # keys + values gathered per SDPA call: small enough to stay in cache
+
+
 def _decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The decodes of the batch: q [nd, h, d] -> [nd, h, d], one SDPA over gathered blocks."""
+    """The decodes of the batch: q [nd, h, d] -> [nd, h, d], SDPA over gathered blocks.
+
+    Sequences go a few at a time through one reused gather buffer, so SDPA reads the gathered
+    keys from cache rather than from memory a second time.
+    """
     nd, num_heads, head_dim = q.shape
     _, bs, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    assert meta.block_tables is not None and meta.seq_lens is not None
+    assert meta.block_tables is not None
     max_len = meta.decode_slots.shape[1]
     num_blocks = (max_len + bs - 1) // bs
-    blocks = meta.block_tables[:nd, :num_blocks].reshape(-1)              # [nd * num_blocks]
-    # Keys past max_len are cut so SDPA sees exactly the shapes the per-slot gather gave it
-    # (the same summation order: results equal the plain gather-then-SDPA bit for bit).
-    k = k_cache.index_select(0, blocks).view(nd, num_blocks * bs, num_kv_heads, head_dim)
-    v = v_cache.index_select(0, blocks).view(nd, num_blocks * bs, num_kv_heads, head_dim)
-    k, v = k[:, :max_len], v[:, :max_len]
+    per_seq = 2 * num_blocks * bs * num_kv_heads * head_dim * k_cache.element_size()
+    chunk = max(1, min(nd, _GATHER_BYTES // per_seq))
+    k_buf = k_cache.new_empty((chunk * num_blocks, bs, num_kv_heads, head_dim))
+    v_buf = torch.empty_like(k_buf)
     # A decode's query heads of one kv group share keys and position, so fold the group into
     # the query-length axis: q [nd, kvh, group, d] against k [nd, kvh, L, d], no kv expansion.
     qd = q.view(nd, num_kv_heads, group, head_dim)
-    o = F.scaled_dot_product_attention(qd, k.transpose(1, 2).to(q.dtype),
-                                       v.transpose(1, 2).to(q.dtype),
-                                       attn_mask=meta.decode_mask, scale=scale)
-    return o.reshape(nd, num_heads, head_dim)
+    out = torch.empty_like(qd)
+    for s in range(0, nd, chunk):
+        n = min(chunk, nd - s)
+        blocks = meta.block_tables[s:s + n, :num_blocks].reshape(-1)        # [n * num_blocks]
+        k = torch.index_select(k_cache, 0, blocks, out=k_buf[:n * num_blocks])
+        v = torch.index_select(v_cache, 0, blocks, out=v_buf[:n * num_blocks])
+        # Keys past max_len are cut so SDPA sees exactly the shapes the per-slot gather gave
+        # it (the same summation order: results equal a plain gather-then-SDPA bit for bit).
+        k = k.view(n, num_blocks * bs, num_kv_heads, head_dim)[:, :max_len].transpose(1, 2)
+        v = v.view(n, num_blocks * bs, num_kv_heads, head_dim)[:, :max_len].transpose(1, 2)
+        out[s:s + n] = F.scaled_dot_product_attention(
+            qd[s:s + n], k.to(q.dtype), v.to(q.dtype), attn_mask=meta.decode_mask[s:s + n],
+            scale=scale)
+    return out.view(nd, num_heads, head_dim)
 
 
 def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n: int,

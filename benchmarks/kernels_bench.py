@@ -1,0 +1,220 @@
+"""Kernel timings next to the naive torch versions; bf16-vs-fp32 linear per shape.
+
+    .venv/bin/python benchmarks/kernels_bench.py                 # CPU, every section
+    .venv/bin/python benchmarks/kernels_bench.py --only mask attention --threads 1
+    python benchmarks/kernels_bench.py --device cuda             # Triton kernels on a GPU
+
+Each figure is the median of several runs, in milliseconds. Shapes are the default model's
+(SmolLM2-135M: hidden 576, 9 heads / 3 kv heads, head_dim 64, vocab 49152), block size 16.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import AttentionMetadata, slots_for  # noqa: E402
+from kernels import attention, linear, logit_mask, rmsnorm, rotary  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, BLOCK = 9, 3, 64, 576, 49152, 16
+
+
+def median_ms(fn: Callable[[], object], repeats: int, device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def row(name: str, **cols: float | str) -> None:
+    cells = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in cols.items())
+    print(f"{name:<44} {cells}")
+
+
+def bench_mask(device: str, repeats: int) -> None:
+    print("# bitmask apply, [32, 49152] fp32 (ms)")
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(32, VOCAB, generator=g).to(device)
+    words = (VOCAB + 31) // 32
+    random_mask = torch.randint(-2**31, 2**31 - 1, (32, words), generator=g, dtype=torch.int64)
+    random_mask = random_mask.to(torch.int32).to(device)
+    mixed = random_mask.clone()
+    mixed[::2] = -1                                    # half the rows unconstrained
+    bias = torch.zeros_like(logits)
+    for label, mask in (("random bits, all rows", random_mask), ("half rows unconstrained", mixed)):
+        work = logits.clone()
+        fast = median_ms(lambda: logit_mask.apply_token_bitmask(work, mask), repeats, device)
+        naive = median_ms(lambda: logit_mask.apply_token_bitmask_ref(work, mask), max(3, repeats // 5), device)
+        dense = median_ms(lambda: work.add_(bias), repeats, device)
+        row(f"  {label}", kernel=fast, naive_masked_fill=naive, dense_bias_add=dense)
+
+
+def make_attention_case(num_seqs: int, context: int, new_tokens: int, dtype: torch.dtype,
+                        device: str):
+    """num_seqs sequences of ~context cached keys (ragged +-25%), new_tokens queries each."""
+    g = torch.Generator().manual_seed(num_seqs * 7 + context)
+    lens = torch.randint(int(context * 0.75), int(context * 1.25) + 1, (num_seqs,), generator=g).tolist()
+    need = [(c + new_tokens + BLOCK - 1) // BLOCK for c in lens]
+    num_blocks = sum(need) + 8
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, used = [], 0
+    for k in need:
+        tables.append(perm[used:used + k])
+        used += k
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=g).to(dtype).to(device)
+    v_cache = torch.randn(shape, generator=g).to(dtype).to(device)
+    q = torch.randn(num_seqs * new_tokens, HEADS, HEAD_DIM, generator=g).to(dtype).to(device)
+    all_slots = [slots_for(t, c + new_tokens, BLOCK) for t, c in zip(tables, lens)]
+    if new_tokens == 1:
+        max_len = max(len(s) for s in all_slots)
+        mask = torch.zeros(num_seqs, 1, 1, max_len, dtype=torch.bool)
+        for b, s in enumerate(all_slots):
+            mask[b, 0, 0, :len(s)] = True
+        padded = [s + [0] * (max_len - len(s)) for s in all_slots]
+        meta = AttentionMetadata(torch.zeros(0, dtype=torch.long, device=device), num_seqs,
+                                 torch.tensor(padded), mask, [], [], [])
+    else:
+        meta = AttentionMetadata(torch.zeros(0, dtype=torch.long, device=device), 0,
+                                 torch.zeros(0, 0, dtype=torch.long),
+                                 torch.zeros(0, 1, 1, 0, dtype=torch.bool), [new_tokens] * num_seqs,
+                                 [c + new_tokens for c in lens], [torch.tensor(s) for s in all_slots])
+    return q, k_cache, v_cache, meta, lens, all_slots
+
+
+def naive_paged_attention(q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
+    """The engine's first version: gather every key by slot, then SDPA."""
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    k_flat, v_flat = k_cache.view(-1, kvh, d), v_cache.view(-1, kvh, d)
+    nd = meta.num_decodes
+    qd = q[:nd].view(nd, kvh, -1, d)
+    k = k_flat[meta.decode_slots].transpose(1, 2)
+    v = v_flat[meta.decode_slots].transpose(1, 2)
+    return F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_mask, scale=scale)
+
+
+def bench_attention(device: str, repeats: int, dtypes: list[torch.dtype]) -> None:
+    scale = HEAD_DIM ** -0.5
+    print("# paged decode attention, 9 q / 3 kv heads, d=64, block 16 (ms)")
+    for dtype in dtypes:
+        for num_seqs, context in ((1, 512), (8, 256), (32, 256), (64, 512)):
+            q, kc, vc, meta, lens, _ = make_attention_case(num_seqs, context, 1, dtype, device)
+            attention.paged_view(meta, BLOCK)
+            max_len = meta.decode_slots.shape[1]
+            # The same keys held contiguously: dense SDPA, the 1.5x target's yardstick.
+            kd = torch.randn(num_seqs, KV_HEADS, max_len, HEAD_DIM, dtype=dtype, device=device)
+            vd = torch.randn_like(kd)
+            qd = q.view(num_seqs, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
+            mask = meta.decode_mask.to(device)
+            dense = median_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale),
+                              repeats, device)
+            fast = median_ms(lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
+            cols: dict[str, float | str] = {"kernel": fast, "dense_sdpa": dense, "ratio": fast / dense}
+            if device == "cpu":
+                cols["naive_gather"] = median_ms(lambda: naive_paged_attention(q, kc, vc, meta, scale),
+                                                 repeats, device)
+            row(f"  {str(dtype)[6:]} seqs={num_seqs} ctx~{context}", **cols)
+    print("# paged prefill attention, causal over cached + new keys (ms)")
+    for dtype in dtypes:
+        for num_seqs, context, new in ((1, 0, 256), (4, 128, 64)):
+            q, kc, vc, meta, lens, _ = make_attention_case(num_seqs, context, new, dtype, device)
+            attention.paged_view(meta, BLOCK)
+            fast = median_ms(lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
+            ref = median_ms(lambda: attention.paged_attention_ref(
+                q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale),
+                max(3, repeats // 5), device)
+            row(f"  {str(dtype)[6:]} seqs={num_seqs} cached~{context} new={new}", kernel=fast,
+                naive_reference=ref)
+
+
+def bench_store(device: str, repeats: int) -> None:
+    print("# KV store by slot mapping, 3 kv heads x 64 (ms)")
+    for num_tokens in (32, 512):
+        kc = torch.zeros(4096, BLOCK, KV_HEADS, HEAD_DIM, device=device)
+        vc = torch.zeros_like(kc)
+        key = torch.randn(num_tokens, KV_HEADS, HEAD_DIM, device=device)
+        value = torch.randn_like(key)
+        slots = torch.randperm(4096 * BLOCK)[:num_tokens].to(device)
+        fast = median_ms(lambda: attention.store_kvcache(key, value, kc, vc, slots), repeats, device)
+        naive = median_ms(lambda: attention.store_kvcache_ref(key, value, kc, vc, slots),
+                          max(3, repeats // 5), device)
+        row(f"  tokens={num_tokens}", kernel=fast, naive_per_token=naive)
+
+
+def bench_norm_rotary(device: str, repeats: int, dtypes: list[torch.dtype]) -> None:
+    print("# RMSNorm + residual (hidden 576) and rotary (9 + 3 heads, d=64) (ms)")
+    for dtype in dtypes:
+        for num_tokens in (1, 32, 256):
+            x = torch.randn(num_tokens, HIDDEN, device=device).to(dtype)
+            r, w = torch.randn_like(x), torch.randn(HIDDEN, device=device).to(dtype)
+            fast = median_ms(lambda: rmsnorm.rms_norm(x, w, 1e-5, r), repeats, device)
+            ref = median_ms(lambda: rmsnorm.rms_norm_ref(x, w, 1e-5, r), repeats, device)
+            q = torch.randn(num_tokens, HEADS, HEAD_DIM, device=device).to(dtype)
+            k = torch.randn(num_tokens, KV_HEADS, HEAD_DIM, device=device).to(dtype)
+            cos = torch.randn(num_tokens, HEAD_DIM, device=device)
+            sin = torch.randn_like(cos)
+            rfast = median_ms(lambda: rotary.apply_rotary(q, k, cos, sin), repeats, device)
+            rref = median_ms(lambda: rotary.apply_rotary_ref(q, k, cos, sin), repeats, device)
+            row(f"  {str(dtype)[6:]} tokens={num_tokens}", rms=fast, rms_naive=ref,
+                rotary=rfast, rotary_naive=rref)
+
+
+def bench_linear(repeats: int) -> None:
+    print("# F.linear fp32 vs bf16 per shape and rows (ms); dispatch = kernels.linear choice")
+    shapes = {"qkv": (576, 1728), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576),
+              "lm_head": (576, 49152)}
+    for name, (n_in, n_out) in shapes.items():
+        w32 = torch.randn(n_out, n_in)
+        w16 = w32.bfloat16()
+        for rows in (1, 8, 32, 64, 256):
+            x32 = torch.randn(rows, n_in)
+            x16 = x32.bfloat16()
+            reps = repeats if n_out < 10000 else max(3, repeats // 4)
+            t32 = median_ms(lambda: F.linear(x32, w32), reps, "cpu")
+            t16 = median_ms(lambda: F.linear(x16, w16), reps, "cpu")
+            choice = "bf16" if linear.use_bf16(rows, n_in, n_out) else "fp32"
+            row(f"  {name} {n_in}->{n_out} rows={rows}", fp32=t32, bf16=t16, fp32_over_bf16=t32 / t16,
+                dispatch=choice)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--only", nargs="*", default=["mask", "attention", "store", "norm", "linear"])
+    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}"
+          + (f" gpu={torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
+    dtypes = [torch.float32, torch.bfloat16]
+    with torch.inference_mode():
+        if "mask" in args.only:
+            bench_mask(args.device, args.repeats)
+        if "attention" in args.only:
+            bench_attention(args.device, args.repeats, dtypes)
+        if "store" in args.only:
+            bench_store(args.device, args.repeats)
+        if "norm" in args.only:
+            bench_norm_rotary(args.device, args.repeats, dtypes)
+        if "linear" in args.only and args.device == "cpu":
+            bench_linear(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
