@@ -124,9 +124,10 @@ def bench_attention(device: str, repeats: int, dtypes: list[torch.dtype]) -> Non
                               repeats, device)
             fast = median_ms(lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
             cols: dict[str, float | str] = {"kernel": fast, "dense_sdpa": dense, "ratio": fast / dense}
-            if device == "cpu":
-                cols["naive_gather"] = median_ms(lambda: naive_paged_attention(q, kc, vc, meta, scale),
-                                                 repeats, device)
+            meta.decode_slots = meta.decode_slots.to(device)
+            meta.decode_mask = mask
+            cols["naive_gather"] = median_ms(lambda: naive_paged_attention(q, kc, vc, meta, scale),
+                                             repeats, device)
             row(f"  {str(dtype)[6:]} seqs={num_seqs} ctx~{context}", **cols)
     print("# paged prefill attention, causal over cached + new keys (ms)")
     for dtype in dtypes:

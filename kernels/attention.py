@@ -107,8 +107,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         qs = q[q_start:q_end].float().transpose(0, 1)                             # [h, n, d]
         scores = qs @ k.transpose(1, 2) * scale                                   # [h, n, L]
-        q_pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)
-        visible = torch.arange(seq_len).unsqueeze(0) <= q_pos                     # [n, L]
+        q_pos = torch.arange(seq_len - n, seq_len, device=q.device).unsqueeze(1)
+        visible = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos    # [n, L]
         scores = scores.masked_fill(~visible, float("-inf"))
         out[q_start:q_end] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
     return out
