@@ -181,7 +181,7 @@ def bench_linear(repeats: int) -> None:
     for name, (n_in, n_out) in shapes.items():
         w32 = torch.randn(n_out, n_in)
         w16 = w32.bfloat16()
-        for rows in (1, 8, 32, 64, 256):
+        for rows in (1, 2, 8, 32, 64, 256):
             x32 = torch.randn(rows, n_in)
             x16 = x32.bfloat16()
             reps = repeats if n_out < 10000 else max(3, repeats // 4)
