@@ -78,9 +78,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--mixed-requests", type=int, default=48)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--deterministic", action="store_true", help="batch-invariant mode")
     args = ap.parse_args()
 
-    engine = AsyncEngine(EngineConfig(dtype=args.dtype, max_num_batched_tokens=512))
+    engine = AsyncEngine(EngineConfig(dtype=args.dtype, max_num_batched_tokens=512,
+                                      deterministic=args.deterministic))
     tok = engine.tokenizer
     results: dict[str, float] = {}
 
@@ -122,7 +124,7 @@ def main() -> None:
     if "hf sequential" in results and "plumbline c=32" in results:
         line += (f" | c=32 vs hf sequential: {results['plumbline c=32'] / results['hf sequential']:.1f}x"
                  f" | mixed vs hf static: {results['plumbline mixed'] / results['hf mixed static']:.2f}x")
-    print(f"SUMMARY dtype={args.dtype} runs={args.runs} | {line}")
+    print(f"SUMMARY dtype={args.dtype} deterministic={args.deterministic} runs={args.runs} | {line}")
 
 
 if __name__ == "__main__":

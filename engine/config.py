@@ -20,6 +20,10 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     num_threads: int = 0              # 0: leave torch's default
     seed: int = 0                     # seeds requests that carry no seed of their own
+    # Bit-identical tokens and logprobs whatever else is in the batch (see kernels/invariant.py);
+    # prefill runs in position-aligned chunks and preempted sequences replay their steps.
+    deterministic: bool = False
+    deterministic_chunk: int = 32
     grammar_backend: str = "llguidance"
     grammar_compile_timeout: float = 5.0   # seconds; a slower compile is the request's 400
 
@@ -29,6 +33,7 @@ class EngineConfig:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
         assert self.num_kv_blocks >= 0 and self.kv_cache_memory_mb >= 1
         assert self.grammar_compile_timeout > 0
+        assert not self.deterministic or 1 <= self.deterministic_chunk <= self.max_num_batched_tokens
         if not self.enable_chunked_prefill:
             # Without chunking a whole prompt must fit in one step's budget.
             assert self.max_model_len == 0 or self.max_model_len <= self.max_num_batched_tokens

@@ -51,7 +51,8 @@ class EngineCore:
             self.blocks, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids(),
-            enable_chunked_prefill=config.enable_chunked_prefill)
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            deterministic_chunk=config.deterministic_chunk if config.deterministic else 0)
         self.grammars = GrammarCompiler(self.tokenizer, backend=config.grammar_backend,
                                         vocab_size=self.vocab_size)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import AttentionMetadata, apply_rotary, paged_attention, rms_norm, store_kvcache
+from kernels import AttentionMetadata, apply_rotary, invariant, paged_attention, rms_norm, store_kvcache
 
 
 def rope_inv_freq(cfg: Any) -> tuple[torch.Tensor, float]:
@@ -42,9 +42,13 @@ def rope_inv_freq(cfg: Any) -> tuple[torch.Tensor, float]:
 class LlamaModel:
     """Weights as plain tensors; `forward` is a loop over layers. No nn.Module: nothing to train."""
 
-    def __init__(self, cfg: Any, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, cfg: Any, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 deterministic: bool = False) -> None:
         self.cfg = cfg
         self.dtype = dtype
+        # Deterministic mode swaps in batch-invariant linear and attention (kernels.invariant).
+        self.linear = invariant.linear if deterministic else F.linear
+        self.attention = invariant.paged_attention if deterministic else paged_attention
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
@@ -94,19 +98,19 @@ class LlamaModel:
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = rms_norm(x, layer["input_norm"], self.eps, residual)
-            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])              # [T, (h+2kvh)*d]
+            qkv = self.linear(x, layer["qkv"], layer["qkv_bias"])              # [T, (h+2kvh)*d]
             q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
             q, k = apply_rotary(q.view(-1, h, d), k.view(-1, kvh, d), cos, sin)
             v = v.view(-1, kvh, d)
             store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-            attn = paged_attention(q, k_cache, v_cache, meta, self.scale)    # [T, h, d]
-            x = F.linear(attn.reshape(-1, h * d), layer["o"])
+            attn = self.attention(q, k_cache, v_cache, meta, self.scale)    # [T, h, d]
+            x = self.linear(attn.reshape(-1, h * d), layer["o"])
             x, residual = rms_norm(x, layer["post_norm"], self.eps, residual)
-            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)       # [T, inter] each
-            x = F.linear(F.silu(gate) * up, layer["down"])
+            gate, up = self.linear(x, layer["gate_up"]).chunk(2, dim=-1)       # [T, inter] each
+            x = self.linear(F.silu(gate) * up, layer["down"])
         x, _ = rms_norm(x, self.norm, self.eps, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] -> logits [S, vocab] in fp32."""
-        return F.linear(hidden.float(), self.lm_head)
+        return self.linear(hidden.float(), self.lm_head)

@@ -27,7 +27,8 @@ class ModelRunner:
         if self.hf_config.model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"model type {self.hf_config.model_type!r} is not llama-family")
         self.dtype = _DTYPES[config.dtype]
-        self.model = LlamaModel(self.hf_config, load_state_dict(model_dir), self.dtype)
+        self.model = LlamaModel(self.hf_config, load_state_dict(model_dir), self.dtype,
+                                config.deterministic)
         self.weights_version = 0
         self.vocab_size = self.model.lm_head.shape[0]
         self.block_size = config.block_size
@@ -109,7 +110,7 @@ class ModelRunner:
 
     def build_model(self, state: dict[str, torch.Tensor]) -> LlamaModel:
         """A model of the same architecture from new weights; refuses mismatched shapes."""
-        model = LlamaModel(self.hf_config, state, self.dtype)
+        model = LlamaModel(self.hf_config, state, self.dtype, self.config.deterministic)
         old, new = self.model, model
         pairs = [(old.embed, new.embed, "embed_tokens"), (old.lm_head, new.lm_head, "lm_head")]
         pairs += [(a[k], b[k], f"layers.{i}.{k}") for i, (a, b) in enumerate(zip(old.layers, new.layers))

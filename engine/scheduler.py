@@ -45,13 +45,14 @@ EMPTY_RESULT = StepResult([], [], [])
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: set[int],
-                 enable_chunked_prefill: bool = True) -> None:
+                 enable_chunked_prefill: bool = True, deterministic_chunk: int = 0) -> None:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.deterministic_chunk = deterministic_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.aborted: set[str] = set()
@@ -75,7 +76,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
+            if n == 0:
+                i += 1
+                continue
             if not self._reserve(seq, n):
                 break                                   # seq itself was preempted
             seq.num_scheduled_tokens = n
@@ -90,7 +94,9 @@ class Scheduler:
             n = seq.num_tokens - seq.num_computed_tokens
             if n > budget and not self.enable_chunked_prefill:
                 break
-            n = min(n, budget)
+            n = self._chunk(seq, budget)
+            if n == 0:
+                break
             if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, n)):
                 break
             self.blocks.allocate(seq, n)
@@ -101,6 +107,23 @@ class Scheduler:
             budget -= n
             (decodes if seq.is_decode else prefills).append(seq)
         return Batch(decodes + prefills, len(decodes))
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens to compute for seq this step (0: wait for a step with more budget).
+
+        Deterministic mode fixes every sequence's step shapes whatever else runs: the prompt in
+        chunks aligned to multiples of deterministic_chunk, then one token per step; a preempted
+        sequence replays the same shapes when it recomputes."""
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        size = self.deterministic_chunk
+        if not size:
+            return min(remaining, budget)
+        done = seq.num_computed_tokens
+        if done < seq.num_prompt_tokens:
+            n = min(seq.num_prompt_tokens, (done // size + 1) * size) - done
+        else:
+            n = 1
+        return n if n <= budget else 0
 
     def _reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Allocate blocks for seq, preempting the newest running sequences if needed."""

@@ -1,4 +1,5 @@
 """The engine's hot operations. The engine calls only these public functions."""
+from kernels import invariant
 from kernels.logit_mask import apply_token_bitmask
 from kernels.attention import AttentionMetadata, paged_attention, slots_for, store_kvcache
 from kernels.rmsnorm import rms_norm
