@@ -69,19 +69,19 @@ def compile_json_schema(spec: GrammarSpec, options: CompilerOptions, backend: st
     schema = spec.schema()
     if schema is True:
         schema = {}  # accepts everything, in the form every backend reads
+    validator = schema_validator(schema)
+    grammar_schema = _with_draft7_refs(schema)
     try:
-        compiled = compile_schema(spec, schema, {})
+        compiled = compile_schema(spec, grammar_schema, {})
     except GrammarError as e:
         first_error = str(e)
     else:
         if not options.always_validate:
             return compiled
-        return GatedCompiled(spec, compiled, schema_validator(schema), decode_bytes, eos_token_id,
-                             gate_mask=False, notes=())
+        return GatedCompiled(spec, compiled, validator, decode_bytes, eos_token_id, gate_mask=False, notes=())
     if not options.json_fallback:
         raise GrammarError(f"unsupported json_schema: {first_error}")
-    validator = schema_validator(schema)
-    for note, relaxed, extra in relaxations(schema, lenient_backend=backend == "llguidance"):
+    for note, relaxed, extra in relaxations(grammar_schema, lenient_backend=backend == "llguidance"):
         try:
             compiled = compile_schema(spec, relaxed, extra)
         except GrammarError:
@@ -146,6 +146,26 @@ def _subschemas_mapped(node: Any, fn: Callable[[dict[str, Any]], dict[str, Any]]
         if isinstance(node.get(key), dict):
             node[key] = {name: _subschemas_mapped(s, fn) for name, s in node[key].items()}
     return node
+
+
+_OLD_DRAFTS = ("draft-03", "draft-04", "draft-06", "draft-07")
+
+
+def _with_draft7_refs(schema: Any) -> Any:
+    """Up to draft 7, keywords beside a $ref are ignored; the backends read 2020-12 (intersect).
+
+    Exact, not a relaxation: the grammar gets the schema the draft means. The validator keeps
+    the original, read under its own draft.
+    """
+    if not (isinstance(schema, dict) and any(d in str(schema.get("$schema", "")) for d in _OLD_DRAFTS)):
+        return schema
+
+    def drop_siblings(node: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(node.get("$ref"), str):
+            return {k: v for k, v in node.items() if k in ("$ref", "$schema", "$id", "id", "definitions", "$defs")}
+        return node
+
+    return _subschemas_mapped(copy.deepcopy(schema), drop_siblings)
 
 
 def _one_of_as_any_of(schema: Any) -> Any:

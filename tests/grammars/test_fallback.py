@@ -123,3 +123,14 @@ def test_exact_grammars_are_audited_at_eos_not_in_the_mask(tokenizer: Any, bitma
     assert is_allowed(bitmask, 0, EOS)                 # the mask is the backend's
     assert not m.accept_token(EOS)                     # the audit refuses the end
     assert not m.is_terminated()
+
+
+def test_draft4_ref_siblings_are_ignored_as_the_draft_says(compiler: Any, tokenizer: Any) -> None:
+    schema = {"$schema": "http://json-schema.org/draft-04/schema#", "type": "object",
+              "properties": {"s": {"type": "string", "$ref": "#/definitions/obj"}},
+              "definitions": {"obj": {"type": "object", "properties": {"x": {"type": "integer"}}}}}
+    g = compiler.compile(GrammarSpec.json_schema(schema))
+    assert g.notes == ()                                   # exact, not relaxed
+    m = g.matcher()
+    assert m.accept(encode(tokenizer, '{"s":{"x":1}}')) and m.accept_token(EOS)
+    assert not g.matcher().accept(encode(tokenizer, '{"s":"text"}'))
