@@ -82,7 +82,7 @@ def _apply_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: Rows) -> None:
     mask_bytes = words.view(np.uint8)                                     # [B, 4 * W]
     buf = _bias_buffer(vocab)
     fast_add = logits.dtype == torch.float32 and logits.stride(1) == 1 and not logits.requires_grad
-    logits_np = logits.detach().numpy() if fast_add else None
+    logits_np = logits.detach().numpy() if fast_add else np.empty(0)
     for s in range(0, len(todo), _CHUNK_ROWS):
         chunk = todo[s:s + _CHUNK_ROWS]
         n = len(chunk)
