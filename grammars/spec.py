@@ -172,6 +172,44 @@ def check_json_schema(schema: Any) -> None:
         raise GrammarError(f"invalid json_schema at {where}: {e.message}") from None
     except Exception as e:  # a malformed $schema or a schema the meta-validator chokes on
         raise GrammarError(f"invalid json_schema: {e}") from None
+    _check_refs_resolve(schema)
+
+
+def _check_refs_resolve(schema: dict[str, Any]) -> None:
+    # Remote references are never fetched: a schema that needs one could not be enforced (the
+    # EOS gate would refuse every document), so it is a 400 now rather than a dead end later.
+    from urllib.parse import urljoin
+
+    refs: list[str] = []
+
+    def walk(node: Any, base: str) -> None:
+        if isinstance(node, dict):
+            node_id = node.get("$id", node.get("id"))
+            if isinstance(node_id, str):
+                base = urljoin(base, node_id)
+            ref = node.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                refs.append(urljoin(base, ref))
+            for value in node.values():
+                walk(value, base)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, base)
+
+    walk(schema, "")
+    if not refs:
+        return
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    resource = Resource.from_contents(schema, default_specification=DRAFT202012)
+    root = resource.id() or ""
+    resolver = Registry().with_resource(root, resource).crawl().resolver(base_uri=root)
+    for ref in refs:
+        try:
+            resolver.lookup(ref)
+        except Exception:
+            raise GrammarError(f"json_schema $ref {ref!r} cannot be resolved (remote references are not fetched)") from None
 
 
 def _check_with_llguidance(fmt: Literal["regex", "lark"], text: str) -> None:

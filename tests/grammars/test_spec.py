@@ -14,6 +14,7 @@ from grammars import GrammarError, GrammarSpec
     (GrammarSpec("json_schema", '{"type": 5}'), "invalid json_schema"),
     (GrammarSpec("json_schema", '{"properties": {"a": {"minLength": -1}}}'), "properties/a/minLength"),
     (GrammarSpec("json_schema", "false"), "accepts no document"),
+    (GrammarSpec.json_schema({"properties": {"a": {"$ref": "https://example.com/a.json"}}}), "cannot be resolved"),
     (GrammarSpec("regex", ""), "regex must not be empty"),
     (GrammarSpec("regex", "(ab"), "invalid regex"),
     (GrammarSpec("choice", "[]"), "non-empty list"),
@@ -31,6 +32,8 @@ def test_validate_names_the_problem(spec: GrammarSpec, message: str) -> None:
 @pytest.mark.parametrize("spec", [
     GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}),
     GrammarSpec.json_schema(True),
+    GrammarSpec.json_schema({"$id": "http://x.org/root.json", "$defs": {"a": {"$id": "a.json", "type": "integer"}},
+                             "properties": {"p": {"$ref": "a.json"}, "q": {"$ref": "#/$defs/a"}}}),
     GrammarSpec("json_object", ""),
     GrammarSpec("regex", r"\d{3}-[a-z]+"),
     GrammarSpec.choice(["yes", "no"]),
