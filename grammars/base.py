@@ -305,17 +305,19 @@ class GrammarCompiler:
 
     def _run(self, entry: _Entry, spec: GrammarSpec, backend: str) -> None:
         start = time.perf_counter()
+        compiled: CompiledGrammar | None = None
         try:
             spec.validate()
             compiled = self._backend(backend).compile(spec)
         except GrammarError as e:
-            entry.future.set_exception(e)
+            error = e
         except Exception as e:  # a library bug must become this request's 400, not a crash
-            entry.future.set_exception(GrammarError(f"{backend} failed to compile the {spec.kind} grammar: {e}"))
+            error = GrammarError(f"{backend} failed to compile the {spec.kind} grammar: {e}")
+        entry.compile_s = time.perf_counter() - start  # before waiters wake up
+        if compiled is None:
+            entry.future.set_exception(error)
         else:
             entry.future.set_result(compiled)
-        finally:
-            entry.compile_s = time.perf_counter() - start
 
     def _backend(self, name: str) -> Backend:
         with self._lock:

@@ -124,3 +124,10 @@ def test_concurrent_requests_share_one_compile(fake: GrammarCompiler) -> None:
     _FakeBackend.gate.set()
     assert f1.result(timeout=10).spec.source == "slow-shared"
     assert len(_FakeBackend.calls) == 1
+
+
+def test_compile_time_is_recorded(fake: GrammarCompiler) -> None:
+    assert fake.compile_time(_regex("t")) is None
+    fake.compile(_regex("t"))
+    seconds = fake.compile_time(_regex("t"))
+    assert seconds is not None and seconds >= 0
