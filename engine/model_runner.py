@@ -13,6 +13,7 @@ from engine.model import LlamaModel
 from engine.sampler import SamplingBatch, sample
 from engine.scheduler import EMPTY_RESULT, Batch, StepResult
 from engine.types import PromptLogprob, TopLogprob
+from grammars import fill_bitmasks
 from kernels import AttentionMetadata, slots_for
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -98,13 +99,15 @@ class ModelRunner:
                                          weights_version=self.weights_version)
         logits = self.model.compute_logits(hidden[sample_rows])                   # [S, vocab] fp32
         seqs = batch.sampling_seqs
-        masked_rows = []
+        constrained = []
         for row, seq in enumerate(seqs):
             if seq.rng is None and not seq.sampling.is_greedy:
                 seq.rng = torch.Generator().manual_seed(seq.seed)
             if seq.grammar is not None:
-                seq.grammar.fill_bitmask(self.bitmask, row)
-                masked_rows.append(row)
+                constrained.append((seq.grammar, row))
+        if constrained:
+            fill_bitmasks(self.bitmask, constrained)      # llguidance fills all rows in one call
+        masked_rows = [row for _, row in constrained]
         result = sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows)
         return result._replace(prompt_logprobs=prompt_logprobs, weights_version=self.weights_version)
 

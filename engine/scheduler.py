@@ -177,6 +177,11 @@ class Scheduler:
                 changed.append(seq)
                 continue
             reason = self._stop_reason(seq, token_id)
+            if reason is None and seq.grammar is not None and seq.grammar.is_dead():
+                # Only a relaxed (fallback) grammar gets here: the complete document fails its
+                # schema and no token may follow. Never sample from an all-masked row.
+                seq.error = "the output cannot be completed to match its schema"
+                reason = FinishReason.ERROR
             if reason is not None:
                 self._finish(seq, reason)
             changed.append(seq)
