@@ -5,12 +5,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine import SamplingParams
+from engine import GenerateRequest, RequestError, SamplingParams
 from gateway import protocol as p
 from gateway.logs import log_fields
 from gateway.sse import DONE, DeferredJSONResponse, EventStreamResponse, frame
@@ -108,26 +109,19 @@ def _reject_constant(name: str) -> Any:
 
 def check_fits(rt: Runtime, prompt_ids: Sequence[int], params: SamplingParams,
                prompt_param: str) -> None:
-    """The engine's own admission checks, made before the response starts so they stay 400s
-    rather than error events (the engine repeats them in add_request)."""
+    """The engine's admission checks, made before the response starts so that they stay 400s
+    rather than error events."""
     assert rt.engine is not None and rt.admission is not None
-    vocab_size = int(rt.engine.core.vocab_size)
-    if not prompt_ids:
-        raise p.BadRequest("the prompt is empty", prompt_param)
-    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
-        raise p.BadRequest(f"prompt token ids must lie in [0, {vocab_size})", prompt_param)
-    if len(prompt_ids) >= rt.max_model_len:
-        raise p.BadRequest(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
-                           f"{rt.max_model_len} tokens", prompt_param, code="context_length_exceeded")
-    if len(prompt_ids) + params.max_tokens > rt.max_model_len:
-        raise p.BadRequest(f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt_ids)} "
-                           f"tokens) exceeds the context of {rt.max_model_len} tokens",
-                           "max_tokens", code="context_length_exceeded")
+    try:
+        rt.engine.core.validate(GenerateRequest("validate", tuple(prompt_ids), params))
+    except RequestError as exc:
+        param = prompt_param if exc.param in ("prompt", "messages") else exc.param
+        raise p.BadRequest(exc.message, param) from None
     if params.n > rt.admission.capacity:
         raise p.BadRequest(f"n must be <= {rt.admission.capacity}", "n")
-    for token_id in params.stop_token_ids:
-        if token_id >= vocab_size:
-            raise p.BadRequest(f"stop_token_ids must lie in [0, {vocab_size})", "stop_token_ids")
+    vocab_size = int(rt.engine.core.vocab_size)
+    if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
+        raise p.BadRequest(f"stop_token_ids must lie in [0, {vocab_size})", "stop_token_ids")
 
 
 def start(request: Request, rt: Runtime, kind: str, prompt_ids: Sequence[int],
@@ -233,13 +227,14 @@ class ChatFormatter:
         yield frame({**self.base, "choices": [
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None} for i in range(self.gen.params.n)], **extra})
-        async for u in self.gen.updates():
-            if not u.text and u.finish_reason is None and not self.want_logprobs:
-                continue          # e.g. half a character held back
-            delta = {"content": u.text} if u.text else {}
-            yield frame({**self.base, "choices": [
-                {"index": u.index, "delta": delta, "logprobs": self._logprobs(u),
-                 "finish_reason": u.finish_reason}], **extra})
+        async with aclosing(self.gen.updates()) as updates:
+            async for u in updates:
+                if not u.text and u.finish_reason is None and not self.want_logprobs:
+                    continue          # e.g. half a character held back
+                delta = {"content": u.text} if u.text else {}
+                yield frame({**self.base, "choices": [
+                    {"index": u.index, "delta": delta, "logprobs": self._logprobs(u),
+                     "finish_reason": u.finish_reason}], **extra})
         if self.req.include_usage:
             yield frame({**self.base, "choices": [], "usage": usage(self.gen),
                          **_ext(self.gen.params)})
@@ -247,14 +242,15 @@ class ChatFormatter:
 
     async def collect(self) -> dict[str, Any]:
         n = self.gen.params.n
-        texts, reasons = [""] * n, [None] * n
+        texts, reasons = [""] * n, [None] * n  # type: list[str], list[str | None]
         entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        async for u in self.gen.updates():
-            texts[u.index] += u.text
-            reasons[u.index] = u.finish_reason or reasons[u.index]
-            lp = self._logprobs(u)
-            if lp is not None:
-                entries[u.index] += lp["content"]
+        async with aclosing(self.gen.updates()) as updates:
+            async for u in updates:
+                texts[u.index] += u.text
+                reasons[u.index] = u.finish_reason or reasons[u.index]
+                lp = self._logprobs(u)
+                if lp is not None:
+                    entries[u.index] += lp["content"]
         return {"id": self.gen.request_id, "object": "chat.completion",
                 "created": self.base["created"], "model": self.base["model"],
                 "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -295,7 +291,7 @@ def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list
         if len(prompt) != 1:
             raise p.NotSupported("a list of several prompts is not supported yet; send one "
                                  "request per prompt", "prompt")
-        prompt = prompt[0]     # type: ignore[assignment]
+        prompt = prompt[0]
     if isinstance(prompt, str):
         p.check_text(prompt, "prompt")
         return list(rt.tokenizer(prompt).input_ids)
@@ -327,14 +323,15 @@ class CompletionFormatter:
             yield frame({**self.base, "choices": [
                 {"index": i, "text": self.echo, "logprobs": None, "finish_reason": None}
                 for i in range(n)], **extra})
-        async for u in self.gen.updates():
-            if not u.text and u.finish_reason is None and not self.want_logprobs:
-                continue
-            lp = self._logprobs(u, offsets[u.index])
-            offsets[u.index] += len(u.text)
-            yield frame({**self.base, "choices": [
-                {"index": u.index, "text": u.text, "logprobs": lp,
-                 "finish_reason": u.finish_reason}], **extra})
+        async with aclosing(self.gen.updates()) as updates:
+            async for u in updates:
+                if not u.text and u.finish_reason is None and not self.want_logprobs:
+                    continue
+                lp = self._logprobs(u, offsets[u.index])
+                offsets[u.index] += len(u.text)
+                yield frame({**self.base, "choices": [
+                    {"index": u.index, "text": u.text, "logprobs": lp,
+                     "finish_reason": u.finish_reason}], **extra})
         if self.req.include_usage:
             yield frame({**self.base, "choices": [], "usage": usage(self.gen),
                          **_ext(self.gen.params)})
@@ -342,17 +339,18 @@ class CompletionFormatter:
 
     async def collect(self) -> dict[str, Any]:
         n = self.gen.params.n
-        texts, reasons = [self.echo] * n, [None] * n
+        texts, reasons = [self.echo] * n, [None] * n  # type: list[str], list[str | None]
         lps: list[dict[str, list[Any]]] = [
             {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             for _ in range(n)]
-        async for u in self.gen.updates():
-            lp = self._logprobs(u, len(texts[u.index]))
-            texts[u.index] += u.text
-            reasons[u.index] = u.finish_reason or reasons[u.index]
-            if lp is not None:
-                for key in lps[u.index]:
-                    lps[u.index][key] += lp[key]
+        async with aclosing(self.gen.updates()) as updates:
+            async for u in updates:
+                lp = self._logprobs(u, len(texts[u.index]))
+                texts[u.index] += u.text
+                reasons[u.index] = u.finish_reason or reasons[u.index]
+                if lp is not None:
+                    for key in lps[u.index]:
+                        lps[u.index][key] += lp[key]
         return {**self.base, "choices": [
             {"index": i, "text": texts[i], "logprobs": lps[i] if self.want_logprobs else None,
              "finish_reason": reasons[i]} for i in range(n)],

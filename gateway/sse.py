@@ -116,8 +116,8 @@ class DeferredJSONResponse:
                     status, body, headers = exc.status, exc.body(), exc.headers
                 except Exception:
                     log.exception("request_failed")
-                    exc = internal_error()
-                    status, body = exc.status, exc.body()
+                    failure = internal_error()
+                    status, body = failure.status, failure.body()
                 tg.cancel_scope.cancel()
         finally:
             self.on_close()

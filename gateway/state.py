@@ -15,11 +15,16 @@ from gateway.tokens import TokenTable
 
 
 class EngineStatsLike(Protocol):
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_blocks: int
-    num_preemptions: int
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def num_preemptions(self) -> int: ...
 
 
 class EngineClient(Protocol):

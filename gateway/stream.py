@@ -9,7 +9,7 @@ leaks even when it spans tokens. Streaming and non-streaming responses consume t
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -141,7 +141,7 @@ class Generation:
         self.outcome = Outcome(num_prompt_tokens=len(self.prompt_ids))
         self._is_closed = False
 
-    async def updates(self) -> AsyncIterator[ChoiceUpdate]:
+    async def updates(self) -> AsyncGenerator[ChoiceUpdate, None]:
         rt = self.runtime
         engine = rt.engine
         assert engine is not None

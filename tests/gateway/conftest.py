@@ -96,7 +96,8 @@ class FakeEngine:
                  hold: threading.Event | None = None, fail_after: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.core = SimpleNamespace(max_model_len=max_model_len, vocab_size=len(tokenizer),
-                                    config=SimpleNamespace(max_num_seqs=max_num_seqs))
+                                    config=SimpleNamespace(max_num_seqs=max_num_seqs),
+                                    validate=self.validate)
         self.text_ids = list(tokenizer(FAKE_TEXT, add_special_tokens=False).input_ids)
         self.hold = hold
         self.fail_after = fail_after
@@ -119,9 +120,20 @@ class FakeEngine:
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)      # like the engine: a no-op once finished
 
+    def validate(self, request: GenerateRequest) -> None:
+        """The engine's checks, in short."""
+        prompt, limit = request.prompt_token_ids, self.core.max_model_len
+        if not prompt:
+            raise RequestError("the prompt is empty", "prompt")
+        if min(prompt) < 0 or max(prompt) >= self.core.vocab_size:
+            raise RequestError("prompt token ids out of range", "prompt")
+        if len(prompt) >= limit:
+            raise RequestError(f"the prompt exceeds the context of {limit} tokens", "messages")
+        if len(prompt) + request.sampling.max_tokens > limit:
+            raise RequestError(f"max_tokens exceeds the context of {limit} tokens", "max_tokens")
+
     def add_request(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
-        if len(request.prompt_token_ids) + request.sampling.max_tokens > self.core.max_model_len:
-            raise RequestError("too long", "max_tokens")
+        self.validate(request)
         self.requests[request.request_id] = request
         return self._play(request)
 
