@@ -339,8 +339,6 @@ def check_unsupported(req: _GenerationRequest) -> None:
             raise NotSupported("suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise NotSupported("best_of other than n is not supported", "best_of")
-        if req.echo and req.logprobs is not None:
-            raise NotSupported("echo with logprobs (prompt logprobs) is not supported yet", "echo")
 
 
 def structured_output_spec(req: _GenerationRequest) -> None:
@@ -402,7 +400,8 @@ def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
 
 
 def sampling_params(req: _GenerationRequest, *, max_tokens: int | None, num_logprobs: int | None,
-                    default_max_tokens: int) -> SamplingParams:
+                    default_max_tokens: int,
+                    num_prompt_logprobs: int | None = None) -> SamplingParams:
     """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
     fields: dict[str, Any] = {
         "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
@@ -410,6 +409,7 @@ def sampling_params(req: _GenerationRequest, *, max_tokens: int | None, num_logp
         "stop_token_ids": tuple(req.stop_token_ids or ()),
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),
+        "prompt_logprobs": num_prompt_logprobs,
         # any Python int is a valid seed; the engine wants 64 bits
         "seed": None if req.seed is None else req.seed & ((1 << 64) - 1),
     }

@@ -276,7 +276,8 @@ async def completions(request: Request) -> Any:
     p.structured_output_spec(req)
     prompt_ids = tokenize_prompt(rt, req.prompt)
     params = p.sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
-                               default_max_tokens=16)   # OpenAI's default for completions
+                               default_max_tokens=16,   # OpenAI's default for completions
+                               num_prompt_logprobs=req.logprobs if req.echo else None)
     check_fits(rt, prompt_ids, params, "prompt")
     gen = start(request, rt, "cmpl", prompt_ids, params, req.skip_special_tokens)
     fmt = CompletionFormatter(rt, gen, req)
@@ -315,16 +316,25 @@ class CompletionFormatter:
             return None
         return self.tokens.completion_logprobs(u.token_ids, u.logprobs, u.top_logprobs, offset)
 
+    def _echo_logprobs(self) -> dict[str, Any] | None:
+        """The prompt's logprobs; they come with the first delta, so call after it."""
+        if not (self.echo and self.want_logprobs):
+            return None
+        entries = self.gen.prompt_logprobs or ()
+        return self.tokens.prompt_logprobs(self.gen.prompt_ids, entries)
+
     async def events(self) -> AsyncGenerator[bytes, None]:
         extra = {"usage": None} if self.req.include_usage else {}
         n = self.gen.params.n
         offsets = [len(self.echo)] * n
-        if self.echo:
-            yield frame({**self.base, "choices": [
-                {"index": i, "text": self.echo, "logprobs": None, "finish_reason": None}
-                for i in range(n)], **extra})
+        echoed = not self.echo
         async with aclosing(self.gen.updates()) as updates:
             async for u in updates:
+                if not echoed:    # after the first delta: it carries the prompt's logprobs
+                    echoed = True
+                    yield frame({**self.base, "choices": [
+                        {"index": i, "text": self.echo, "logprobs": self._echo_logprobs(),
+                         "finish_reason": None} for i in range(n)], **extra})
                 if not u.text and u.finish_reason is None and not self.want_logprobs:
                     continue
                 lp = self._logprobs(u, offsets[u.index])
@@ -351,6 +361,11 @@ class CompletionFormatter:
                 if lp is not None:
                     for key in lps[u.index]:
                         lps[u.index][key] += lp[key]
+        echo_lp = self._echo_logprobs()
+        if echo_lp is not None:
+            for lp in lps:
+                for key in lp:
+                    lp[key] = echo_lp[key] + lp[key]
         return {**self.base, "choices": [
             {"index": i, "text": texts[i], "logprobs": lps[i] if self.want_logprobs else None,
              "finish_reason": reasons[i]} for i in range(n)],

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine import FinishReason, GenerateRequest, RequestError, SamplingParams, TopLogprob
+from engine.types import PromptLogprob
 from gateway.protocol import BadRequest, InternalError, Unavailable, finish_reason_name
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class Generation:
         self.skip_special_tokens = skip_special_tokens
         self.arrival = time.monotonic()
         self.outcome = Outcome(num_prompt_tokens=len(self.prompt_ids))
+        self.prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None   # when asked
         self._is_closed = False
 
     async def updates(self) -> AsyncGenerator[ChoiceUpdate, None]:
@@ -163,6 +165,8 @@ class Generation:
             rt.active.add(self.request_id)
             async for delta in stream:
                 choice = choices[delta.index]
+                if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
+                    self.prompt_logprobs = delta.prompt_logprobs
                 if choice.finish_reason is not None:
                     continue      # it ended on a stop string; the engine runs it out (n > 1)
                 now = time.monotonic()

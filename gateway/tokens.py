@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine import TopLogprob
+from engine.types import PromptLogprob
 from gateway.protocol import logprob_value
 
 
@@ -69,4 +70,15 @@ class TokenTable:
                                         for a in alts})
             out["text_offset"].append(offset)
             offset += len(text)
+        return out
+
+    def prompt_logprobs(self, token_ids: Sequence[int],
+                        entries: Sequence[PromptLogprob | None]) -> dict[str, Any]:
+        """echo + logprobs: the prompt's own tokens (the first has no logprob: null)."""
+        out = self.completion_logprobs(token_ids, [0.0] * len(token_ids),
+                                       [()] * len(token_ids), 0)
+        for i, entry in enumerate(entries[:len(token_ids)]):
+            out["token_logprobs"][i] = None if entry is None else logprob_value(entry.logprob)
+            out["top_logprobs"][i] = None if entry is None else {
+                self.get(a.token_id)[0]: logprob_value(a.logprob) for a in entry.top}
         return out

@@ -131,6 +131,19 @@ def test_completions(client, tokenizer):
     echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
                                        echo=True)
     assert echoed.choices[0].text == prompt + choice.text
+    with_lp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
+                                        echo=True, logprobs=1)
+    lp = with_lp.choices[0].logprobs
+    assert with_lp.choices[0].text == prompt + choice.text
+    assert len(lp.tokens) == len(ids) + with_lp.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None   # nothing predicts it
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.token_logprobs[len(ids):] == pytest.approx(choice.logprobs.token_logprobs)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=5,
+                                            temperature=0, echo=True, logprobs=1, stream=True))
+    assert chunks[0].choices[0].text == prompt
+    assert len(chunks[0].choices[0].logprobs.tokens) == len(ids)
+    assert "".join(c.choices[0].text for c in chunks) == prompt + choice.text
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=5, temperature=0, stream=True) if c.choices)
     assert streamed == choice.text
