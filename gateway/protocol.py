@@ -8,12 +8,14 @@ mean the same thing; our own fields live in the `plumbline` object.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import jsonschema  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import FinishReason, SamplingParams
+from grammars.spec import GrammarError, GrammarSpec
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -341,14 +343,18 @@ def check_unsupported(req: _GenerationRequest) -> None:
             raise NotSupported("best_of other than n is not supported", "best_of")
 
 
-def structured_output_spec(req: _GenerationRequest) -> None:
-    """Validate response_format / tools / tool_choice / structured_outputs / guided_*.
+# Constrained decoding (response_format, structured_outputs, guided_*) is parsed, validated and
+# turned into a GrammarSpec either way; while this is False the request is refused with a clear
+# 400 instead of being served unconstrained. Flip it once the grammar issue is accepted.
+STRUCTURED_OUTPUTS_ENABLED = False
 
-    The one switch for constrained decoding: it returns None when nothing constrains the output
-    and refuses every constraint until the engine takes `SamplingParams.grammar`; when it does,
-    return a `GrammarSpec` here instead of raising.
+
+def structured_output_spec(req: _GenerationRequest) -> GrammarSpec | None:
+    """Validate response_format / tools / tool_choice / structured_outputs / guided_*; return the
+    grammar the output must match, or None when nothing constrains it.
+
+    The one switch for constrained decoding. Tools always get a 400 until the tool issue lands.
     """
-    asked: list[str] = []
     if isinstance(req, ChatCompletionRequest):
         if req.tool_choice is not None and not req.tools and req.tool_choice != "none":
             raise BadRequest("tool_choice needs tools", "tool_choice")
@@ -361,33 +367,49 @@ def structured_output_spec(req: _GenerationRequest) -> None:
         for i, tool in enumerate(req.tools or []):
             _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
         if req.tools and req.tool_choice != "none":
-            asked.append("tools")
+            raise NotSupported("tools are not supported yet: tool calling is not enabled in this "
+                               "server", "tools")
+        if any(m.tool_calls for m in req.messages):
+            raise NotSupported("tool_calls in messages are not supported yet", "messages")
+    asked: list[tuple[str, GrammarSpec]] = []
+    if isinstance(req, ChatCompletionRequest) and req.response_format is not None:
         if isinstance(req.response_format, JsonSchemaFormat):
             _check_schema(req.response_format.json_schema.schema_,
                           "response_format.json_schema.schema")
-        if req.response_format is not None and not isinstance(req.response_format, TextFormat):
-            asked.append("response_format")
-        if any(m.tool_calls for m in req.messages):
-            asked.append("messages[].tool_calls")
-    so = req.structured_outputs
-    if so is not None:
-        given = [k for k in ("json_", "regex", "choice", "grammar", "json_object")
-                 if getattr(so, k) not in (None, False)]
-        if len(given) != 1:
-            raise BadRequest("structured_outputs takes exactly one of json, regex, choice, "
-                             "grammar, json_object", "structured_outputs")
-        if isinstance(so.json_, dict):
-            _check_schema(so.json_, "structured_outputs.json")
-        asked.append("structured_outputs")
-    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-        if getattr(req, name) is not None:
-            if name == "guided_json" and isinstance(req.guided_json, dict):
-                _check_schema(req.guided_json, name)
-            asked.append(name)
-    if asked:
-        raise NotSupported(f"{asked[0]} is not supported yet: constrained decoding is not "
-                           "enabled in this server", asked[0].split("[")[0])
-    return None
+        spec = _grammar("response_format", GrammarSpec.from_response_format,
+                        req.response_format.model_dump(by_alias=True, exclude_none=True))
+        if spec is not None:
+            asked.append(("response_format", spec))
+    if req.structured_outputs is not None:
+        so = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        spec = _grammar("structured_outputs", GrammarSpec.from_structured_outputs, so)
+        if spec is None:
+            raise BadRequest("structured_outputs takes one of json, regex, choice, grammar, "
+                             "json_object", "structured_outputs")
+        asked.append(("structured_outputs", spec))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        value = getattr(req, name)
+        if value is not None:
+            spec = _grammar(name, GrammarSpec.from_structured_outputs, {key: value})
+            assert spec is not None
+            asked.append((name, spec))
+    if len(asked) > 1:
+        raise BadRequest(f"{asked[0][0]} and {asked[1][0]} both constrain the output; send one",
+                         asked[1][0])
+    if not asked:
+        return None
+    if not STRUCTURED_OUTPUTS_ENABLED:
+        raise NotSupported(f"{asked[0][0]} is not supported yet: constrained decoding is not "
+                           "enabled in this server", asked[0][0])
+    return asked[0][1]
+
+
+def _grammar(param: str, build: Callable[[Any], GrammarSpec | None], value: Any) -> GrammarSpec | None:
+    try:
+        return build(value)
+    except GrammarError as exc:
+        raise BadRequest(f"{param}: {exc}", param) from None
 
 
 def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
@@ -401,7 +423,8 @@ def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
 
 def sampling_params(req: _GenerationRequest, *, max_tokens: int | None, num_logprobs: int | None,
                     default_max_tokens: int,
-                    num_prompt_logprobs: int | None = None) -> SamplingParams:
+                    num_prompt_logprobs: int | None = None,
+                    grammar: GrammarSpec | None = None) -> SamplingParams:
     """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
     fields: dict[str, Any] = {
         "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
@@ -409,7 +432,7 @@ def sampling_params(req: _GenerationRequest, *, max_tokens: int | None, num_logp
         "stop_token_ids": tuple(req.stop_token_ids or ()),
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),
-        "prompt_logprobs": num_prompt_logprobs,
+        "prompt_logprobs": num_prompt_logprobs, "grammar": grammar,
         # any Python int is a valid seed; the engine wants 64 bits
         "seed": None if req.seed is None else req.seed & ((1 << 64) - 1),
     }

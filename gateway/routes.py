@@ -167,14 +167,14 @@ async def chat_completions(request: Request) -> Any:
     req = p.parse(p.ChatCompletionRequest, await read_json(request, rt.config.max_body_bytes))
     check_model(rt, req.model)
     p.check_unsupported(req)
-    p.structured_output_spec(req)
+    grammar = p.structured_output_spec(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise p.BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
     prompt_ids = render_chat(rt, req.messages)
     params = p.sampling_params(
         req, max_tokens=req.max_completion_tokens or req.max_tokens,
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        default_max_tokens=rt.max_model_len - len(prompt_ids))
+        default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar)
     check_fits(rt, prompt_ids, params, "messages")
     gen = start(request, rt, "chatcmpl", prompt_ids, params, req.skip_special_tokens)
     chat = ChatFormatter(rt, gen, req)
@@ -273,11 +273,12 @@ async def completions(request: Request) -> Any:
     req = p.parse(p.CompletionRequest, await read_json(request, rt.config.max_body_bytes))
     check_model(rt, req.model)
     p.check_unsupported(req)
-    p.structured_output_spec(req)
+    grammar = p.structured_output_spec(req)
     prompt_ids = tokenize_prompt(rt, req.prompt)
     params = p.sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
                                default_max_tokens=16,   # OpenAI's default for completions
-                               num_prompt_logprobs=req.logprobs if req.echo else None)
+                               num_prompt_logprobs=req.logprobs if req.echo else None,
+                               grammar=grammar)
     check_fits(rt, prompt_ids, params, "prompt")
     gen = start(request, rt, "cmpl", prompt_ids, params, req.skip_special_tokens)
     fmt = CompletionFormatter(rt, gen, req)

@@ -163,6 +163,11 @@ class Generation:
             except RequestError as exc:
                 raise BadRequest(exc.message, exc.param) from None
             rt.active.add(self.request_id)
+            if self.params.grammar is not None:     # compiled off the loop; it may fail
+                try:
+                    await stream.ready()  # type: ignore[attr-defined]
+                except RequestError as exc:
+                    raise BadRequest(exc.message, exc.param or "response_format") from None
             async for delta in stream:
                 choice = choices[delta.index]
                 if delta.prompt_logprobs is not None and self.prompt_logprobs is None:

@@ -205,3 +205,24 @@ def test_bad_requests_do_not_disturb_a_running_stream(server):
             events = sse_events(lines)
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_constrained_decoding_behind_its_switch(client, monkeypatch):
+    """Off by default (a 400, covered in test_errors); switched on, the engine's grammar acts."""
+    from gateway import protocol
+
+    monkeypatch.setattr(protocol, "STRUCTURED_OUTPUTS_ENABLED", True)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+              "required": ["name"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=24, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+    if out.choices[0].finish_reason == "stop":
+        assert set(json.loads(out.choices[0].message.content)) == {"name"}
+    picked = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=8, temperature=0,
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert picked.choices[0].message.content in ("yes", "no")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=ASK,
+                                       extra_body={"guided_regex": "(unclosed"})
