@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,18 +39,38 @@ def _add_serve(sub: Any) -> None:
                    help="seconds running requests get to finish after SIGTERM")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    e = s.add_argument_group("engine")
-    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    e.add_argument("--max-num-seqs", type=int, default=64)
-    e.add_argument("--max-num-batched-tokens", type=int, default=512)
-    e.add_argument("--max-model-len", type=int, default=0, help="0: the model's own")
-    e.add_argument("--kv-cache-memory-mb", type=int, default=1024)
-    e.add_argument("--num-kv-blocks", type=int, default=0, help="0: from --kv-cache-memory-mb")
-    e.add_argument("--block-size", type=int, default=16)
-    e.add_argument("--num-threads", type=int, default=0, help="torch threads; 0: torch's default")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--no-chunked-prefill", action="store_true")
+    _add_engine_options(s.add_argument_group("engine (EngineConfig fields)"))
     s.set_defaults(func=serve)
+
+
+_ENGINE_HELP = {
+    "dtype": "the model body's dtype (lm_head always runs in fp32)",
+    "max_num_seqs": "sequences running at once (also the gateway's slot count)",
+    "max_model_len": "0: the model's own context length",
+    "kv_cache_memory_mb": "KV cache size when --num-kv-blocks is 0",
+    "num_threads": "torch threads; 0: torch's default",
+}
+
+
+def _add_engine_options(group: Any) -> None:
+    """One option per EngineConfig field, so the CLI follows the engine as it grows."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = _ENGINE_HELP.get(f.name, "")
+        if f.default is True:          # enable_chunked_prefill -> --no-chunked-prefill
+            name = f.name.removeprefix("enable_").replace("_", "-")
+            group.add_argument(f"--no-{name}", dest=f.name, action="store_false", help=help_text)
+        elif f.default is False:
+            group.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            group.add_argument(flag, dest=f.name, choices=typing.get_args(hints[f.name]),
+                               default=f.default, help=help_text)
+        else:
+            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                               help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -56,12 +78,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     if args.api_key_file is not None:
         keys += [line.strip() for line in args.api_key_file.read_text().splitlines()
                  if line.strip() and not line.startswith("#")]
-    engine = EngineConfig(
-        model=args.model, dtype=args.dtype, block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, kv_cache_memory_mb=args.kv_cache_memory_mb,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
-        num_threads=args.num_threads, seed=args.seed)
+    engine = EngineConfig(model=args.model, **{
+        f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if f.name != "model"})
     return GatewayConfig(
         engine=engine, host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_keys=tuple(keys), max_queued_requests=args.max_queued_requests,
