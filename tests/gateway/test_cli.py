@@ -76,9 +76,14 @@ def test_sigterm_lets_running_streams_finish_then_exits():
         # uvicorn re-raises the signal once shut down, so the exit status says "terminated by
         # SIGTERM" as process managers expect; the log says the shutdown was orderly
         assert proc.wait(60) in (0, -signal.SIGTERM)
-        log_events = [json.loads(line)["event"] for line in proc.stderr.read().decode().splitlines()
-                      if line.startswith("{")]
-        assert {"drain_started", "request_finished", "server_stopped"} <= set(log_events)
+        records = [json.loads(line) for line in proc.stderr.read().decode().splitlines()
+                   if line.startswith("{")]
+        assert {"drain_started", "request_finished", "server_stopped"} <= {r["event"] for r in records}
+        (summary,) = [r for r in records if r.get("path") == "/v1/completions"  # one per request
+                      and r["event"] == "request_finished" and r["status"] == 200]
+        assert summary["completion_tokens"] == 12
+        assert summary["finish_reason"] == "length" and summary["ttft_ms"] > 0
+        assert summary["request_id"] and summary["duration_ms"] >= summary["ttft_ms"]
     finally:
         if proc.poll() is None:
             proc.kill()
