@@ -187,9 +187,12 @@ class Generation:
                     raise InternalError(delta.error or "the engine failed this request",
                                         code="engine_error")
                 if delta.finish_reason is FinishReason.ABORT:
-                    # Only the shutdown drain aborts a request the gateway still reads.
-                    raise Unavailable("the server is shutting down; the request was aborted",
-                                      code="shutting_down")
+                    # Not our abort (that ends the reading first): the shutdown drain ran out,
+                    # or the engine aborted running requests (a weight update in abort mode).
+                    if rt.is_draining:
+                        raise Unavailable("the server is shutting down; the request was aborted",
+                                          code="shutting_down")
+                    raise Unavailable("the server aborted the request; retry", code="aborted")
                 final = delta.finish_reason is not None
                 text = choice.stops.feed(choice.detok.push(delta.token_ids, final), final)
                 choice.num_tokens = delta.num_completion_tokens
