@@ -346,7 +346,7 @@ def check_unsupported(req: _GenerationRequest) -> None:
 # Constrained decoding (response_format, structured_outputs, guided_*) is parsed, validated and
 # turned into a GrammarSpec either way; while this is False the request is refused with a clear
 # 400 instead of being served unconstrained. Flip it once the grammar issue is accepted.
-STRUCTURED_OUTPUTS_ENABLED = False
+STRUCTURED_OUTPUTS_ENABLED = True
 
 
 def structured_output_spec(req: _GenerationRequest) -> GrammarSpec | None:

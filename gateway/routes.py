@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engine import GenerateRequest, RequestError, SamplingParams
+from grammars import GrammarError, GrammarSpec
 from gateway import protocol as p
 from gateway.logs import log_fields
 from gateway.sse import DONE, DeferredJSONResponse, EventStreamResponse, frame
@@ -124,6 +125,19 @@ def check_fits(rt: Runtime, prompt_ids: Sequence[int], params: SamplingParams,
         raise p.BadRequest(f"stop_token_ids must lie in [0, {vocab_size})", "stop_token_ids")
 
 
+async def precompile(rt: Runtime, spec: GrammarSpec | None) -> None:
+    """Compile a request's grammar before the response starts, so a grammar that fails to compile
+    (or times out) is a 400, never an error event mid-stream; the engine then hits the cache."""
+    if spec is None:
+        return
+    assert rt.engine is not None
+    core = rt.engine.core
+    try:
+        await core.grammars.compile_async(spec, timeout=core.config.grammar_compile_timeout)
+    except GrammarError as exc:
+        raise p.BadRequest(f"the grammar cannot be used: {exc}", "response_format") from None
+
+
 def start(request: Request, rt: Runtime, kind: str, prompt_ids: Sequence[int],
           params: SamplingParams, skip_special_tokens: bool) -> Generation:
     _, admission = rt.ready()
@@ -176,6 +190,7 @@ async def chat_completions(request: Request) -> Any:
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar)
     check_fits(rt, prompt_ids, params, "messages")
+    await precompile(rt, grammar)
     gen = start(request, rt, "chatcmpl", prompt_ids, params, req.skip_special_tokens)
     chat = ChatFormatter(rt, gen, req)
     if req.stream:
@@ -280,6 +295,7 @@ async def completions(request: Request) -> Any:
                                num_prompt_logprobs=req.logprobs if req.echo else None,
                                grammar=grammar)
     check_fits(rt, prompt_ids, params, "prompt")
+    await precompile(rt, grammar)
     gen = start(request, rt, "cmpl", prompt_ids, params, req.skip_special_tokens)
     fmt = CompletionFormatter(rt, gen, req)
     if req.stream:

@@ -207,11 +207,8 @@ def test_bad_requests_do_not_disturb_a_running_stream(server):
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_constrained_decoding_behind_its_switch(client, monkeypatch):
-    """Off by default (a 400, covered in test_errors); switched on, the engine's grammar acts."""
-    from gateway import protocol
-
-    monkeypatch.setattr(protocol, "STRUCTURED_OUTPUTS_ENABLED", True)
+def test_constrained_decoding(client):
+    """response_format, structured_outputs and guided_* constrain the output; a bad grammar is a 400."""
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
               "required": ["name"], "additionalProperties": False}
     out = client.chat.completions.create(
