@@ -27,11 +27,12 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 from locust import HttpUser, between, events, task
+
+from loadtests.sse import sse_events
 
 SSE = "SSE"        # request_type of the measurement events, never an HTTP method
 
@@ -57,29 +58,6 @@ PROMPTS = [
 
 class ScenarioFailure(Exception):
     """A response that arrived but breaks the scenario's contract."""
-
-
-# ------------------------------------------------------------------------------------ SSE
-
-
-def sse_events(lines: Iterator[bytes | str]) -> Iterator[str]:
-    """The data of each server-sent event: `data:` lines joined by newlines, comments skipped."""
-    data: list[str] = []
-    for raw in lines:
-        line = raw.decode() if isinstance(raw, bytes) else raw
-        line = line.rstrip("\r")
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        if line.startswith(":"):        # keep-alive ping or comment
-            continue
-        field, _, value = line.partition(":")
-        if field == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
 
 
 def _error_text(response: Any) -> str:

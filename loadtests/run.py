@@ -9,8 +9,10 @@ back to 0 and every KV block free (`plumbline:kv_cache_usage_perc` back to 0). T
 holds, per level, Locust's CSV and HTML, plus summary.md and PNG plots across levels. The exit
 status is non-zero when any assertion fails; the last line printed is a one-line summary.
 Aggregate tokens/s is the server's generation-token counter (counted when a request ends) over
-a window from the last user's spawn to the end of the run time: steady state, not the ramp or the
-tail, so it needs a run several times longer than one request.
+a window from the last user's spawn to the end of the run time: steady state, without the ramp or
+the tail. When fewer than two requests per user finished inside that window (a run not much
+longer than one request) it falls back to the whole level, ramp and tail included, which reads low;
+summary.md says which.
 """
 from __future__ import annotations
 
@@ -179,6 +181,7 @@ class Level:
     failure_lines: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     locust_rc: int = 0
+    throughput_window: str = ""
     final_metrics: dict[str, float] = dataclasses.field(default_factory=dict)   # after settling
 
     @property
@@ -231,7 +234,7 @@ class TokenWindow(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.start_s, self.end_s = url, start_s, end_s
         self.stop_event = threading.Event()
-        self.samples: list[tuple[float, float]] = []     # (monotonic time, tokens)
+        self.samples: list[tuple[float, float, float]] = []   # (monotonic time, tokens, finished)
 
     def run(self) -> None:
         t0 = time.monotonic()
@@ -239,16 +242,18 @@ class TokenWindow(threading.Thread):
             if self.stop_event.wait(max(0.0, t0 + at - time.monotonic())):
                 return
             try:
-                tokens = scrape(self.url).get(M + "generation_tokens_total", 0.0)
+                m = scrape(self.url)
             except (OSError, RuntimeError):
                 return
-            self.samples.append((time.monotonic(), tokens))
+            self.samples.append((time.monotonic(), m.get(M + "generation_tokens_total", 0.0),
+                                 m.get(M + "e2e_request_latency_seconds_count", 0.0)))
 
-    def tokens_per_s(self) -> tuple[float, float] | None:
+    def measure(self, min_finished: int) -> tuple[float, float] | None:
+        """(tokens, seconds) inside the window, when at least min_finished requests ended there."""
         if len(self.samples) < 2:
             return None
-        (t_a, n_a), (t_b, n_b) = self.samples
-        return n_b - n_a, t_b - t_a
+        (t_a, n_a, f_a), (t_b, n_b, f_b) = self.samples
+        return (n_b - n_a, t_b - t_a) if f_b - f_a >= min_finished else None
 
 
 def run_level(url: str, users: int, args: argparse.Namespace, out: Path) -> Level:
@@ -284,10 +289,12 @@ def run_level(url: str, users: int, args: argparse.Namespace, out: Path) -> Leve
     window.join()
     after, level.problems = settle(url, args.settle_timeout)
     level.final_metrics = after
-    measured = window.tokens_per_s()
+    measured = window.measure(min_finished=2 * users)
     if measured is not None:
         level.tokens, level.wall_s = measured
-    else:     # Locust ended early: the whole level, tail included
+        level.throughput_window = "steady state"
+    else:
+        level.throughput_window = "whole level (short run)"
         gen = M + "generation_tokens_total"
         level.tokens = after.get(gen, 0.0) - before.get(gen, 0.0)
     if not stats_path.exists():
@@ -312,15 +319,16 @@ def write_summary(out: Path, levels: list[Level], args: argparse.Namespace, targ
              f"- run time per level: {args.run_time}, spawn rate {args.spawn_rate}/s, "
              f"max_tokens {args.max_tokens}", "",
              "| users | requests | failures | tokens/s | TTFT p50 s | TTFT p95 s | TTFT p99 s "
-             "| ITL p50 s | ITL p95 s | mean HTTP latency s | server clean |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| ITL p50 s | ITL p95 s | mean HTTP latency s | tokens/s over | server clean |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for lv in levels:
         clean = "yes" if not [p for p in lv.problems if "failed requests" not in p] else \
             "; ".join(p for p in lv.problems if "failed requests" not in p)
         lines.append(f"| {lv.users} | {lv.requests} | {lv.failures} | {lv.tokens_per_s:.1f} "
                      f"| {_s(lv.ttft.get('50%'))} | {_s(lv.ttft.get('95%'))} "
                      f"| {_s(lv.ttft.get('99%'))} | {_s(lv.itl.get('50%'))} "
-                     f"| {_s(lv.itl.get('95%'))} | {_s(lv.e2e_avg_ms)} | {clean} |")
+                     f"| {_s(lv.itl.get('95%'))} | {_s(lv.e2e_avg_ms)} | {lv.throughput_window} "
+                     f"| {clean} |")
     failures = [f"- users={lv.users}: {line}" for lv in levels for line in lv.failure_lines]
     if failures:
         lines += ["", "## Failures", "", *failures]
