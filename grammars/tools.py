@@ -167,8 +167,10 @@ def tools_system_prompt(request: ToolsRequest) -> str:
     """The system section that shows the tools and the call format to a model."""
     lines = ["# Tools", "", "You can call these functions:", ""]
     for tool in request.allowed:
-        lines.append(json.dumps({"name": tool.name, "description": tool.description,
-                                 "parameters": tool.parameters}, ensure_ascii=False))
+        shown = {"name": tool.name, "description": tool.description, "parameters": tool.parameters}
+        if not tool.description:  # every prompt token costs prefill time
+            del shown["description"]
+        lines.append(json.dumps(shown, ensure_ascii=False))
     example = format_tool_call("function_name", '{"argument": "value"}')
     lines += ["", "To call a function, write one JSON object with its name and arguments inside "
               f"{OPEN_TAG}{CLOSE_TAG} tags, like this:", example]
