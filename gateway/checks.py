@@ -1,0 +1,439 @@
+"""Pre-return checks: each is fed the output incrementally and judges the whole at finish.
+
+A check also says how far it has cleared the text (`cleared`): no violation it could still
+report will start before that offset. The guard releases held text only up to the smallest
+`cleared`, which is what makes the block guarantee hold.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any, Callable, Literal
+
+from jsonschema import validators
+
+from gateway.consistency import AssertionBuffer, JsonPointerParser
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    check: str
+    message: str
+    start: int   # character offsets into the output, [start, end)
+    end: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.check, "message": self.message, "start": self.start, "end": self.end}
+
+
+@dataclass(slots=True)
+class CheckContext:
+    """What a check may know about the request, and at finish about how it ended."""
+    schema: dict[str, Any] | None = None              # response_format json_schema
+    tools: list[dict[str, Any]] = field(default_factory=list)   # OpenAI tool definitions
+    is_structured: bool = False                       # output constrained to JSON
+    assertions: AssertionBuffer = field(default_factory=AssertionBuffer)
+    finish_reason: str | None = None                  # set for finish()
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # {"name", "arguments"}
+
+
+class Check:
+    """Base: feed chunks, then finish on the whole text."""
+    name = "check"
+    final_only = False   # judges only at finish: nothing is cleared before
+
+    def __init__(self, setting: Any, context: CheckContext) -> None:
+        self.setting, self.context = setting, context
+        self.length = 0
+
+    @property
+    def cleared(self) -> int:
+        return 0 if self.final_only else self.length
+
+    def feed(self, chunk: str) -> list[Violation]:
+        self.length += len(chunk)
+        return []
+
+    def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
+        return []
+
+
+CheckFactory = Callable[[Any, CheckContext], Check]
+CHECKS: dict[str, type[Check]] = {}
+CHECK_SETTINGS: dict[str, Callable[[Any, str], Any]] = {}   # name -> validate(value, param)
+
+
+def register_check(name: str, validate: Callable[[Any, str], Any] | None = None
+                   ) -> Callable[[type[Check]], type[Check]]:
+    """Class decorator: `checks: {name: setting}` in a policy builds this check."""
+    def wrap(cls: type[Check]) -> type[Check]:
+        cls.name = name
+        CHECKS[name] = cls
+        CHECK_SETTINGS[name] = validate or (lambda v, param: v)
+        return cls
+    return wrap
+
+
+def is_enabled(setting: Any) -> bool:
+    return setting not in (None, False, "off", [], {})
+
+
+def build_checks(config: dict[str, Any], context: CheckContext | None = None) -> list[Check]:
+    """The enabled checks of a (validated) checks config, in registry order."""
+    context = context or CheckContext()
+    return [cls(config[name], context) for name, cls in CHECKS.items()
+            if is_enabled(config.get(name))]
+
+
+def _bool(value: Any, param: str) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError(param, f"{param} must be true or false")
+    return value
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+def _spans(text: str) -> dict[str, tuple[int, int]]:
+    return {ptr: (s, e) for ptr, _, s, e in JsonPointerParser().feed(text)}
+
+
+def _pointer(path: Any) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+def validate_json(text: str, schema: dict[str, Any], check: str, prefix: str = "",
+                  base: int = 0) -> list[Violation]:
+    """jsonschema with formats; each error located at the offending value when we can."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        return [Violation(check, f"{prefix}not valid JSON: {e}", base, base + len(text))]
+    cls = validators.validator_for(schema)
+    errors = list(cls(schema, format_checker=cls.FORMAT_CHECKER).iter_errors(value))
+    if not errors:
+        return []
+    spans = _spans(text)
+    out = []
+    for err in errors:
+        ptr = _pointer(err.absolute_path)
+        s, e = spans.get(ptr, (0, len(text)))
+        out.append(Violation(check, f"{prefix}{ptr or '/'}: {err.message}", base + s, base + e))
+    return out
+
+
+@register_check("schema", _bool)
+class SchemaCheck(Check):
+    @property
+    def cleared(self) -> int:
+        return 0 if self.context.schema is not None else self.length
+
+    def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
+        if context.schema is None or context.finish_reason == "length":
+            return []   # a cut-off document is the truncation check's finding
+        return validate_json(final_text, context.schema, self.name)
+
+
+# -- tool_args ----------------------------------------------------------------------------------
+
+@register_check("tool_args", _bool)
+class ToolArgsCheck(Check):
+    """Tool calls are judged by the guard one call at a time (`check_call`) and again at finish."""
+
+    def check_call(self, call: dict[str, Any], context: CheckContext) -> list[Violation]:
+        name, args = call.get("name"), call.get("arguments", "")
+        tools = {t.get("function", {}).get("name"): t.get("function", {}) for t in context.tools}
+        if name not in tools:
+            return [Violation(self.name, f"tool {name!r} does not exist", 0, 0)]
+        params = tools[name].get("parameters") or {"type": "object"}
+        return validate_json(args or "{}", params, self.name, prefix=f"tool {name} arguments ")
+
+    def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
+        if context.finish_reason == "length":
+            return []
+        return [v for call in context.tool_calls for v in self.check_call(call, context)]
+
+
+# -- truncation ---------------------------------------------------------------------------------
+
+@register_check("truncation", _bool)
+class TruncationCheck(Check):
+    @property
+    def cleared(self) -> int:
+        return 0 if self.context.is_structured else self.length
+
+    def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
+        if context.finish_reason != "length":
+            return []
+        if context.is_structured:
+            return [Violation(self.name, "structured output cut off by max_tokens", 0, len(final_text))]
+        if context.tool_calls:
+            return [Violation(self.name, "tool call cut off by max_tokens", 0, len(final_text))]
+        return []
+
+
+# -- deny ---------------------------------------------------------------------------------------
+
+def _deny_setting(value: Any, param: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise PolicyError(param, f"{param} must be a list of regular expressions")
+    for p in value:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise PolicyError(param, f"{param}: invalid regular expression {p!r}: {e}") from None
+    return value
+
+
+@register_check("deny", _deny_setting)
+class DenyCheck(Check):
+    """Regexes over the output, found across chunk boundaries.
+
+    Each feed re-scans only the last `max_match` characters before the new text plus the new
+    text, so a match up to `max_match` characters long is found as soon as it is complete,
+    whatever the chunking; the cost per feed is bounded. Text more than `max_match` characters
+    behind the end is cleared. Longer matches (unbounded patterns like `a.*b`) are still found
+    at finish, which re-scans the whole text, but only "final" release holds them back.
+    """
+    max_match = 256
+
+    def __init__(self, setting: Any, context: CheckContext) -> None:
+        super().__init__(setting, context)
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in setting))
+        self.text = ""
+        self.seen: set[int] = set()
+
+    @property
+    def cleared(self) -> int:
+        return max(0, self.length - self.max_match + 1)
+
+    def feed(self, chunk: str) -> list[Violation]:
+        start = max(0, self.length - self.max_match)
+        self.text += chunk
+        self.length += len(chunk)
+        return self._scan(start)
+
+    def _scan(self, start: int) -> list[Violation]:
+        out = []
+        for m in self.pattern.finditer(self.text, start):
+            if m.end() > m.start() and m.start() not in self.seen:
+                self.seen.add(m.start())
+                out.append(Violation(self.name, f"denied pattern matched {m.group()!r}",
+                                     m.start(), m.end()))
+        return out
+
+    def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
+        self.text, self.length = final_text, len(final_text)
+        return self._scan(0)
+
+
+# -- arithmetic ---------------------------------------------------------------------------------
+
+_NUM = r"-?\d{1,20}(?:\.\d{1,12})?"
+# Binary claims `a op b = c`. Not preceded by a word char, `.`, `-` or `/` (versions 1.2.3,
+# dates 2024-01-05 or 1/2/2024) nor followed by one (`= 12.5.1`, `= 51st`). `x` as times only
+# between spaces, so hex and dimensions like `3x4` stay out.
+_CLAIM = re.compile(
+    rf"(?<![\w.\-/^])({_NUM})\s*([+\-*/×÷]|\s[x]\s)\s*({_NUM})\s*=\s*({_NUM})(?![\w\-/^]|\.\d|[*/+^])")
+_MAX_CLAIM = 3 * 34 + 16   # longest claim the pattern can match, with some spacing
+
+
+def _evaluate(a: Decimal, op: str, b: Decimal) -> Decimal | None:
+    op = op.strip()
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op in ("*", "×", "x"):
+        return a * b
+    if b == 0:
+        return None
+    return a / b
+
+
+def _claim_holds(a: str, op: str, b: str, c: str) -> bool | None:
+    try:
+        x, y, claimed = Decimal(a), Decimal(b), Decimal(c)
+        actual = _evaluate(x, op, y)
+    except InvalidOperation:
+        return None
+    if actual is None:
+        return None
+    places = max(len(c.partition(".")[2]), 0)
+    # A rounded claim passes: 10 / 3 = 3.33 is fine, 10 / 3 = 3.4 is not.
+    return abs(actual - claimed) <= Decimal(5) * Decimal(10) ** (-places - 1) if places or op.strip() in "/÷" \
+        else actual == claimed
+
+
+@register_check("arithmetic", _bool)
+class ArithmeticCheck(Check):
+    def __init__(self, setting: Any, context: CheckContext) -> None:
+        super().__init__(setting, context)
+        self.text = ""
+        self.scan_from = 0
+
+    @property
+    def cleared(self) -> int:
+        return max(self.scan_from, self.length - _MAX_CLAIM)
+
+    def feed(self, chunk: str) -> list[Violation]:
+        self.text += chunk
+        self.length += len(chunk)
+        # Only claims followed by at least one more character are final: `= 5` may become `= 51`.
+        out = self._scan(self.length - 1)
+        # Keep the text bounded: nothing before the tail can start a claim any more.
+        cut = max(0, self.length - _MAX_CLAIM) - (self.length - len(self.text))
+        if cut > 4096:
+            self.text = self.text[cut:]
+        return out
+
+    def _scan(self, limit: int) -> list[Violation]:
+        base = self.length - len(self.text)
+        out = []
+        for m in _CLAIM.finditer(self.text, max(0, self.scan_from - base)):
+            if base + m.end() > limit:
+                break
+            self.scan_from = base + m.end()
+            if _claim_holds(*m.groups()) is False:
+                out.append(Violation(self.name, f"wrong arithmetic: {m.group()!r}",
+                                     base + m.start(), base + m.end()))
+        return out
+
+    def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
+        return self._scan(self.length)
+
+
+# -- consistency --------------------------------------------------------------------------------
+
+def _consistency_setting(value: Any, param: str) -> str:
+    if value is True:
+        return "detect"
+    if value is False:
+        return "off"
+    if value not in ("off", "detect", "enforce"):
+        raise PolicyError(param, f"{param} must be one of 'off', 'detect', 'enforce'")
+    return str(value)
+
+
+@register_check("consistency", _consistency_setting)
+class ConsistencyCheck(Check):
+    """Every completed JSON leaf of the output against the assertion buffer."""
+
+    def __init__(self, setting: Any, context: CheckContext) -> None:
+        super().__init__(setting, context)
+        self.parser = JsonPointerParser()
+
+    @property
+    def cleared(self) -> int:
+        # A leaf is judged when complete; an open scalar or key may still conflict.
+        p = self.parser
+        return p.token_start if p.token_start >= 0 else self.length
+
+    def feed(self, chunk: str) -> list[Violation]:
+        self.length += len(chunk)
+        if not self.context.assertions:
+            return []
+        return [v for leaf in self.parser.feed(chunk) if (v := self._judge(*leaf))]
+
+    def _judge(self, ptr: str, value: Any, start: int, end: int, prefix: str = "") -> Violation | None:
+        fact = self.context.assertions.conflict(ptr, value)
+        if fact is None:
+            return None
+        return Violation(self.name, f"{prefix}{ptr} = {json.dumps(value)} contradicts "
+                         f"{json.dumps(fact.value)} from {fact.source}", start, end)
+
+    def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
+        out = []
+        for call in context.tool_calls:
+            try:
+                args = json.loads(call.get("arguments") or "{}")
+            except ValueError:
+                continue
+            for ptr, value, _, _ in JsonPointerParser().feed(json.dumps(args)):
+                v = self._judge(ptr, value, 0, 0, prefix=f"tool {call.get('name')} argument ")
+                if v:
+                    out.append(v)
+        return out
+
+
+# -- policy -------------------------------------------------------------------------------------
+
+Mode = Literal["off", "flag", "block"]
+Release = Literal["stream", "unit", "final"]
+
+
+class PolicyError(ValueError):
+    """A bad `plumbline.guard` object: `param` names the field, for the 400."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    mode: Mode = "off"
+    release: Release = "unit"
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("off", "flag", "block"):
+            raise PolicyError("guard.mode", "mode must be one of 'off', 'flag', 'block'")
+        if self.release not in ("stream", "unit", "final"):
+            raise PolicyError("guard.release", "release must be one of 'stream', 'unit', 'final'")
+
+    @property
+    def consistency_mode(self) -> str:
+        return str(self.checks.get("consistency") or "off")
+
+
+DEFAULT_CHECKS: dict[str, Any] = {"schema": True, "tool_args": True, "truncation": True,
+                                  "deny": [], "arithmetic": False, "consistency": "off"}
+
+
+def validate_checks(checks: Any, param: str) -> dict[str, Any]:
+    if not isinstance(checks, dict):
+        raise PolicyError(param, f"{param} must be an object from check names to settings")
+    out = {}
+    for name, value in checks.items():
+        if name not in CHECKS:
+            raise PolicyError(f"{param}.{name}",
+                              f"unknown check {name!r}; known: {', '.join(CHECKS)}")
+        out[name] = CHECK_SETTINGS[name](value, f"{param}.{name}")
+    return out
+
+
+def server_policy(mode: str = "off", release: str = "unit",
+                  checks: dict[str, Any] | None = None) -> Policy:
+    """The server default: `--guard-mode` and the checks config file, over `DEFAULT_CHECKS`."""
+    merged = {**DEFAULT_CHECKS, **validate_checks(checks or {}, "checks")}
+    return Policy(mode, release, merged)  # type: ignore[arg-type]
+
+
+def merge_policy(server: Policy, override: Any, param: str = "plumbline.guard") -> Policy:
+    """The request's `plumbline.guard` over the server default; PolicyError names the bad field."""
+    if override is None:
+        return server
+    if not isinstance(override, dict):
+        raise PolicyError(param, f"{param} must be an object")
+    unknown = set(override) - {"mode", "release", "checks"}
+    if unknown:
+        raise PolicyError(f"{param}.{sorted(unknown)[0]}",
+                          f"unknown field {sorted(unknown)[0]!r}; known: mode, release, checks")
+    mode = override.get("mode", server.mode)
+    if mode not in ("off", "flag", "block"):
+        raise PolicyError(f"{param}.mode", f"{param}.mode must be one of 'off', 'flag', 'block'")
+    release = override.get("release", server.release)
+    if release not in ("stream", "unit", "final"):
+        raise PolicyError(f"{param}.release",
+                          f"{param}.release must be one of 'stream', 'unit', 'final'")
+    checks = dict(server.checks)
+    for name, value in validate_checks(override.get("checks", {}), f"{param}.checks").items():
+        if name == "deny":   # server patterns always apply; the request adds its own
+            checks[name] = list(server.checks.get("deny") or []) + value
+        else:
+            checks[name] = value
+    return Policy(mode, release, checks)
