@@ -188,6 +188,18 @@ def _deny_setting(value: Any, param: str) -> list[str]:
     return value
 
 
+def _max_width(pattern: str) -> int:
+    try:
+        import re._parser as sre_parse   # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_parse  # type: ignore[no-redef]
+    try:
+        hi = sre_parse.parse(pattern).getwidth()[1]
+    except Exception:
+        return DenyCheck.max_match
+    return max(1, min(int(hi), DenyCheck.max_match))
+
+
 @register_check("deny", _deny_setting)
 class DenyCheck(Check):
     """Regexes over the output, found across chunk boundaries.
@@ -202,9 +214,13 @@ class DenyCheck(Check):
 
     def __init__(self, setting: Any, context: CheckContext) -> None:
         super().__init__(setting, context)
-        self.pattern = re.compile("|".join(f"(?:{p})" for p in setting))
+        # Compiled one by one: inline flags like `(?i)` only work at a pattern's start.
+        self.patterns = [re.compile(p) for p in setting]
+        # Bounded patterns need only their own longest match as a tail.
+        widest = max((_max_width(p) for p in setting), default=1)
+        self.max_match = min(widest, DenyCheck.max_match)
         self.text = ""
-        self.seen: set[int] = set()
+        self.seen: set[tuple[int, int]] = set()   # (pattern, match start)
 
     @property
     def cleared(self) -> int:
@@ -218,11 +234,14 @@ class DenyCheck(Check):
 
     def _scan(self, start: int) -> list[Violation]:
         out = []
-        for m in self.pattern.finditer(self.text, start):
-            if m.end() > m.start() and m.start() not in self.seen:
-                self.seen.add(m.start())
+        for i, pattern in enumerate(self.patterns):
+            for m in pattern.finditer(self.text, start):
+                if m.end() == m.start() or (i, m.start()) in self.seen:
+                    continue
+                self.seen.add((i, m.start()))
                 out.append(Violation(self.name, f"denied pattern matched {m.group()!r}",
                                      m.start(), m.end()))
+        out.sort(key=lambda v: v.start)
         return out
 
     def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
@@ -233,11 +252,13 @@ class DenyCheck(Check):
 # -- arithmetic ---------------------------------------------------------------------------------
 
 _NUM = r"-?\d{1,20}(?:\.\d{1,12})?"
-# Binary claims `a op b = c`. Not preceded by a word char, `.`, `-` or `/` (versions 1.2.3,
-# dates 2024-01-05 or 1/2/2024) nor followed by one (`= 12.5.1`, `= 51st`). `x` as times only
+# Binary claims `a op b = c`. Not preceded by a word char, `.`, `-`, `/` or `=` (versions 1.2.3,
+# dates 2024-01-05 or 1/2/2024, chains x=3-1=2) nor followed by one (`= 12.5.1`, `= 51st`). `x` as times only
 # between spaces, so hex and dimensions like `3x4` stay out.
 _CLAIM = re.compile(
-    rf"(?<![\w.\-/^])({_NUM})\s*([+\-*/×÷]|\s[x]\s)\s*({_NUM})\s*=\s*({_NUM})(?![\w\-/^]|\.\d|[*/+^])")
+    rf"(?<![\w.\-/^=])({_NUM})\s*([+\-*/×÷]|\s[x]\s)\s*({_NUM})\s*=\s*({_NUM})(?![\w\-/^]|\.\d|[*/+^])")
+# The last character no claim can contain: a claim in the making starts after it.
+_NOT_CLAIM_TAIL = re.compile(r"[^\d\s.+\-*/×÷x=][\d\s.+\-*/×÷x=]*\Z")
 _MAX_CLAIM = 3 * 34 + 16   # longest claim the pattern can match, with some spacing
 
 
@@ -275,15 +296,21 @@ class ArithmeticCheck(Check):
         self.text = ""
         self.scan_from = 0
 
+        self.safe = 0   # just past the last character that cannot be part of a claim
+
     @property
     def cleared(self) -> int:
-        return max(self.scan_from, self.length - _MAX_CLAIM)
+        return max(self.scan_from, self.safe, self.length - _MAX_CLAIM)
 
     def feed(self, chunk: str) -> list[Violation]:
         self.text += chunk
         self.length += len(chunk)
-        # Only claims followed by at least one more character are final: `= 5` may become `= 51`.
-        out = self._scan(self.length - 1)
+        m = _NOT_CLAIM_TAIL.search(chunk)
+        if m is not None:
+            self.safe = self.length - len(chunk) + m.end()
+        # Only claims followed by two more characters are final: `= 5` may become `= 51`,
+        # and `= 3.` may become `= 3.5`.
+        out = self._scan(self.length - 2)
         # Keep the text bounded: nothing before the tail can start a claim any more.
         cut = max(0, self.length - _MAX_CLAIM) - (self.length - len(self.text))
         if cut > 4096:

@@ -30,14 +30,13 @@ class _Units:
 
     def __init__(self, is_json: bool) -> None:
         self.is_json = is_json
-        self.last_end = 0
+        self.ends: list[int] = []   # unit ends not yet released, ascending
         self.pos = 0
         self.depth = 0
         self.in_string = self.escape = False
         self.prev = ""
 
-    def feed(self, chunk: str) -> int:
-        """The end of the last completed unit so far."""
+    def feed(self, chunk: str) -> None:
         for ch in chunk:
             self.pos += 1
             if self.is_json:
@@ -55,11 +54,17 @@ class _Units:
                 elif ch in "}]":
                     self.depth -= 1
                     if self.depth == 0:
-                        self.last_end = self.pos
+                        self.ends.append(self.pos)
             elif ch == "\n" or (ch in " \t" and self.prev in ".!?"):
-                self.last_end = self.pos
+                self.ends.append(self.pos)
             self.prev = ch
-        return self.last_end
+
+    def last_end_within(self, limit: int) -> int:
+        """The end of the last completed unit at or before `limit` (0 if none)."""
+        best = 0
+        while self.ends and self.ends[0] <= limit:
+            best = self.ends.pop(0)
+        return best
 
 
 class Guard:
@@ -91,7 +96,8 @@ class Guard:
             return self._release_to(len(self.text), [])
         t0 = time.perf_counter()
         new = [v for c in self.checks for v in c.feed(chunk)]
-        unit_end = self.units.feed(chunk) if self.is_holding else 0
+        if self.is_holding:
+            self.units.feed(chunk)
         self.check_seconds += time.perf_counter() - t0
         if self.policy.mode == "flag" or self.policy.mode == "off":
             return self._release_to(len(self.text), new)
@@ -100,7 +106,7 @@ class Guard:
         else:
             limit = min(c.cleared for c in self.checks)
             if self.policy.release == "unit":
-                limit = min(limit, unit_end)
+                limit = max(self.units.last_end_within(limit), self.num_released)
         return self._release_to(limit, new)
 
     def check_tool_call(self, call: dict[str, Any]) -> GuardStep:
