@@ -161,6 +161,8 @@ class ToolArgsCheck(Check):
 class TruncationCheck(Check):
     @property
     def cleared(self) -> int:
+        # Structured output is judged whole: release "stream" must not leak a prefix of a
+        # document that max_tokens then cuts off.
         return 0 if self.context.is_structured else self.length
 
     def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
