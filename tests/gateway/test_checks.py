@@ -141,3 +141,10 @@ def test_policy_merge_and_errors():
         with pytest.raises(PolicyError) as e:
             merge_policy(server, override)
         assert e.value.param == param
+
+
+def test_schema_checks_date_time_format():
+    schema = {"type": "object", "properties": {"at": {"type": "string", "format": "date-time"}}}
+    assert run({"schema": True}, '{"at": "2024-05-01T10:00:00Z"}', schema=schema) == []
+    [v] = run({"schema": True}, '{"at": "yesterday"}', schema=schema)
+    assert "date-time" in v.message
