@@ -6,13 +6,14 @@ report will start before that offset. The guard releases held text only up to th
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable, Literal
 
-from jsonschema import validators
+from jsonschema import validators  # type: ignore[import-untyped]
 
 from gateway.consistency import AssertionBuffer, JsonPointerParser
 
@@ -118,8 +119,8 @@ def validate_json(text: str, schema: dict[str, Any], check: str, prefix: str = "
     out = []
     for err in errors:
         ptr = _pointer(err.absolute_path)
-        s, e = spans.get(ptr, (0, len(text)))
-        out.append(Violation(check, f"{prefix}{ptr or '/'}: {err.message}", base + s, base + e))
+        lo, hi = spans.get(ptr, (0, len(text)))
+        out.append(Violation(check, f"{prefix}{ptr or '/'}: {err.message}", base + lo, base + hi))
     return out
 
 
@@ -191,10 +192,8 @@ def _deny_setting(value: Any, param: str) -> list[str]:
 
 
 def _max_width(pattern: str) -> int:
-    try:
-        import re._parser as sre_parse   # Python >= 3.11
-    except ImportError:  # pragma: no cover
-        import sre_parse  # type: ignore[no-redef]
+    # re's own parser knows a pattern's widest match; imported by name as it has no stubs.
+    sre_parse: Any = importlib.import_module("re._parser")
     try:
         hi = sre_parse.parse(pattern).getwidth()[1]
     except Exception:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from jsonschema import validators
+from jsonschema import validators  # type: ignore[import-untyped]
 
 
 @dataclass(frozen=True, slots=True)
