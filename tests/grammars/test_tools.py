@@ -214,10 +214,10 @@ def generated(default_llm: Any) -> dict[str, tuple[ToolsRequest, Any]]:
             jobs[stem] = (req, [{"role": "user", "content": "Call a tool with realistic arguments."}])
     tok = default_llm.tokenizer
     prompts = [render_prompt(tok, messages, req) for req, messages in jobs.values()]
-    # Greedy with a mild repetition penalty: the 135M model otherwise loops inside a string or
-    # an array until max_tokens on a few BFCL schemas (the grammar keeps every step valid, but a
-    # call cut by max_tokens does not parse).
-    params = [SamplingParams(max_tokens=64, temperature=0.0, repetition_penalty=1.2,
+    # Greedy. Measured: on 6 of these 50 BFCL schemas the 135M model loops inside a string or an
+    # array until max_tokens (96), and the cut call does not parse; a repetition penalty of 1.2
+    # made it worse (it avoids closing quotes). Known failing until budget-aware decoding lands.
+    params = [SamplingParams(max_tokens=96, temperature=0.0,
                              grammar=tool_call_grammar(req, tok)) for req, _ in jobs.values()]
     outputs = default_llm.generate(prompts, params)
     return {key: (req, out.outputs[0]) for (key, (req, _)), out in zip(jobs.items(), outputs)}
