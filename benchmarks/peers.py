@@ -124,12 +124,12 @@ class Vllm(Peer):
     def command(self, cache: Path, port: int, model: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
         env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, (os.cpu_count() or 1) - 1)}",
                "VLLM_CPU_KVCACHE_SPACE": "2"}
-        site = next((cache / self.name / "venv" / "lib").glob("python3*/site-packages"), None)
-        preload = []
-        if site is not None:     # tcmalloc and the wheel's own libiomp5, when they are there
-            preload += [str(p) for p in sorted(site.rglob("libiomp5.so"))[:1]]
-        preload += [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-                                "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4") if Path(p).exists()][:1]
+        # tcmalloc and the libiomp5 that intel-openmp puts in the venv's lib/, when they are there
+        root = cache / self.name / "venv"
+        preload = [str(p) for p in sorted(root.rglob("libiomp5.so"))[:1]]
+        preload += [str(p) for p in sorted(root.rglob("libtcmalloc*.so*"))[:1]] or \
+            [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                         "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4") if Path(p).exists()][:1]
         if preload:
             env["LD_PRELOAD"] = ":".join(preload)
         # `vllm` (the console script) fails on the package name vllm-cpu; the module runs
