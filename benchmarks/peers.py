@@ -429,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server gets to load")
     p.add_argument("--request-timeout", type=float, default=900.0)
     args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the `finally` that stops a peer's server still runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cache = (args.cache or cache_dir() / "peers").resolve()
     repo = Path(__file__).resolve().parents[1]
     if cache.is_relative_to(repo):
