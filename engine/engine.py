@@ -200,8 +200,10 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.core = EngineCore(config)
+    def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None) -> None:
+        """Loads the model of `config`, or drives an already loaded `core`."""
+        assert (config is None) != (core is None), "give a config or a core"
+        self.core = core if core is not None else EngineCore(config)  # type: ignore[arg-type]
         self.tokenizer = self.core.tokenizer
         self._streams: dict[str, RequestStream] = {}
         self._compiling: dict[str, asyncio.Task[None]] = {}

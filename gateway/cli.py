@@ -132,7 +132,13 @@ def serve(args: argparse.Namespace) -> int:
     return 1 if runtime.load_error is not None else 0
 
 
-_COMMANDS: list[Callable[[Any], None]] = [_add_serve]
+def _add_loadtest(sub: Any) -> None:
+    from loadtests.run import add_cli      # imported only when the CLI is built
+
+    add_cli(sub)
+
+
+_COMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_loadtest]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -79,9 +79,7 @@ def test_no_block_leaks_after_completion_and_abort(default_llm):
     assert core.blocks.num_free_blocks == core.blocks.num_blocks
 
     async def scenario():
-        engine = AsyncEngine.__new__(AsyncEngine)          # reuse the loaded core
-        engine.core, engine.tokenizer, engine._streams = core, core.tokenizer, {}
-        engine._wakeup, engine._task, engine.num_steps = None, None, 0
+        engine = AsyncEngine(core=core)                      # reuse the loaded core
         await engine.start()
         try:
             params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
