@@ -138,6 +138,20 @@ async def precompile(rt: Runtime, spec: GrammarSpec | None) -> None:
         raise p.BadRequest(f"the grammar cannot be used: {exc}", "response_format") from None
 
 
+async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids: Sequence[int],
+                  params: SamplingParams, formatter: Any) -> Any:
+    """The shared tail of both generation routes: admission checks, grammar, then the stream
+    (SSE) or the collected JSON body."""
+    check_fits(rt, prompt_ids, params, "messages" if kind == "chatcmpl" else "prompt")
+    await precompile(rt, params.grammar)
+    gen = start(request, rt, kind, prompt_ids, params, req.skip_special_tokens)
+    fmt = formatter(rt, gen, req)
+    if req.stream:
+        return EventStreamResponse(fmt.events(), ping_interval=rt.config.keepalive_interval_s,
+                                   on_close=closer(request, gen))
+    return DeferredJSONResponse(fmt.collect, on_close=closer(request, gen))
+
+
 def start(request: Request, rt: Runtime, kind: str, prompt_ids: Sequence[int],
           params: SamplingParams, skip_special_tokens: bool) -> Generation:
     _, admission = rt.ready()
@@ -189,14 +203,7 @@ async def chat_completions(request: Request) -> Any:
         req, max_tokens=req.max_completion_tokens or req.max_tokens,
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar)
-    check_fits(rt, prompt_ids, params, "messages")
-    await precompile(rt, grammar)
-    gen = start(request, rt, "chatcmpl", prompt_ids, params, req.skip_special_tokens)
-    chat = ChatFormatter(rt, gen, req)
-    if req.stream:
-        return EventStreamResponse(chat.events(), ping_interval=rt.config.keepalive_interval_s,
-                                   on_close=closer(request, gen))
-    return DeferredJSONResponse(chat.collect, on_close=closer(request, gen))
+    return await respond(request, rt, req, "chatcmpl", prompt_ids, params, ChatFormatter)
 
 
 def render_chat(rt: Runtime, messages: list[p.ChatMessage]) -> list[int]:
@@ -294,14 +301,7 @@ async def completions(request: Request) -> Any:
                                default_max_tokens=16,   # OpenAI's default for completions
                                num_prompt_logprobs=req.logprobs if req.echo else None,
                                grammar=grammar)
-    check_fits(rt, prompt_ids, params, "prompt")
-    await precompile(rt, grammar)
-    gen = start(request, rt, "cmpl", prompt_ids, params, req.skip_special_tokens)
-    fmt = CompletionFormatter(rt, gen, req)
-    if req.stream:
-        return EventStreamResponse(fmt.events(), ping_interval=rt.config.keepalive_interval_s,
-                                   on_close=closer(request, gen))
-    return DeferredJSONResponse(fmt.collect, on_close=closer(request, gen))
+    return await respond(request, rt, req, "cmpl", prompt_ids, params, CompletionFormatter)
 
 
 def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
