@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import AttentionMetadata, slots_for  # noqa: E402
+from kernels.linear import _median_ms  # noqa: E402
 from kernels import attention, linear, logit_mask, rmsnorm, rotary  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, BLOCK = 9, 3, 64, 576, 49152, 16
@@ -31,13 +32,7 @@ def median_ms(fn: Callable[[], object], repeats: int, device: str) -> float:
     if device == "cuda":
         import triton.testing
         return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return _median_ms(fn, repeats)     # the same timing loop kernels.linear calibrates with
 
 
 def row(name: str, **cols: float | str) -> None:
