@@ -10,9 +10,7 @@ Each figure is the median of several runs, in milliseconds. Shapes are the defau
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
