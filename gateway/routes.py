@@ -228,14 +228,21 @@ def render_chat(rt: Runtime, messages: list[p.ChatMessage]) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=False).input_ids)
 
 
-class ChatFormatter:
-    def __init__(self, rt: Runtime, gen: Generation, req: p.ChatCompletionRequest) -> None:
+class _Formatter:
+    """What both formatters share: the generation, the request and the chunk header."""
+
+    def __init__(self, rt: Runtime, gen: Generation, req: Any, object_name: str) -> None:
         self.gen = gen
         self.req = req
         assert rt.token_table is not None
         self.tokens = rt.token_table
-        self.base = {"id": gen.request_id, "object": "chat.completion.chunk",
+        self.base = {"id": gen.request_id, "object": object_name,
                      "created": int(time.time()), "model": rt.config.model_name}
+
+
+class ChatFormatter(_Formatter):
+    def __init__(self, rt: Runtime, gen: Generation, req: p.ChatCompletionRequest) -> None:
+        super().__init__(rt, gen, req, "chat.completion.chunk")
         self.want_logprobs = gen.params.logprobs is not None
 
     def _logprobs(self, u: ChoiceUpdate) -> dict[str, Any] | None:
@@ -316,14 +323,9 @@ def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list
     return list(prompt)        # type: ignore[arg-type]
 
 
-class CompletionFormatter:
+class CompletionFormatter(_Formatter):
     def __init__(self, rt: Runtime, gen: Generation, req: p.CompletionRequest) -> None:
-        self.gen = gen
-        self.req = req
-        assert rt.token_table is not None
-        self.tokens = rt.token_table
-        self.base = {"id": gen.request_id, "object": "text_completion",
-                     "created": int(time.time()), "model": rt.config.model_name}
+        super().__init__(rt, gen, req, "text_completion")
         self.echo = (rt.tokenizer.decode(list(gen.prompt_ids), skip_special_tokens=True)
                      if req.echo else "")
         self.want_logprobs = gen.params.logprobs is not None
