@@ -27,12 +27,15 @@ from gateway import protocol as p
 from gateway import routes
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
+from gateway.consistency import InMemorySessionStore
 from gateway.logs import RequestContextMiddleware
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_schema
 from gateway.sse import send_json
 from gateway.state import EngineClient, Runtime
 from gateway.tokens import TokenTable
+from gateway import traces
+from gateway.traces import TraceRing
 
 log = structlog.get_logger("plumbline.gateway")
 
@@ -66,7 +69,9 @@ class AuthMiddleware:
 def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = None) -> Starlette:
     factory: EngineFactory = engine_factory or AsyncEngine
     metrics = Metrics(config.model_name)
-    runtime = Runtime(config, metrics)
+    runtime = Runtime(config, metrics, policy=config.guard_policy(),
+                      sessions=InMemorySessionStore(ttl_s=config.session_ttl_s),
+                      traces=TraceRing(config.max_traces, config.trace_dir))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -89,6 +94,7 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
             Route("/v1/completions", routes.completions, methods=["POST"]),
             Route("/v1/models", routes.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", routes.get_model, methods=["GET"]),
+            Route("/v1/traces/{request_id}", traces.get_trace, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/ready", routes.ready, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),

@@ -39,8 +39,43 @@ def _add_serve(sub: Any) -> None:
                    help="seconds running requests get to finish after SIGTERM")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    _add_guard_options(s.add_argument_group("guard (requests override in plumbline.guard)"))
     _add_engine_options(s.add_argument_group("engine (EngineConfig fields)"))
     s.set_defaults(func=serve)
+
+
+def _add_guard_options(g: Any) -> None:
+    g.add_argument("--guard-mode", choices=["off", "flag", "block"], default="off",
+                   help="off: no checks; flag: stream as generated, report violations; "
+                        "block: release text only once it passes")
+    g.add_argument("--guard-release", choices=["stream", "unit", "final"], default="unit",
+                   help="how much text block mode holds back")
+    g.add_argument("--checks-config", type=Path,
+                   help="a JSON or TOML file: check name -> setting, e.g. "
+                        "{\"deny\": [\"(?i)drop\\\\s+table\"], \"arithmetic\": true}")
+    g.add_argument("--session-ttl", type=float, default=3600.0,
+                   help="seconds the facts of a plumbline.session_id are kept")
+    g.add_argument("--max-traces", type=int, default=1000,
+                   help="diagnostic traces kept in memory (GET /v1/traces/{id})")
+    g.add_argument("--trace-dir", default=None, help="also append every trace to DIR/traces.jsonl")
+
+
+def _guard_config(args: argparse.Namespace) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    path: Path | None = args.checks_config
+    if path is not None:
+        import json
+        import tomllib
+
+        try:
+            text = path.read_text()
+            checks = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as exc:     # TOMLDecodeError and JSONDecodeError too
+            raise AssertionError(f"--checks-config {path}: {exc}") from None
+        assert isinstance(checks, dict), f"--checks-config {path}: must hold an object"
+    return {"guard_mode": args.guard_mode, "guard_release": args.guard_release,
+            "guard_checks": checks, "session_ttl_s": args.session_ttl,
+            "max_traces": args.max_traces, "trace_dir": args.trace_dir}
 
 
 _ENGINE_HELP = {
@@ -86,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_body_bytes=args.max_body_bytes, keepalive_interval_s=args.keepalive_interval,
         drain_timeout_s=args.drain_timeout,
         log_json={"auto": None, "json": True, "console": False}[args.log_format],
-        log_level=args.log_level)
+        log_level=args.log_level, **_guard_config(args))
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.config import EngineConfig
+from gateway.checks import Policy, PolicyError, server_policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +22,13 @@ class GatewayConfig:
     retry_after_s: int = 1                 # the Retry-After header on 429
     log_json: bool | None = None           # None: JSON unless stderr is a terminal
     log_level: str = "info"
+    # The guard's server defaults (requests override them in `plumbline.guard`):
+    guard_mode: str = "off"                # off | flag | block
+    guard_release: str = "unit"            # stream | unit | final (how block mode holds text)
+    guard_checks: dict[str, Any] = field(default_factory=dict)   # the checks config file
+    session_ttl_s: float = 3600.0          # `plumbline.session_id` facts live this long
+    max_traces: int = 1000                 # diagnostic traces kept in memory
+    trace_dir: str | None = None           # also append each trace to <dir>/traces.jsonl
 
     def __post_init__(self) -> None:
         assert 0 < self.port < 65536, "port must be in 1..65535"
@@ -28,6 +37,15 @@ class GatewayConfig:
         assert self.keepalive_interval_s > 0 and self.drain_timeout_s >= 0
         assert all(self.api_keys), "API keys must be non-empty"
         assert self.log_level in ("debug", "info", "warning", "error")
+        assert self.session_ttl_s > 0 and self.max_traces >= 0
+        try:
+            self.guard_policy()
+        except PolicyError as exc:
+            raise AssertionError(f"guard: {exc.param}: {exc.message}") from None
+
+    def guard_policy(self) -> Policy:
+        """The server's default guard policy (checked at startup: a bad file stops the CLI)."""
+        return server_policy(self.guard_mode, self.guard_release, self.guard_checks)
 
     @property
     def model_name(self) -> str:

@@ -5,7 +5,7 @@ from `engine.stats()` at scrape time rather than pushed per step.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -56,6 +56,18 @@ class Metrics:
         self.num_preemptions = Gauge("plumbline:num_preemptions",
                                      "Preemptions since start (a counter kept by the engine)",
                                      labels, registry=r)
+        self.checks_run = Counter("plumbline:checks_run",
+                                  "Checks run on a response (one per check per choice)",
+                                  [*labels, "check"], registry=r)
+        self.checks_failed = Counter("plumbline:checks_failed",
+                                     "Checks that found at least one violation in a response",
+                                     [*labels, "check"], registry=r)
+        self.guard_blocked = Counter("plumbline:guard_blocked",
+                                     "Responses (choices) withheld by the guard in block mode",
+                                     labels, registry=r)
+        self.consistency_conflicts = Counter("plumbline:consistency_conflicts",
+                                             "Contradictions with the consistency buffer found",
+                                             labels, registry=r)
         m = model_name
         self.ttft = self.ttft_hist.labels(m)
         self.itl = self.itl_hist.labels(m)
@@ -70,6 +82,20 @@ class Metrics:
         self.prompt_tokens.labels(m).inc(num_prompt_tokens)
         self.generation_tokens.labels(m).inc(num_completion_tokens)
         self.e2e.observe(e2e_s)
+
+    def observe_verdict(self, verdict: dict[str, Any]) -> None:
+        """A choice's guard verdict (`Guard.verdict()`), once when the choice ends."""
+        m = self.model_name
+        for name in verdict["checks"]:
+            self.checks_run.labels(m, name).inc()
+        violations = verdict["violations"]
+        for name in {v["check"] for v in violations}:
+            self.checks_failed.labels(m, name).inc()
+        num_conflicts = sum(v["check"] == "consistency" for v in violations)
+        if num_conflicts:
+            self.consistency_conflicts.labels(m).inc(num_conflicts)
+        if verdict["blocked"]:
+            self.guard_blocked.labels(m).inc()
 
     def render(self, runtime: Runtime) -> bytes:
         m = self.model_name

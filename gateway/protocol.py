@@ -246,6 +246,10 @@ class PlumblineOptions(_Strict):
     """Our vendor extension: `"plumbline": {...}` in a request."""
 
     logprobs_mode: Literal["processed", "raw"] | None = None
+    # The guard (gateway/policy.py checks these and names the bad field in its 400):
+    guard: Any = None         # {"mode", "release", "checks"} over the server defaults
+    assertions: Any = None    # {"/json/pointer": value}: facts the response must not contradict
+    session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
 
 NonNegInt = Annotated[int, Field(ge=0)]

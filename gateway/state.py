@@ -8,10 +8,13 @@ from typing import Any, Protocol
 
 from engine import GenerateRequest, TokenDelta
 from gateway.admission import Admission
+from gateway.checks import Policy
+from gateway.consistency import InMemorySessionStore, SessionStore
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.protocol import Unavailable
 from gateway.tokens import TokenTable
+from gateway.traces import TraceRing
 
 
 class EngineStatsLike(Protocol):
@@ -51,6 +54,9 @@ class Runtime:
     is_draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
     active: set[str] = field(default_factory=set)     # request ids in the engine (for the drain)
+    policy: Policy = field(default_factory=Policy)    # the guard's server default
+    sessions: SessionStore = field(default_factory=InMemorySessionStore)
+    traces: TraceRing = field(default_factory=TraceRing)
 
     @property
     def tokenizer(self) -> Any:

@@ -1,0 +1,45 @@
+"""The trace ring: bounded, found by completion id or HTTP request id, JSONL when asked; the
+allowed-token replay on a real grammar."""
+from __future__ import annotations
+
+import json
+
+from gateway.traces import Trace, TraceRing, allowed_token_counts
+
+
+def trace(i: int) -> Trace:
+    return Trace(f"chatcmpl-{i}", f"req-{i}", "chat.completion", [1, 2, 3], "processed")
+
+
+def test_ring_keeps_the_newest_and_finds_them_by_either_id(tmp_path):
+    ring = TraceRing(max_traces=2, trace_dir=tmp_path)
+    traces = [ring.open(trace(i)) for i in range(3)]
+    assert len(ring) == 2 and ring.get("chatcmpl-0") is None and ring.get("req-0") is None
+    assert ring.get("req-2") is traces[2] and ring.get("chatcmpl-1") is traces[1]
+    t = traces[2]
+    t.add_tokens(0, [7, 8], [-0.5, -0.25])
+    t.event("check_violation", 0, {"check": "deny"})
+    t.finish_choice(0, "content_filter", {"blocked": True})
+    ring.close(t)
+    ring.close(t)          # once only
+    (line,) = (tmp_path / "traces.jsonl").read_text().splitlines()
+    got = json.loads(line)
+    assert got["id"] == "chatcmpl-2" and got["choices"][0]["completion_ids"] == [7, 8]
+    assert got["choices"][0]["finish_reason"] == "content_filter"
+    assert got["events"][0]["event"] == "check_violation" and got["checks"] == [{"blocked": True}]
+    ts = got["timestamps"]
+    assert ts["queued"] <= ts["first_token"] <= ts["finished"]
+
+
+def test_allowed_token_counts_replays_the_grammar(default_model_dir):
+    from transformers import AutoTokenizer
+
+    from grammars import GrammarCompiler, GrammarSpec
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    compiler = GrammarCompiler(tok)
+    spec = GrammarSpec.choice(["yes", "no"])
+    ids = tok("yes", add_special_tokens=False).input_ids
+    counts = allowed_token_counts(compiler, spec, ids + [tok.eos_token_id])
+    # one count per token up to where the grammar completes (the engine stops there)
+    assert len(counts) == len(ids) and 1 <= counts[0] < 100
