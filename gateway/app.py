@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import AsyncEngine, EngineConfig
 from gateway import protocol as p
-from gateway import routes
+from gateway import admin, routes
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.consistency import InMemorySessionStore
@@ -44,14 +44,16 @@ _OPEN_PATHS = ("/health", "/ready", "/metrics", "/openapi.json")
 
 
 class AuthMiddleware:
-    """Bearer API keys on everything but the probes, metrics and the schema."""
+    """Bearer API keys on everything but the probes, metrics and the schema; /v1/admin/ checks
+    its own key (gateway/admin.py)."""
 
     def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
         self.app = app
         self.api_keys = [k.encode() for k in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.api_keys or scope["path"] in _OPEN_PATHS:
+        if (scope["type"] != "http" or not self.api_keys or scope["path"] in _OPEN_PATHS
+                or scope["path"].startswith(admin.ADMIN_PREFIX)):
             await self.app(scope, receive, send)
             return
         token = b""
@@ -94,6 +96,8 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
             Route("/v1/completions", routes.completions, methods=["POST"]),
             Route("/v1/models", routes.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", routes.get_model, methods=["GET"]),
+            Route("/v1/server_info", admin.server_info, methods=["GET"]),
+            Route("/v1/admin/weights", admin.update_weights, methods=["POST"]),
             Route("/v1/traces/{request_id}", traces.get_trace, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/ready", routes.ready, methods=["GET"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -30,6 +31,9 @@ def _add_serve(sub: Any) -> None:
     s.add_argument("--api-key", action="append", default=[],
                    help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")
     s.add_argument("--api-key-file", type=Path, help="a file with one API key per line")
+    s.add_argument("--admin-key", default=None,
+                   help="enables POST /v1/admin/weights for 'Authorization: Bearer KEY' "
+                        "(default: $PLUMBLINE_ADMIN_KEY; unset: admin endpoints disabled)")
     s.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests that may wait for a slot; more get 429")
     s.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
@@ -117,11 +121,18 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if f.name != "model"})
     return GatewayConfig(
         engine=engine, host=args.host, port=args.port, served_model_name=args.served_model_name,
-        api_keys=tuple(keys), max_queued_requests=args.max_queued_requests,
-        max_body_bytes=args.max_body_bytes, keepalive_interval_s=args.keepalive_interval,
+        api_keys=tuple(keys), admin_key=_admin_key(args),
+        max_queued_requests=args.max_queued_requests, max_body_bytes=args.max_body_bytes,
+        keepalive_interval_s=args.keepalive_interval,
         drain_timeout_s=args.drain_timeout,
         log_json={"auto": None, "json": True, "console": False}[args.log_format],
         log_level=args.log_level, **_guard_config(args))
+
+
+def _admin_key(args: argparse.Namespace) -> str:
+    # The environment keeps the key out of `ps` output; the flag wins when both are given.
+    key = args.admin_key if args.admin_key is not None else os.environ.get("PLUMBLINE_ADMIN_KEY")
+    return (key or "").strip()
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ class GatewayConfig:
     port: int = 8000
     served_model_name: str = ""            # "": the engine's model argument
     api_keys: tuple[str, ...] = ()         # empty: no authentication
+    admin_key: str = ""                    # "": /v1/admin/* disabled (404)
     max_queued_requests: int = 256         # requests waiting for a slot; beyond this, 429
     max_body_bytes: int = 4 * 1024 * 1024  # beyond this, 413
     keepalive_interval_s: float = 10.0     # SSE comment pings while nothing else is sent

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from gateway import protocol as p
+from gateway.admin import WeightsUpdateRequest
 
 _ERROR = {"description": "OpenAI-style error",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -34,7 +35,8 @@ def _get(summary: str) -> dict[str, Any]:
 @cache
 def openapi_schema(model_name: str) -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(p.ChatCompletionRequest, "validation"), (p.CompletionRequest, "validation")],
+        [(p.ChatCompletionRequest, "validation"), (p.CompletionRequest, "validation"),
+         (WeightsUpdateRequest, "validation")],
         ref_template="#/components/schemas/{model}")
     schemas = {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA}
     return {
@@ -46,6 +48,14 @@ def openapi_schema(model_name: str) -> dict[str, Any]:
             "/v1/completions": _generation("Create a text completion", "CompletionRequest"),
             "/v1/models": _get("List the served model"),
             "/v1/models/{model}": _get("Describe the served model"),
+            "/v1/server_info": _get("Every setting that changes numerics or scheduling, the "
+                                    "weights version and library versions"),
+            "/v1/admin/weights": {"post": {
+                "summary": "Load new weights while serving (admin key; 404 when disabled)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/WeightsUpdateRequest"}}}},
+                "responses": {"200": {"description": "The new weights version"},
+                              **{code: _ERROR for code in ("400", "401", "404", "503")}}}},
             "/health": _get("Liveness"),
             "/ready": _get("Readiness: 503 until the model is loaded and while draining"),
             "/metrics": _get("Prometheus metrics"),

@@ -57,6 +57,7 @@ class Runtime:
     policy: Policy = field(default_factory=Policy)    # the guard's server default
     sessions: SessionStore = field(default_factory=InMemorySessionStore)
     traces: TraceRing = field(default_factory=TraceRing)
+    weights_source: str | None = None     # path of the last weights loaded through /v1/admin
 
     @property
     def tokenizer(self) -> Any:
