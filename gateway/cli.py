@@ -1,4 +1,5 @@
-"""`plumbline` command line: `plumbline serve [options]` (more subcommands can join `_COMMANDS`)."""
+"""`plumbline` command line: `plumbline serve|loadtest|verify [options]` (subcommands join
+`_COMMANDS`)."""
 from __future__ import annotations
 
 import argparse
@@ -184,7 +185,13 @@ def _add_loadtest(sub: Any) -> None:
     add_cli(sub)
 
 
-_COMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_loadtest]
+def _add_verify(sub: Any) -> None:
+    from gateway.verify import add_cli
+
+    add_cli(sub)
+
+
+_COMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_loadtest, _add_verify]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
