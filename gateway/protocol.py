@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import FinishReason, SamplingParams
 from grammars.spec import GrammarError, GrammarSpec
+from grammars.tools import ToolError, ToolsRequest, parse_tools_request
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -111,7 +112,7 @@ def _param_path(loc: tuple[int | str, ...]) -> str:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "text", "json_object",
-              "json_schema", "function"}
+              "json_schema"}
 
 
 def parse(model: type[_M], body: Any) -> _M:
@@ -357,24 +358,9 @@ def structured_output_spec(req: _GenerationRequest) -> GrammarSpec | None:
     """Validate response_format / tools / tool_choice / structured_outputs / guided_*; return the
     grammar the output must match, or None when nothing constrains it.
 
-    The one switch for constrained decoding. Tools always get a 400 until the tool issue lands.
+    Tools are checked (and constrained) apart, by `tools_request`: a request asks for one or
+    the other.
     """
-    if isinstance(req, ChatCompletionRequest):
-        if req.tool_choice is not None and not req.tools and req.tool_choice != "none":
-            raise BadRequest("tool_choice needs tools", "tool_choice")
-        names = {t.function.name for t in req.tools or []}
-        if len(names) != len(req.tools or []):
-            raise BadRequest("tool names must be unique", "tools")
-        if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in names:
-            raise BadRequest(f"tool_choice names an unknown function "
-                             f"'{req.tool_choice.function.name}'", "tool_choice")
-        for i, tool in enumerate(req.tools or []):
-            _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
-        if req.tools and req.tool_choice != "none":
-            raise NotSupported("tools are not supported yet: tool calling is not enabled in this "
-                               "server", "tools")
-        if any(m.tool_calls for m in req.messages):
-            raise NotSupported("tool_calls in messages are not supported yet", "messages")
     asked: list[tuple[str, GrammarSpec]] = []
     if isinstance(req, ChatCompletionRequest) and req.response_format is not None:
         if isinstance(req.response_format, JsonSchemaFormat):
@@ -407,6 +393,21 @@ def structured_output_spec(req: _GenerationRequest) -> GrammarSpec | None:
         raise NotSupported(f"{asked[0][0]} is not supported yet: constrained decoding is not "
                            "enabled in this server", asked[0][0])
     return asked[0][1]
+
+
+def tools_request(req: ChatCompletionRequest) -> ToolsRequest | None:
+    """The checked tools / tool_choice / parallel_tool_calls; None without tools. A bad one is a
+    400 naming the parameter (grammars.tools does the checking, so offline use agrees)."""
+    try:
+        tools = parse_tools_request(
+            None if req.tools is None else [t.model_dump(exclude_none=True) for t in req.tools],
+            req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice,
+            req.parallel_tool_calls)
+    except ToolError as exc:
+        raise BadRequest(str(exc), exc.param) from None
+    for i, tool in enumerate(req.tools or []):
+        _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+    return tools
 
 
 def _grammar(param: str, build: Callable[[Any], GrammarSpec | None], value: Any) -> GrammarSpec | None:

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from engine import GenerateRequest, RequestError, SamplingParams
 from grammars import GrammarError, GrammarSpec
+from grammars.tools import ToolsRequest, render_prompt, tool_call_grammar
 from gateway import protocol as p
 from gateway.logs import log_fields
 from gateway.sse import DONE, DeferredJSONResponse, EventStreamResponse, frame
@@ -125,7 +126,7 @@ def check_fits(rt: Runtime, prompt_ids: Sequence[int], params: SamplingParams,
         raise p.BadRequest(f"stop_token_ids must lie in [0, {vocab_size})", "stop_token_ids")
 
 
-async def precompile(rt: Runtime, spec: GrammarSpec | None) -> None:
+async def precompile(rt: Runtime, spec: GrammarSpec | None, param: str = "response_format") -> None:
     """Compile a request's grammar before the response starts, so a grammar that fails to compile
     (or times out) is a 400, never an error event mid-stream; the engine then hits the cache."""
     if spec is None:
@@ -135,16 +136,16 @@ async def precompile(rt: Runtime, spec: GrammarSpec | None) -> None:
     try:
         await core.grammars.compile_async(spec, timeout=core.config.grammar_compile_timeout)
     except GrammarError as exc:
-        raise p.BadRequest(f"the grammar cannot be used: {exc}", "response_format") from None
+        raise p.BadRequest(f"the grammar cannot be used: {exc}", param) from None
 
 
 async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids: Sequence[int],
-                  params: SamplingParams, formatter: Any) -> Any:
+                  params: SamplingParams, formatter: Any, tools: ToolsRequest | None = None) -> Any:
     """The shared tail of both generation routes: admission checks, grammar, then the stream
     (SSE) or the collected JSON body."""
     check_fits(rt, prompt_ids, params, "messages" if kind == "chatcmpl" else "prompt")
-    await precompile(rt, params.grammar)
-    gen = start(request, rt, kind, prompt_ids, params, req.skip_special_tokens)
+    await precompile(rt, params.grammar, "tools" if tools is not None else "response_format")
+    gen = start(request, rt, kind, prompt_ids, params, req.skip_special_tokens, tools)
     fmt = formatter(rt, gen, req)
     if req.stream:
         return EventStreamResponse(fmt.events(), ping_interval=rt.config.keepalive_interval_s,
@@ -153,11 +154,12 @@ async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids
 
 
 def start(request: Request, rt: Runtime, kind: str, prompt_ids: Sequence[int],
-          params: SamplingParams, skip_special_tokens: bool) -> Generation:
+          params: SamplingParams, skip_special_tokens: bool,
+          tools: ToolsRequest | None = None) -> Generation:
     _, admission = rt.ready()
     ticket = admission.enter(params.n)
     gen = Generation(rt, f"{kind}-{uuid.uuid4().hex}", prompt_ids, params, ticket,
-                     skip_special_tokens=skip_special_tokens)
+                     skip_special_tokens=skip_special_tokens, parse_tool_calls=tools is not None)
     log_fields(request.scope)["completion_id"] = gen.request_id
     return gen
 
@@ -196,17 +198,32 @@ async def chat_completions(request: Request) -> Any:
     check_model(rt, req.model)
     p.check_unsupported(req)
     grammar = p.structured_output_spec(req)
+    tools = p.tools_request(req)
+    if tools is not None and tools.is_active:
+        if grammar is not None:
+            raise p.BadRequest("tools and a structured output format both constrain the output; "
+                               "send one (or tool_choice 'none')", "tools")
+        try:
+            grammar = tool_call_grammar(tools, rt.tokenizer)
+        except GrammarError as exc:
+            raise p.NotSupported(f"tool calls cannot be served with this model: {exc}",
+                                 "tools") from None
+    else:
+        tools = None
     if req.top_logprobs is not None and not req.logprobs:
         raise p.BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
-    prompt_ids = render_chat(rt, req.messages)
+    prompt_ids = render_chat(rt, req.messages, tools)
     params = p.sampling_params(
         req, max_tokens=req.max_completion_tokens or req.max_tokens,
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar)
-    return await respond(request, rt, req, "chatcmpl", prompt_ids, params, ChatFormatter)
+    return await respond(request, rt, req, "chatcmpl", prompt_ids, params, ChatFormatter,
+                         tools=tools)
 
 
-def render_chat(rt: Runtime, messages: list[p.ChatMessage]) -> list[int]:
+def render_chat(rt: Runtime, messages: list[p.ChatMessage], tools: ToolsRequest | None) -> list[int]:
+    """The prompt: messages (with earlier tool calls and results) and the tools, through the
+    model's chat template, or our own tool section when the template knows no tools."""
     tokenizer = rt.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise p.NotSupported("this model has no chat template; use /v1/completions", "messages")
@@ -219,10 +236,13 @@ def render_chat(rt: Runtime, messages: list[p.ChatMessage]) -> list[int]:
             message["name"] = m.name
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            for j, call in enumerate(m.tool_calls):
+                p.check_text(call.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments")
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         conversation.append(message)
     try:
-        prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                               tokenize=False)
+        prompt = render_prompt(tokenizer, conversation, tools)
     except Exception as exc:  # a template may refuse a conversation (e.g. role order)
         raise p.BadRequest(f"the chat template rejected these messages: {exc}", "messages") from None
     return list(tokenizer(prompt, add_special_tokens=False).input_ids)
@@ -258,12 +278,20 @@ class ChatFormatter(_Formatter):
              "finish_reason": None} for i in range(self.gen.params.n)], **extra})
         async with aclosing(self.gen.updates()) as updates:
             async for u in updates:
-                if not u.text and u.finish_reason is None and not self.want_logprobs:
+                if (not u.text and not u.tool_calls and u.finish_reason is None
+                        and not self.want_logprobs):
                     continue          # e.g. half a character held back
-                delta = {"content": u.text} if u.text else {}
-                yield frame({**self.base, "choices": [
-                    {"index": u.index, "delta": delta, "logprobs": self._logprobs(u),
-                     "finish_reason": u.finish_reason}], **extra})
+                # One chunk per call delta, as OpenAI streams them; logprobs ride on the first
+                # chunk of the update and finish_reason on the last.
+                deltas: list[dict[str, Any]] = [{"content": u.text}] if u.text else []
+                deltas += [{"tool_calls": [c.to_openai()]} for c in u.tool_calls]
+                deltas = deltas or [{}]
+                for k, delta in enumerate(deltas):
+                    last = k == len(deltas) - 1
+                    yield frame({**self.base, "choices": [
+                        {"index": u.index, "delta": delta,
+                         "logprobs": self._logprobs(u) if k == 0 else None,
+                         "finish_reason": u.finish_reason if last else None}], **extra})
         if self.req.include_usage:
             yield frame({**self.base, "choices": [], "usage": usage(self.gen),
                          **_ext(self.gen.params)})
@@ -273,6 +301,7 @@ class ChatFormatter(_Formatter):
         n = self.gen.params.n
         texts, reasons = [""] * n, [None] * n  # type: list[str], list[str | None]
         entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         async with aclosing(self.gen.updates()) as updates:
             async for u in updates:
                 texts[u.index] += u.text
@@ -280,12 +309,24 @@ class ChatFormatter(_Formatter):
                 lp = self._logprobs(u)
                 if lp is not None:
                     entries[u.index] += lp["content"]
+                for c in u.tool_calls:    # the stream's deltas, summed: the same calls
+                    if c.id is not None:
+                        calls[u.index].append(c.to_openai())
+                        del calls[u.index][-1]["index"]
+                    else:
+                        calls[u.index][-1]["function"]["arguments"] += c.arguments
         return {"id": self.gen.request_id, "object": "chat.completion",
                 "created": self.base["created"], "model": self.base["model"],
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                "choices": [{"index": i, "message": _message(texts[i], calls[i]),
                              "logprobs": {"content": entries[i]} if self.want_logprobs else None,
                              "finish_reason": reasons[i]} for i in range(n)],
                 "usage": usage(self.gen), **_ext(self.gen.params)}
+
+
+def _message(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": calls}
 
 
 def _ext(params: SamplingParams) -> dict[str, Any]:

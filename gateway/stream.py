@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from engine import FinishReason, GenerateRequest, RequestError, SamplingParams, TopLogprob
 from engine.types import PromptLogprob
 from gateway.protocol import BadRequest, InternalError, Unavailable, finish_reason_name
+from gateway.tool_calls import ContentDelta, Delta, ToolCallDelta, ToolCallParser
 
 if TYPE_CHECKING:
     from gateway.admission import Ticket
@@ -102,12 +103,15 @@ class ChoiceUpdate:
     logprobs: tuple[float, ...] = ()
     top_logprobs: tuple[tuple[TopLogprob, ...], ...] = ()
     finish_reason: str | None = None
+    # With tools: `text` is the content outside calls, and these the call deltas after it.
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(slots=True)
 class _Choice:
     detok: Detokenizer
     stops: StopMatcher
+    calls: ToolCallParser | None = None
     num_tokens: int = 0
     finish_reason: str | None = None
 
@@ -131,13 +135,15 @@ class Generation:
     """
 
     def __init__(self, runtime: Runtime, request_id: str, prompt_ids: Sequence[int],
-                 params: SamplingParams, ticket: Ticket, *, skip_special_tokens: bool = True) -> None:
+                 params: SamplingParams, ticket: Ticket, *, skip_special_tokens: bool = True,
+                 parse_tool_calls: bool = False) -> None:
         self.runtime = runtime
         self.request_id = request_id
         self.prompt_ids = tuple(prompt_ids)
         self.params = params
         self.ticket = ticket
         self.skip_special_tokens = skip_special_tokens
+        self.parse_tool_calls = parse_tool_calls
         self.arrival = time.monotonic()
         self.outcome = Outcome(num_prompt_tokens=len(self.prompt_ids))
         self.prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None   # when asked
@@ -148,7 +154,8 @@ class Generation:
         engine = rt.engine
         assert engine is not None
         choices = [_Choice(Detokenizer(rt.tokenizer, self.prompt_ids, self.skip_special_tokens),
-                           StopMatcher(self.params.stop, self.params.include_stop_str_in_output))
+                           StopMatcher(self.params.stop, self.params.include_stop_str_in_output),
+                           ToolCallParser() if self.parse_tool_calls else None)
                    for _ in range(self.params.n)]
         num_open = len(choices)
         stream = None
@@ -201,10 +208,16 @@ class Generation:
                 elif final:
                     assert delta.finish_reason is not None
                     choice.finish_reason = finish_reason_name(delta.finish_reason)
+                calls: tuple[ToolCallDelta, ...] = ()
+                if choice.calls is not None:
+                    text, calls = _split(choice.calls.feed(text) + (
+                        choice.calls.finish() if choice.finish_reason is not None else []))
+                    if choice.finish_reason is not None:
+                        choice.finish_reason = choice.calls.finish_reason(choice.finish_reason)
                 if choice.finish_reason is not None:
                     num_open -= 1
                 yield ChoiceUpdate(delta.index, text, delta.token_ids, delta.logprobs,
-                                   delta.top_logprobs, choice.finish_reason)
+                                   delta.top_logprobs, choice.finish_reason, calls)
                 if num_open == 0:
                     break
         finally:
@@ -225,3 +238,10 @@ class Generation:
             self.runtime.metrics.observe_finished(
                 self.outcome.finish_reasons, self.outcome.num_prompt_tokens,
                 self.outcome.num_completion_tokens, time.monotonic() - self.arrival)
+
+
+def _split(deltas: list[Delta]) -> tuple[str, tuple[ToolCallDelta, ...]]:
+    """Content text and call deltas. The grammar lets nothing but calls follow the first call,
+    so all content comes first."""
+    text = "".join(d.text for d in deltas if isinstance(d, ContentDelta))
+    return text, tuple(d for d in deltas if isinstance(d, ToolCallDelta))
