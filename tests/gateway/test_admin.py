@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import pytest
@@ -13,7 +14,7 @@ from engine.loader import load_state_dict
 from gateway.app import create_app
 from gateway.cli import _add_serve, config_from_args
 from gateway.config import GatewayConfig
-from tests.gateway.conftest import LiveServer
+from tests.gateway.conftest import LiveServer, sse_events, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 USER = {"Authorization": "Bearer user-key"}
@@ -152,6 +153,50 @@ def test_update_changes_outputs_and_reports_the_version(server, new_weights, tin
         assert r.status_code == 200 and r.json()["weights_version"] == version, r.text
     assert greedy(server) == before
     assert info(server)["model"]["weights_source"] == str(tiny_model_dir)
+
+
+def stream_during_update(server, body):
+    """Stream 250 greedy tokens; once the first arrives, POST the update. Returns the events
+    and the update's response."""
+    events: list = []
+
+    def consume():
+        with httpx.stream("POST", server.url + "/v1/completions", headers=USER, timeout=60, json={
+                "model": "tiny", "prompt": [1, 422, 1234], "max_tokens": 250, "temperature": 0,
+                "ignore_eos": True, "logprobs": 0, "stream": True}) as r:
+            for line in r.iter_lines():      # one at a time: sse_events waits for the end
+                events.extend(sse_events(iter([line])))
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    wait_for(lambda: any(isinstance(e, dict) and e.get("choices") for e in events),
+             what="the first token")
+    update = post_weights(server, body)
+    reader.join(60)
+    assert not reader.is_alive(), "the stream hung"
+    assert events[-1] == "[DONE]"
+    return events, update
+
+
+def test_updates_while_a_stream_runs(server, new_weights, tiny_model_dir):
+    def tokens(events):
+        return [t for e in events if isinstance(e, dict) and e.get("choices")
+                for t in (e["choices"][0]["logprobs"] or {}).get("tokens", [])]
+
+    version = info(server)["model"]["weights_version"]
+    # pause and drain: the stream runs to its end on whichever weights each token met
+    for mode, path in (("pause", new_weights), ("drain", tiny_model_dir)):
+        events, update = stream_during_update(server, {"path": str(path), "mode": mode})
+        version += 1
+        assert update.status_code == 200 and update.json()["weights_version"] == version
+        assert len(tokens(events)) == 250
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+    # abort: the running stream ends with an error event saying so, then [DONE]
+    events, update = stream_during_update(server, {"path": str(new_weights), "mode": "abort"})
+    assert update.status_code == 200 and update.json()["weights_version"] == version + 1
+    assert len(tokens(events)) < 250
+    assert events[-2]["error"]["code"] == "aborted"
+    post_weights(server, {"path": str(tiny_model_dir)})      # back to the original weights
 
 
 def test_cli_admin_key_from_flag_or_environment(monkeypatch):
