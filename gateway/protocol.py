@@ -285,6 +285,7 @@ class _GenerationRequest(_Strict):
     skip_special_tokens: bool = True
     min_tokens: NonNegInt = 0
     logprobs_mode: Literal["processed", "raw", "processed_logprobs", "raw_logprobs"] | None = None
+    return_token_ids: bool = False    # prompt_token_ids and each choice's token_ids
     # structured output, vLLM's names
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None

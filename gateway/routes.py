@@ -150,7 +150,7 @@ async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids
     if req.stream:
         return EventStreamResponse(fmt.events(), ping_interval=rt.config.keepalive_interval_s,
                                    on_close=closer(request, gen))
-    return DeferredJSONResponse(fmt.collect, on_close=closer(request, gen))
+    return DeferredJSONResponse(fmt.body, on_close=closer(request, gen))
 
 
 def start(request: Request, rt: Runtime, kind: str, prompt_ids: Sequence[int],
@@ -258,6 +258,61 @@ class _Formatter:
         self.tokens = rt.token_table
         self.base = {"id": gen.request_id, "object": object_name,
                      "created": int(time.time()), "model": rt.config.model_name}
+        self.want_token_ids = bool(req.return_token_ids)
+        # token ids released per choice: all of them, and those not yet shown in a chunk
+        self.token_ids: list[list[int]] = [[] for _ in range(gen.params.n)]
+        self.pending_ids: list[list[int]] = [[] for _ in range(gen.params.n)]
+
+    async def updates(self) -> AsyncGenerator[ChoiceUpdate, None]:
+        """The generation's updates, with the token ids they release recorded on the way (a
+        chunk may be skipped, e.g. half a character, but its tokens ride on the next one)."""
+        async with aclosing(self.gen.updates()) as updates:
+            async for u in updates:
+                self.token_ids[u.index] += u.token_ids
+                self.pending_ids[u.index] += u.token_ids
+                yield u
+
+    def _ids(self, u: ChoiceUpdate, is_first: bool = True) -> dict[str, Any]:
+        """A stream chunk's per-choice fields for the tokens it is the first to show: their ids
+        (with return_token_ids) and the weights version(s) they were sampled with."""
+        ids = self.pending_ids[u.index]
+        if not is_first or not ids:
+            return {}
+        self.pending_ids[u.index] = []
+        end = len(self.token_ids[u.index]) - len(self.pending_ids[u.index])
+        versions = self.gen.weights_versions[u.index][end - len(ids):end]
+        out: dict[str, Any] = {"token_ids": ids} if self.want_token_ids else {}
+        if self.want_token_ids and self.base["object"] == "text_completion" and end == len(ids):
+            out["prompt_token_ids"] = list(self.gen.prompt_ids)    # vLLM: on the choice, once
+        if versions:
+            out["plumbline"] = _versions([versions])
+        return out
+
+    async def body(self) -> dict[str, Any]:
+        """The non-streaming response: `collect`, plus token ids and weights versions."""
+        out: dict[str, Any] = await self.collect()
+        if self.want_token_ids:
+            # vLLM's places: the chat response's top level, each completion choice
+            if out["object"] == "chat.completion":
+                out["prompt_token_ids"] = list(self.gen.prompt_ids)
+            for choice in out["choices"]:
+                if out["object"] != "chat.completion":
+                    choice["prompt_token_ids"] = list(self.gen.prompt_ids)
+                choice["token_ids"] = self.token_ids[choice["index"]]
+        versions = [v[:len(ids)] for v, ids in zip(self.gen.weights_versions, self.token_ids)]
+        if any(versions):
+            out.setdefault("plumbline", {}).update(_versions(versions))
+        return out
+
+
+def _versions(per_choice: list[list[int]]) -> dict[str, Any]:
+    """`weights_version`: the newest version the tokens were sampled with; `weights_versions`
+    (one list per choice, one entry per token) only when the weights changed mid-way."""
+    seen = {v for vs in per_choice for v in vs}
+    out: dict[str, Any] = {"weights_version": max(seen)}
+    if len(seen) > 1:
+        out["weights_versions"] = per_choice
+    return out
 
 
 class ChatFormatter(_Formatter):
@@ -275,8 +330,9 @@ class ChatFormatter(_Formatter):
         extra = {"usage": None} if self.req.include_usage else {}
         yield frame({**self.base, "choices": [
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None} for i in range(self.gen.params.n)], **extra})
-        async with aclosing(self.gen.updates()) as updates:
+             "finish_reason": None} for i in range(self.gen.params.n)], **extra,
+            **({"prompt_token_ids": list(self.gen.prompt_ids)} if self.want_token_ids else {})})
+        async with aclosing(self.updates()) as updates:
             async for u in updates:
                 if (not u.text and not u.tool_calls and u.finish_reason is None
                         and not self.want_logprobs):
@@ -289,7 +345,7 @@ class ChatFormatter(_Formatter):
                 for k, delta in enumerate(deltas):
                     last = k == len(deltas) - 1
                     yield frame({**self.base, "choices": [
-                        {"index": u.index, "delta": delta,
+                        {"index": u.index, "delta": delta, **self._ids(u, k == 0),
                          "logprobs": self._logprobs(u) if k == 0 else None,
                          "finish_reason": u.finish_reason if last else None}], **extra})
         if self.req.include_usage:
@@ -302,7 +358,7 @@ class ChatFormatter(_Formatter):
         texts, reasons = [""] * n, [None] * n  # type: list[str], list[str | None]
         entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        async with aclosing(self.gen.updates()) as updates:
+        async with aclosing(self.updates()) as updates:
             async for u in updates:
                 texts[u.index] += u.text
                 reasons[u.index] = u.finish_reason or reasons[u.index]
@@ -388,7 +444,7 @@ class CompletionFormatter(_Formatter):
         n = self.gen.params.n
         offsets = [len(self.echo)] * n
         echoed = not self.echo
-        async with aclosing(self.gen.updates()) as updates:
+        async with aclosing(self.updates()) as updates:
             async for u in updates:
                 if not echoed:    # after the first delta: it carries the prompt's logprobs
                     echoed = True
@@ -400,7 +456,7 @@ class CompletionFormatter(_Formatter):
                 lp = self._logprobs(u, offsets[u.index])
                 offsets[u.index] += len(u.text)
                 yield frame({**self.base, "choices": [
-                    {"index": u.index, "text": u.text, "logprobs": lp,
+                    {"index": u.index, "text": u.text, "logprobs": lp, **self._ids(u),
                      "finish_reason": u.finish_reason}], **extra})
         if self.req.include_usage:
             yield frame({**self.base, "choices": [], "usage": usage(self.gen),
@@ -413,7 +469,7 @@ class CompletionFormatter(_Formatter):
         lps: list[dict[str, list[Any]]] = [
             {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             for _ in range(n)]
-        async with aclosing(self.gen.updates()) as updates:
+        async with aclosing(self.updates()) as updates:
             async for u in updates:
                 lp = self._logprobs(u, len(texts[u.index]))
                 texts[u.index] += u.text

@@ -147,6 +147,8 @@ class Generation:
         self.arrival = time.monotonic()
         self.outcome = Outcome(num_prompt_tokens=len(self.prompt_ids))
         self.prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None   # when asked
+        # The weights version each choice's tokens were sampled with, in token order.
+        self.weights_versions: list[list[int]] = [[] for _ in range(params.n)]
         self._is_closed = False
 
     async def updates(self) -> AsyncGenerator[ChoiceUpdate, None]:
@@ -181,6 +183,7 @@ class Generation:
                     self.prompt_logprobs = delta.prompt_logprobs
                 if choice.finish_reason is not None:
                     continue      # it ended on a stop string; the engine runs it out (n > 1)
+                self.weights_versions[delta.index] += delta.weights_versions
                 now = time.monotonic()
                 if delta.token_ids:
                     if self.outcome.ttft_s is None:

@@ -82,6 +82,7 @@ class Report:
     url: str
     model: str
     reference: str
+    token_ids_from: str = ""        # "return_token_ids", or "chat logprob bytes"
     server: dict[str, Any] = field(default_factory=dict)
     logprobs: dict[str, Any] = field(default_factory=dict)
     determinism: dict[str, Any] = field(default_factory=dict)
@@ -438,7 +439,11 @@ async def verify(args: argparse.Namespace) -> Report:
                              "plumbline": info["versions"].get("plumbline")}
         # Ours takes the logprobs mode per request; others report their server-wide mode.
         modes: list[str | None] = ["processed", "raw"] if info is not None else [None]
+        if args.from_bytes:
+            server.has_token_ids = False
         await check_logprobs(server, ref, args, model, modes, report)
+        report.token_ids_from = ("return_token_ids" if server.has_token_ids
+                                 else "chat logprob bytes")
         if args.concurrency > 1:
             expected = {"yes": True, "no": False}.get(
                 args.expect_deterministic, bool(info and info["numerics"]["deterministic"]))
@@ -452,7 +457,8 @@ async def verify(args: argparse.Namespace) -> Report:
 
 
 def format_table(report: Report) -> str:
-    lines = [f"plumbline verify: {report.url} (model {report.model}, reference {report.reference})"]
+    lines = [f"plumbline verify: {report.url} (model {report.model}, reference {report.reference})",
+             f"token ids from {report.token_ids_from}"]
     if report.server:
         lines.append("server: " + ", ".join(f"{k}={v}" for k, v in report.server.items()))
     lines.append("")
@@ -479,6 +485,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None,
                    help="safetensors file or HF directory to load into the reference; default: "
                         "the weights the server last loaded through /v1/admin/weights")
+    p.add_argument("--from-bytes", action="store_true",
+                   help="recover token ids from chat logprobs' bytes even when the server "
+                        "returns token ids (the fallback for servers that do not)")
     p.add_argument("--served-model", default=None, help="the model id to send (default: the "
                                                         "first in /v1/models)")
     p.add_argument("--num-rollouts", type=int, default=4)

@@ -183,14 +183,30 @@ def test_updates_while_a_stream_runs(server, new_weights, tiny_model_dir):
         return [t for e in events if isinstance(e, dict) and e.get("choices")
                 for t in (e["choices"][0]["logprobs"] or {}).get("tokens", [])]
 
+    def versions(events):
+        """Each token's weights version, from the chunks' `plumbline` objects."""
+        out = []
+        for e in events:
+            if isinstance(e, dict) and e.get("choices") and e["choices"][0].get("plumbline"):
+                ext, n = e["choices"][0]["plumbline"], len(e["choices"][0]["logprobs"]["tokens"])
+                out += ext["weights_versions"][0] if "weights_versions" in ext else [
+                    ext["weights_version"]] * n
+        return out
+
     version = info(server)["model"]["weights_version"]
-    # pause and drain: the stream runs to its end on whichever weights each token met
+    # pause: the stream goes on, its later tokens on the new weights, each token saying which;
+    # drain: the swap waits for the stream, whose tokens all come from the old weights
     for mode, path in (("pause", new_weights), ("drain", tiny_model_dir)):
         events, update = stream_during_update(server, {"path": str(path), "mode": mode})
         version += 1
         assert update.status_code == 200 and update.json()["weights_version"] == version
-        assert len(tokens(events)) == 250
+        assert len(tokens(events)) == len(versions(events)) == 250
         assert events[-2]["choices"][0]["finish_reason"] == "length"
+        seen = versions(events)
+        if mode == "pause":
+            assert seen == sorted(seen) and seen[0] == version - 1 and seen[-1] == version
+        else:
+            assert set(seen) == {version - 1}
     # abort: the running stream ends with an error event saying so, then [DONE]
     events, update = stream_during_update(server, {"path": str(new_weights), "mode": "abort"})
     assert update.status_code == 200 and update.json()["weights_version"] == version + 1

@@ -59,6 +59,7 @@ def test_verify_passes_against_our_server(server, capsys):
     code, report = run_verify(capsys, "--url", server.url, "--api-key", "k", *FAST)
     assert code == 0, report
     assert report["ok"] and report["server"]["deterministic"] is True
+    assert report["token_ids_from"] == "return_token_ids"
     for mode in ("processed", "raw"):
         d = report["logprobs"][mode]
         assert d["num_tokens"] >= 8 and d["max_abs_diff"] < 1e-4 and d["clip_share"] == 0
@@ -70,6 +71,15 @@ def test_verify_passes_against_our_server(server, capsys):
     names = {c["name"] for c in report["checks"]}
     assert {"logprobs_processed", "logprobs_raw", "determinism", "schema_compliance",
             "seed_independent_of_logprobs_mode"} <= names
+
+
+def test_verify_recovers_token_ids_from_chat_bytes(server, capsys):
+    """The fallback for servers without return_token_ids: ids from the chat logprobs' bytes."""
+    code, report = run_verify(capsys, "--url", server.url, "--api-key", "k", "--from-bytes",
+                              "--concurrency", "1", "--num-schemas", "0", *FAST)
+    assert code == 0, report
+    assert report["token_ids_from"] == "chat logprob bytes"
+    assert report["logprobs"]["processed"]["max_abs_diff"] < 1e-4
 
 
 def test_verify_fails_against_a_wrong_reference(server, perturbed_dir, capsys):
