@@ -114,7 +114,7 @@ def test_logprobs(client):
     raw = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=3, temperature=0.7,
                                          seed=5, logprobs=True,
                                          extra_body={"plumbline": {"logprobs_mode": "raw"}})
-    assert raw.model_extra["plumbline"] == {"logprobs_mode": "raw"}
+    assert raw.model_extra["plumbline"] == {"logprobs_mode": "raw", "weights_version": 0}
     assert len(raw.choices[0].logprobs.content) == raw.usage.completion_tokens
 
 
