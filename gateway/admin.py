@@ -152,7 +152,8 @@ async def update_weights(request: Request) -> Response:
     check_admin(rt, request)
     engine, _ = rt.ready()
     req = p.parse(WeightsUpdateRequest, await read_json(request, rt.config.max_body_bytes))
-    if not hasattr(engine, "update_weights"):
+    update = getattr(engine, "update_weights", None)    # not part of EngineClient: fakes lack it
+    if update is None:
         raise p.NotSupported("this engine cannot update its weights", "path")
     path = Path(req.path).expanduser()
     t0 = time.perf_counter()
@@ -161,7 +162,7 @@ async def update_weights(request: Request) -> Response:
     except ValueError as exc:
         raise p.BadRequest(f"path: {exc}", "path", code="invalid_weights") from None
     try:
-        version = await engine.update_weights(state, mode=req.mode, reset_cache=req.reset_cache)
+        version: int = await update(state, mode=req.mode, reset_cache=req.reset_cache)
     except (ValueError, KeyError, RuntimeError) as exc:
         # A missing tensor (KeyError), a shape mismatch (ValueError) or a bad dtype/size: the
         # weights do not fit this model; the engine never swapped, so serving goes on unchanged.
