@@ -26,6 +26,10 @@ class EngineConfig:
     deterministic_chunk: int = 32
     grammar_backend: str = "llguidance"
     grammar_compile_timeout: float = 5.0   # seconds; a slower compile is the request's 400
+    # Budget-aware closing (grammars/closing.py): a constrained sequence with this many tokens
+    # of max_tokens left (at most a quarter of max_tokens) is steered to close its structure.
+    # 0 turns it off; a request may set its own (SamplingParams.close_reserve).
+    grammar_close_reserve: int = 32
 
     def __post_init__(self) -> None:
         assert self.dtype in ("float32", "bfloat16"), f"unsupported dtype {self.dtype}"
@@ -33,6 +37,7 @@ class EngineConfig:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
         assert self.num_kv_blocks >= 0 and self.kv_cache_memory_mb >= 1
         assert self.grammar_compile_timeout > 0
+        assert self.grammar_close_reserve >= 0
         assert not self.deterministic or 1 <= self.deterministic_chunk <= self.max_num_batched_tokens
         if not self.enable_chunked_prefill:
             # Without chunking a whole prompt must fit in one step's budget.

@@ -55,6 +55,8 @@ class EngineCore:
             deterministic_chunk=config.deterministic_chunk if config.deterministic else 0)
         self.grammars = GrammarCompiler(self.tokenizer, backend=config.grammar_backend,
                                         vocab_size=self.vocab_size)
+        self.runner.tokenizer = self.tokenizer
+        self.runner.eos_token_ids = self.eos_token_ids()
 
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig
@@ -12,8 +13,10 @@ from engine.loader import load_state_dict
 from engine.model import LlamaModel
 from engine.sampler import SamplingBatch, sample
 from engine.scheduler import EMPTY_RESULT, Batch, StepResult
+from engine.sequence import Sequence
 from engine.types import PromptLogprob, TopLogprob
 from grammars import fill_bitmasks
+from grammars.closing import ClosingVocab
 from kernels import AttentionMetadata, slots_for
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -45,6 +48,10 @@ class ModelRunner:
         # One grammar bitmask for the whole engine, sliced per step: int32 [max_num_seqs, words].
         self.bitmask = torch.full((config.max_num_seqs, (self.vocab_size + 31) // 32), -1,
                                   dtype=torch.int32)
+        # Set by the engine core: what budget-aware closing needs to know about tokens.
+        self.tokenizer: Any = None
+        self.eos_token_ids: set[int] = set()
+        self._closing_vocab: ClosingVocab | None = None
 
     @property
     def max_position_embeddings(self) -> int:
@@ -107,9 +114,28 @@ class ModelRunner:
                 constrained.append((seq.grammar, row))
         if constrained:
             fill_bitmasks(self.bitmask, constrained)      # llguidance fills all rows in one call
+            for row, seq in enumerate(seqs):
+                if seq.grammar is not None and self._is_closing(seq):
+                    self.closing_vocab().narrow(self.bitmask, row, seq.completion_token_ids)
         masked_rows = [row for _, row in constrained]
         result = sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows)
         return result._replace(prompt_logprobs=prompt_logprobs, weights_version=self.weights_version)
+
+    def _is_closing(self, seq: Sequence) -> bool:
+        """Whether the sequence's budget has come down to its closing reserve."""
+        params = seq.sampling
+        reserve = params.close_reserve
+        if reserve is None:
+            reserve = self.config.grammar_close_reserve
+        reserve = min(reserve, params.max_tokens // 4)
+        return reserve > 0 and params.max_tokens - seq.num_completion_tokens <= reserve
+
+    def closing_vocab(self) -> ClosingVocab:
+        """Built on first use: one decode of the vocabulary (about a second)."""
+        if self._closing_vocab is None:
+            assert self.tokenizer is not None, "budget-aware closing needs the tokenizer"
+            self._closing_vocab = ClosingVocab(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._closing_vocab
 
     def build_model(self, state: dict[str, torch.Tensor]) -> LlamaModel:
         """A model of the same architecture from new weights; refuses mismatched shapes."""

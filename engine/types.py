@@ -40,6 +40,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # logprobs of the prompt tokens (raw), with top-N
     include_stop_str_in_output: bool = False
     grammar: GrammarSpec | None = None
+    # Budget-aware closing of a constrained output: None takes the engine's default
+    # (EngineConfig.grammar_close_reserve), 0 turns it off.
+    close_reserve: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +67,7 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
              "must be in [0, 20]"),
             (self.logprobs_mode in ("processed", "raw"), "logprobs_mode", "must be 'processed' or 'raw'"),
+            (self.close_reserve is None or self.close_reserve >= 0, "close_reserve", "must be >= 0"),
         ]
         for ok, name, why in checks:
             if not ok:
