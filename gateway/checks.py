@@ -240,7 +240,8 @@ class DenyCheck(Check):
                 if m.end() == m.start() or (i, m.start()) in self.seen:
                     continue
                 self.seen.add((i, m.start()))
-                out.append(Violation(self.name, f"denied pattern matched {m.group()!r}",
+                # The pattern, never the match: a blocked secret must not leave in the verdict.
+                out.append(Violation(self.name, f"denied pattern {pattern.pattern!r} matched",
                                      m.start(), m.end()))
         out.sort(key=lambda v: v.start)
         return out

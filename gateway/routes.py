@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any
 
+import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -16,10 +17,12 @@ from grammars import GrammarError, GrammarSpec
 from grammars.tools import ToolsRequest, render_prompt, tool_call_grammar
 from gateway import protocol as p
 from gateway.logs import log_fields
+from gateway.policy import GuardPlan, plan_guard
 from gateway.sse import DONE, DeferredJSONResponse, EventStreamResponse, frame
 from gateway.state import Runtime
 from gateway.stream import ChoiceUpdate, Generation
 from gateway.tokens import TokenTable
+from gateway.traces import Trace
 
 Endpoint = Callable[[Request], Any]
 
@@ -140,12 +143,13 @@ async def precompile(rt: Runtime, spec: GrammarSpec | None, param: str = "respon
 
 
 async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids: Sequence[int],
-                  params: SamplingParams, formatter: Any, tools: ToolsRequest | None = None) -> Any:
+                  params: SamplingParams, formatter: Any, plan: GuardPlan,
+                  tools: ToolsRequest | None = None) -> Any:
     """The shared tail of both generation routes: admission checks, grammar, then the stream
     (SSE) or the collected JSON body."""
     check_fits(rt, prompt_ids, params, "messages" if kind == "chatcmpl" else "prompt")
     await precompile(rt, params.grammar, "tools" if tools is not None else "response_format")
-    gen = start(request, rt, kind, prompt_ids, params, req.skip_special_tokens, tools)
+    gen = start(request, rt, kind, prompt_ids, params, req.skip_special_tokens, plan, tools)
     fmt = formatter(rt, gen, req)
     if req.stream:
         return EventStreamResponse(fmt.events(), ping_interval=rt.config.keepalive_interval_s,
@@ -154,12 +158,25 @@ async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids
 
 
 def start(request: Request, rt: Runtime, kind: str, prompt_ids: Sequence[int],
-          params: SamplingParams, skip_special_tokens: bool,
+          params: SamplingParams, skip_special_tokens: bool, plan: GuardPlan | None = None,
           tools: ToolsRequest | None = None) -> Generation:
-    _, admission = rt.ready()
+    engine, admission = rt.ready()
     ticket = admission.enter(params.n)
-    gen = Generation(rt, f"{kind}-{uuid.uuid4().hex}", prompt_ids, params, ticket,
-                     skip_special_tokens=skip_special_tokens, parse_tool_calls=tools is not None)
+    request_id = f"{kind}-{uuid.uuid4().hex}"
+    trace = rt.traces.open(Trace(
+        request_id, structlog.contextvars.get_contextvars().get("request_id"),
+        "chat.completion" if kind == "chatcmpl" else "text_completion", list(prompt_ids),
+        params.logprobs_mode, spec=params.grammar,
+        guard=None if plan is None else {"mode": plan.policy.mode, "release": plan.policy.release,
+                                         "checks": plan.policy.checks, "pinned": plan.pinned}))
+    if params.grammar is not None:
+        compiler = engine.core.grammars
+        compile_s = compiler.compile_time(params.grammar)
+        trace.grammar = {"kind": params.grammar.kind, "backend": compiler.backend,
+                         "compile_ms": None if compile_s is None else round(compile_s * 1000, 3)}
+    gen = Generation(rt, request_id, prompt_ids, params, ticket,
+                     skip_special_tokens=skip_special_tokens, parse_tool_calls=tools is not None,
+                     plan=plan, trace=trace)
     log_fields(request.scope)["completion_id"] = gen.request_id
     return gen
 
@@ -199,6 +216,9 @@ async def chat_completions(request: Request) -> Any:
     p.check_unsupported(req)
     grammar = p.structured_output_spec(req)
     tools = p.tools_request(req)
+    # before the tool grammar: enforce mode pins response_format's schema, never a tool grammar
+    plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar, req.messages,
+                               tools if tools is not None and tools.is_active else None)
     if tools is not None and tools.is_active:
         if grammar is not None:
             raise p.BadRequest("tools and a structured output format both constrain the output; "
@@ -218,7 +238,7 @@ async def chat_completions(request: Request) -> Any:
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar)
     return await respond(request, rt, req, "chatcmpl", prompt_ids, params, ChatFormatter,
-                         tools=tools)
+                         plan, tools=tools)
 
 
 def render_chat(rt: Runtime, messages: list[p.ChatMessage], tools: ToolsRequest | None) -> list[int]:
@@ -335,10 +355,10 @@ class ChatFormatter(_Formatter):
         async with aclosing(self.updates()) as updates:
             async for u in updates:
                 if (not u.text and not u.tool_calls and u.finish_reason is None
-                        and not self.want_logprobs):
+                        and not u.violations and not (self.want_logprobs and u.token_ids)):
                     continue          # e.g. half a character held back
                 # One chunk per call delta, as OpenAI streams them; logprobs ride on the first
-                # chunk of the update and finish_reason on the last.
+                # chunk of the update, finish_reason and the guard's news on the last.
                 deltas: list[dict[str, Any]] = [{"content": u.text}] if u.text else []
                 deltas += [{"tool_calls": [c.to_openai()]} for c in u.tool_calls]
                 deltas = deltas or [{}]
@@ -347,7 +367,8 @@ class ChatFormatter(_Formatter):
                     yield frame({**self.base, "choices": [
                         {"index": u.index, "delta": delta, **self._ids(u, k == 0),
                          "logprobs": self._logprobs(u) if k == 0 else None,
-                         "finish_reason": u.finish_reason if last else None}], **extra})
+                         "finish_reason": u.finish_reason if last else None}], **extra,
+                        **(_guard_news(u) if last else {})})
         if self.req.include_usage:
             yield frame({**self.base, "choices": [], "usage": usage(self.gen),
                          **_ext(self.gen.params)})
@@ -358,10 +379,12 @@ class ChatFormatter(_Formatter):
         texts, reasons = [""] * n, [None] * n  # type: list[str], list[str | None]
         entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        verdicts: list[dict[str, Any] | None] = [None] * n
         async with aclosing(self.updates()) as updates:
             async for u in updates:
                 texts[u.index] += u.text
                 reasons[u.index] = u.finish_reason or reasons[u.index]
+                verdicts[u.index] = u.checks or verdicts[u.index]
                 lp = self._logprobs(u)
                 if lp is not None:
                     entries[u.index] += lp["content"]
@@ -371,23 +394,44 @@ class ChatFormatter(_Formatter):
                         del calls[u.index][-1]["index"]
                     else:
                         calls[u.index][-1]["function"]["arguments"] += c.arguments
+        for i in range(n):
+            if reasons[i] == "content_filter":    # withheld whole: nothing of it was sent
+                texts[i], calls[i], entries[i] = "", [], []
         return {"id": self.gen.request_id, "object": "chat.completion",
                 "created": self.base["created"], "model": self.base["model"],
-                "choices": [{"index": i, "message": _message(texts[i], calls[i]),
+                "choices": [{"index": i, "message": _message(texts[i], calls[i],
+                                                             reasons[i] == "content_filter"),
                              "logprobs": {"content": entries[i]} if self.want_logprobs else None,
                              "finish_reason": reasons[i]} for i in range(n)],
-                "usage": usage(self.gen), **_ext(self.gen.params)}
+                "usage": usage(self.gen), **_ext(self.gen.params, verdicts)}
 
 
-def _message(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+def _message(text: str, calls: list[dict[str, Any]], is_withheld: bool = False) -> dict[str, Any]:
+    if is_withheld:
+        return {"role": "assistant", "content": None}
     if not calls:
         return {"role": "assistant", "content": text}
     return {"role": "assistant", "content": text or None, "tool_calls": calls}
 
 
-def _ext(params: SamplingParams) -> dict[str, Any]:
+def _ext(params: SamplingParams,
+         verdicts: Sequence[dict[str, Any] | None] = ()) -> dict[str, Any]:
+    """The response's `plumbline` object; `checks` holds the guard's verdict (one per choice,
+    a list, when n > 1)."""
     ext = plumbline_extension(params)
+    if any(v is not None for v in verdicts):
+        ext["checks"] = verdicts[0] if len(verdicts) == 1 else list(verdicts)
     return {"plumbline": ext} if ext else {}
+
+
+def _guard_news(u: ChoiceUpdate) -> dict[str, Any]:
+    """A chunk's `plumbline`: violations found since the last chunk; the verdict at the end."""
+    news: dict[str, Any] = {}
+    if u.violations:
+        news["violations"] = list(u.violations)
+    if u.checks is not None:
+        news["checks"] = u.checks
+    return {"plumbline": news} if news else {}
 
 
 # ------------------------------------------------------------------------------- completions
@@ -400,12 +444,13 @@ async def completions(request: Request) -> Any:
     check_model(rt, req.model)
     p.check_unsupported(req)
     grammar = p.structured_output_spec(req)
+    plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar)
     prompt_ids = tokenize_prompt(rt, req.prompt)
     params = p.sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
                                default_max_tokens=16,   # OpenAI's default for completions
                                num_prompt_logprobs=req.logprobs if req.echo else None,
                                grammar=grammar)
-    return await respond(request, rt, req, "cmpl", prompt_ids, params, CompletionFormatter)
+    return await respond(request, rt, req, "cmpl", prompt_ids, params, CompletionFormatter, plan)
 
 
 def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
@@ -451,13 +496,14 @@ class CompletionFormatter(_Formatter):
                     yield frame({**self.base, "choices": [
                         {"index": i, "text": self.echo, "logprobs": self._echo_logprobs(),
                          "finish_reason": None} for i in range(n)], **extra})
-                if not u.text and u.finish_reason is None and not self.want_logprobs:
+                if (not u.text and u.finish_reason is None and not u.violations
+                        and not (self.want_logprobs and u.token_ids)):
                     continue
                 lp = self._logprobs(u, offsets[u.index])
                 offsets[u.index] += len(u.text)
                 yield frame({**self.base, "choices": [
                     {"index": u.index, "text": u.text, "logprobs": lp, **self._ids(u),
-                     "finish_reason": u.finish_reason}], **extra})
+                     "finish_reason": u.finish_reason}], **extra, **_guard_news(u)})
         if self.req.include_usage:
             yield frame({**self.base, "choices": [], "usage": usage(self.gen),
                          **_ext(self.gen.params)})
@@ -469,14 +515,20 @@ class CompletionFormatter(_Formatter):
         lps: list[dict[str, list[Any]]] = [
             {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             for _ in range(n)]
+        verdicts: list[dict[str, Any] | None] = [None] * n
         async with aclosing(self.updates()) as updates:
             async for u in updates:
                 lp = self._logprobs(u, len(texts[u.index]))
                 texts[u.index] += u.text
                 reasons[u.index] = u.finish_reason or reasons[u.index]
+                verdicts[u.index] = u.checks or verdicts[u.index]
                 if lp is not None:
                     for key in lps[u.index]:
                         lps[u.index][key] += lp[key]
+        for i in range(n):
+            if reasons[i] == "content_filter":    # withheld whole: nothing of it was sent
+                texts[i] = self.echo
+                lps[i] = {key: [] for key in lps[i]}
         echo_lp = self._echo_logprobs()
         if echo_lp is not None:
             for lp in lps:
@@ -485,4 +537,4 @@ class CompletionFormatter(_Formatter):
         return {**self.base, "choices": [
             {"index": i, "text": texts[i], "logprobs": lps[i] if self.want_logprobs else None,
              "finish_reason": reasons[i]} for i in range(n)],
-            "usage": usage(self.gen), **_ext(self.gen.params)}
+            "usage": usage(self.gen), **_ext(self.gen.params, verdicts)}

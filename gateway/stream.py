@@ -16,11 +16,14 @@ from typing import TYPE_CHECKING, Any
 from engine import FinishReason, GenerateRequest, RequestError, SamplingParams, TopLogprob
 from engine.types import PromptLogprob
 from gateway.protocol import BadRequest, InternalError, Unavailable, finish_reason_name
+from gateway.release import GuardedChoice
 from gateway.tool_calls import ContentDelta, Delta, ToolCallDelta, ToolCallParser
 
 if TYPE_CHECKING:
     from gateway.admission import Ticket
+    from gateway.policy import GuardPlan
     from gateway.state import Runtime
+    from gateway.traces import Trace
 
 _CONTEXT_TOKENS = 5   # prompt tokens that seed the window, so the first token decodes in context
 
@@ -105,6 +108,10 @@ class ChoiceUpdate:
     finish_reason: str | None = None
     # With tools: `text` is the content outside calls, and these the call deltas after it.
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    # The guard: violations found since the last update (flag mode announces them), and the
+    # verdict on a choice's last update when checks ran.
+    violations: tuple[dict[str, Any], ...] = ()
+    checks: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -112,6 +119,7 @@ class _Choice:
     detok: Detokenizer
     stops: StopMatcher
     calls: ToolCallParser | None = None
+    guard: GuardedChoice | None = None
     num_tokens: int = 0
     finish_reason: str | None = None
 
@@ -136,7 +144,8 @@ class Generation:
 
     def __init__(self, runtime: Runtime, request_id: str, prompt_ids: Sequence[int],
                  params: SamplingParams, ticket: Ticket, *, skip_special_tokens: bool = True,
-                 parse_tool_calls: bool = False) -> None:
+                 parse_tool_calls: bool = False, plan: GuardPlan | None = None,
+                 trace: Trace | None = None) -> None:
         self.runtime = runtime
         self.request_id = request_id
         self.prompt_ids = tuple(prompt_ids)
@@ -144,6 +153,8 @@ class Generation:
         self.ticket = ticket
         self.skip_special_tokens = skip_special_tokens
         self.parse_tool_calls = parse_tool_calls
+        self.plan = plan
+        self.trace = trace
         self.arrival = time.monotonic()
         self.outcome = Outcome(num_prompt_tokens=len(self.prompt_ids))
         self.prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None   # when asked
@@ -159,6 +170,10 @@ class Generation:
                            StopMatcher(self.params.stop, self.params.include_stop_str_in_output),
                            ToolCallParser() if self.parse_tool_calls else None)
                    for _ in range(self.params.n)]
+        if self.plan is not None and self.plan.needs_guard:
+            for i, c in enumerate(choices):
+                c.guard = GuardedChoice(self.plan, i, rt, self.request_id, self.trace)
+        trace = self.trace
         num_open = len(choices)
         stream = None
         last_token_at: list[float | None] = [None] * len(choices)
@@ -166,6 +181,8 @@ class Generation:
             await self.ticket.wait()
             self.outcome.queue_s = time.monotonic() - self.arrival
             rt.metrics.queue_time.observe(self.outcome.queue_s)
+            if trace is not None:
+                trace.admitted_at = time.time()
             try:
                 stream = engine.add_request(
                     GenerateRequest(self.request_id, self.prompt_ids, self.params))
@@ -184,6 +201,8 @@ class Generation:
                 if choice.finish_reason is not None:
                     continue      # it ended on a stop string; the engine runs it out (n > 1)
                 self.weights_versions[delta.index] += delta.weights_versions
+                if trace is not None:
+                    trace.add_tokens(delta.index, delta.token_ids, delta.logprobs)
                 now = time.monotonic()
                 if delta.token_ids:
                     if self.outcome.ttft_s is None:
@@ -217,10 +236,15 @@ class Generation:
                         choice.calls.finish() if choice.finish_reason is not None else []))
                     if choice.finish_reason is not None:
                         choice.finish_reason = choice.calls.finish_reason(choice.finish_reason)
+                update = ChoiceUpdate(delta.index, text, delta.token_ids, delta.logprobs,
+                                      delta.top_logprobs, choice.finish_reason, calls)
+                if choice.guard is not None:
+                    self._guard(choice, update)
                 if choice.finish_reason is not None:
                     num_open -= 1
-                yield ChoiceUpdate(delta.index, text, delta.token_ids, delta.logprobs,
-                                   delta.top_logprobs, choice.finish_reason, calls)
+                    if trace is not None:
+                        trace.finish_choice(delta.index, choice.finish_reason, update.checks)
+                yield update
                 if num_open == 0:
                     break
         finally:
@@ -231,12 +255,26 @@ class Generation:
             self.outcome.num_completion_tokens = sum(c.num_tokens for c in choices)
             self.outcome.finish_reasons = [c.finish_reason or "abort" for c in choices]
 
+    @staticmethod
+    def _guard(choice: _Choice, u: ChoiceUpdate) -> None:
+        """What the guard lets out of this update; a block ends the choice "content_filter"."""
+        assert choice.guard is not None
+        r = choice.guard.step(u.text, u.tool_calls, u.token_ids, u.logprobs, u.top_logprobs,
+                              choice.calls, choice.finish_reason)
+        u.text, u.tool_calls = r.text, r.calls
+        u.token_ids, u.logprobs, u.top_logprobs = r.token_ids, r.logprobs, r.top_logprobs
+        u.violations, u.checks = tuple(r.violations), r.verdict
+        if r.blocked:
+            choice.finish_reason = u.finish_reason = "content_filter"
+
     def close(self) -> None:
         """Once, when the response ends (even if `updates()` never ran): slot and metrics."""
         self.ticket.release()
         if self._is_closed:
             return
         self._is_closed = True
+        if self.trace is not None:
+            self.runtime.traces.close(self.trace)
         if self.outcome.finish_reasons:
             self.runtime.metrics.observe_finished(
                 self.outcome.finish_reasons, self.outcome.num_prompt_tokens,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import anyio.to_thread
+import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -28,6 +29,8 @@ from gateway import protocol as p
 
 if TYPE_CHECKING:
     from gateway.state import Runtime
+
+log = structlog.get_logger("plumbline.gateway")
 
 
 @dataclass(slots=True)
@@ -157,13 +160,15 @@ async def get_trace(request: Request) -> Response:
     body = trace.to_dict()
     compiler = getattr(getattr(rt.engine, "core", None), "grammars", None)
     if trace.spec is not None and body["grammar"] is not None:
-        if compiler is None:
-            body["grammar"]["allowed_token_counts"] = None
-        else:
-            body["grammar"]["allowed_token_counts"] = [
-                await anyio.to_thread.run_sync(allowed_token_counts, compiler, trace.spec,
-                                               c.completion_ids)
-                for c in trace.choices]
+        counts = None
+        if hasattr(compiler, "compile"):
+            try:
+                counts = [await anyio.to_thread.run_sync(allowed_token_counts, compiler,
+                                                         trace.spec, c.completion_ids)
+                          for c in trace.choices]
+            except Exception:   # a diagnostic must not fail the trace (evicted, weights swapped)
+                log.warning("trace_replay_failed", trace_id=trace.request_id, exc_info=True)
+        body["grammar"]["allowed_token_counts"] = counts
     return JSONResponse(body)
 
 
