@@ -369,3 +369,35 @@ def test_cli_guard_options(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"bogus": true}')
     assert main(["serve", "--checks-config", str(bad)]) == 2       # message, no traceback
+
+
+# -- the real engine on a tiny random model: the mask itself enforces, the trace replays it -------
+
+def test_enforce_through_a_real_engine_and_the_allowed_token_counts(tiny_model_dir):
+    from engine import EngineConfig
+
+    config = GatewayConfig(engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=2,
+                                               kv_cache_memory_mb=16))
+    live = LiveServer(create_app(config)).start()
+    try:
+        schema = {"type": "object", "properties": {
+            "customer_id": {"type": "string", "maxLength": 8},
+            "seats": {"type": "integer", "maximum": 99}},
+            "required": ["customer_id", "seats"], "additionalProperties": False}
+        body = {"model": str(tiny_model_dir), "prompt": "Customer:", "max_tokens": 60,
+                "temperature": 1.0, "seed": 7,
+                "structured_outputs": {"json": schema},
+                "plumbline": {"guard": {"mode": "block", "checks": {"consistency": "enforce"}},
+                              "assertions": {"/customer_id": "AB-0001", "/seats": 12}}}
+        out = httpx.post(live.url + "/v1/completions", json=body, timeout=120).json()
+        choice = out["choices"][0]
+        assert json.loads(choice["text"]) == {"customer_id": "AB-0001", "seats": 12}
+        assert out["plumbline"]["checks"]["passed"]
+        trace = httpx.get(f"{live.url}/v1/traces/{out['id']}", timeout=60).json()
+        assert trace["guard"]["pinned"] and trace["grammar"]["backend"] == "llguidance"
+        (counts,) = trace["grammar"]["allowed_token_counts"]
+        ids = trace["choices"][0]["completion_ids"]
+        assert 1 <= len(counts) <= len(ids) and all(c >= 1 for c in counts)
+        assert min(counts) == 1       # pinned: at some step exactly one token fits
+    finally:
+        live.stop()
