@@ -1,14 +1,25 @@
-"""Cost of flag-mode checks per token: realistic text fed in ~4-character increments.
+"""Cost of the checks.
 
-    python -m benchmarks.checks_bench
+    python -m benchmarks.checks_bench            # the checks alone, per token
+    python -m benchmarks.checks_bench --server [--concurrency 32] [--new-tokens 128] [--rounds 3]
 
-Prints microseconds per token for prose (deny + arithmetic) and JSON (deny + schema +
-consistency), and that as a share of a 30 ms/token decode step.
+Alone: microseconds per token for prose (deny + arithmetic) and JSON (deny + schema +
+consistency), text fed in ~4-character increments, and that as a share of a 30 ms decode step.
+
+--server: through the gateway on the real engine, in one process (the setup of
+benchmarks/gateway_overhead.py): aggregate tokens/s at `--concurrency` streams with the guard
+off and in flag mode (deny + arithmetic), alternating rounds, one summary line with the
+medians and their ratio (target: flag keeps >= 97%); then block mode's latency to the first
+released byte, one stream at a time, for release "unit" and "final" against the guard off.
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
+import statistics
 import time
+from typing import Any
 
 from gateway.checks import CheckContext, merge_policy, server_policy
 from gateway.consistency import AssertionBuffer
@@ -38,7 +49,7 @@ def bench(text: str, guard_of, rounds: int = 20) -> tuple[float, int]:
     return best / len(chunks), len(chunks)
 
 
-def main() -> None:
+def standalone() -> None:
     server = server_policy("flag", "unit", {"deny": [r"(?i)drop\s+table", r"sk-[A-Za-z0-9]{32}"]})
     prose = merge_policy(server, {"checks": {"arithmetic": True}})
     structured = merge_policy(server, {"checks": {"consistency": "detect"}})
@@ -55,6 +66,118 @@ def main() -> None:
         per_token, n = bench(text, make)
         print(f"checks flag {name}: {n} tokens, {per_token * 1e6:.1f} us/token, "
               f"{100 * per_token / STEP_BUDGET_S:.3f}% of a 30 ms step")
+
+
+# -- through the server ---------------------------------------------------------------------
+
+DENY = [r"(?i)drop\s+table", r"sk-[A-Za-z0-9]{32}"]
+GUARDS: dict[str, dict[str, Any]] = {
+    "off": {"mode": "off"},
+    "flag": {"mode": "flag", "checks": {"deny": DENY, "arithmetic": True}},
+    "unit": {"mode": "block", "release": "unit", "checks": {"deny": DENY, "arithmetic": True}},
+    "final": {"mode": "block", "release": "final", "checks": {"deny": DENY, "arithmetic": True}},
+}
+PROMPT = "Explain, in a few short sentences, how a bicycle gear works. "
+
+
+def body(args: argparse.Namespace, prompt: Any, guard: str, new_tokens: int) -> bytes:
+    return json.dumps({"model": args.model, "prompt": prompt, "max_tokens": new_tokens,
+                       "temperature": 0.0, "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True},
+                       "plumbline": {"guard": GUARDS[guard]}}).encode()
+
+
+async def throughput_round(port: int, data: bytes, concurrency: int) -> float:
+    from benchmarks.gateway_overhead import stream_one
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(stream_one(port, data) for _ in range(concurrency)))
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+async def first_released_byte(port: int, data: bytes) -> float:
+    """Seconds from sending the request to the first chunk carrying text; reads to the end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.perf_counter()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                 b"content-type: application/json\r\nconnection: close\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (len(data), data))
+    await writer.drain()
+    first = None
+    while line := await reader.readline():
+        if first is None and line.startswith(b"data: {"):
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0].get("text"):
+                first = time.perf_counter() - t0
+    writer.close()
+    assert first is not None, "no text was released"
+    return first
+
+
+async def through_server(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from benchmarks.gateway_overhead import SharedEngine, free_port
+    from engine import AsyncEngine, EngineConfig
+    from gateway import logs
+    from gateway.app import create_app
+    from gateway.config import GatewayConfig
+
+    engine = AsyncEngine(EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs))
+    await engine.start()
+    port = free_port()
+    config = GatewayConfig(engine=engine.core.config, port=port, log_level="warning")
+    logs.configure(json=True, level="warning")
+    app = create_app(config, engine_factory=lambda _: SharedEngine(engine))  # type: ignore[arg-type,return-value]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False))
+    serving = asyncio.create_task(server.serve())
+    tps: dict[str, list[float]] = {"off": [], "flag": []}
+    latency: dict[str, list[float]] = {"off": [], "unit": [], "final": []}
+    try:
+        while app.state.runtime.engine is None:
+            await asyncio.sleep(0.05)
+        await throughput_round(port, body(args, PROMPT, "flag", 8), args.concurrency)   # warm-up
+        for r in range(args.rounds):
+            for guard in ("off", "flag"):
+                tps[guard].append(await throughput_round(
+                    port, body(args, PROMPT, guard, args.new_tokens), args.concurrency))
+            print(f"round {r + 1}: off {tps['off'][-1]:.1f} tok/s, flag {tps['flag'][-1]:.1f} "
+                  "tok/s", flush=True)
+        for _ in range(args.latency_requests):
+            for guard in latency:
+                latency[guard].append(await first_released_byte(
+                    port, body(args, PROMPT, guard, args.latency_tokens)))
+    finally:
+        server.should_exit = True
+        await serving
+        await engine.shutdown()
+    off, flag = statistics.median(tps["off"]), statistics.median(tps["flag"])
+    print(f"checks_bench server concurrency={args.concurrency} new={args.new_tokens} "
+          f"rounds={args.rounds}: off {off:.1f} tok/s, flag {flag:.1f} tok/s, "
+          f"flag/off = {100 * flag / off:.1f}%")
+    ms = {g: 1000 * statistics.median(v) for g, v in latency.items()}
+    print(f"checks_bench block latency to first released byte (median of "
+          f"{args.latency_requests}, {args.latency_tokens} tokens, one stream): "
+          f"off {ms['off']:.0f} ms, unit {ms['unit']:.0f} ms, final {ms['final']:.0f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--server", action="store_true", help="measure through the gateway")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--latency-requests", type=int, default=5)
+    ap.add_argument("--latency-tokens", type=int, default=64)
+    args = ap.parse_args()
+    if args.server:
+        asyncio.run(through_server(args))
+    else:
+        standalone()
 
 
 if __name__ == "__main__":
