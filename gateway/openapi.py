@@ -56,6 +56,8 @@ def openapi_schema(model_name: str) -> dict[str, Any]:
                     "schema": {"$ref": "#/components/schemas/WeightsUpdateRequest"}}}},
                 "responses": {"200": {"description": "The new weights version"},
                               **{code: _ERROR for code in ("400", "401", "404", "503")}}}},
+            "/v1/traces/{request_id}": _get("The diagnostic trace of a recent request, by "
+                                            "completion id or X-Request-Id (404 once evicted)"),
             "/health": _get("Liveness"),
             "/ready": _get("Readiness: 503 until the model is loaded and while draining"),
             "/metrics": _get("Prometheus metrics"),

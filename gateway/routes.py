@@ -192,6 +192,10 @@ def closer(request: Request, gen: Generation) -> Callable[[], None]:
                       finish_reason=",".join(o.finish_reasons) or None,
                       ttft_ms=None if o.ttft_s is None else round(o.ttft_s * 1000, 1),
                       queue_ms=None if o.queue_s is None else round(o.queue_s * 1000, 1))
+        verdicts = [v for v in (gen.trace.verdicts if gen.trace is not None else []) if v]
+        if verdicts:   # the guard's verdict in short: passed | flagged | blocked, per choice
+            fields["checks"] = ",".join("blocked" if v["blocked"] else
+                                        "passed" if v["passed"] else "flagged" for v in verdicts)
     return close
 
 
