@@ -196,6 +196,27 @@ def test_block_non_streaming_is_200_with_content_null(server, client):
     assert verdict["blocked"] and verdict["violations"][0]["check"] == "deny"
 
 
+def test_block_holds_logprobs_with_their_text(server, client):
+    server.engine.script(LEAKY)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=ASK, stream=True, max_tokens=200, logprobs=True,
+        extra_body={"plumbline": {"guard": {"mode": "block", "release": "unit"}}}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    tokens = "".join(e.token for c in chunks if c.choices and c.choices[0].logprobs
+                     for e in c.choices[0].logprobs.content)
+    assert text == "First sentence is fine. " and text.startswith(tokens) and "SECRET" not in tokens
+
+
+def test_block_judges_each_choice_on_its_own(server, client):
+    server.engine.script(LEAKY)
+    out = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=200, n=2,
+        extra_body={"plumbline": {"guard": {"mode": "block"}}})
+    assert [c.finish_reason for c in out.choices] == ["content_filter"] * 2
+    verdicts = ext(out)["checks"]
+    assert isinstance(verdicts, list) and all(v["blocked"] for v in verdicts)
+
+
 def test_block_on_completions_too(server):
     server.engine.script(LEAKY)
     r = httpx.post(server.url + "/v1/completions", timeout=30,
