@@ -312,6 +312,10 @@ class _Formatter:
             out["plumbline"] = _versions([versions])
         return out
 
+    async def collect(self) -> dict[str, Any]:
+        """The whole response as one JSON body (each formatter has its own)."""
+        raise NotImplementedError
+
     async def body(self) -> dict[str, Any]:
         """The non-streaming response: `collect`, plus token ids and weights versions."""
         out: dict[str, Any] = await self.collect()

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -110,7 +110,9 @@ class Reference:
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self._by_bytes: dict[bytes, int] | None = None
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        # transformers' own methods are untyped (mypy --strict would refuse the calls)
+        self.model = cast(Any, AutoModelForCausalLM.from_pretrained(str(model_dir),
+                                                                    dtype=torch.float32))
         self.model.eval()
         if weights is not None:
             from gateway.admin import load_weights
@@ -148,8 +150,12 @@ class Reference:
         raw = torch.log_softmax(logits, -1).gather(1, target).squeeze(1)
         processed = torch.log_softmax(nucleus(logits / temperature, top_p), -1)
         processed = processed.gather(1, target).squeeze(1)
-        floor = lambda t: t.clamp(min=LOGPROB_FLOOR).tolist()  # noqa: E731
-        return floor(processed), floor(raw)
+        return _floored(processed), _floored(raw)
+
+
+def _floored(logprobs: Any) -> list[float]:
+    out: list[float] = logprobs.clamp(min=LOGPROB_FLOOR).tolist()
+    return out
 
 
 def nucleus(logits: Any, top_p: float) -> Any:
