@@ -88,6 +88,8 @@ def plan_guard(server: Policy, sessions: SessionStore, options: p.PlumblineOptio
                 declared = validate_assertions(options.assertions)
             except ValueError as exc:
                 raise p.BadRequest(str(exc), "plumbline.assertions") from None
+    if policy.mode == "off" and session_id is None:
+        return GuardPlan(policy, CheckContext()), grammar    # nothing to judge or remember
     session = sessions.load(session_id) if session_id is not None else []
     buffer = AssertionBuffer.from_conversation([_message_dict(m) for m in messages],
                                                declared, session)
