@@ -8,7 +8,8 @@ The number of allowed tokens at each constrained step is not recorded while gene
 engine fills the bitmask for the whole batch in one call and counting bits per row on the hot
 path would cost every constrained step. It is recomputed on retrieval instead, by replaying the
 completion through a fresh cursor of the (cached) compiled grammar; the count at step i is
-what the mask allowed before token i was chosen.
+what the grammar allowed before token i was chosen. Near max_tokens the engine may narrow that
+mask further (grammars/closing.py); the replay reports the grammar's count, not the narrowed one.
 """
 from __future__ import annotations
 
