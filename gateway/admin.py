@@ -171,7 +171,7 @@ async def update_weights(request: Request) -> Response:
         log.warning("weights_update_refused", path=str(path), error=message)
         raise p.BadRequest(f"path: the weights do not fit this model: {message}", "path",
                            code="invalid_weights") from None
-    rt.weights_source = str(path)
+    rt.weights_source = str(path.resolve())    # absolute: verify loads the same file
     duration = time.perf_counter() - t0
     log.info("weights_update_done", path=str(path), version=version, mode=req.mode,
              reset_cache=req.reset_cache, duration_s=round(duration, 3))
