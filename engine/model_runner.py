@@ -115,20 +115,26 @@ class ModelRunner:
         if constrained:
             fill_bitmasks(self.bitmask, constrained)      # llguidance fills all rows in one call
             for row, seq in enumerate(seqs):
-                if seq.grammar is not None and self._is_closing(seq):
-                    self.closing_vocab().narrow(self.bitmask, row, seq.completion_token_ids)
+                if seq.grammar is not None:
+                    self._close_if_due(seq, row)
         masked_rows = [row for _, row in constrained]
         result = sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows)
         return result._replace(prompt_logprobs=prompt_logprobs, weights_version=self.weights_version)
 
-    def _is_closing(self, seq: Sequence) -> bool:
-        """Whether the sequence's budget has come down to its closing reserve."""
+    def _close_if_due(self, seq: Sequence, row: int) -> None:
+        """Budget-aware closing (grammars/closing.py): once the budget left is down to the
+        reserve plus one token per open bracket, narrow the row to closing tokens."""
         params = seq.sampling
         reserve = params.close_reserve
         if reserve is None:
             reserve = self.config.grammar_close_reserve
         reserve = min(reserve, params.max_tokens // 4)
-        return reserve > 0 and params.max_tokens - seq.num_completion_tokens <= reserve
+        if reserve <= 0:
+            return
+        vocab = self.closing_vocab()
+        seq.json_scan = vocab.scan(seq.json_scan, seq.completion_token_ids)
+        if params.max_tokens - seq.num_completion_tokens <= reserve + seq.json_scan.depth:
+            vocab.narrow(self.bitmask, row, seq.json_scan)
 
     def closing_vocab(self) -> ClosingVocab:
         """Built on first use: one decode of the vocabulary (about a second)."""

@@ -43,6 +43,7 @@ class Sequence:
     error: str | None = None
     rng: Any = None                          # torch.Generator, owned by the sampler
     grammar: Any = None                      # grammars.Grammar cursor, or None (unconstrained)
+    json_scan: Any = None                    # grammars.closing.JsonScan, for budget-aware closing
 
     @property
     def num_tokens(self) -> int:

@@ -1,32 +1,34 @@
 """Budget-aware closing: when a constrained sequence nears max_tokens, steer it to finish.
 
-A small model can loop inside a JSON string or array until max_tokens cuts the structure off,
-and a cut structure does not parse. When a sequence has `reserve` tokens of budget left, its
-grammar mask is narrowed each step to the first tier of "closing" tokens the grammar allows:
+A small model can loop inside a JSON string or array, or nest objects without end, until
+max_tokens cuts the structure off, and a cut structure does not parse. When a sequence's budget
+left is down to `reserve` tokens plus one per open bracket, its grammar mask is narrowed each
+step to the first tier of "closing" tokens the grammar allows:
 
     outside a JSON string:  EOS  >  tokens starting "}", "]" or "</"  >  '"'  >  ","
-    inside a JSON string:   tokens starting '"' (the closing quote)
+    inside a JSON string:   '"' then a closing bracket  >  '"' alone  >  any token starting '"'
 
 When the grammar allows none of a tier's tokens, the next tier is tried; when it allows none at
 all, the mask stays as the grammar made it (the model writes what the grammar demands, e.g. a
 required key). The grammar still decides what is valid; this only prefers the shortest way out.
 Processed logprobs are those of the narrowed distribution (what was actually sampled from).
 
-Whether the text is inside a string is read from the generated text itself (a JSON string
-scanner over the decoded tokens, restarted after the last `<tool_call>` tag so free text before
-a call does not count). The narrowing is a heuristic: it shortens, it cannot promise to close
-within the reserve (a schema may require more tokens than are left).
+Where the text stands (inside a string, how many brackets are open) is read from the generated
+text itself by a JSON scanner over the decoded tokens, restarted at each `<tool_call>` tag so
+free text before a call does not count. It is a heuristic: it shortens, it cannot promise to
+close within the budget (a schema may require more tokens than are left).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from grammars.tools import OPEN_TAG
 
-_OUTSIDE_TIERS = (("}", "]", "</"), ('"',), (",",))
+_CLOSERS = ("}", "]", "</")
 
 
 def _pack(allowed: torch.Tensor) -> torch.Tensor:
@@ -38,6 +40,37 @@ def _pack(allowed: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
+@dataclass(slots=True)
+class JsonScan:
+    """Incremental JSON lexer state of one sequence's output (tokens are only ever appended)."""
+
+    num_tokens: int = 0      # tokens scanned so far
+    in_string: bool = False
+    escaped: bool = False
+    depth: int = 0           # open brackets outside strings
+    tail: str = ""           # the last few characters, to spot a `<tool_call>` tag
+
+    def feed(self, text: str) -> None:
+        for ch in text:
+            self.tail = (self.tail + ch)[-len(OPEN_TAG):]
+            if self.tail == OPEN_TAG:              # a call starts: its JSON is what counts
+                self.in_string = self.escaped = False
+                self.depth = 0
+            elif self.escaped:
+                self.escaped = False
+            elif self.in_string:
+                if ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth = max(0, self.depth - 1)
+
+
 class ClosingVocab:
     """The token tiers of one tokenizer, built once (one decode of the vocabulary)."""
 
@@ -45,37 +78,31 @@ class ClosingVocab:
         n = min(vocab_size, len(tokenizer))
         self.texts = [str(t) for t in tokenizer.batch_decode([[i] for i in range(n)])]
         self.texts += [""] * (vocab_size - n)
-        stripped = [t.lstrip() for t in self.texts]
 
-        def tier(prefixes: Sequence[str]) -> torch.Tensor:
-            return _pack(torch.tensor([s.startswith(tuple(prefixes)) for s in stripped]))
+        def tier(test: Any) -> torch.Tensor:
+            return _pack(torch.tensor([bool(test(t)) for t in self.texts]))
 
         eos = torch.zeros(vocab_size, dtype=torch.bool)
         eos[[i for i in eos_token_ids if 0 <= i < vocab_size]] = True
-        self.outside = [_pack(eos)] + [tier(p) for p in _OUTSIDE_TIERS]
-        # Inside a string only the quote itself ends it ('"' after whitespace is still text).
-        self.inside = [_pack(torch.tensor([t.startswith('"') for t in self.texts]))]
+        self.outside = [_pack(eos),
+                        tier(lambda t: t.lstrip().startswith(_CLOSERS)),
+                        tier(lambda t: t.lstrip().startswith('"')),
+                        tier(lambda t: t.lstrip().startswith(","))]
+        # Inside a string only the quote itself ends it (whitespace before it is string text).
+        self.inside = [tier(lambda t: t.startswith('"') and t[1:].lstrip().startswith(_CLOSERS)),
+                       tier(lambda t: t.startswith('"') and not t[1:].strip()),
+                       tier(lambda t: t.startswith('"'))]
 
-    def in_string(self, completion_ids: Sequence[int]) -> bool:
-        """Whether the generated text ends inside a JSON string."""
-        text = "".join(self.texts[t] for t in completion_ids)
-        at = text.rfind(OPEN_TAG)
-        if at >= 0:
-            text = text[at + len(OPEN_TAG):]
-        inside = escaped = False
-        for ch in text:
-            if escaped:
-                escaped = False
-            elif inside and ch == "\\":
-                escaped = True
-            elif ch == '"':
-                inside = not inside
-        return inside
+    def scan(self, state: JsonScan | None, completion_ids: Sequence[int]) -> JsonScan:
+        """Bring a sequence's scan up to date with its output (a new one when None)."""
+        state = state or JsonScan()
+        state.feed("".join(self.texts[t] for t in completion_ids[state.num_tokens:]))
+        state.num_tokens = len(completion_ids)
+        return state
 
-    def narrow(self, bitmask: torch.Tensor, row: int, completion_ids: Sequence[int]) -> None:
+    def narrow(self, bitmask: torch.Tensor, row: int, state: JsonScan) -> None:
         """Keep only the first tier of closing tokens that bitmask[row] allows."""
-        tiers = self.inside if self.in_string(completion_ids) else self.outside
-        for tier in tiers:
+        for tier in self.inside if state.in_string else self.outside:
             narrowed = bitmask[row] & tier
             if bool(narrowed.any()):
                 bitmask[row] = narrowed

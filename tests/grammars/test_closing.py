@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grammars.base import bitmask_width
-from grammars.closing import ClosingVocab, _pack
+from grammars.closing import ClosingVocab, JsonScan, _pack
 
 VOCAB = ['"', "}", "]", ",", "a", " b", ' "', "</tool_call>", "<tool_call>", '"}', "<eos>", "\\"]
 EOS = VOCAB.index("<eos>")
@@ -41,16 +41,32 @@ def vocab() -> ClosingVocab:
     return ClosingVocab(_Tok(), len(VOCAB), [EOS])
 
 
-def test_string_state_is_read_from_the_text(vocab: ClosingVocab) -> None:
-    assert vocab.in_string(ids('"', "a"))
-    assert not vocab.in_string(ids('"', "a", '"'))
-    assert vocab.in_string(ids('"', "\\", '"'))                   # an escaped quote
-    assert not vocab.in_string(ids('"', "<tool_call>", "a"))       # free text before the call
-    assert vocab.in_string(ids("<tool_call>", '"', "a"))
+def scan(vocab: ClosingVocab, *texts: str) -> JsonScan:
+    return vocab.scan(None, ids(*texts))
+
+
+def test_the_scan_reads_strings_and_depth_from_the_text(vocab: ClosingVocab) -> None:
+    assert scan(vocab, '"', "a").in_string
+    assert not scan(vocab, '"', "a", '"').in_string
+    assert scan(vocab, '"', "\\", '"').in_string                 # an escaped quote
+    assert not scan(vocab, '"', "<tool_call>", "a").in_string       # free text before the call
+    assert scan(vocab, "<tool_call>", '"', "a").in_string
+    assert scan(vocab, "<tool_call>", '"', "}", "]").depth == 0     # brackets in a string
+    assert scan(vocab, "}", "<tool_call>", ' "', '"}').depth == 0
+
+
+def test_the_scan_is_incremental(vocab: ClosingVocab) -> None:
+    tokens = ids("<tool_call>", '"', "a", '"}', ",", ' "', "\\", '"', "]")
+    state = None
+    for k in range(1, len(tokens) + 1):
+        state = vocab.scan(state, tokens[:k])
+        whole = vocab.scan(None, tokens[:k])
+        assert (state.in_string, state.depth) == (whole.in_string, whole.depth)
 
 
 @pytest.mark.parametrize("generated, grammar_allows, kept", [
-    (['"', "a"], {"a", " b", '"', '"}', "}"}, {'"', '"}'}),         # in a string: the quote
+    (['"', "a"], {"a", " b", '"', '"}', "}", ","}, {'"}'}),       # in a string: quote + bracket
+    (['"', "a"], {"a", " b", '"', "}", ","}, {'"'}),               # or the quote alone
     (["a"], {"a", "}", ",", '"', "<eos>"}, {"<eos>"}),               # EOS first
     (["a"], {"a", "}", "]", ",", '"'}, {"}", "]"}),                  # then closing brackets
     (["a"], {"a", "</tool_call>", '"'}, {"</tool_call>"}),          # or a closing tag
@@ -61,7 +77,7 @@ def test_string_state_is_read_from_the_text(vocab: ClosingVocab) -> None:
 def test_narrow_keeps_the_first_tier_the_grammar_allows(vocab: ClosingVocab, generated: list[str],
                                                         grammar_allows: set[str], kept: set[str]) -> None:
     mask = mask_of(grammar_allows)
-    vocab.narrow(mask, 0, ids(*generated))
+    vocab.narrow(mask, 0, scan(vocab, *generated))
     assert allowed(mask[0]) == kept
 
 
@@ -87,5 +103,6 @@ def test_structures_close_within_max_tokens_on_the_real_model(default_llm: Any) 
         json.loads(off.text)
     assert on.finish_reason == "stop" and len(on.token_ids) <= 48
     jsonschema.validate(json.loads(on.text), schema)
-    # Identical until the reserve begins: closing changes only the last tokens.
-    assert on.token_ids[:48 - 12] == off.token_ids[:48 - 12]
+    # Identical until closing begins (the reserve plus one token per open bracket before the
+    # end): it changes only the last tokens.
+    assert on.token_ids[:48 - 12 - 4] == off.token_ids[:48 - 12 - 4]
