@@ -4,8 +4,8 @@ Two real tools: a calculator (arithmetic expressions, evaluated safely from the 
 converter (length, mass, temperature). The first turn uses tool_choice="required" so the model
 must call a tool; later turns use "auto" so it can answer from the tool results.
 
-    python -m gateway ...            # start the server on 127.0.0.1:8000
-    python examples/agent.py "How many feet are 3.5 km, and what is (17 * 23) - 4?"
+    make serve                       # start the server on 127.0.0.1:8000
+    .venv/bin/python examples/agent.py "How many feet are 3.5 km, and what is (17 * 23) - 4?"
 """
 from __future__ import annotations
 
