@@ -8,6 +8,7 @@ generate is not thereby allowed to replace the model. Without an admin key they 
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import platform
 import time
@@ -94,6 +95,8 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
         },
         "grammar": {"backend": cfg.grammar_backend,
                     "compile_timeout_s": cfg.grammar_compile_timeout},
+        # every EngineConfig field as given, so a field added later is reported without a change
+        "engine_config": dataclasses.asdict(cfg),
         "versions": library_versions(),
         "admin": {"weights_update": bool(rt.config.admin_key)},
     }

@@ -1,6 +1,7 @@
 """GET /v1/server_info and POST /v1/admin/weights on a live server with the tiny random llama."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
@@ -77,6 +78,7 @@ def test_server_info_reports_the_settings_in_force(server, tiny_model_dir):
     assert s["max_model_len"] == 256 and s["enable_chunked_prefill"] is True
     assert s["num_kv_blocks"] > 0
     assert body["grammar"]["backend"] == "llguidance"
+    assert body["engine_config"] == dataclasses.asdict(server.runtime.config.engine)
     v = body["versions"]
     assert v["torch"] == torch.__version__.split("+")[0] or v["torch"] == torch.__version__
     assert v["transformers"] and v["llguidance"] and v["python"]
