@@ -32,7 +32,7 @@ def _add_serve(sub: Any) -> None:
     s.add_argument("--api-key", action="append", default=[],
                    help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")
     s.add_argument("--api-key-file", type=Path, help="a file with one API key per line")
-    s.add_argument("--admin-key", default=None,
+    s.add_argument("--admin-key", default=argparse.SUPPRESS,     # no "(default: None)" in --help
                    help="enables POST /v1/admin/weights for 'Authorization: Bearer KEY' "
                         "(default: $PLUMBLINE_ADMIN_KEY; unset: admin endpoints disabled)")
     s.add_argument("--max-queued-requests", type=int, default=256,
@@ -132,7 +132,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def _admin_key(args: argparse.Namespace) -> str:
     # The environment keeps the key out of `ps` output; the flag wins when both are given.
-    key = args.admin_key if args.admin_key is not None else os.environ.get("PLUMBLINE_ADMIN_KEY")
+    key = getattr(args, "admin_key", None)
+    if key is None:
+        key = os.environ.get("PLUMBLINE_ADMIN_KEY")
     return (key or "").strip()
 
 
