@@ -29,7 +29,7 @@ class EngineConfig:
     # Budget-aware closing (grammars/closing.py): a constrained sequence with this many tokens
     # of max_tokens left (at most a quarter of max_tokens) is steered to close its structure.
     # 0 turns it off; a request may set its own (SamplingParams.close_reserve).
-    grammar_close_reserve: int = 32
+    grammar_close_reserve: int = 48
 
     def __post_init__(self) -> None:
         assert self.dtype in ("float32", "bfloat16"), f"unsupported dtype {self.dtype}"
