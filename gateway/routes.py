@@ -312,6 +312,18 @@ class _Formatter:
             out["plumbline"] = _versions([versions])
         return out
 
+    def _choice_fields(self, u: ChoiceUpdate, is_first: bool, is_last: bool) -> dict[str, Any]:
+        """_ids, and on a choice's last chunk the incomplete marker."""
+        out = self._ids(u, is_first)
+        if is_last and self._is_incomplete(u.finish_reason):
+            out["plumbline"] = {**out.get("plumbline", {}), "incomplete": True}
+        return out
+
+    def _is_incomplete(self, finish_reason: str | None) -> bool:
+        """max_tokens cut a constrained output before its grammar could end: the structure
+        (JSON value, tool call, ...) is unfinished; the response says so."""
+        return finish_reason == "length" and self.gen.params.grammar is not None
+
     async def collect(self) -> dict[str, Any]:
         """The whole response as one JSON body (each formatter has its own)."""
         raise NotImplementedError
@@ -327,6 +339,9 @@ class _Formatter:
                 if out["object"] != "chat.completion":
                     choice["prompt_token_ids"] = list(self.gen.prompt_ids)
                 choice["token_ids"] = self.token_ids[choice["index"]]
+        for choice in out["choices"]:
+            if self._is_incomplete(choice["finish_reason"]):
+                choice["plumbline"] = {"incomplete": True}
         versions = [v[:len(ids)] for v, ids in zip(self.gen.weights_versions, self.token_ids)]
         if any(versions):
             out.setdefault("plumbline", {}).update(_versions(versions))
@@ -373,7 +388,7 @@ class ChatFormatter(_Formatter):
                 for k, delta in enumerate(deltas):
                     last = k == len(deltas) - 1
                     yield frame({**self.base, "choices": [
-                        {"index": u.index, "delta": delta, **self._ids(u, k == 0),
+                        {"index": u.index, "delta": delta, **self._choice_fields(u, k == 0, last),
                          "logprobs": self._logprobs(u) if k == 0 else None,
                          "finish_reason": u.finish_reason if last else None}], **extra,
                         **(_guard_news(u) if last else {})})
@@ -510,7 +525,7 @@ class CompletionFormatter(_Formatter):
                 lp = self._logprobs(u, offsets[u.index])
                 offsets[u.index] += len(u.text)
                 yield frame({**self.base, "choices": [
-                    {"index": u.index, "text": u.text, "logprobs": lp, **self._ids(u),
+                    {"index": u.index, "text": u.text, "logprobs": lp, **self._choice_fields(u, True, True),
                      "finish_reason": u.finish_reason}], **extra, **_guard_news(u)})
         if self.req.include_usage:
             yield frame({**self.base, "choices": [], "usage": usage(self.gen),

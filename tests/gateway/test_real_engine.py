@@ -223,3 +223,21 @@ def test_constrained_decoding(client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=ASK,
                                        extra_body={"guided_regex": "(unclosed"})
+
+
+def test_output_cut_inside_its_structure_is_marked_incomplete(client):
+    """max_tokens 3 ends the JSON early (too small a budget for closing): finish_reason "length"
+    and plumbline.incomplete on the choice, streamed and not; a finished one carries no mark."""
+    kw = dict(model=MODEL, messages=ASK, temperature=0,
+              response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {
+                  "type": "object", "properties": {"story": {"type": "string"}},
+                  "required": ["story"], "additionalProperties": False}}})
+    cut = client.chat.completions.create(max_tokens=3, **kw).choices[0]
+    assert cut.finish_reason == "length" and cut.model_extra["plumbline"] == {"incomplete": True}
+    chunks = list(client.chat.completions.create(max_tokens=3, stream=True, **kw))
+    last = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1].choices[0]
+    assert last.finish_reason == "length" and last.model_extra["plumbline"]["incomplete"] is True
+    picked = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=8, temperature=0,
+        extra_body={"structured_outputs": {"choice": ["yes", "no"]}}).choices[0]
+    assert picked.finish_reason == "stop" and "plumbline" not in (picked.model_extra or {})
