@@ -54,7 +54,7 @@ def same_value(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _loads(text: Any) -> Any:
+def json_or_none(text: Any) -> Any:
     if not isinstance(text, str):
         return None
     try:
@@ -102,13 +102,13 @@ class AssertionBuffer:
         for i, msg in enumerate(messages):
             role = msg.get("role")
             if role == "assistant":
-                buf.add_json(_loads(msg.get("content")), f"assistant message {i}")
+                buf.add_json(json_or_none(msg.get("content")), f"assistant message {i}")
                 for call in msg.get("tool_calls") or []:
                     fn = call.get("function") or {}
-                    buf.add_json(_loads(fn.get("arguments")),
+                    buf.add_json(json_or_none(fn.get("arguments")),
                                  f"tool call {fn.get('name')} ({call.get('id')}) arguments, message {i}")
             elif role == "tool":
-                buf.add_json(_loads(msg.get("content")),
+                buf.add_json(json_or_none(msg.get("content")),
                              f"tool result {msg.get('tool_call_id')}, message {i}")
         for key, value in (declared or {}).items():
             buf.add(key, value, "plumbline.assertions")

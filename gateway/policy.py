@@ -8,14 +8,13 @@ facts. In "enforce" mode the asserted keys the requested JSON schema declares ar
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from gateway import protocol as p
 from gateway.checks import CheckContext, Policy, PolicyError, merge_policy
-from gateway.consistency import (Assertion, AssertionBuffer, SessionStore, pin_schema,
-                                 validate_assertions)
+from gateway.consistency import (Assertion, AssertionBuffer, SessionStore, json_or_none,
+                                 pin_schema, validate_assertions)
 from gateway.guard import EventHook, Guard
 from grammars.spec import GrammarSpec
 
@@ -48,22 +47,13 @@ class GuardPlan:
         the response's own JSON leaves and tool-call arguments, except values that contradict
         the buffer (the earlier fact stands)."""
         new = AssertionBuffer()
-        new.add_json(_loads(text), source)
+        new.add_json(json_or_none(text), source)
         for call in tool_calls:
-            new.add_json(_loads(call.get("arguments")), f"tool call {call.get('name')} "
+            new.add_json(json_or_none(call.get("arguments")), f"tool call {call.get('name')} "
                          f"arguments, {source}")
         buffer = self.context.assertions
         kept = [a for a in new.facts.values() if buffer.conflict(a.key, a.value) is None]
         return [*buffer.facts.values(), *kept]
-
-
-def _loads(text: Any) -> Any:
-    if not isinstance(text, str):
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
 
 
 def request_policy(server: Policy, options: p.PlumblineOptions | None) -> Policy:
