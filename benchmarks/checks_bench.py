@@ -115,28 +115,11 @@ async def first_released_byte(port: int, data: bytes) -> float:
 
 
 async def through_server(args: argparse.Namespace) -> None:
-    import uvicorn
+    from benchmarks.gateway_overhead import served_engine
 
-    from benchmarks.gateway_overhead import SharedEngine, free_port
-    from engine import AsyncEngine, EngineConfig
-    from gateway import logs
-    from gateway.app import create_app
-    from gateway.config import GatewayConfig
-
-    engine = AsyncEngine(EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs))
-    await engine.start()
-    port = free_port()
-    config = GatewayConfig(engine=engine.core.config, port=port, log_level="warning")
-    logs.configure(json=True, level="warning")
-    app = create_app(config, engine_factory=lambda _: SharedEngine(engine))  # type: ignore[arg-type,return-value]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
-    serving = asyncio.create_task(server.serve())
     tps: dict[str, list[float]] = {"off": [], "flag": []}
     latency: dict[str, list[float]] = {"off": [], "unit": [], "final": []}
-    try:
-        while app.state.runtime.engine is None:
-            await asyncio.sleep(0.05)
+    async with served_engine(args.model, args.max_num_seqs) as (_, port):
         await throughput_round(port, body(args, PROMPT, "flag", 8), args.concurrency)   # warm-up
         for r in range(args.rounds):
             for guard in ("off", "flag"):
@@ -148,10 +131,6 @@ async def through_server(args: argparse.Namespace) -> None:
             for guard in latency:
                 latency[guard].append(await first_released_byte(
                     port, body(args, PROMPT, guard, args.latency_tokens)))
-    finally:
-        server.should_exit = True
-        await serving
-        await engine.shutdown()
     off, flag = statistics.median(tps["off"]), statistics.median(tps["flag"])
     print(f"checks_bench server concurrency={args.concurrency} new={args.new_tokens} "
           f"rounds={args.rounds}: off {off:.1f} tok/s, flag {flag:.1f} tok/s, "

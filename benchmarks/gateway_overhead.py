@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 import statistics
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
@@ -101,10 +103,11 @@ class SharedEngine:
         pass
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    engine = AsyncEngine(EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs))
+@contextlib.asynccontextmanager
+async def served_engine(model: str, max_num_seqs: int) -> AsyncIterator[tuple[AsyncEngine, int]]:
+    """An engine, and the gateway in front of it on a free port, in this event loop."""
+    engine = AsyncEngine(EngineConfig(model=model, max_num_seqs=max_num_seqs))
     await engine.start()
-    prompt = engine.tokenizer(FILLER * 8).input_ids[:args.prompt_tokens]
     port = free_port()
     config = GatewayConfig(engine=engine.core.config, port=port, log_level="warning")
     logs.configure(json=True, level="warning")
@@ -115,6 +118,16 @@ async def main_async(args: argparse.Namespace) -> None:
     try:
         while app.state.runtime.engine is None:
             await asyncio.sleep(0.05)
+        yield engine, port
+    finally:
+        server.should_exit = True
+        await serving
+        await engine.shutdown()
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    async with served_engine(args.model, args.max_num_seqs) as (engine, port):
+        prompt = engine.tokenizer(FILLER * 8).input_ids[:args.prompt_tokens]
         # warm-up: one short round each (first-step allocations, connection setup)
         warm = argparse.Namespace(**{**vars(args), "new_tokens": 8})
         await engine_round(engine, prompt, warm)
@@ -129,10 +142,6 @@ async def main_async(args: argparse.Namespace) -> None:
             c2 = time.thread_time()
             print(f"round {r + 1}: engine {engine_tps[-1]:.1f} tok/s (loop CPU {c1 - c0:.2f} s), "
                   f"gateway {gateway_tps[-1]:.1f} tok/s (loop CPU {c2 - c1:.2f} s)", flush=True)
-    finally:
-        server.should_exit = True
-        await serving
-        await engine.shutdown()
     e, g = statistics.median(engine_tps), statistics.median(gateway_tps)
     print(f"gateway_overhead concurrency={args.concurrency} prompt={len(prompt)} "
           f"new={args.new_tokens} rounds={args.rounds}: engine {e:.1f} tok/s, "
