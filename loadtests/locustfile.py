@@ -27,6 +27,7 @@ import os
 import random
 import re
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
@@ -115,6 +116,12 @@ class _OpenAIUser(HttpUser):
             request_type=SSE, name=name, response_time=seconds * 1000.0, response_length=0,
             exception=None, context={})
 
+    def _fire_failure(self, name: str, exc: Exception) -> None:
+        """A contract broken after the HTTP response succeeded: a failed SSE event."""
+        self.environment.events.request.fire(
+            request_type=SSE, name=name, response_time=0.0, response_length=0, context={},
+            exception=exc)
+
     def post_json(self, path: str, body: dict[str, Any], name: str) -> dict[str, Any] | None:
         """POST a non-streaming request; the parsed body, or None after recording a failure."""
         with self.client.post(path, json=body, name=name, catch_response=True) as r:
@@ -125,16 +132,16 @@ class _OpenAIUser(HttpUser):
                 self.fail(r, str(exc))
                 return None
 
-    def stream_chat(self, body: dict[str, Any], name: str) -> tuple[str, str | None, dict[str, Any]]:
-        """Stream a chat completion: (content, finish_reason, last chunk). Raises ScenarioFailure;
-        the caller's `catch_response` block turns it into a Locust failure."""
+    def stream_chat(self, body: dict[str, Any], name: str) -> Streamed:
+        """Stream a chat completion. Raises ScenarioFailure; the caller's `catch_response` block
+        turns it into a Locust failure."""
         body = {**body, "stream": True, "stream_options": {"include_usage": True}}
         start = time.perf_counter()
         with self.client.post("/v1/chat/completions", json=body, name=name, stream=True,
                               catch_response=True) as r:
             try:
                 _check_status(r)
-                content, finish, last = self._read_stream(r, start, name)
+                result = self._read_stream(r, start, name, tools=body.get("tools") is not None)
             except ScenarioFailure as exc:
                 self.fail(r, str(exc))
                 raise
@@ -142,12 +149,14 @@ class _OpenAIUser(HttpUser):
                 self.fail(r, f"{type(exc).__name__}: {exc}")
                 raise ScenarioFailure(str(exc)) from exc
             r.success()
-            return content, finish, last
+            return result
 
-    def _read_stream(self, r: Any, start: float, name: str) -> tuple[str, str | None, dict[str, Any]]:
+    def _read_stream(self, r: Any, start: float, name: str, tools: bool = False) -> Streamed:
+        """Read an SSE chat stream. Tool-call deltas are assembled per index (a delta without
+        `tools` in the request, or argument text for a call not yet announced with index, id,
+        type and name, is a failure); the guard's `plumbline` news is collected."""
+        out = Streamed()
         parts: list[str] = []
-        finish: str | None = None
-        last: dict[str, Any] = {}
         previous: float | None = None
         done = False
         for data in sse_events(r.iter_lines(chunk_size=None)):
@@ -157,7 +166,11 @@ class _OpenAIUser(HttpUser):
             chunk = json.loads(data)
             if "error" in chunk:
                 raise ScenarioFailure(f"error chunk: {chunk['error']}")
-            last = chunk
+            out.last = chunk
+            news = chunk.get("plumbline") or {}
+            out.violations += news.get("violations") or []
+            if news.get("checks") is not None:
+                out.verdict = news["checks"]
             for choice in chunk.get("choices", []):
                 delta = choice.get("delta") or {}
                 if delta.get("content"):
@@ -168,15 +181,51 @@ class _OpenAIUser(HttpUser):
                         self._fire(f"itl {name}", now - previous)
                     previous = now
                     parts.append(delta["content"])
+                for call in delta.get("tool_calls") or []:
+                    if not tools:
+                        raise ScenarioFailure(f"tool-call delta without tools: {call}")
+                    _add_call_delta(out.calls, call)
                 if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
+                    out.finish = choice["finish_reason"]
         if not done:
             raise ScenarioFailure("stream ended without [DONE]")
-        if finish is None:
+        if out.finish is None:
             raise ScenarioFailure("stream sent no finish_reason")
         # Locust timed the headers; the HTTP entry of a stream should time the whole response
         r.request_meta["response_time"] = (time.perf_counter() - start) * 1000.0
-        return "".join(parts), finish, last
+        out.content = "".join(parts)
+        return out
+
+
+@dataclass
+class Streamed:
+    """What one streamed chat completion said."""
+    content: str = ""
+    finish: str | None = None
+    last: dict[str, Any] = field(default_factory=dict)      # the last chunk (usage, if asked)
+    calls: list[dict[str, Any]] = field(default_factory=list)  # tool calls, deltas assembled
+    verdict: dict[str, Any] | None = None                   # plumbline.checks, when checks ran
+    violations: list[dict[str, Any]] = field(default_factory=list)  # plumbline.violations, all
+
+
+def _add_call_delta(calls: list[dict[str, Any]], delta: dict[str, Any]) -> None:
+    """One entry of `delta.tool_calls`: the first per index announces the call (index, id, type,
+    name), later ones carry argument fragments, which concatenate."""
+    index = delta.get("index")
+    function = delta.get("function") or {}
+    if index == len(calls):
+        if not (delta.get("id") and delta.get("type") == "function" and function.get("name")):
+            raise ScenarioFailure(f"first delta of tool call {index} lacks id/type/name: {delta}")
+        calls.append({"id": delta["id"], "type": "function",
+                      "function": {"name": function["name"],
+                                   "arguments": function.get("arguments") or ""}})
+    elif isinstance(index, int) and 0 <= index < len(calls):
+        if "id" in delta or "name" in function:
+            raise ScenarioFailure(f"tool call {index} announced twice: {delta}")
+        calls[index]["function"]["arguments"] += function.get("arguments") or ""
+    else:
+        raise ScenarioFailure(f"tool-call delta out of order (index {index!r} after "
+                              f"{len(calls)} calls)")
 
 
 class StreamingChatUser(_OpenAIUser):
@@ -189,15 +238,13 @@ class StreamingChatUser(_OpenAIUser):
         body = {"model": self.model, "max_tokens": MAX_TOKENS, "temperature": 0.7,
                 "messages": [{"role": "user", "content": random.choice(PROMPTS)}]}
         try:
-            content, finish, last = self.stream_chat(body, "chat stream")
+            result = self.stream_chat(body, "chat stream")
         except ScenarioFailure:
             return
-        usage = last.get("usage") or {}
+        finish, usage = result.finish, result.last.get("usage") or {}
         if usage.get("completion_tokens", 0) > MAX_TOKENS or finish not in ("stop", "length"):
-            self.environment.events.request.fire(
-                request_type=SSE, name="chat stream contract", response_time=0.0,
-                response_length=0, context={},
-                exception=ScenarioFailure(f"finish_reason {finish!r}, usage {usage}"))
+            self._fire_failure("chat stream contract",
+                               ScenarioFailure(f"finish_reason {finish!r}, usage {usage}"))
 
 
 class PlainUser(_OpenAIUser):
@@ -268,7 +315,8 @@ class StructuredOutputUser(_OpenAIUser):
                               stream=True, catch_response=True) as r:
             try:
                 _check_status(r)
-                content, finish, _ = self._read_stream(r, start, "json_schema stream")
+                result = self._read_stream(r, start, "json_schema stream")
+                content, finish = result.content, result.finish
                 if finish != "stop":
                     raise ScenarioFailure(f"structured output ended with {finish!r} (truncated?)")
                 jsonschema.validate(json.loads(content), WEATHER_SCHEMA)
@@ -278,7 +326,7 @@ class StructuredOutputUser(_OpenAIUser):
                 self.fail(r, f"{type(exc).__name__}: {exc}")
 
 
-TOOLS = [{
+TOOLS: list[dict[str, Any]] = [{
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -292,7 +340,11 @@ TOOLS = [{
 
 
 class ToolAgentUser(_OpenAIUser):
-    """An agent loop: the model calls a tool, gets its result, then answers in text."""
+    """An agent loop: the model calls a tool (`tool_choice` "required"; streamed three times in
+    four, parallel calls allowed half the time), gets its result, then answers in streamed text
+    (`tool_choice` "none"). Streamed call deltas must arrive in order (index, id, type and name
+    first); every call must name a known tool and its arguments must parse and satisfy the
+    tool's schema; each one is counted as an SSE event "tool call <name>"."""
 
     weight = _env_int("PLUMBLINE_LT_WEIGHT_TOOLS", 1)
 
@@ -302,49 +354,90 @@ class ToolAgentUser(_OpenAIUser):
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": "You are a helpful assistant. Use tools when useful."},
             {"role": "user", "content": f"What's the weather like in {city} right now?"}]
+        # 96 tokens: a call fits with room (the grammar closes a call near max_tokens). Half the
+        # turns allow parallel calls (the default model then usually makes two), half exactly one.
+        parallel = random.random() < 0.5
         body = {"model": self.model, "max_tokens": 96, "messages": messages, "tools": TOOLS,
-                "tool_choice": "required"}
-        with self.client.post("/v1/chat/completions", json=body, name="tools call",
-                              catch_response=True) as r:
+                "tool_choice": "required", "parallel_tool_calls": parallel}
+        if random.random() < 0.75:
             try:
-                _check_status(r)
-                message = r.json()["choices"][0]["message"]
-                finish = r.json()["choices"][0]["finish_reason"]
-                calls = message.get("tool_calls") or []
-                if finish != "tool_calls" or not calls:
-                    raise ScenarioFailure(f"tool_choice=required gave finish_reason {finish!r} "
-                                          f"and {len(calls)} tool calls")
-                call = calls[0]
-                if call["function"]["name"] != "get_weather":
-                    raise ScenarioFailure(f"unknown tool {call['function']['name']!r}")
-                args = json.loads(call["function"]["arguments"])
-                jsonschema.validate(args, TOOLS[0]["function"]["parameters"])
-            except (ScenarioFailure, ValueError, KeyError, jsonschema.ValidationError) as exc:
-                self.fail(r, f"{type(exc).__name__}: {str(exc)[:300]}")
+                result = self.stream_chat(body, "tools call stream")
+            except ScenarioFailure:
                 return
-        result = {"city": args["city"], "temperature_c": random.randint(-5, 30),
-                  "conditions": random.choice(["sunny", "cloudy", "rain"])}
-        messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
-                     {"role": "tool", "tool_call_id": call["id"], "content": json.dumps(result)}]
+            calls, finish = result.calls, result.finish
+            try:
+                self._check_calls(calls, finish, parallel)
+            except ScenarioFailure as exc:
+                self._fire_failure("tools call stream contract", exc)
+                return
+        else:
+            with self.client.post("/v1/chat/completions", json=body, name="tools call",
+                                  catch_response=True) as r:
+                try:
+                    _check_status(r)
+                    choice = r.json()["choices"][0]
+                    calls = choice["message"].get("tool_calls") or []
+                    self._check_calls(calls, choice["finish_reason"], parallel)
+                except (ScenarioFailure, ValueError, KeyError) as exc:
+                    self.fail(r, f"{type(exc).__name__}: {str(exc)[:300]}")
+                    return
+        for call in calls:
+            self._fire(f"tool call {call['function']['name']}", 0.0)
+        messages.append({"role": "assistant", "content": None,
+                         "tool_calls": [{k: v for k, v in c.items() if k != "index"}
+                                        for c in calls]})
+        for call in calls:
+            args = json.loads(call["function"]["arguments"])
+            weather = {"city": args["city"], "temperature_c": random.randint(-5, 30),
+                       "conditions": random.choice(["sunny", "cloudy", "rain"])}
+            messages.append({"role": "tool", "tool_call_id": call["id"],
+                             "content": json.dumps(weather)})
         body = {"model": self.model, "max_tokens": MAX_TOKENS, "messages": messages,
                 "tools": TOOLS, "tool_choice": "none"}
         try:
-            content, finish, _ = self.stream_chat(body, "tools answer stream")
+            answer = self.stream_chat(body, "tools answer stream")
         except ScenarioFailure:
             return
-        if finish not in ("stop", "length"):
-            self.environment.events.request.fire(
-                request_type=SSE, name="tools answer finish", response_time=0.0,
-                response_length=0, context={},
-                exception=ScenarioFailure(f"answer ended with {finish!r}"))
+        if answer.finish not in ("stop", "length") or answer.calls:
+            self._fire_failure("tools answer contract", ScenarioFailure(
+                f"tool_choice=none answer ended with {answer.finish!r} and "
+                f"{len(answer.calls)} tool calls"))
+
+    @staticmethod
+    def _check_calls(calls: list[dict[str, Any]], finish: str | None, parallel: bool) -> None:
+        if finish != "tool_calls" or not calls:
+            raise ScenarioFailure(f"tool_choice=required gave finish_reason {finish!r} "
+                                  f"and {len(calls)} tool calls")
+        if not parallel and len(calls) > 1:
+            raise ScenarioFailure(f"parallel_tool_calls=false gave {len(calls)} calls")
+        tools = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+        ids = set()
+        for call in calls:
+            if not str(call.get("id", "")).startswith("call_") or call.get("type") != "function":
+                raise ScenarioFailure(f"bad tool call id/type: {call}")
+            ids.add(call["id"])
+            name, text = call["function"]["name"], call["function"]["arguments"]
+            if name not in tools:
+                raise ScenarioFailure(f"unknown tool {name!r}")
+            try:
+                jsonschema.validate(json.loads(text), tools[name])
+            except (ValueError, jsonschema.ValidationError) as exc:
+                raise ScenarioFailure(f"tool {name} arguments {text[:200]!r}: "
+                                      f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        if len(ids) != len(calls):
+            raise ScenarioFailure(f"tool call ids repeat: {sorted(ids)}")
 
 
 DENY = r"(?i)drop\s+table"
 
 
 class GuardedUser(_OpenAIUser):
-    """Guarded requests in block mode: no text matching the deny pattern may ever arrive. A
-    blocked answer (finish_reason content_filter) is a success; a leaked match is a failure."""
+    """Guarded streamed requests with a deny pattern, three in four in block mode, the rest in
+    flag mode. Block: no text matching the pattern may ever arrive; a blocked answer
+    (finish_reason "content_filter" with the violations in plumbline.checks) is a success.
+    Flag: the text streams as generated and a match must be reported as a "deny" violation.
+    Every answer must end with the verdict; each is counted as an SSE event "guard passed",
+    "guard flagged" (flag mode, violations reported) or "guard blocked"."""
 
     weight = _env_int("PLUMBLINE_LT_WEIGHT_GUARD", 1)
     PROMPTS = [
@@ -353,30 +446,68 @@ class GuardedUser(_OpenAIUser):
         "Explain what DROP TABLE does in SQL, with an example.",
     ]
 
-    @task
-    def guarded(self) -> None:
+    @task(3)
+    def block(self) -> None:
+        self._guarded("block")
+
+    @task(1)
+    def flag(self) -> None:
+        self._guarded("flag")
+
+    def _guarded(self, mode: str) -> None:
         body = {"model": self.model, "max_tokens": MAX_TOKENS, "temperature": 0.7,
                 "messages": [{"role": "user", "content": random.choice(self.PROMPTS)}],
-                "plumbline": {"guard": {"mode": "block", "release": "unit",
+                "plumbline": {"guard": {"mode": mode, "release": "unit",
                                         "checks": {"deny": [DENY]}}},
                 "stream": True}
+        name = f"guard {mode} stream"
         start = time.perf_counter()
-        with self.client.post("/v1/chat/completions", json=body, name="guard block stream",
+        with self.client.post("/v1/chat/completions", json=body, name=name,
                               stream=True, catch_response=True) as r:
             try:
                 _check_status(r)
-                content, finish, last = self._read_stream(r, start, "guard block stream")
-                if re.search(DENY, content):
-                    raise ScenarioFailure(f"blocked text leaked (finish_reason {finish!r})")
-                if finish == "content_filter" and not (last.get("plumbline") or {}).get("checks"):
-                    raise ScenarioFailure("content_filter without the violations in plumbline.checks")
+                result = self._read_stream(r, start, name)
+                outcome = _judge_guarded(mode, result)
             except (ScenarioFailure, ValueError) as exc:
                 self.fail(r, f"{type(exc).__name__}: {str(exc)[:300]}")
                 return
             except Exception as exc:
                 self.fail(r, f"{type(exc).__name__}: {exc}")
                 return
-        self._fire("guard blocked" if finish == "content_filter" else "guard passed", 0.0)
+        self._fire(f"guard {outcome}", 0.0)
+
+
+def _judge_guarded(mode: str, result: Streamed) -> str:
+    """"passed", "flagged" or "blocked"; ScenarioFailure when the stream breaks the guard's
+    contract."""
+    verdict, finish, content = result.verdict, result.finish, result.content
+    if verdict is None:
+        raise ScenarioFailure(f"no plumbline.checks verdict (finish_reason {finish!r})")
+    if verdict.get("mode") != mode:
+        raise ScenarioFailure(f"verdict mode {verdict.get('mode')!r}, asked for {mode!r}")
+    leaked = re.search(DENY, content) is not None
+    denied = any(v.get("check") == "deny" for v in verdict.get("violations") or [])
+    if mode == "block":
+        if leaked:
+            raise ScenarioFailure(f"blocked text leaked (finish_reason {finish!r})")
+        if verdict.get("blocked"):
+            if finish != "content_filter" or not verdict.get("violations"):
+                raise ScenarioFailure(f"blocked with finish_reason {finish!r} and violations "
+                                      f"{verdict.get('violations')}")
+            return "blocked"
+        if finish == "content_filter" or not verdict.get("passed"):
+            raise ScenarioFailure(f"finish_reason {finish!r} but verdict {verdict}")
+        return "passed"
+    if finish == "content_filter" or verdict.get("blocked"):
+        raise ScenarioFailure(f"flag mode blocked: finish_reason {finish!r}, verdict {verdict}")
+    if leaked and not denied:
+        raise ScenarioFailure("flag mode: denied text sent without a deny violation")
+    if verdict.get("passed") == bool(verdict.get("violations")):
+        raise ScenarioFailure(f"verdict passed={verdict.get('passed')} with "
+                              f"{len(verdict.get('violations') or [])} violations")
+    if denied and not any(v.get("check") == "deny" for v in result.violations):
+        raise ScenarioFailure("deny violation in the verdict but in no chunk's plumbline.violations")
+    return "passed" if verdict.get("passed") else "flagged"
 
 
 PERCENTILES = (0.5, 0.9, 0.95, 0.99)

@@ -14,9 +14,13 @@ for _name in ("locust", "matplotlib"):
 
 from loadtests import run as loadtest  # noqa: E402
 
-# The scenarios the gateway serves today. Add tools/guard here once they pass
-# `python -m loadtests.run --scenarios NAME` (the runner names a refused feature as such).
-SMOKE_SCENARIOS = ["chat", "plain", "json"]
+# Every scenario: at 8 users Locust's weights (chat 4, json 2, plain, tools, guard 1) give each
+# class at least one user.
+SMOKE_SCENARIOS = ["chat", "plain", "json", "tools", "guard"]
+
+
+def count(rows, kind, *names):
+    return sum(rows.get((kind, name), {"requests": 0})["requests"] for name in names)
 
 
 @pytest.mark.slow
@@ -39,12 +43,18 @@ def test_smoke_8_users(tmp_path):
     # streamed chat completed and reported its first-token events; the plain routes answered
     assert rows[("POST", "chat stream")]["requests"] > 0
     assert rows[("SSE", "ttft chat stream")]["requests"] > 0
-    assert rows.get(("POST", "chat"), {"requests": 0})["requests"] + \
-        rows.get(("POST", "completion"), {"requests": 0})["requests"] > 0
+    assert count(rows, "POST", "chat", "completion") > 0
+    # the agent loop made tool calls whose arguments parsed and validated (a bad one is a failure)
+    assert count(rows, "POST", "tools call stream", "tools call") > 0
+    assert count(rows, "SSE", "tool call get_weather") > 0
+    # guarded requests ended with a verdict: passed, flagged or blocked, never leaked text
+    assert count(rows, "POST", "guard block stream", "guard flag stream") > 0
+    assert count(rows, "SSE", "guard passed", "guard flagged", "guard blocked") > 0
     # /metrics after the run: nothing running or waiting, no KV block held
     final = level.final_metrics
     assert final["plumbline:num_requests_running"] == 0
     assert final["plumbline:num_requests_waiting"] == 0
     assert final["plumbline:kv_cache_usage_perc"] == 0
     assert final["plumbline:generation_tokens_total"] > 0
+    assert final.get("plumbline:checks_run_total", 0) > 0
     assert (tmp_path / "summary.md").exists()
