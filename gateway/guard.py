@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from gateway.checks import Check, CheckContext, Policy, ToolArgsCheck, Violation, build_checks
+from grammars.closing import JsonScan
 
 # on_event(name, fields): the hook for traces and metrics ("check_violation", "guard_blocked",
 # "guard_finished").
@@ -32,29 +33,15 @@ class _Units:
         self.is_json = is_json
         self.ends: list[int] = []   # unit ends not yet released, ascending
         self.pos = 0
-        self.depth = 0
-        self.in_string = self.escape = False
+        self.json = JsonScan()      # the same JSON lexer budget-aware closing uses
         self.prev = ""
 
     def feed(self, chunk: str) -> None:
         for ch in chunk:
             self.pos += 1
             if self.is_json:
-                if self.in_string:
-                    if self.escape:
-                        self.escape = False
-                    elif ch == "\\":
-                        self.escape = True
-                    elif ch == '"':
-                        self.in_string = False
-                elif ch == '"':
-                    self.in_string = True
-                elif ch in "{[":
-                    self.depth += 1
-                elif ch in "}]":
-                    self.depth -= 1
-                    if self.depth == 0:
-                        self.ends.append(self.pos)
+                if self.json.step(ch):
+                    self.ends.append(self.pos)
             elif ch == "\n" or (ch in " \t" and self.prev in ".!?"):
                 self.ends.append(self.pos)
             self.prev = ch

@@ -52,23 +52,29 @@ class JsonScan:
 
     def feed(self, text: str) -> None:
         for ch in text:
-            self.tail = (self.tail + ch)[-len(OPEN_TAG):]
-            if self.tail == OPEN_TAG:              # a call starts: its JSON is what counts
-                self.in_string = self.escaped = False
-                self.depth = 0
-            elif self.escaped:
-                self.escaped = False
-            elif self.in_string:
-                if ch == "\\":
-                    self.escaped = True
-                elif ch == '"':
-                    self.in_string = False
+            self.step(ch)
+
+    def step(self, ch: str) -> bool:
+        """Advance one character; True when it closes a top-level JSON value."""
+        self.tail = (self.tail + ch)[-len(OPEN_TAG):]
+        if self.tail == OPEN_TAG:                  # a call starts: its JSON is what counts
+            self.in_string = self.escaped = False
+            self.depth = 0
+        elif self.escaped:
+            self.escaped = False
+        elif self.in_string:
+            if ch == "\\":
+                self.escaped = True
             elif ch == '"':
-                self.in_string = True
-            elif ch in "{[":
-                self.depth += 1
-            elif ch in "}]":
-                self.depth = max(0, self.depth - 1)
+                self.in_string = False
+        elif ch == '"':
+            self.in_string = True
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]" and self.depth > 0:
+            self.depth -= 1
+            return self.depth == 0
+        return False
 
 
 class ClosingVocab:
