@@ -27,7 +27,7 @@ class EngineConfig:
     grammar_backend: str = "llguidance"
     grammar_compile_timeout: float = 5.0   # seconds; a slower compile is the request's 400
     # Budget-aware closing (grammars/closing.py): a constrained sequence with this many tokens
-    # of max_tokens left (at most a quarter of max_tokens) is steered to close its structure.
+    # of max_tokens left (at most half of max_tokens) is steered to close its structure.
     # 0 turns it off; a request may set its own (SamplingParams.close_reserve).
     grammar_close_reserve: int = 48
 

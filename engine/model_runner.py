@@ -128,7 +128,8 @@ class ModelRunner:
         reserve = params.close_reserve
         if reserve is None:
             reserve = self.config.grammar_close_reserve
-        reserve = min(reserve, params.max_tokens // 4)
+        # At most half the budget: a parallel tool call must not start a call it cannot end.
+        reserve = min(reserve, params.max_tokens // 2)
         if reserve <= 0:
             return
         vocab = self.closing_vocab()

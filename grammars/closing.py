@@ -2,8 +2,9 @@
 
 A small model can loop inside a JSON string or array, or nest objects without end, until
 max_tokens cuts the structure off, and a cut structure does not parse. When a sequence's budget
-left is down to `reserve` tokens plus one per open bracket, its grammar mask is narrowed each
-step to the first tier of "closing" tokens the grammar allows:
+left is down to `reserve` tokens (at most half of max_tokens) plus one per open bracket, its
+grammar mask is narrowed each step to the first tier of "closing" tokens the grammar allows
+(once a JSON value or a tool call has begun: free text before one is left alone):
 
     outside a JSON string:  EOS  >  tokens starting "}", "]" or "</"  >  '"'  >  ","
     inside a JSON string:   '"' then a closing bracket  >  '"' alone  >  any token starting '"'
@@ -48,6 +49,8 @@ class JsonScan:
     in_string: bool = False
     escaped: bool = False
     depth: int = 0           # open brackets outside strings
+    in_structure: bool = False  # a JSON value or a tool call has begun (free text before it
+                                # is never steered: closing would only cut an answer short)
     tail: str = ""           # the last few characters, to spot a `<tool_call>` tag
 
     def feed(self, text: str) -> None:
@@ -60,6 +63,7 @@ class JsonScan:
         if self.tail == OPEN_TAG:                  # a call starts: its JSON is what counts
             self.in_string = self.escaped = False
             self.depth = 0
+            self.in_structure = True
         elif self.escaped:
             self.escaped = False
         elif self.in_string:
@@ -71,6 +75,7 @@ class JsonScan:
             self.in_string = True
         elif ch in "{[":
             self.depth += 1
+            self.in_structure = True
         elif ch in "}]" and self.depth > 0:
             self.depth -= 1
             return self.depth == 0
@@ -107,7 +112,10 @@ class ClosingVocab:
         return state
 
     def narrow(self, bitmask: torch.Tensor, row: int, state: JsonScan) -> None:
-        """Keep only the first tier of closing tokens that bitmask[row] allows."""
+        """Keep only the first tier of closing tokens that bitmask[row] allows (nothing changes
+        in free text before any structure)."""
+        if not (state.in_structure or state.in_string):
+            return
         for tier in self.inside if state.in_string else self.outside:
             narrowed = bitmask[row] & tier
             if bool(narrowed.any()):

@@ -11,7 +11,7 @@ import torch
 from grammars.base import bitmask_width
 from grammars.closing import ClosingVocab, JsonScan, _pack
 
-VOCAB = ['"', "}", "]", ",", "a", " b", ' "', "</tool_call>", "<tool_call>", '"}', "<eos>", "\\"]
+VOCAB = ['"', "}", "]", ",", "a", " b", ' "', "</tool_call>", "<tool_call>", '"}', "<eos>", "\\", "{"]
 EOS = VOCAB.index("<eos>")
 
 
@@ -67,12 +67,13 @@ def test_the_scan_is_incremental(vocab: ClosingVocab) -> None:
 @pytest.mark.parametrize("generated, grammar_allows, kept", [
     (['"', "a"], {"a", " b", '"', '"}', "}", ","}, {'"}'}),       # in a string: quote + bracket
     (['"', "a"], {"a", " b", '"', "}", ","}, {'"'}),               # or the quote alone
-    (["a"], {"a", "}", ",", '"', "<eos>"}, {"<eos>"}),               # EOS first
-    (["a"], {"a", "}", "]", ",", '"'}, {"}", "]"}),                  # then closing brackets
-    (["a"], {"a", "</tool_call>", '"'}, {"</tool_call>"}),          # or a closing tag
-    (["a"], {"a", ' "', ","}, {' "'}),                               # then a quote
-    (["a"], {"a", ","}, {","}),                                      # then a comma
-    (["a"], {"a", " b"}, {"a", " b"}),                               # nothing closes: unchanged
+    (["{", "a"], {"a", "}", ",", '"', "<eos>"}, {"<eos>"}),          # EOS first
+    (["{", "a"], {"a", "}", "]", ",", '"'}, {"}", "]"}),             # then closing brackets
+    (["<tool_call>", "a"], {"a", "</tool_call>", '"'}, {"</tool_call>"}),  # or a closing tag
+    (["{", "a"], {"a", ' "', ","}, {' "'}),                          # then a quote
+    (["{", "a"], {"a", ","}, {","}),                                 # then a comma
+    (["{", "a"], {"a", " b"}, {"a", " b"}),                          # nothing closes: unchanged
+    (["a"], {"a", "<eos>", "<tool_call>"}, {"a", "<eos>", "<tool_call>"}),  # free text: unchanged
 ])
 def test_narrow_keeps_the_first_tier_the_grammar_allows(vocab: ClosingVocab, generated: list[str],
                                                         grammar_allows: set[str], kept: set[str]) -> None:
