@@ -331,15 +331,14 @@ class _Formatter:
     async def body(self) -> dict[str, Any]:
         """The non-streaming response: `collect`, plus token ids and weights versions."""
         out: dict[str, Any] = await self.collect()
-        if self.want_token_ids:
-            # vLLM's places: the chat response's top level, each completion choice
-            if out["object"] == "chat.completion":
-                out["prompt_token_ids"] = list(self.gen.prompt_ids)
-            for choice in out["choices"]:
-                if out["object"] != "chat.completion":
+        is_chat = out["object"] == "chat.completion"
+        if self.want_token_ids and is_chat:   # vLLM's places: the chat response's top level,
+            out["prompt_token_ids"] = list(self.gen.prompt_ids)    # each completion choice
+        for choice in out["choices"]:
+            if self.want_token_ids:
+                if not is_chat:
                     choice["prompt_token_ids"] = list(self.gen.prompt_ids)
                 choice["token_ids"] = self.token_ids[choice["index"]]
-        for choice in out["choices"]:
             if self._is_incomplete(choice["finish_reason"]):
                 choice["plumbline"] = {"incomplete": True}
         versions = [v[:len(ids)] for v, ids in zip(self.gen.weights_versions, self.token_ids)]
