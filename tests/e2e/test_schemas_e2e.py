@@ -27,13 +27,10 @@ def dev_schemas(n: int) -> list[tuple[str, dict]]:
 
 @pytest.fixture(scope="module")
 def server():
-    from gateway.app import create_app
     from gateway.config import GatewayConfig
-    from tests.gateway.conftest import LiveServer
+    from tests.gateway.conftest import serve
 
-    live = LiveServer(create_app(GatewayConfig())).start()
-    yield live
-    live.stop()
+    yield from serve(GatewayConfig())
 
 
 @pytest.mark.skipif(not DEV.is_dir(), reason="../shared/jsonschemabench is absent")

@@ -76,6 +76,22 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+def serve(config: GatewayConfig) -> Iterator[LiveServer]:
+    """For module fixtures, `yield from serve(config)`: a live server for the module's tests."""
+    live = LiveServer(create_app(config)).start()
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def sdk_client(server: LiveServer, api_key: str = "unused") -> Any:
+    """The official openai client pointed at a live server, without retries."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0)
+
+
 def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> None:
     """Poll until true (a deadline against hangs, not a timing assertion)."""
     deadline = time.monotonic() + timeout

@@ -12,10 +12,9 @@ from safetensors.torch import save_file
 
 from engine import EngineConfig
 from engine.loader import load_state_dict
-from gateway.app import create_app
 from gateway.cli import _add_serve, config_from_args
 from gateway.config import GatewayConfig
-from tests.gateway.conftest import LiveServer, sse_events, wait_for
+from tests.gateway.conftest import serve, sse_events, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 USER = {"Authorization": "Bearer user-key"}
@@ -28,9 +27,7 @@ def server(tiny_model_dir):
                             block_size=8, max_num_batched_tokens=96, max_model_len=256,
                             deterministic=True, deterministic_chunk=16),
         api_keys=("user-key",), admin_key="admin-secret", served_model_name="tiny")
-    live = LiveServer(create_app(config)).start()
-    yield live
-    live.stop()
+    yield from serve(config)
 
 
 @pytest.fixture(scope="module")

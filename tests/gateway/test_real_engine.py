@@ -9,9 +9,8 @@ import openai
 import pytest
 
 from engine import EngineConfig
-from gateway.app import create_app
 from gateway.config import GatewayConfig
-from tests.gateway.conftest import LiveServer, sse_events, wait_for
+from tests.gateway.conftest import sdk_client, serve, sse_events, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +21,12 @@ ASK = [{"role": "user", "content": "Write one sentence about the sea."}]
 @pytest.fixture(scope="module")
 def server():
     config = GatewayConfig(engine=EngineConfig(max_num_seqs=8, kv_cache_memory_mb=64))
-    live = LiveServer(create_app(config)).start()
-    yield live
-    live.stop()
+    yield from serve(config)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return sdk_client(server)
 
 
 @pytest.fixture(scope="module")

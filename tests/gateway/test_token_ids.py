@@ -6,9 +6,8 @@ import httpx
 import pytest
 
 from engine import EngineConfig
-from gateway.app import create_app
 from gateway.config import GatewayConfig
-from tests.gateway.conftest import LiveServer, sse_events
+from tests.gateway.conftest import serve, sse_events
 
 PROMPT = [1, 422, 1234, 77]
 MESSAGES = [{"role": "user", "content": "Say something, café 日本"}]
@@ -18,9 +17,7 @@ MESSAGES = [{"role": "user", "content": "Say something, café 日本"}]
 def server(tiny_model_dir):
     config = GatewayConfig(engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=4,
                                                kv_cache_memory_mb=16), served_model_name="tiny")
-    live = LiveServer(create_app(config)).start()
-    yield live
-    live.stop()
+    yield from serve(config)
 
 
 def post(server, path, **body):

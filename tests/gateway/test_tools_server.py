@@ -8,14 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jsonschema
-import openai
 import pytest
 
 from engine import EngineConfig
-from gateway.app import create_app
 from gateway.config import GatewayConfig
 from grammars.tools import OPEN_TAG
-from tests.gateway.conftest import LiveServer
+from tests.gateway.conftest import sdk_client, serve
 from tests.grammars.test_tools import ADD, BFCL_DIR, TOOLS, WEATHER, _bfcl_tools
 
 pytestmark = pytest.mark.slow
@@ -32,14 +30,12 @@ NUM_BFCL = int(os.environ.get("PLUMBLINE_BFCL_TOOLS", "12"))
 def server():
     config = GatewayConfig(engine=EngineConfig(max_num_seqs=16, kv_cache_memory_mb=128,
                                                max_model_len=2048))
-    live = LiveServer(create_app(config)).start()
-    yield live
-    live.stop()
+    yield from serve(config)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return sdk_client(server)
 
 
 def ask(client, messages=WEATHER_Q, **kw):

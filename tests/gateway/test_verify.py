@@ -12,11 +12,10 @@ from safetensors.torch import save_file
 from engine import EngineConfig
 from engine.loader import load_state_dict
 from engine.sampler import truncate
-from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import GatewayConfig
 from gateway.verify import nucleus
-from tests.gateway.conftest import LiveServer
+from tests.gateway.conftest import serve
 
 FAST = ["--num-rollouts", "2", "--max-tokens", "8", "--schema-max-tokens", "24", "--json"]
 
@@ -27,9 +26,7 @@ def server(tiny_model_dir):
         engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=32, kv_cache_memory_mb=16,
                             deterministic=True),
         api_keys=("k",))
-    live = LiveServer(create_app(config)).start()
-    yield live
-    live.stop()
+    yield from serve(config)
 
 
 @pytest.fixture(scope="module")
