@@ -9,6 +9,7 @@ from grammars.base import (
     bitmask_width,
     fill_bitmasks,
     register_backend,
+    take_forced,
 )
 from grammars.spec import GrammarError, GrammarSpec
 
@@ -24,4 +25,5 @@ __all__ = [
     "bitmask_width",
     "fill_bitmasks",
     "register_backend",
+    "take_forced",
 ]

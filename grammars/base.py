@@ -16,8 +16,8 @@ How the engine drives it, per constrained sequence:
 - after sampling: `grammar.accept_token(token)` (False cannot happen under the mask; treat it
   as an error). Then `is_terminated()` -> finish "stop" (EOS need not be sampled when the
   grammar can take nothing else); `is_dead()` -> finish with an error (fallback dead end);
-  `forced_tokens()` -> append and `accept()` them without sampling (fast-forward), feeding them
-  to the model next step as a multi-token chunk.
+  `take_forced(grammar, limit, scratch)` -> the tokens the grammar forces next, accepted, to
+  append without sampling (fast-forward); the model computes them next step as one chunk.
 - speculative/rejected tokens: `rollback(n)`.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Grammar", "CompiledGrammar", "Backend", "CompilerOptions", "GrammarCompiler", "GrammarError",
     "register_backend", "available_backends", "allocate_bitmask", "bitmask_width", "check_bitmask_row",
-    "fill_bitmasks",
+    "fill_bitmasks", "take_forced",
 ]
 
 
@@ -188,6 +188,40 @@ def fill_bitmasks(bitmask: torch.Tensor, rows: Sequence[tuple[Grammar, int]]) ->
     if batch:
         from grammars.llguidance import fill_rows_parallel
         fill_rows_parallel(bitmask, batch)
+
+
+def take_forced(grammar: Grammar, limit: int, scratch: torch.Tensor) -> list[int]:
+    """Accept and return up to `limit` tokens the grammar forces next (fast-forward).
+
+    A token counts as forced only where the mask allows it alone: then sampling would have
+    picked it whatever the logits and the seed, with a processed logprob of exactly 0.0, so
+    fast-forward changes no token and no logprob. The backend's own list (`forced_tokens()`) is
+    only the candidates: llguidance forces bytes, and for `"name": "` it lists one tokenisation
+    while the mask still allows others (`"`, `"name`, ...); appending those would take a
+    choice away from the model and report 0.0 for a token it might not have picked.
+    `scratch`: an int32 bitmask with at least one row (row 0 is overwritten).
+    """
+    taken: list[int] = []
+    while len(taken) < limit and not grammar.is_terminated():
+        candidates = grammar.forced_tokens()
+        if not candidates:
+            break
+        for token in candidates[:limit - len(taken)]:
+            grammar.fill_bitmask(scratch, 0)
+            if not _allows_only(scratch[0], token) or not grammar.accept_token(token):
+                return taken
+            taken.append(token)
+            if grammar.is_terminated():
+                break
+    return taken
+
+
+def _allows_only(row: torch.Tensor, token: int) -> bool:
+    word, bit = divmod(token, 32)
+    if word >= row.shape[0]:
+        return False
+    want = 1 << bit if bit < 31 else -(1 << 31)          # bit 31 is the int32 sign bit
+    return int(row[word]) == want and int(row.count_nonzero()) == 1
 
 
 def check_bitmask_row(bitmask: torch.Tensor, row: int, vocab_size: int) -> None:
