@@ -30,6 +30,9 @@ class EngineConfig:
     # of max_tokens left (at most half of max_tokens) is steered to close its structure.
     # 0 turns it off; a request may set its own (SamplingParams.close_reserve).
     grammar_close_reserve: int = 48
+    # Fast-forward (grammars.take_forced): append the tokens a grammar forces without a sampling
+    # step of their own; they are computed together in the next step.
+    grammar_fast_forward: bool = True
 
     def __post_init__(self) -> None:
         assert self.dtype in ("float32", "bfloat16"), f"unsupported dtype {self.dtype}"

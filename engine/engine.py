@@ -33,6 +33,7 @@ class EngineStats:
     num_free_blocks: int
     num_blocks: int
     num_preemptions: int
+    num_forced_tokens: int = 0     # appended by grammar fast-forward, without a sampling step
 
 
 class EngineCore:
@@ -52,7 +53,8 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids(),
             enable_chunked_prefill=config.enable_chunked_prefill,
-            deterministic_chunk=config.deterministic_chunk if config.deterministic else 0)
+            deterministic_chunk=config.deterministic_chunk if config.deterministic else 0,
+            fast_forward_vocab_size=self.runner.vocab_size if config.grammar_fast_forward else 0)
         self.grammars = GrammarCompiler(self.tokenizer, backend=config.grammar_backend,
                                         vocab_size=self.vocab_size)
         self.runner.tokenizer = self.tokenizer
@@ -146,7 +148,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(len(s.running), len(s.waiting), self.blocks.num_free_blocks,
-                           self.blocks.num_blocks, s.num_preemptions)
+                           self.blocks.num_blocks, s.num_preemptions, s.num_forced_tokens)
 
 
 class RequestStream:

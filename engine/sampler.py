@@ -90,6 +90,14 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> to
     return logits
 
 
+def _draw(seq: Sequence) -> torch.Tensor:
+    """seq's next uniform, after the ones it owes for fast-forwarded tokens."""
+    for _ in range(seq.num_skipped_draws):
+        torch.rand((), generator=seq.rng)
+    seq.num_skipped_draws = 0
+    return torch.rand((), generator=seq.rng)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | None = None,
            masked_rows: list[int] | None = None) -> StepResult:
     """logits [S, vocab] fp32 (modified in place) -> one token, logprob and top-N per row.
@@ -111,7 +119,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | N
     sampled_rows = [r for r, g in enumerate(batch.is_greedy) if not g]
     if sampled_rows:
         # Inverse CDF with one uniform in (0, 1] per row: a zero-probability token is never hit.
-        u = torch.stack([1.0 - torch.rand((), generator=batch.seqs[r].rng) for r in sampled_rows])
+        u = torch.stack([1.0 - _draw(batch.seqs[r]) for r in sampled_rows])
         probs = logprobs[sampled_rows].exp()                                # [R, vocab]
         cdf = torch.cumsum(probs, dim=-1)
         picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)

@@ -1,6 +1,6 @@
 """Continuous batching: waiting and running queues, chunked prefill, preemption by recompute.
 
-No torch, no asyncio, no I/O. State changes only between steps, on the event loop; an abort that
+No torch (grammar masks stay behind grammars/), no asyncio, no I/O. State changes only between steps, on the event loop; an abort that
 lands mid-step is recorded and applied in `postprocess`, never while the step reads the blocks.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import NamedTuple
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
 from engine.types import FinishReason, PromptLogprob, TopLogprob
+from grammars import allocate_bitmask, take_forced
 
 
 @dataclass(slots=True)
@@ -45,7 +46,8 @@ EMPTY_RESULT = StepResult([], [], [])
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: set[int],
-                 enable_chunked_prefill: bool = True, deterministic_chunk: int = 0) -> None:
+                 enable_chunked_prefill: bool = True, deterministic_chunk: int = 0,
+                 fast_forward_vocab_size: int = 0) -> None:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -58,6 +60,10 @@ class Scheduler:
         self.aborted: set[str] = set()
         self.num_preemptions = 0
         self.admitting = True     # False while a weight update drains: only preempted ones resume
+        # Grammar fast-forward, on when the vocabulary size is given: one scratch mask row.
+        self.fast_forward_vocab_size = fast_forward_vocab_size
+        self._ff_scratch: object | None = None
+        self.num_forced_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -182,6 +188,8 @@ class Scheduler:
                 # schema and no token may follow. Never sample from an all-masked row.
                 seq.error = "the output cannot be completed to match its schema"
                 reason = FinishReason.ERROR
+            if reason is None and seq.grammar is not None:
+                reason = self._fast_forward(seq, result.weights_version)
             if reason is not None:
                 self._finish(seq, reason)
             changed.append(seq)
@@ -194,13 +202,39 @@ class Scheduler:
             self.aborted.clear()   # an abort for an unknown or finished request is moot
         return changed
 
-    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+    def _fast_forward(self, seq: Sequence, weights_version: int) -> FinishReason | None:
+        """Append the tokens seq's grammar forces (grammars.take_forced): logprob 0.0, as
+        sampling would have reported. They stay uncomputed, so the next step feeds them with
+        the sampled token as one chunk (a prefill-shaped step for seq). Not in raw mode: a raw
+        logprob needs the model's logits at the forced position, which were never computed."""
+        if not self.fast_forward_vocab_size or seq.sampling.logprobs_mode == "raw":
+            return None
+        limit = min(seq.sampling.max_tokens - seq.num_completion_tokens,
+                    self.max_model_len - seq.num_tokens)
+        if self._ff_scratch is None:
+            self._ff_scratch = allocate_bitmask(1, self.fast_forward_vocab_size)
+        forced = take_forced(seq.grammar, limit, self._ff_scratch)
+        for i, token_id in enumerate(forced, 1):
+            seq.token_ids.append(token_id)
+            seq.logprobs.append(0.0)
+            seq.weights_versions.append(weights_version)
+            # The only alternative with a probability above zero is the token itself.
+            seq.top_logprobs.append((TopLogprob(token_id, 0.0),) if seq.sampling.logprobs else ())
+            seq.num_skipped_draws += 1     # the sampler would have drawn a uniform for it
+            self.num_forced_tokens += 1
+            # The grammar has taken all of them already: only the last one can complete it.
+            reason = self._stop_reason(seq, token_id, grammar=i == len(forced))
+            if reason is not None:
+                return reason
+        return None
+
+    def _stop_reason(self, seq: Sequence, token_id: int, grammar: bool = True) -> FinishReason | None:
         params = seq.sampling
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.STOP
         if token_id in params.stop_token_ids:
             return FinishReason.STOP
-        if seq.grammar is not None and seq.grammar.is_terminated():
+        if grammar and seq.grammar is not None and seq.grammar.is_terminated():
             return FinishReason.STOP          # the structure is complete
         if seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH

@@ -42,6 +42,9 @@ class Sequence:
     num_preemptions: int = 0
     error: str | None = None
     rng: Any = None                          # torch.Generator, owned by the sampler
+    # Uniforms the sampler discards before its next draw: one per fast-forwarded token, so a
+    # seeded stream is the same with and without fast-forward.
+    num_skipped_draws: int = 0
     grammar: Any = None                      # grammars.Grammar cursor, or None (unconstrained)
     json_scan: Any = None                    # grammars.closing.JsonScan, for budget-aware closing
 

@@ -56,6 +56,9 @@ class Metrics:
         self.num_preemptions = Gauge("plumbline:num_preemptions",
                                      "Preemptions since start (a counter kept by the engine)",
                                      labels, registry=r)
+        self.num_forced_tokens = Gauge("plumbline:num_forced_tokens",
+                                       "Tokens appended by grammar fast-forward since start (a "
+                                       "counter kept by the engine)", labels, registry=r)
         self.checks_run = Counter("plumbline:checks_run",
                                   "Checks run on a response (one per check per choice)",
                                   [*labels, "check"], registry=r)
@@ -106,4 +109,5 @@ class Metrics:
             self.num_waiting.labels(m).set(stats.num_waiting + queued)
             self.kv_usage.labels(m).set(1.0 - stats.num_free_blocks / max(1, stats.num_blocks))
             self.num_preemptions.labels(m).set(stats.num_preemptions)
+            self.num_forced_tokens.labels(m).set(getattr(stats, "num_forced_tokens", 0))
         return generate_latest(self.registry)

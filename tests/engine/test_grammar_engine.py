@@ -6,10 +6,11 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import LLM, AsyncEngine, EngineConfig, GenerateRequest, RequestError, SamplingParams
 from grammars import GrammarCompiler, GrammarSpec
+from grammars.tools import parse_tools_request, tool_call_grammar
 from tests.engine.reference import hf_logits
 
 REGEX = r"(cat|dog)-[0-9]{2,4}"
@@ -89,3 +90,72 @@ def test_async_engine_grammar_errors_and_waiting(tiny_model_dir):
             await engine.shutdown()
 
     asyncio.run(scenario())
+
+
+FF_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "kind", "tags"],
+             "properties": {"name": {"type": "string", "maxLength": 6},
+                            "kind": {"type": "string", "enum": ["cat", "dog"]},
+                            "tags": {"type": "array", "maxItems": 2,
+                                     "items": {"type": "string", "maxLength": 4}}}}
+
+
+def _counting(llm):
+    """Count the sequences sampled by each engine step."""
+    rows: list[int] = []
+    run = llm.core.runner.run
+
+    def counted(batch):
+        rows.append(len(batch.sampling_seqs))
+        return run(batch)
+    llm.core.runner.run = counted
+    return rows
+
+
+def test_fast_forward_changes_no_token_and_no_logprob(tiny_model_dir):
+    """Deterministic mode computes every position with the same shapes either way, so outputs
+    with and without fast-forward must be bit-identical; forced tokens report 0.0 and are
+    never sampled."""
+    spec = GrammarSpec("json_schema", json.dumps(FF_SCHEMA))
+    prompts = ["{", "Name a pet:", "x y z"]
+    tools = parse_tools_request([{"type": "function", "function": {
+        "name": "pet", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}},
+                                      "required": ["n"], "additionalProperties": False}}}],
+        "required", False)
+    calls = tool_call_grammar(tools, AutoTokenizer.from_pretrained(str(tiny_model_dir)))
+    runs = {}
+    for ff in (True, False):
+        llm = LLM(str(tiny_model_dir), deterministic=True, grammar_fast_forward=ff)
+        rows = _counting(llm)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=48, temperature=0.9, seed=11, n=2,
+                                                    grammar=spec))
+        outs += llm.generate(prompts, SamplingParams(max_tokens=48, temperature=0.0, grammar=spec))
+        # A tool call's end, `}</tool_call>`, is forced token by token after its last argument.
+        outs += llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0, grammar=calls))
+        runs[ff] = ([(o.token_ids, o.logprobs, o.finish_reason) for r in outs for o in r.outputs],
+                    llm.core.scheduler.num_forced_tokens, sum(rows))
+        assert llm.core.blocks.num_free_blocks == llm.core.blocks.num_blocks
+    (with_ff, forced, sampled_ff), (without, none, sampled) = runs[True], runs[False]
+    assert with_ff == without
+    assert none == 0 and forced > 0
+    assert sampled_ff == sampled - forced           # a forced token costs no sampling
+    total = sum(len(ids) for ids, _, _ in with_ff)
+    assert sum(lp == 0.0 for _, lps, _ in with_ff for lp in lps) >= forced
+    assert forced < total
+    ends = [ids for ids, _, reason in with_ff[-3:] if reason == "stop"]
+    assert ends and all(ids[-1] == ends[0][-1] for ids in ends)   # each call ends on the tag
+
+
+def test_fast_forward_respects_max_tokens_and_skips_raw_mode(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir))
+    spec = GrammarSpec("json_schema", json.dumps(FF_SCHEMA))
+    for max_tokens in range(1, 7):
+        for out in llm.generate(["{", "a"], SamplingParams(max_tokens=max_tokens, temperature=1.0,
+                                                           seed=max_tokens, grammar=spec)):
+            assert len(out.token_ids) <= max_tokens
+            assert out.finish_reason == ("length" if len(out.token_ids) == max_tokens else "stop")
+    assert llm.core.scheduler.num_forced_tokens > 0
+    before = llm.core.scheduler.num_forced_tokens
+    llm.generate(["{", "a"], SamplingParams(max_tokens=32, temperature=1.0, seed=5, grammar=spec,
+                                            logprobs_mode="raw"))
+    assert llm.core.scheduler.num_forced_tokens == before   # raw logprobs need the model's logits
+    assert llm.core.blocks.num_free_blocks == llm.core.blocks.num_blocks
