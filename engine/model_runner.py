@@ -1,6 +1,7 @@
 """Weights, KV cache and the step: prepare inputs -> forward -> logits (fp32) -> sample."""
 from __future__ import annotations
 
+import concurrent.futures
 import random
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class ModelRunner:
         self.tokenizer: Any = None
         self.eos_token_ids: set[int] = set()
         self._closing_vocab: ClosingVocab | None = None
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plumbline-mask")
 
     @property
     def max_position_embeddings(self) -> int:
@@ -99,27 +101,32 @@ class ModelRunner:
     def run(self, batch: Batch) -> StepResult:
         """One model step over the batch; runs in a worker thread."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)   # [T, hidden]
-        prompt_logprobs = self.prompt_logprobs(batch, hidden)
-        if not sample_rows:
+        seqs = batch.sampling_seqs
+        masked_rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
+        # The masks depend only on tokens already chosen: fill them while the forward runs (the
+        # grammar libraries release the GIL), and wait for them just before sampling.
+        masks = self._mask_pool.submit(self._fill_masks, seqs, masked_rows) if masked_rows else None
+        try:
+            hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)   # [T, hidden]
+            prompt_logprobs = self.prompt_logprobs(batch, hidden)
+            logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None
+        finally:
+            if masks is not None:
+                masks.result()          # never leave a fill running into the next step
+        if logits is None:
             return EMPTY_RESULT._replace(prompt_logprobs=prompt_logprobs,
                                          weights_version=self.weights_version)
-        logits = self.model.compute_logits(hidden[sample_rows])                   # [S, vocab] fp32
-        seqs = batch.sampling_seqs
-        constrained = []
-        for row, seq in enumerate(seqs):
+        for seq in seqs:
             if seq.rng is None and not seq.sampling.is_greedy:
                 seq.rng = torch.Generator().manual_seed(seq.seed)
-            if seq.grammar is not None:
-                constrained.append((seq.grammar, row))
-        if constrained:
-            fill_bitmasks(self.bitmask, constrained)      # llguidance fills all rows in one call
-            for row, seq in enumerate(seqs):
-                if seq.grammar is not None:
-                    self._close_if_due(seq, row)
-        masked_rows = [row for _, row in constrained]
         result = sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows)
         return result._replace(prompt_logprobs=prompt_logprobs, weights_version=self.weights_version)
+
+    def _fill_masks(self, seqs: list[Sequence], rows: list[int]) -> None:
+        """Grammar rows of this step's bitmask, then budget-aware closing where it is due."""
+        fill_bitmasks(self.bitmask, [(seqs[r].grammar, r) for r in rows])   # llguidance: one call
+        for row in rows:
+            self._close_if_due(seqs[row], row)
 
     def _close_if_due(self, seq: Sequence, row: int) -> None:
         """Budget-aware closing (grammars/closing.py): once the budget left is down to the
