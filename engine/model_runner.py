@@ -77,7 +77,9 @@ class ModelRunner:
             if seq.samples_this_step:
                 sample_rows.append(len(input_ids) - 1)
             if i < batch.num_decodes:
-                decode_slots.append(seq_slots)
+                # One query row per token, each seeing the keys up to its own position: the
+                # layer stores this step's keys before attending, so later rows see earlier ones.
+                decode_slots += [seq_slots[:p + 1] for p in range(start, end)]
             else:
                 prefill_q.append(n)
                 prefill_len.append(end)
@@ -89,7 +91,7 @@ class ModelRunner:
         padded = [s + [0] * (max_len - len(s)) for s in decode_slots]   # 0: a harmless slot, masked
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
-            num_decodes=batch.num_decodes,
+            num_decodes=len(decode_slots),
             decode_slots=torch.tensor(padded, dtype=torch.long).view(len(padded), max_len),
             decode_mask=decode_mask,
             prefill_query_lens=prefill_q, prefill_seq_lens=prefill_len, prefill_slots=prefill_slots,

@@ -17,7 +17,7 @@ from grammars import allocate_bitmask, take_forced
 
 @dataclass(slots=True)
 class Batch:
-    seqs: list[Sequence]      # decodes first (one token each), then prefill chunks
+    seqs: list[Sequence]      # decodes first (a few tokens each, see is_decode), then prefill chunks
     num_decodes: int
 
     @property

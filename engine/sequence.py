@@ -18,6 +18,7 @@ class SequenceStatus(enum.IntEnum):
 
 
 _ids = itertools.count()
+MAX_DECODE_ROWS = 16
 
 
 @dataclass(slots=True, eq=False)
@@ -66,8 +67,11 @@ class Sequence:
 
     @property
     def is_decode(self) -> bool:
-        """All tokens but the newest are cached: this step computes one token."""
-        return self.num_computed_tokens == self.num_tokens - 1
+        """Past its prompt with at most MAX_DECODE_ROWS tokens to compute (the sampled one and
+        any that grammar fast-forward appended): each goes through decode attention as a query
+        row of its own. The prefill path would cost a call per sequence and layer."""
+        return (self.num_computed_tokens >= self.num_prompt_tokens
+                and self.num_tokens - self.num_computed_tokens <= MAX_DECODE_ROWS)
 
     @property
     def samples_this_step(self) -> bool:

@@ -159,3 +159,32 @@ def test_fast_forward_respects_max_tokens_and_skips_raw_mode(tiny_model_dir):
                                             logprobs_mode="raw"))
     assert llm.core.scheduler.num_forced_tokens == before   # raw logprobs need the model's logits
     assert llm.core.blocks.num_free_blocks == llm.core.blocks.num_blocks
+
+
+def test_forced_tokens_computed_as_decode_rows_match_transformers(tiny):
+    """Outside deterministic mode, the sampled token and the tokens forced after it are computed
+    next step as decode query rows of one sequence; every logprob after them must still be the
+    masked distribution of a plain transformers forward."""
+    llm, hf = tiny
+    spec = GrammarSpec("json_schema", json.dumps(FF_SCHEMA))
+    multi_rows = []
+    prepare = llm.core.runner.prepare
+
+    def watched(batch):
+        out = prepare(batch)
+        multi_rows.append(out[2].num_decodes - batch.num_decodes)   # rows beyond one per decode
+        return out
+    llm.core.runner.prepare = watched
+    before = llm.core.scheduler.num_forced_tokens
+    # close_reserve=0: budget-aware closing would narrow the masks beyond the grammar's
+    outs = llm.generate(["{", "Name a pet:"], SamplingParams(max_tokens=40, temperature=1.0, seed=7,
+                                                             grammar=spec, close_reserve=0))
+    llm.core.runner.prepare = prepare
+    assert llm.core.scheduler.num_forced_tokens > before and max(multi_rows) > 0
+    compiled = GrammarCompiler(llm.tokenizer, vocab_size=llm.core.vocab_size).compile(spec)
+    for out in outs:
+        logits = hf_logits(hf, out.prompt_token_ids, out.token_ids)
+        for t, token in enumerate(out.token_ids):
+            row = logits[t].masked_fill(~allowed_ids(compiled, out.token_ids[:t], logits.shape[1]),
+                                        float("-inf"))
+            assert abs(torch.log_softmax(row, -1)[token].item() - out.logprobs[t]) <= 1e-5
