@@ -88,7 +88,8 @@ def main() -> None:
     con_rate = statistics.median(rates["constrained"])
     print(f"SUMMARY concurrency={args.concurrency} new_tokens={args.new_tokens} runs={args.runs} "
           f"dtype={args.dtype} fast_forward={args.fast_forward} | forced "
-          f"{forced[0] / max(1, forced[1]):.1%} of constrained tokens | unconstrained {free_rate:.1f} tok/s | constrained {con_rate:.1f} "
+          f"{forced[0] / max(1, forced[1]):.1%} of constrained tokens | unconstrained "
+          f"{free_rate:.1f} tok/s | constrained {con_rate:.1f} "
           f"tok/s | constrained/unconstrained {con_rate / free_rate:.1%}")
 
 

@@ -1,7 +1,8 @@
 """Continuous batching: waiting and running queues, chunked prefill, preemption by recompute.
 
-No torch (grammar masks stay behind grammars/), no asyncio, no I/O. State changes only between steps, on the event loop; an abort that
-lands mid-step is recorded and applied in `postprocess`, never while the step reads the blocks.
+No torch (grammar masks stay behind grammars/), no asyncio, no I/O. State changes only between
+steps, on the event loop; an abort that lands mid-step is recorded and applied in `postprocess`,
+never while the step reads the blocks.
 """
 from __future__ import annotations
 
@@ -204,8 +205,8 @@ class Scheduler:
 
     def _fast_forward(self, seq: Sequence, weights_version: int) -> FinishReason | None:
         """Append the tokens seq's grammar forces (grammars.take_forced): logprob 0.0, as
-        sampling would have reported. They stay uncomputed, so the next step feeds them with
-        the sampled token as one chunk (a prefill-shaped step for seq). Not in raw mode: a raw
+        sampling would have reported. They stay uncomputed: the next step computes them with
+        the sampled token as decode rows of seq (Sequence.is_decode). Not in raw mode: a raw
         logprob needs the model's logits at the forced position, which were never computed."""
         if not self.fast_forward_vocab_size or seq.sampling.logprobs_mode == "raw":
             return None

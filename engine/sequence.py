@@ -18,6 +18,7 @@ class SequenceStatus(enum.IntEnum):
 
 
 _ids = itertools.count()
+# Beyond this many uncomputed tokens a running sequence goes through the prefill path instead.
 MAX_DECODE_ROWS = 16
 
 

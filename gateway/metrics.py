@@ -109,5 +109,5 @@ class Metrics:
             self.num_waiting.labels(m).set(stats.num_waiting + queued)
             self.kv_usage.labels(m).set(1.0 - stats.num_free_blocks / max(1, stats.num_blocks))
             self.num_preemptions.labels(m).set(stats.num_preemptions)
-            self.num_forced_tokens.labels(m).set(getattr(stats, "num_forced_tokens", 0))
+            self.num_forced_tokens.labels(m).set(stats.num_forced_tokens)
         return generate_latest(self.registry)

@@ -17,7 +17,7 @@ How the engine drives it, per constrained sequence:
   as an error). Then `is_terminated()` -> finish "stop" (EOS need not be sampled when the
   grammar can take nothing else); `is_dead()` -> finish with an error (fallback dead end);
   `take_forced(grammar, limit, scratch)` -> the tokens the grammar forces next, accepted, to
-  append without sampling (fast-forward); the model computes them next step as one chunk.
+  append without sampling (fast-forward); the model computes them next step with the sampled token.
 - speculative/rejected tokens: `rollback(n)`.
 """
 from __future__ import annotations

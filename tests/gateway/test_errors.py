@@ -224,7 +224,8 @@ def test_models_metrics_and_openapi(server):
     for name in ("plumbline:time_to_first_token_seconds_bucket", "plumbline:e2e_request_latency",
                  "plumbline:inter_token_latency_seconds", "plumbline:request_queue_time_seconds",
                  "plumbline:num_requests_running", "plumbline:num_requests_waiting",
-                 "plumbline:kv_cache_usage_perc", "plumbline:prompt_tokens_total",
+                 "plumbline:kv_cache_usage_perc", "plumbline:num_forced_tokens",
+                 "plumbline:prompt_tokens_total",
                  "plumbline:generation_tokens_total", "plumbline:request_success_total",
                  'plumbline:http_requests_total{route="/v1/chat/completions",status="200"}'):
         assert name in text, name

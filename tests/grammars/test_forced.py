@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 import random
 
-import torch
-
 from grammars import GrammarSpec, allocate_bitmask, take_forced
+from tests.grammars.conftest import allowed_ids
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
           "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"},
@@ -17,8 +16,7 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", 
 def allowed(grammar, vocab: int) -> list[int]:
     mask = allocate_bitmask(1, vocab)
     grammar.fill_bitmask(mask, 0)
-    bits = (mask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-    return bits.flatten()[:vocab].nonzero().flatten().tolist()
+    return allowed_ids(mask, 0, vocab)
 
 
 def test_forced_tokens_are_the_only_allowed_ones(tokenizer, compiler):
