@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import AttentionMetadata, apply_rotary, invariant, paged_attention, rms_norm, store_kvcache
+from kernels import (AttentionMetadata, LinearWeight, apply_linear, apply_rotary, invariant,
+                     paged_attention, prepare_linear, rms_norm, store_kvcache)
 
 
 def rope_inv_freq(cfg: Any) -> tuple[torch.Tensor, float]:
@@ -47,7 +48,7 @@ class LlamaModel:
         self.cfg = cfg
         self.dtype = dtype
         # Deterministic mode swaps in batch-invariant linear and attention (kernels.invariant).
-        self.linear = invariant.linear if deterministic else F.linear
+        self.linear = _invariant_linear if deterministic else apply_linear
         self.attention = invariant.paged_attention if deterministic else paged_attention
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -59,7 +60,7 @@ class LlamaModel:
             raise ValueError(f"activation {cfg.hidden_act!r} is not supported")
         self.embed = state["model.embed_tokens.weight"].to(dtype)          # [vocab, hidden]
         head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-        self.lm_head = head.float().contiguous()                           # [vocab, hidden] fp32
+        self.lm_head = prepare_linear(head.float().contiguous())            # [vocab, hidden] fp32
         self.norm = state["model.norm.weight"].to(dtype)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -71,13 +72,14 @@ class LlamaModel:
             if p + "self_attn.q_proj.bias" in state:
                 qkv_bias = torch.cat([get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"),
                                       get("self_attn.v_proj.bias")])
+            gate_up = torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]).contiguous()
             self.layers.append({
                 "input_norm": get("input_layernorm.weight"),
                 "post_norm": get("post_attention_layernorm.weight"),
-                "qkv": qkv, "qkv_bias": qkv_bias,
-                "o": get("self_attn.o_proj.weight"),
-                "gate_up": torch.cat([get("mlp.gate_proj.weight"), get("mlp.up_proj.weight")]).contiguous(),
-                "down": get("mlp.down_proj.weight"),
+                "qkv": prepare_linear(qkv, qkv_bias),
+                "o": prepare_linear(get("self_attn.o_proj.weight")),
+                "gate_up": prepare_linear(gate_up),
+                "down": prepare_linear(get("mlp.down_proj.weight")),
             })
         inv_freq, self.rope_scale = rope_inv_freq(cfg)
         max_pos = cfg.max_position_embeddings
@@ -98,7 +100,7 @@ class LlamaModel:
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = rms_norm(x, layer["input_norm"], self.eps, residual)
-            qkv = self.linear(x, layer["qkv"], layer["qkv_bias"])              # [T, (h+2kvh)*d]
+            qkv = self.linear(x, layer["qkv"])                                 # [T, (h+2kvh)*d]
             q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
             q, k = apply_rotary(q.view(-1, h, d), k.view(-1, kvh, d), cos, sin)
             v = v.view(-1, kvh, d)
@@ -114,3 +116,7 @@ class LlamaModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] -> logits [S, vocab] in fp32."""
         return self.linear(hidden.float(), self.lm_head)
+
+
+def _invariant_linear(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
+    return invariant.linear(x, layer.weight, layer.bias)

@@ -1,9 +1,10 @@
 """The engine's hot operations. The engine calls only these public functions."""
 from kernels import invariant
 from kernels.logit_mask import apply_token_bitmask
+from kernels.linear import LinearWeight, apply_linear, prepare_linear
 from kernels.attention import AttentionMetadata, paged_attention, slots_for, store_kvcache
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary
 
-__all__ = ["AttentionMetadata", "apply_rotary", "apply_token_bitmask", "paged_attention", "rms_norm", "slots_for",
-           "store_kvcache"]
+__all__ = ["AttentionMetadata", "LinearWeight", "apply_linear", "apply_rotary", "apply_token_bitmask",
+           "paged_attention", "prepare_linear", "rms_norm", "slots_for", "store_kvcache"]

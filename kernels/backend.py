@@ -4,6 +4,8 @@ The one place in `kernels/` that reads environment variables:
 - PLUMBLINE_KERNELS=triton together with TRITON_INTERPRET=1 sends CPU tensors through the
   Triton kernels (run by Triton's interpreter); anything else keeps the fast CPU paths.
 - CUDA tensors always take the Triton kernels.
+- PLUMBLINE_KERNELS=torch keeps linear layers on plain `F.linear` (no oneDNN prepacking), for
+  A/B runs against the fast path.
 
 Triton decides between compiling and interpreting when `@triton.jit` decorates a function, that
 is at import. `jit` below defers that choice to each launch, so one process (a pytest run) can
@@ -32,6 +34,13 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     return os.environ.get("PLUMBLINE_KERNELS", "").lower() == "triton" and interpreting()
+
+
+def prepack_linear() -> bool:
+    """Whether CPU fp32 linear layers run through oneDNN on prepacked weights (kernels.linear)."""
+    return (os.environ.get("PLUMBLINE_KERNELS", "").lower() != "torch"
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 _helpers_lock = threading.Lock()

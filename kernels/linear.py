@@ -1,27 +1,38 @@
-"""Linear layers of a bf16 body, run in fp32 or bf16 depending on the number of rows.
+"""Linear layers: the weight as the fast path wants it, and one call that picks the path.
 
-On this CPU a bf16 matmul beats fp32 once there are enough rows to amortise oneDNN's bf16
-packing, but a bf16 matrix-vector product is slower than the fp32 one. So a bf16
-model keeps each weight twice (bf16, and the same values in fp32: exact, bf16 widens losslessly)
-and picks per call. The fp32 branch multiplies the same bf16 values and rounds its output to
+fp32 on the CPU. torch's `F.linear` calls MKL's sgemm on the plain [out, in] weight; oneDNN on a
+weight reordered once into its blocked layout ("prepacked", what torch.compile's CPU freezing
+does) is faster for every SmolLM2 shape here: 1.3-1.9x on the body's GEMMs at 8-32 rows, and 2x
+on the 49152-wide lm_head (at 32 rows 34 ms -> 17 ms). `benchmarks/kernels_bench.py --only
+linear` measures both; docs/BENCHMARKS.md has the figures. The prepacked weight is kept
+alongside the plain one, which the reference, deterministic mode and the checks read.
+
+bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU: with native bf16 (AVX512-BF16,
+AMX) it won from 2 rows on; on an AVX2-only CPU (this session's AMD EPYC) it ran at ~16 GFLOP/s
+against ~90 for fp32 at every row count. So a bf16 layer also keeps the same values in fp32
+(exact: bf16 widens losslessly), prepacked, and `MIN_BF16_ROWS` says from how many rows bf16 is
+used; `calibrate` re-measures it on the machine at hand. The fp32 branch rounds its output to
 bf16, so both branches agree to bf16 rounding (accumulation order aside).
-
-Crossover measured on this machine (benchmarks/kernels_bench.py, docs/BENCHMARKS.md "Kernels"):
-`MIN_BF16_ROWS` below. `calibrate` re-measures it on the machine at hand.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from kernels.backend import prepack_linear
+
+# oneDNN picks its blocked layout for an expected row count. 32 was as fast as or faster than 1
+# and 512 for 1-64 rows, and within noise for a 512-row prefill chunk.
+PACK_ROWS_HINT = 32
+
 # (in_features, out_features) -> the smallest number of rows at which bf16 is used. Measured
-# with `calibrate` here (torch 2.13 CPU, 1 and 2 threads, SmolLM2-135M shapes): fp32 wins only
-# the matrix-vector product (1 row: bf16 1.1x-1.5x slower); from 2 rows on bf16 wins, ~2x from
-# 8 rows. Shapes not listed use DEFAULT_MIN_BF16_ROWS.
+# with `calibrate` on a CPU with native bf16 (torch 2.13, SmolLM2-135M shapes): fp32 won only
+# the matrix-vector product. Shapes not listed use DEFAULT_MIN_BF16_ROWS.
 MIN_BF16_ROWS: dict[tuple[int, int], int] = {
-    (576, 1728): 2,      # qkv
+    (576, 960): 2,       # qkv
     (576, 576): 2,       # o_proj
     (576, 3072): 2,      # gate_up
     (1536, 576): 2,      # down
@@ -29,21 +40,51 @@ MIN_BF16_ROWS: dict[tuple[int, int], int] = {
 DEFAULT_MIN_BF16_ROWS = 2
 
 
+@dataclass(slots=True)
+class LinearWeight:
+    """One layer's weight [out, in] (and bias) in the body's dtype, plus its fast-path form."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    packed: torch.Tensor | None = None     # the weight's values in fp32, oneDNN's blocked layout
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+
+def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> LinearWeight:
+    """Wrap a weight for `apply_linear`, prepacking it where the oneDNN path is available."""
+    packed = None
+    if not weight.is_cuda and prepack_linear():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous(), PACK_ROWS_HINT)
+    return LinearWeight(weight, bias, packed)
+
+
 def use_bf16(num_rows: int, in_features: int, out_features: int) -> bool:
-    """Whether a [num_rows, in] x [out, in]^T product should run in bf16."""
+    """Whether a [num_rows, in] x [out, in]^T product of a bf16 layer should run in bf16."""
     threshold = MIN_BF16_ROWS.get((in_features, out_features), DEFAULT_MIN_BF16_ROWS)
     return num_rows >= threshold
 
 
-def linear(x: torch.Tensor, weight_fp32: torch.Tensor, weight_bf16: torch.Tensor,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, in] bf16 -> [T, out] bf16, computed in whichever dtype is faster for T rows."""
-    out_features, in_features = weight_bf16.shape
-    num_rows = x.numel() // in_features
-    if x.is_cuda or use_bf16(num_rows, in_features, out_features):
-        return F.linear(x, weight_bf16, bias)
-    out = F.linear(x.float(), weight_fp32, None if bias is None else bias.float())
-    return out.to(x.dtype)
+def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def apply_linear(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
+    """x [T, in] -> [T, out], in x's dtype (which is the layer's)."""
+    if layer.packed is None or x.is_cuda:
+        return F.linear(x, layer.weight, layer.bias)
+    if x.dtype == torch.float32:
+        return _onednn(x, layer.packed, layer.bias)
+    out_features, in_features = layer.shape
+    if use_bf16(x.numel() // in_features, in_features, out_features):
+        return F.linear(x, layer.weight, layer.bias)
+    return linear_fp32(x, layer).to(x.dtype)
 
 
 def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -59,19 +100,28 @@ def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
               repeats: int = 10) -> dict[tuple[int, int], int]:
-    """Measure the fp32/bf16 crossover of each (in, out) shape here; update MIN_BF16_ROWS."""
+    """Measure the fp32/bf16 crossover of each (in, out) shape here; update MIN_BF16_ROWS.
+
+    A shape where bf16 never wins gets a threshold past the largest row count tried."""
     found = {}
     for in_features, out_features in shapes:
-        w32 = torch.randn(out_features, in_features)
-        w16 = w32.bfloat16()
+        layer = prepare_linear(torch.randn(out_features, in_features).bfloat16())
         threshold = rows[-1] * 2
         for n in rows:
             x = torch.randn(n, in_features).bfloat16()
-            t16 = _median_ms(lambda: F.linear(x, w16), repeats)
-            t32 = _median_ms(lambda: F.linear(x.float(), w32).bfloat16(), repeats)
+            t16 = _median_ms(lambda: F.linear(x, layer.weight), repeats)
+            t32 = _median_ms(lambda: linear_fp32(x, layer).bfloat16(), repeats)
             if t16 < t32:
                 threshold = n
                 break
         found[(in_features, out_features)] = threshold
     MIN_BF16_ROWS.update(found)
     return found
+
+
+def linear_fp32(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
+    """The fp32 branch of a layer whatever its dtype: x [T, in] -> fp32 [T, out]."""
+    bias = None if layer.bias is None else layer.bias.float()
+    if layer.packed is not None and not x.is_cuda:
+        return _onednn(x.float(), layer.packed, bias)
+    return F.linear(x.float(), layer.weight.float(), bias)

@@ -4,21 +4,52 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.linear import linear, use_bf16
+from kernels.backend import prepack_linear
+from kernels.linear import apply_linear, prepare_linear, use_bf16
+
+needs_prepack = pytest.mark.skipif(not prepack_linear(), reason="torch has no oneDNN prepacking")
 
 
 def test_choice_per_rows() -> None:
-    assert not use_bf16(1, 576, 1728)           # matrix-vector: fp32
-    assert use_bf16(2, 576, 1728) and use_bf16(256, 1536, 576)
+    assert not use_bf16(1, 576, 960)            # matrix-vector: fp32
+    assert use_bf16(2, 576, 960) and use_bf16(256, 1536, 576)
+
+
+@needs_prepack
+@pytest.mark.parametrize("rows", [1, 3, 32, 77, 512])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_prepacked_fp32_equals_f_linear(rows: int, with_bias: bool) -> None:
+    """The oneDNN path on the prepacked weight computes the same product as F.linear, for row
+    counts on and off the packing hint, with and without bias, on a non-contiguous input."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(160, 96, generator=g)
+    bias = torch.randn(160, generator=g) if with_bias else None
+    layer = prepare_linear(w, bias)
+    assert layer.packed is not None and layer.shape == w.shape and layer.dtype == torch.float32
+    x = torch.randn(rows, 2 * 96, generator=g)[:, ::2]           # a strided view, as after a split
+    out = apply_linear(x, layer)
+    assert out.dtype == torch.float32 and out.shape == (rows, 160)
+    torch.testing.assert_close(out, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    # The plain weight is left as it was: the reference and deterministic mode read it.
+    assert torch.equal(layer.weight, w)
+
+
+def test_without_prepacking_is_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLUMBLINE_KERNELS", "torch")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 32, generator=g), torch.randn(5, 32, generator=g)
+    layer = prepare_linear(w)
+    assert layer.packed is None
+    assert torch.equal(apply_linear(x, layer), F.linear(x, w))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 9])
-def test_both_branches_agree_with_bf16_linear(rows: int) -> None:
+def test_both_bf16_branches_agree_with_bf16_linear(rows: int) -> None:
     g = torch.Generator().manual_seed(rows)
     w16 = torch.randn(96, 64, generator=g).bfloat16()
     bias = torch.randn(96, generator=g).bfloat16()
     x = torch.randn(rows, 64, generator=g).bfloat16()
-    out = linear(x, w16.float(), w16, bias)
+    out = apply_linear(x, prepare_linear(w16, bias))
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
     expected = F.linear(x.float(), w16.float(), bias.float())     # exact products, fp32 sums
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
