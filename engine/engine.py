@@ -3,12 +3,12 @@ runs as an asyncio task and each model step in a worker thread."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import anyio.to_thread
 import structlog
 from transformers import AutoTokenizer
 
@@ -207,7 +207,12 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None) -> None:
         """Loads the model of `config`, or drives an already loaded `core`."""
         assert (config is None) != (core is None), "give a config or a core"
-        self.core = core if core is not None else EngineCore(config)  # type: ignore[arg-type]
+        # All of the engine's torch work (loading, steps, weight builds) runs on this one thread.
+        # Each thread that enters an OpenMP region gets its own team of workers; with two teams
+        # on 2 cores a decode step of 32 sequences took 1.5-1.9x as long as with one (anyio's
+        # pool may hand each step to another thread).
+        self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plumbline-compute")
+        self.core = core if core is not None else self._compute.submit(EngineCore, config).result()
         self.tokenizer = self.core.tokenizer
         self._streams: dict[str, RequestStream] = {}
         self._compiling: dict[str, asyncio.Task[None]] = {}
@@ -227,8 +232,9 @@ class AsyncEngine:
         if mode not in ("pause", "drain", "abort"):
             raise RequestError("mode must be 'pause', 'drain' or 'abort'", "mode")
         async with self._update_lock:
-            # Build off the loop first (seconds for a big model); the swap itself is instant.
-            model = await anyio.to_thread.run_sync(self.core.runner.build_model, state_dict)
+            # Build off the loop first, on the compute thread between steps (seconds for a big
+            # model); the swap itself is instant.
+            model = await self._in_compute_thread(self.core.runner.build_model, state_dict)
             scheduler = self.core.scheduler
             try:
                 if mode == "drain":
@@ -251,6 +257,9 @@ class AsyncEngine:
                     self._wakeup.set()
             log.info("weights_updated", version=version, mode=mode, reset_cache=reset_cache)
             return version
+
+    async def _in_compute_thread(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
 
     @property
     def weights_version(self) -> int:
@@ -350,7 +359,7 @@ class AsyncEngine:
                 result, error = EMPTY_RESULT, None
                 if batch.seqs:
                     try:
-                        result = await anyio.to_thread.run_sync(self.core.run, batch)
+                        result = await self._in_compute_thread(self.core.run, batch)
                     except Exception as exc:  # one failed step fails its batch, never the loop
                         log.exception("model_step_failed", num_seqs=len(batch.seqs))
                         error = f"internal error in the model step ({type(exc).__name__})"

@@ -76,7 +76,8 @@ def test_drain_lets_running_finish_on_old_weights(tiny_model_dir, new_state):
         while not engine.core.scheduler.running:
             await asyncio.sleep(0.001)
         update = asyncio.create_task(engine.update_weights(new_state, mode="drain"))
-        await asyncio.sleep(0.01)
+        while engine.core.scheduler.admitting:      # the new weights are built; draining began
+            await asyncio.sleep(0.001)
         later = asyncio.create_task(collect(engine.add_request(GenerateRequest("new", ids, params))))
         return await first, await later, await update
 
