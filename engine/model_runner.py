@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from transformers import AutoConfig
 
@@ -18,7 +19,10 @@ from engine.sequence import Sequence
 from engine.types import PromptLogprob, TopLogprob
 from grammars import fill_bitmasks
 from grammars.closing import ClosingVocab
-from kernels import AttentionMetadata, slots_for
+from kernels import AttentionMetadata, LinearWeight, slots_for
+from kernels.linear import NEVER, calibrate
+
+log = structlog.get_logger("plumbline.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -34,6 +38,14 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         self.model = LlamaModel(self.hf_config, load_state_dict(model_dir), self.dtype,
                                 config.deterministic)
+        if self.dtype == torch.bfloat16 and not config.deterministic:
+            # Whether a bf16 matmul beats fp32 depends on the CPU (kernels/linear.py): measure
+            # this model's shapes here, about a second.
+            shapes = sorted({(w.shape[1], w.shape[0]) for k, w in self.model.layers[0].items()
+                             if isinstance(w, LinearWeight)})
+            found = calibrate(shapes)
+            log.info("bf16_crossover", rows={f"{i}x{o}": "never" if n == NEVER else n
+                                             for (i, o), n in found.items()})
         self.weights_version = 0
         self.vocab_size = self.model.lm_head.shape[0]
         self.block_size = config.block_size

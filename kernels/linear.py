@@ -11,8 +11,8 @@ bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU: with native bf16
 AMX) it won from 2 rows on; on an AVX2-only CPU (this session's AMD EPYC) it ran at ~16 GFLOP/s
 against ~90 for fp32 at every row count. So a bf16 layer also keeps the same values in fp32
 (exact: bf16 widens losslessly), prepacked, and `MIN_BF16_ROWS` says from how many rows bf16 is
-used; `calibrate` re-measures it on the machine at hand. The fp32 branch rounds its output to
-bf16, so both branches agree to bf16 rounding (accumulation order aside).
+used; the engine re-measures it with `calibrate` when it loads a bf16 body. The fp32 branch
+rounds its output to bf16, so both branches agree to bf16 rounding (accumulation order aside).
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from kernels.backend import prepack_linear
 # and 512 for 1-64 rows, and within noise for a 512-row prefill chunk.
 PACK_ROWS_HINT = 32
 
-# (in_features, out_features) -> the smallest number of rows at which bf16 is used. Measured
-# with `calibrate` on a CPU with native bf16 (torch 2.13, SmolLM2-135M shapes): fp32 won only
-# the matrix-vector product. Shapes not listed use DEFAULT_MIN_BF16_ROWS.
+# (in_features, out_features) -> the smallest number of rows at which bf16 is used. The defaults
+# were measured with `calibrate` on a CPU with native bf16 (torch 2.13, SmolLM2-135M shapes):
+# fp32 won only the matrix-vector product. Shapes not listed use DEFAULT_MIN_BF16_ROWS.
 MIN_BF16_ROWS: dict[tuple[int, int], int] = {
     (576, 960): 2,       # qkv
     (576, 576): 2,       # o_proj
@@ -98,22 +98,27 @@ def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return times[len(times) // 2] * 1e3
 
 
-def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
-              repeats: int = 10) -> dict[tuple[int, int], int]:
+NEVER = 1 << 62     # a threshold no row count reaches: this shape always runs in fp32
+
+
+def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 32, 128, 512),
+              repeats: int = 5) -> dict[tuple[int, int], int]:
     """Measure the fp32/bf16 crossover of each (in, out) shape here; update MIN_BF16_ROWS.
 
-    A shape where bf16 never wins gets a threshold past the largest row count tried."""
+    The threshold is the smallest of `rows` from which bf16 wins at every larger count tried
+    (largest first, up to a prefill chunk). Without native bf16, a one-row bf16 product can tie
+    fp32 while 8 rows already run 3x slower, so a first win from below would be misleading."""
     found = {}
     for in_features, out_features in shapes:
         layer = prepare_linear(torch.randn(out_features, in_features).bfloat16())
-        threshold = rows[-1] * 2
-        for n in rows:
+        threshold = NEVER
+        for n in sorted(rows, reverse=True):
             x = torch.randn(n, in_features).bfloat16()
             t16 = _median_ms(lambda: F.linear(x, layer.weight), repeats)
             t32 = _median_ms(lambda: linear_fp32(x, layer).bfloat16(), repeats)
-            if t16 < t32:
-                threshold = n
+            if t16 >= t32:
                 break
+            threshold = n
         found[(in_features, out_features)] = threshold
     MIN_BF16_ROWS.update(found)
     return found

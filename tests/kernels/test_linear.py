@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.linear as linear_mod
 from kernels.backend import prepack_linear
 from kernels.linear import apply_linear, prepare_linear, use_bf16
 
@@ -53,3 +54,11 @@ def test_both_bf16_branches_agree_with_bf16_linear(rows: int) -> None:
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
     expected = F.linear(x.float(), w16.float(), bias.float())     # exact products, fp32 sums
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_calibrate_sets_the_threshold_use_bf16_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear_mod, "MIN_BF16_ROWS", dict(linear_mod.MIN_BF16_ROWS))
+    found = linear_mod.calibrate([(64, 96)], rows=(1, 4), repeats=2)
+    threshold = found[(64, 96)]
+    assert threshold in (1, 4, linear_mod.NEVER)
+    assert [use_bf16(n, 64, 96) for n in (1, 4, 1 << 20)] == [n >= threshold for n in (1, 4, 1 << 20)]
