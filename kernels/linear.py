@@ -57,10 +57,14 @@ class LinearWeight:
         return self.weight.dtype
 
 
-def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> LinearWeight:
-    """Wrap a weight for `apply_linear`, prepacking it where the oneDNN path is available."""
+def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   pack: bool = True) -> LinearWeight:
+    """Wrap a weight for `apply_linear`, prepacking it where the oneDNN path is available.
+
+    The packed copy is a second copy of the weight in fp32; pack=False skips it for callers
+    that only read the plain weight."""
     packed = None
-    if not weight.is_cuda and prepack_linear():
+    if pack and not weight.is_cuda and prepack_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous(), PACK_ROWS_HINT)
     return LinearWeight(weight, bias, packed)
 
