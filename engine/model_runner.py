@@ -117,6 +117,10 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows = self.prepare(batch)
         seqs = batch.sampling_seqs
         masked_rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
+        if masked_rows and self.tokenizer is not None:
+            # Built here, not in the mask thread: its vocabulary-wide torch ops would start a
+            # second OpenMP team there, which slows every later step (AsyncEngine's compute thread).
+            self.closing_vocab()
         # The masks depend only on tokens already chosen: fill them while the forward runs (the
         # grammar libraries release the GIL), and wait for them just before sampling.
         masks = self._mask_pool.submit(self._fill_masks, seqs, masked_rows) if masked_rows else None
