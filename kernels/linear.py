@@ -58,14 +58,18 @@ class LinearWeight:
 
 
 def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   pack: bool = True) -> LinearWeight:
+                   pack: bool = True, keep_plain: bool = True) -> LinearWeight:
     """Wrap a weight for `apply_linear`, prepacking it where the oneDNN path is available.
 
     The packed copy is a second copy of the weight in fp32; pack=False skips it for callers
-    that only read the plain weight."""
+    that only read the plain weight. keep_plain=False drops the plain copy of a packed fp32
+    weight (what is left is a meta tensor: its shape and dtype, no data). A bf16 weight is
+    always kept: its bf16 branch reads it."""
     packed = None
     if pack and not weight.is_cuda and prepack_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous(), PACK_ROWS_HINT)
+        if not keep_plain and weight.dtype == torch.float32:
+            weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
     return LinearWeight(weight, bias, packed)
 
 

@@ -62,3 +62,14 @@ def test_calibrate_sets_the_threshold_use_bf16_reads(monkeypatch: pytest.MonkeyP
     threshold = found[(64, 96)]
     assert threshold in (1, 4, linear_mod.NEVER)
     assert [use_bf16(n, 64, 96) for n in (1, 4, 1 << 20)] == [n >= threshold for n in (1, 4, 1 << 20)]
+
+
+@needs_prepack
+def test_dropping_the_plain_copy_keeps_shape_dtype_and_results() -> None:
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(96, 48, generator=g), torch.randn(7, 48, generator=g)
+    layer = prepare_linear(w, keep_plain=False)
+    assert layer.weight.is_meta and layer.shape == w.shape and layer.dtype == torch.float32
+    torch.testing.assert_close(apply_linear(x, layer), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    w16 = w.bfloat16()                                  # the bf16 branch reads the plain weight
+    assert torch.equal(prepare_linear(w16, keep_plain=False).weight, w16)
