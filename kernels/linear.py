@@ -2,10 +2,11 @@
 
 fp32 on the CPU. torch's `F.linear` calls MKL's sgemm on the plain [out, in] weight; oneDNN on a
 weight reordered once into its blocked layout ("prepacked", what torch.compile's CPU freezing
-does) is faster for every SmolLM2 shape here: 1.3-1.9x on the body's GEMMs at 8-32 rows, and 2x
-on the 49152-wide lm_head (at 32 rows 34 ms -> 17 ms). `benchmarks/kernels_bench.py --only
-linear` measures both; docs/BENCHMARKS.md has the figures. The prepacked weight is kept
-alongside the plain one, which the reference, deterministic mode and the checks read.
+does) is faster for every SmolLM2 shape from 2 rows on here: 1.2-2.8x on the body's GEMMs and
+1.3-3.3x on the 49152-wide lm_head (at 32 rows 49 ms -> 23 ms). `benchmarks/kernels_bench.py
+--only linear` measures both; docs/BENCHMARKS.md has the figures. Deterministic mode never packs
+(kernels.invariant reads the plain weights); the engine drops the plain copy of a packed fp32
+layer, which would hold as much memory again.
 
 bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU: with native bf16 (AVX512-BF16,
 AMX) it won from 2 rows on; on an AVX2-only CPU (this session's AMD EPYC) it ran at ~16 GFLOP/s
