@@ -11,23 +11,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import statistics
-import time
-from collections.abc import Callable
 
 from benchmarks.engine_throughput import prompt_ids
 from engine.config import EngineConfig
 from engine.engine import EngineCore
 from engine.types import GenerateRequest, SamplingParams
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+from kernels.linear import _median_ms    # the timing loop kernels_bench and calibrate use
 
 
 def main() -> None:
@@ -56,7 +45,7 @@ def main() -> None:
             ("main thread again", core.step),
             ("rotating threads", lambda: rotating.submit(core.step).result())]
     for name, fn in runs:
-        print(f"{name:<20} {median_ms(fn, args.repeats):7.1f} ms per {args.seqs}-sequence decode step",
+        print(f"{name:<20} {_median_ms(fn, args.repeats):7.1f} ms per {args.seqs}-sequence decode step",
               flush=True)
 
 

@@ -1,5 +1,6 @@
 """The engine: a synchronous core (shared with the offline `LLM`) and `AsyncEngine`, whose loop
-runs as an asyncio task and each model step in a worker thread."""
+runs as an asyncio task and all of its torch work (load, steps, weight builds) on one compute
+thread."""
 from __future__ import annotations
 
 import asyncio

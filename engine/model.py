@@ -60,10 +60,8 @@ class LlamaModel:
             raise ValueError(f"activation {cfg.hidden_act!r} is not supported")
         self.embed = state["model.embed_tokens.weight"].to(dtype)          # [vocab, hidden]
         head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-        # invariant.linear reads the plain weights only; elsewhere a packed fp32 weight needs no
-        # plain copy (it would hold as much memory again).
-        pack = not deterministic
-        self.lm_head = prepare_linear(head.float().contiguous(), pack=pack, keep_plain=False)
+        pack = not deterministic            # invariant.linear reads the plain weights only
+        self.lm_head = prepare_linear(head.float().contiguous(), pack=pack)  # [vocab, hidden] fp32
         self.norm = state["model.norm.weight"].to(dtype)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -79,10 +77,10 @@ class LlamaModel:
             self.layers.append({
                 "input_norm": get("input_layernorm.weight"),
                 "post_norm": get("post_attention_layernorm.weight"),
-                "qkv": prepare_linear(qkv, qkv_bias, pack, keep_plain=False),
-                "o": prepare_linear(get("self_attn.o_proj.weight"), pack=pack, keep_plain=False),
-                "gate_up": prepare_linear(gate_up, pack=pack, keep_plain=False),
-                "down": prepare_linear(get("mlp.down_proj.weight"), pack=pack, keep_plain=False),
+                "qkv": prepare_linear(qkv, qkv_bias, pack),
+                "o": prepare_linear(get("self_attn.o_proj.weight"), pack=pack),
+                "gate_up": prepare_linear(gate_up, pack=pack),
+                "down": prepare_linear(get("mlp.down_proj.weight"), pack=pack),
             })
         inv_freq, self.rope_scale = rope_inv_freq(cfg)
         max_pos = cfg.max_position_embeddings

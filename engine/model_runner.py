@@ -41,7 +41,7 @@ class ModelRunner:
         if self.dtype == torch.bfloat16 and not config.deterministic:
             # Whether a bf16 matmul beats fp32 depends on the CPU (kernels/linear.py): measure
             # this model's shapes here, about a second.
-            shapes = sorted({(w.shape[1], w.shape[0]) for k, w in self.model.layers[0].items()
+            shapes = sorted({(w.shape[1], w.shape[0]) for w in self.model.layers[0].values()
                              if isinstance(w, LinearWeight)})
             found = calibrate(shapes)
             log.info("bf16_crossover", rows={f"{i}x{o}": "never" if n == NEVER else n

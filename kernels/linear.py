@@ -5,8 +5,8 @@ weight reordered once into its blocked layout ("prepacked", what torch.compile's
 does) is faster for every SmolLM2 shape from 2 rows on here: 1.2-2.8x on the body's GEMMs and
 1.3-3.3x on the 49152-wide lm_head (at 32 rows 49 ms -> 23 ms). `benchmarks/kernels_bench.py
 --only linear` measures both; docs/BENCHMARKS.md has the figures. Deterministic mode never packs
-(kernels.invariant reads the plain weights); the engine drops the plain copy of a packed fp32
-layer, which would hold as much memory again.
+(kernels.invariant reads the plain weights); a packed fp32 layer drops its plain copy, which
+would hold as much memory again.
 
 bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU: with native bf16 (AVX512-BF16,
 AMX) it won from 2 rows on; on an AVX2-only CPU (this session's AMD EPYC) it ran at ~16 GFLOP/s
@@ -59,17 +59,17 @@ class LinearWeight:
 
 
 def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   pack: bool = True, keep_plain: bool = True) -> LinearWeight:
+                   pack: bool = True) -> LinearWeight:
     """Wrap a weight for `apply_linear`, prepacking it where the oneDNN path is available.
 
-    The packed copy is a second copy of the weight in fp32; pack=False skips it for callers
-    that only read the plain weight. keep_plain=False drops the plain copy of a packed fp32
-    weight (what is left is a meta tensor: its shape and dtype, no data). A bf16 weight is
-    always kept: its bf16 branch reads it."""
+    A packed fp32 weight keeps no plain copy, which would hold as much memory again: what is
+    left of it is a meta tensor (its shape and dtype, no data). A bf16 weight is kept, as its
+    bf16 branch reads it. pack=False (deterministic mode: kernels.invariant reads the plain
+    weights) keeps the plain weight only."""
     packed = None
     if pack and not weight.is_cuda and prepack_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous(), PACK_ROWS_HINT)
-        if not keep_plain and weight.dtype == torch.float32:
+        if weight.dtype == torch.float32:
             weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
     return LinearWeight(weight, bias, packed)
 

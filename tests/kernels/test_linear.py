@@ -21,18 +21,26 @@ def test_choice_per_rows() -> None:
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_prepacked_fp32_equals_f_linear(rows: int, with_bias: bool) -> None:
     """The oneDNN path on the prepacked weight computes the same product as F.linear, for row
-    counts on and off the packing hint, with and without bias, on a non-contiguous input."""
+    counts on and off the packing hint, with and without bias, on a non-contiguous input; the
+    plain copy is dropped (a meta tensor keeps its shape and dtype)."""
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(160, 96, generator=g)
     bias = torch.randn(160, generator=g) if with_bias else None
     layer = prepare_linear(w, bias)
-    assert layer.packed is not None and layer.shape == w.shape and layer.dtype == torch.float32
+    assert layer.packed is not None and layer.weight.is_meta
+    assert layer.shape == w.shape and layer.dtype == torch.float32
     x = torch.randn(rows, 2 * 96, generator=g)[:, ::2]           # a strided view, as after a split
     out = apply_linear(x, layer)
     assert out.dtype == torch.float32 and out.shape == (rows, 160)
     torch.testing.assert_close(out, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
-    # The plain weight is left as it was: the reference and deterministic mode read it.
-    assert torch.equal(layer.weight, w)
+
+
+def test_unpacked_and_bf16_layers_keep_their_plain_weight() -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 48, generator=g)
+    assert torch.equal(prepare_linear(w, pack=False).weight, w)     # deterministic mode reads it
+    w16 = w.bfloat16()
+    assert torch.equal(prepare_linear(w16).weight, w16)             # the bf16 branch reads it
 
 
 def test_without_prepacking_is_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,14 +70,3 @@ def test_calibrate_sets_the_threshold_use_bf16_reads(monkeypatch: pytest.MonkeyP
     threshold = found[(64, 96)]
     assert threshold in (1, 4, linear_mod.NEVER)
     assert [use_bf16(n, 64, 96) for n in (1, 4, 1 << 20)] == [n >= threshold for n in (1, 4, 1 << 20)]
-
-
-@needs_prepack
-def test_dropping_the_plain_copy_keeps_shape_dtype_and_results() -> None:
-    g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(96, 48, generator=g), torch.randn(7, 48, generator=g)
-    layer = prepare_linear(w, keep_plain=False)
-    assert layer.weight.is_meta and layer.shape == w.shape and layer.dtype == torch.float32
-    torch.testing.assert_close(apply_linear(x, layer), F.linear(x, w), rtol=1e-5, atol=1e-5)
-    w16 = w.bfloat16()                                  # the bf16 branch reads the plain weight
-    assert torch.equal(prepare_linear(w16, keep_plain=False).weight, w16)
