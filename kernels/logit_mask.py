@@ -3,25 +3,26 @@
 Bitmask layout (llguidance, xgrammar and outlines-core share it): row r has ceil(vocab/32) or
 more int32 words; bit j of word w set = token 32*w + j allowed. Disallowed tokens become -inf.
 
-The fast CPU path avoids `masked_fill_` with a scattered boolean mask (4.4 ms for [32, 49152]
-here: a data-dependent branch per element). It unpacks the inverted bits (numpy's unpackbits),
-turns each 0/1 into the float bits of 0 or -inf with one integer multiply, and adds that bias,
-all branch-free, a few rows at a time so the bias stays in cache; rows whose mask allows every
-token are skipped. (A byte-indexed [256, 8] table of biases measured 1.5x slower.) The work is
-numpy's, single-threaded on purpose: on this shared 2-core machine torch's 2-thread ops stall
-for a scheduler slice (~12 ms) whenever the other core is busy. (A +inf or NaN logit at a
-disallowed token would become NaN rather than -inf; finite logits come out exactly.)
+The fast CPU path is a numba kernel over the logits' bits, one pass in place: for each word
+that is not all ones, each of its 32 logits keeps its bits or takes those of -inf through an
+and/or with an all-ones-or-zero mask made from the bit, branch-free (AVX2 shifts and blends
+once LLVM vectorizes it). `masked_fill_` with an unpacked boolean mask took 4.4 ms for
+[32, 49152] on the first box: a data-dependent branch per element. The previous fast path, numpy
+unpackbits widened to a 0 / -inf bias and added, took 1.0-1.25 ms on the Zen 3 box; this one
+0.45 (docs/BENCHMARKS.md). Words that allow every token cost one compare. It runs on the calling
+thread only: on a shared 2-core machine, 2-thread ops stall for a scheduler slice whenever the
+other core is busy. Disallowed logits become exactly -inf whatever they held (+inf and NaN too).
 """
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from numba import njit
 
 from kernels.backend import jit, use_triton
 
@@ -48,62 +49,42 @@ def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: R
 
 # --- fast CPU path ----------------------------------------------------------------------------
 
-_NEG_INF_BITS = np.uint32(0xFF800000)   # float32 -inf; 0x00000000 is +0.0
-_CHUNK_ROWS = 8          # 8 rows of 49152 fp32 biases = 1.5 MiB: stays in cache until added
-_scratch = threading.local()   # a reused bias buffer: fresh 1.5 MiB arrays cost page faults
+_NEG_INF_BITS = {torch.float32: 0xFF800000, torch.bfloat16: 0xFF80, torch.float16: 0xFC00}
 
 
-def _bias_buffer(vocab: int) -> np.ndarray:
-    buf = getattr(_scratch, "bias", None)
-    if buf is None or buf.shape[1] != vocab:
-        buf = _scratch.bias = np.empty((_CHUNK_ROWS, vocab), np.uint32)
-    return buf
-
-
-def _full_rows(bitmask: np.ndarray, vocab: int) -> np.ndarray:
-    """[B] bool: rows whose mask allows every token in [0, vocab)."""
-    full = (bitmask[:, : vocab // 32] == -1).all(1)
-    tail = vocab % 32
-    if tail:
-        low = (1 << tail) - 1
-        full &= (bitmask[:, vocab // 32] & low) == low
-    return full
+@njit(nogil=True, boundscheck=False, cache=True)
+def _mask_rows(bits, words, rows, neg_inf):  # type: ignore[no-untyped-def]
+    """bits [B, vocab] uint32 / uint16 (the logits' bits), words [B, W] uint32, rows int64."""
+    vocab = bits.shape[1]
+    full_words = vocab // 32
+    for i in range(rows.shape[0]):
+        row, wrow = bits[rows[i]], words[rows[i]]
+        for w in range(full_words):
+            word = wrow[w]
+            if word == np.uint32(0xFFFFFFFF):        # every token of the word allowed
+                continue
+            # One-dimensional views indexed by the loop counter: that is the shape LLVM turns
+            # into AVX2 shifts and blends (2-d indexing kept it scalar, 5-10x slower).
+            seg = row[w * 32:w * 32 + 32]
+            for j in range(32):
+                keep = np.uint32(0) - ((word >> np.uint32(j)) & np.uint32(1))   # 0 or all ones
+                seg[j] = (seg[j] & keep) | (neg_inf & ~keep)
+        for t in range(full_words * 32, vocab):
+            if not (wrow[t >> 5] >> np.uint32(t & 31)) & np.uint32(1):
+                row[t] = neg_inf
 
 
 def _apply_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: Rows) -> None:
-    vocab = logits.shape[1]
-    words = bitmask.contiguous().numpy()                                # [B, W] int32
-    full = _full_rows(words, vocab).tolist()
-    todo = [r for r in _row_list(rows, logits.shape[0]) if not full[r]]
-    if not todo:
+    if logits.dtype not in _NEG_INF_BITS or logits.stride(1) != 1 or logits.requires_grad:
+        apply_token_bitmask_ref(logits, bitmask, rows)
         return
-    # Little-endian: byte k of word w holds bits 8k..8k+7, i.e. tokens 32w+8k .. 32w+8k+7, so
-    # numpy's little-endian unpackbits of the bytes lists tokens in order.
-    mask_bytes = words.view(np.uint8)                                     # [B, 4 * W]
-    buf = _bias_buffer(vocab)
-    fast_add = logits.dtype == torch.float32 and logits.stride(1) == 1 and not logits.requires_grad
-    logits_np = logits.detach().numpy() if fast_add else np.empty(0)
-    for s in range(0, len(todo), _CHUNK_ROWS):
-        chunk = todo[s:s + _CHUNK_ROWS]
-        n = len(chunk)
-        contiguous = chunk == list(range(chunk[0], chunk[0] + n))
-        src = mask_bytes[chunk[0]:chunk[0] + n] if contiguous else mask_bytes[chunk]
-        disallowed = np.unpackbits(~src, axis=1, count=vocab, bitorder="little")   # [n, vocab] 0/1
-        bits = buf[:n]
-        np.copyto(bits, disallowed, casting="unsafe")                     # widen, then scale:
-        np.multiply(bits, _NEG_INF_BITS, out=bits)                        # 0 or -inf's bits
-        bias = bits.view(np.float32)                                      # [n, vocab] 0 / -inf
-        if fast_add:        # numpy: one thread, no torch intra-op pool to wait on (see above)
-            with np.errstate(invalid="ignore"):                          # +inf - inf: NaN
-                if contiguous:
-                    rows_np = logits_np[chunk[0]:chunk[0] + n]
-                    np.add(rows_np, bias, out=rows_np)
-                else:
-                    for i, r in enumerate(chunk):
-                        np.add(logits_np[r], bias[i], out=logits_np[r])
-        else:
-            for i, r in enumerate(chunk):
-                logits[r].add_(torch.from_numpy(bias[i]))
+    row_ids = np.asarray(_row_list(rows, logits.shape[0]), dtype=np.int64)
+    if row_ids.size == 0:
+        return
+    as_int = torch.int32 if logits.element_size() == 4 else torch.int16
+    bits = logits.detach().view(as_int).numpy().view(np.uint32 if as_int == torch.int32 else np.uint16)
+    words = bitmask.contiguous().numpy().view(np.uint32)
+    _mask_rows(bits, words, row_ids, np.uint32(_NEG_INF_BITS[logits.dtype]))
 
 
 # --- Triton kernel ----------------------------------------------------------------------------

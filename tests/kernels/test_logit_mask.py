@@ -34,13 +34,37 @@ def test_reference_semantics() -> None:
 
 @pytest.mark.parametrize("vocab", [32, 100, 1000, 49152 // 16 + 7])
 @pytest.mark.parametrize("rows", [None, [1, 2], [3, 0, 2], []])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_path_matches_reference(vocab: int, rows: list[int] | None, dtype: torch.dtype) -> None:
     logits, bitmask = make(5, vocab, extra_words=2, dtype=dtype)
     expected = logits.clone()
     apply_token_bitmask_ref(expected, bitmask, rows)
     _apply_cpu(logits, bitmask, rows)
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_cpu_path_nonfinite_logits_match_reference() -> None:
+    # The CPU path writes -inf's bits over a disallowed logit, whatever it held: an added bias
+    # would turn +inf into NaN there and keep a NaN.
+    logits, bitmask = make(3, 96)
+    logits[1, ::3] = float("inf")
+    logits[1, 1::3] = float("nan")
+    expected = logits.clone()
+    apply_token_bitmask_ref(expected, bitmask)
+    _apply_cpu(logits, bitmask, None)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0, equal_nan=True)
+    disallowed = torch.isneginf(expected[1])
+    assert disallowed.any() and torch.isneginf(logits[1][disallowed]).all()
+
+
+def test_cpu_path_strided_logits_fall_back() -> None:
+    logits, bitmask = make(4, 64)
+    wide = torch.zeros(4, 128)
+    view = wide[:, ::2]                              # vocab axis not contiguous
+    view.copy_(logits)
+    apply_token_bitmask_ref(logits, bitmask)
+    _apply_cpu(view, bitmask, None)
+    assert torch.equal(view, logits)
 
 
 def test_cpu_path_many_rows_and_tensor_rows() -> None:
