@@ -165,8 +165,8 @@ def test_store_kvcache_cuda(cuda: torch.device) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_decode_matches_gather_by_slot(dtype: torch.dtype) -> None:
-    """The block gather stays within an ulp of the plain per-slot gather (the engine's parity
-    with transformers was established on the latter)."""
+    """The fast decode (fp32: in place, numba; bf16: block gather + SDPA) stays within an ulp
+    of the plain per-slot gather (the engine's parity with transformers was established on it)."""
     import torch.nn.functional as F
     seqs = [(0, 1), (15, 1), (16, 1), (31, 1), (47, 1), (100, 1), (3, 1)]
     q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, dtype)
@@ -177,3 +177,19 @@ def test_cpu_decode_matches_gather_by_slot(dtype: torch.dtype) -> None:
                                               scale=0.125).reshape(nd, 9, 64)
     out = paged_attention(q, kc, vc, meta, 0.125)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_cpu_decode_is_batch_invariant() -> None:
+    """fp32 decodes read their blocks in place, one sequence at a time: a sequence's output is
+    bitwise the same alone as in any batch."""
+    seqs = [(0, 1), (15, 1), (16, 1), (31, 1), (47, 1), (100, 1), (3, 1)]
+    q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, torch.float32)
+    together = paged_attention(q, kc, vc, meta, 0.125)
+    for i in (0, 4, 6):
+        q1, kc1, vc1, meta1, _ = build([seqs[i]], 16, 3, 3, 64, torch.float32)
+        # the same keys and query, in a cache of one sequence
+        slots = meta.decode_slots[i, :seqs[i][0] + 1]
+        kc1.view(-1, 3, 64)[meta1.decode_slots[0]] = kc.view(-1, 3, 64)[slots]
+        vc1.view(-1, 3, 64)[meta1.decode_slots[0]] = vc.view(-1, 3, 64)[slots]
+        alone = paged_attention(q[i:i + 1].clone(), kc1, vc1, meta1, 0.125)
+        assert torch.equal(alone[0], together[i])
