@@ -19,7 +19,7 @@ from engine.sequence import Sequence
 from engine.types import PromptLogprob, TopLogprob
 from grammars import fill_bitmasks
 from grammars.closing import ClosingVocab
-from kernels import AttentionMetadata, LinearWeight, slots_for
+from kernels import AttentionMetadata, LinearWeight, slots_for, warm_up
 from kernels.linear import NEVER, calibrate
 
 log = structlog.get_logger("plumbline.engine")
@@ -46,6 +46,7 @@ class ModelRunner:
             found = calibrate(shapes)
             log.info("bf16_crossover", rows={f"{i}x{o}": "never" if n == NEVER else n
                                              for (i, o), n in found.items()})
+        warm_up()                    # numba compiles on first call: not on a first request
         self.weights_version = 0
         self.vocab_size = self.model.lm_head.shape[0]
         self.block_size = config.block_size

@@ -1,5 +1,5 @@
 """The engine's hot operations. The engine calls only these public functions."""
-from kernels import invariant
+from kernels import attention, invariant, logit_mask
 from kernels.logit_mask import apply_token_bitmask
 from kernels.linear import LinearWeight, apply_linear, prepare_linear
 from kernels.attention import AttentionMetadata, paged_attention, slots_for, store_kvcache
@@ -7,4 +7,10 @@ from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary
 
 __all__ = ["AttentionMetadata", "LinearWeight", "apply_linear", "apply_rotary", "apply_token_bitmask",
-           "paged_attention", "prepare_linear", "rms_norm", "slots_for", "store_kvcache"]
+           "paged_attention", "prepare_linear", "rms_norm", "slots_for", "store_kvcache", "warm_up"]
+
+
+def warm_up() -> None:
+    """Compile the numba CPU kernels (or load them from numba's cache) before the first request."""
+    attention.warm_up()
+    logit_mask.warm_up()

@@ -257,6 +257,14 @@ def _decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.view(nd, num_heads, head_dim)
 
 
+def warm_up() -> None:
+    """Compile the fp32 in-place decode now (~5 s cold, ~0.3 s from numba's on-disk cache)."""
+    q = np.zeros((1, 1, 1, 16), np.float32)
+    cache = np.zeros((1, 16, 1, 16), np.float32)
+    _decode_batch(q, cache, cache, np.zeros((1, 1), np.int32), np.ones(1, np.int32),
+                  np.float32(1.0), np.empty_like(q))
+
+
 def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n: int,
                  seq_len: int, slots: torch.Tensor, scale: float) -> torch.Tensor:
     """One prefill sequence: q [n, h, d] -> [n, h, d], causal over its seq_len keys."""
