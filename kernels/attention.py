@@ -243,7 +243,13 @@ def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # t
         _decode_seq(q[s], k_cache, v_cache, block_tables[s], seq_lens[s], scale, scores, out[s])
 
 
-def _decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def decodes_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether decode_in_place takes these: fp32 (numba has no bf16), contiguous caches."""
+    return (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and not q.is_cuda
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """fp32 decodes, q [nd, h, d] -> [nd, h, d], reading the cache blocks in place (numba)."""
     nd, num_heads, head_dim = q.shape
@@ -289,9 +295,7 @@ def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     nd = meta.num_decodes
-    in_place = q.dtype == k_cache.dtype == torch.float32 and k_cache.is_contiguous() \
-        and v_cache.is_contiguous()
-    decode = _decode_in_place if in_place else _decode_gathered
+    decode = decode_in_place if decodes_in_place(q, k_cache, v_cache) else _decode_gathered
     outs = [decode(q[:nd], k_cache, v_cache, meta, scale)] if nd else []
     start = nd
     for n, seq_len, slots in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots):
