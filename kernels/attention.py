@@ -20,7 +20,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from numba import njit, prange
 import triton
 import triton.language as tl
 
-from kernels.backend import jit, use_triton
+from kernels.backend import jit, numba_threads, use_triton
 
 
 @dataclass(slots=True)
@@ -257,7 +256,7 @@ def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     assert meta.block_tables is not None and meta.seq_lens is not None
     qd = q.reshape(nd, num_kv_heads, num_heads // num_kv_heads, head_dim).contiguous()
     out = torch.empty_like(qd)
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba_threads()
     _decode_batch(qd.numpy(), k_cache.numpy(), v_cache.numpy(), meta.block_tables[:nd].numpy(),
                   meta.seq_lens[:nd].numpy(), np.float32(scale), out.numpy())
     return out.view(nd, num_heads, head_dim)

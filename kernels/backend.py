@@ -43,6 +43,14 @@ def prepack_linear() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def numba_threads() -> int:
+    """Give numba's parallel loops as many threads as torch has (not more than numba started)."""
+    import numba
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(threads)       # per calling thread, so set on every call
+    return threads
+
+
 _helpers_lock = threading.Lock()
 _interpreted_helpers: dict[Any, Any] = {}
 

@@ -3,15 +3,15 @@
 Bitmask layout (llguidance, xgrammar and outlines-core share it): row r has ceil(vocab/32) or
 more int32 words; bit j of word w set = token 32*w + j allowed. Disallowed tokens become -inf.
 
-The fast CPU path is a numba kernel over the logits' bits, one pass in place: for each word
-that is not all ones, each of its 32 logits keeps its bits or takes those of -inf through an
-and/or with an all-ones-or-zero mask made from the bit, branch-free (AVX2 shifts and blends
-once LLVM vectorizes it). `masked_fill_` with an unpacked boolean mask took 4.4 ms for
-[32, 49152] on the first box: a data-dependent branch per element. The previous fast path, numpy
-unpackbits widened to a 0 / -inf bias and added, took 1.0-1.25 ms on the Zen 3 box; this one
-0.45 (docs/BENCHMARKS.md). Words that allow every token cost one compare. It runs on the calling
-thread only: on a shared 2-core machine, 2-thread ops stall for a scheduler slice whenever the
-other core is busy. Disallowed logits become exactly -inf whatever they held (+inf and NaN too).
+The fast CPU path is a numba kernel over the logits' bits, one pass in place, rows split
+across threads: for each word that is not all ones, each of its 32 logits keeps its bits or takes
+those of -inf through an and/or with an all-ones-or-zero mask made from the bit, branch-free
+(AVX2 shifts and blends once LLVM vectorizes it). `masked_fill_` with an unpacked boolean mask
+took 4.4 ms for [32, 49152] on the first box: a data-dependent branch per element. The previous
+fast path (numpy unpackbits widened to a 0 / -inf bias, then added) took 1.0-1.25 ms on the Zen 3
+box; this one takes ~0.23 with 2 threads, ~0.42 with one (docs/BENCHMARKS.md). Words that allow
+every token cost one compare. Disallowed logits become exactly -inf whatever they held (+inf
+and NaN too).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from numba import njit
+from numba import njit, prange
 
-from kernels.backend import jit, use_triton
+from kernels.backend import jit, numba_threads, use_triton
 
 Rows = Sequence[int] | torch.Tensor | None
 
@@ -52,12 +52,12 @@ def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: R
 _NEG_INF_BITS = {torch.float32: 0xFF800000, torch.bfloat16: 0xFF80, torch.float16: 0xFC00}
 
 
-@njit(nogil=True, boundscheck=False, cache=True)
+@njit(nogil=True, boundscheck=False, parallel=True, cache=True)
 def _mask_rows(bits, words, rows, neg_inf):  # type: ignore[no-untyped-def]
     """bits [B, vocab] uint32 / uint16 (the logits' bits), words [B, W] uint32, rows int64."""
     vocab = bits.shape[1]
     full_words = vocab // 32
-    for i in range(rows.shape[0]):
+    for i in prange(rows.shape[0]):                  # rows split across threads
         row, wrow = bits[rows[i]], words[rows[i]]
         for w in range(full_words):
             word = wrow[w]
@@ -90,6 +90,7 @@ def _apply_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: Rows) -> None:
     as_int = torch.int32 if logits.element_size() == 4 else torch.int16
     bits = logits.detach().view(as_int).numpy().view(np.uint32 if as_int == torch.int32 else np.uint16)
     words = bitmask.contiguous().numpy().view(np.uint32)
+    numba_threads()
     _mask_rows(bits, words, row_ids, np.uint32(_NEG_INF_BITS[logits.dtype]))
 
 
