@@ -11,8 +11,8 @@ was 1.5-2.2x. Each sequence is computed the same way whatever the batch, so its 
 bitwise batch-invariant. numba has no bfloat16, so a bf16 cache keeps the previous path: whole
 blocks gathered a few sequences at a time into a reused buffer, then SDPA. numba's threads come
 from its own OpenMP runtime (the system libgomp, not torch's copy); interleaved with torch's
-linear layers on the engine's compute thread, the two add up without slowing each other
-(measured, docs/BENCHMARKS.md). The Triton kernel reads blocks in place through the block
+linear layers on the engine's compute thread, the two did not slow each other in a
+side-by-side check, and the engine's steps got faster (docs/BENCHMARKS.md). The Triton kernel reads blocks in place through the block
 table, one program per (sequence, kv head, tile of query rows), online softmax.
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ def _gather_buffers(cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor,
 
 
 def _decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The decodes of the batch: q [nd, h, d] -> [nd, h, d], SDPA over gathered blocks.
 
     Sequences go a few at a time through one reused gather buffer, so SDPA reads the gathered
@@ -248,18 +248,28 @@ def decodes_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             and k_cache.is_contiguous() and v_cache.is_contiguous())
 
 
-def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """fp32 decodes, q [nd, h, d] -> [nd, h, d], reading the cache blocks in place (numba)."""
-    nd, num_heads, head_dim = q.shape
+def attend_rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         tables: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32, q [R, h, d] -> [R, h, d]: query row r attends to the first lens[r] keys of the
+    block table tables[r], read in place (numba). A row's result depends only on its query,
+    those keys and lens[r], never on the other rows."""
+    rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    assert meta.block_tables is not None and meta.seq_lens is not None
-    qd = q.reshape(nd, num_kv_heads, num_heads // num_kv_heads, head_dim).contiguous()
+    qd = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim).contiguous()
     out = torch.empty_like(qd)
     numba_threads()
-    _decode_batch(qd.numpy(), k_cache.numpy(), v_cache.numpy(), meta.block_tables[:nd].numpy(),
-                  meta.seq_lens[:nd].numpy(), np.float32(scale), out.numpy())
-    return out.view(nd, num_heads, head_dim)
+    _decode_batch(qd.numpy(), k_cache.numpy(), v_cache.numpy(), tables.numpy(), lens.numpy(),
+                  np.float32(scale), out.numpy())
+    return out.view(rows, num_heads, head_dim)
+
+
+def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """fp32 decodes, q [nd, h, d] -> [nd, h, d], reading the cache blocks in place (numba)."""
+    nd = q.shape[0]
+    assert meta.block_tables is not None and meta.seq_lens is not None
+    return attend_rows_in_place(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                scale)
 
 
 def warm_up() -> None:

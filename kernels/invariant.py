@@ -5,9 +5,11 @@ A row's result must not depend on which other rows share the step. Measured on t
 matrix-vector product (1 row) and the ragged tail rows of a batch of fewer than 12 rows take other
 kernels and round differently; bf16 was row-invariant at every count tried. So linear pads its
 rows to a multiple of 4. Attention runs one sequence at a time over exactly its own keys, so
-no padding from longer neighbours enters its reductions. fp32 decodes take the fast path's
-in-place kernel, in one call for the batch: it computes each sequence on its own, the same way
-whatever the batch (kernels.attention; a test checks it bitwise).
+no padding from longer neighbours enters its reductions. In fp32 every query row, decode or
+prefill, goes through the fast path's in-place kernel in one call for the batch, as a row that
+attends to the keys up to its own position: the kernel computes each row on its own, the same way
+whatever the batch, so a position's result does not depend on whether it was computed as a
+decode, in a prefill chunk or as a grammar-forced row (kernels.attention; tests check both).
 """
 from __future__ import annotations
 
@@ -31,23 +33,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Like kernels.paged_attention, one sequence at a time. q [T, h, d] -> [T, h, d]."""
+    """Like kernels.paged_attention, q [T, h, d] -> [T, h, d]: in fp32 every row on its own in
+    place, otherwise one sequence at a time."""
+    if attention.decodes_in_place(q, k_cache, v_cache):
+        return _rows_in_place(q, k_cache, v_cache, meta, scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     num_heads = q.shape[1]
     group = num_heads // num_kv_heads
     nd = meta.num_decodes
-    outs: list[torch.Tensor] = []
-    if nd and attention.decodes_in_place(q, k_cache, v_cache):
-        outs.append(attention.decode_in_place(q[:nd], k_cache, v_cache,
-                                              attention.paged_view(meta, k_cache.shape[1]), scale))
-        work = []
-    else:
-        lens = meta.decode_mask.view(nd, -1).sum(-1).tolist() if nd else []
-        work = [(1, n, meta.decode_slots[b, :n]) for b, n in enumerate(lens)]
+    lens = meta.decode_mask.view(nd, -1).sum(-1).tolist() if nd else []
+    work = [(1, n, meta.decode_slots[b, :n]) for b, n in enumerate(lens)]
     work += list(zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots))
-    start = nd if outs else 0
+    outs, start = [], 0
     for n, seq_len, slots in work:
         qs = q[start:start + n].view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         k = k_flat[slots].transpose(0, 1).unsqueeze(1).to(q.dtype)     # [kvh, 1, L, d]
@@ -62,4 +61,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
         outs.append(o.permute(2, 0, 1, 3).reshape(n, num_heads, head_dim))
         start += n
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    return torch.cat(outs, 0)
+
+
+def _rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Every query row as its own decode: row i of a prefill of n new tokens over seq_len keys
+    sees its sequence's first seq_len - n + i + 1 keys."""
+    meta = attention.paged_view(meta, k_cache.shape[1])
+    assert meta.block_tables is not None and meta.seq_lens is not None
+    nd = meta.num_decodes
+    seq_of_row = list(range(nd))
+    lens = meta.seq_lens[:nd].tolist()
+    for j, (n, seq_len) in enumerate(zip(meta.prefill_query_lens, meta.prefill_seq_lens)):
+        seq_of_row += [nd + j] * n
+        lens += range(seq_len - n + 1, seq_len + 1)
+    tables = meta.block_tables[torch.tensor(seq_of_row, dtype=torch.long)]
+    return attention.attend_rows_in_place(q, k_cache, v_cache, tables,
+                                          torch.tensor(lens, dtype=torch.int32), scale)

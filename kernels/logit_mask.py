@@ -87,6 +87,9 @@ def _apply_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows: Rows) -> None:
     row_ids = np.asarray(_row_list(rows, logits.shape[0]), dtype=np.int64)
     if row_ids.size == 0:
         return
+    limit = min(logits.shape[0], bitmask.shape[0])
+    if row_ids.min() < 0 or row_ids.max() >= limit:     # the kernel does not check bounds
+        raise IndexError(f"rows must lie in [0, {limit}), got {row_ids.min()}..{row_ids.max()}")
     as_int = torch.int32 if logits.element_size() == 4 else torch.int16
     bits = logits.detach().view(as_int).numpy().view(np.uint32 if as_int == torch.int32 else np.uint16)
     words = bitmask.contiguous().numpy().view(np.uint32)

@@ -193,3 +193,24 @@ def test_cpu_decode_is_batch_invariant() -> None:
         vc1.view(-1, 3, 64)[meta1.decode_slots[0]] = vc.view(-1, 3, 64)[slots]
         alone = paged_attention(q[i:i + 1].clone(), kc1, vc1, meta1, 0.125)
         assert torch.equal(alone[0], together[i])
+
+
+def test_invariant_attention_prefill_rows_equal_decodes() -> None:
+    """Deterministic mode: a position gives bitwise the same result whether it is a row of a
+    prefill chunk, of a mixed batch, or a decode on its own."""
+    from kernels import invariant
+    seqs = [(3, 1), (20, 1), (0, 7), (16, 5), (30, 18)]          # decodes, then prefills
+    q, kc, vc, meta, (tables, seq_lens, starts) = build(seqs, 16, 2, 2, 16, torch.float32, seed=3)
+    batched = invariant.paged_attention(q, kc, vc, meta, 0.25)
+    expected = paged_attention_ref(q, kc, vc, tables, seq_lens, starts, 0.25)
+    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
+    for s, (c, n) in enumerate(seqs):
+        table = tables[s].tolist()
+        for i in range(n):
+            length = c + i + 1                                      # keys up to its position
+            slots = slots_for(table, length, 16)
+            one = AttentionMetadata(torch.zeros(0, dtype=torch.long), 1, torch.tensor([slots]),
+                                    torch.ones(1, 1, 1, length, dtype=torch.bool), [], [], [])
+            row = int(starts[s]) + i
+            alone = invariant.paged_attention(q[row:row + 1].clone(), kc, vc, one, 0.25)
+            assert torch.equal(alone[0], batched[row]), (s, i)

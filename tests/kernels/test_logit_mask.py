@@ -67,6 +67,15 @@ def test_cpu_path_strided_logits_fall_back() -> None:
     assert torch.equal(view, logits)
 
 
+@pytest.mark.parametrize("rows", [[5], [-1], [0, 9]])
+def test_cpu_path_rejects_rows_out_of_range(rows: list[int]) -> None:
+    logits, bitmask = make(5, 64)
+    before = logits.clone()
+    with pytest.raises(IndexError):
+        _apply_cpu(logits, bitmask, rows)
+    assert torch.equal(logits, before)
+
+
 def test_cpu_path_many_rows_and_tensor_rows() -> None:
     logits, bitmask = make(11, 333)
     expected = logits.clone()
