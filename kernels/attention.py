@@ -12,8 +12,10 @@ bitwise batch-invariant. numba has no bfloat16, so a bf16 cache keeps the previo
 blocks gathered a few sequences at a time into a reused buffer, then SDPA. numba's threads come
 from its own OpenMP runtime (the system libgomp, not torch's copy); interleaved with torch's
 linear layers on the engine's compute thread, the two did not slow each other in a
-side-by-side check, and the engine's steps got faster (docs/BENCHMARKS.md). The Triton kernel reads blocks in place through the block
-table, one program per (sequence, kv head, tile of query rows), online softmax.
+side-by-side check, and the engine's steps got faster (docs/BENCHMARKS.md). fastmath is limited
+to reassociation and contraction (what vectorizes the dot products and sums), so NaN and inf
+still propagate. The Triton kernel reads blocks in place through the block table, one program
+per (sequence, kv head, tile of query rows), online softmax.
 """
 from __future__ import annotations
 
@@ -190,9 +192,13 @@ def _decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.view(nd, num_heads, head_dim)
 
 
-@njit(nogil=True, boundscheck=False, fastmath=True, cache=True)
+_FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
 def _decode_seq(q, k_cache, v_cache, table, seq_len, scale, scores, out):  # type: ignore[no-untyped-def]
-    """One decode: q [kvh, group, d] over the seq_len keys its block table lists -> out.
+    """One query row (a decode; in deterministic mode also a prefill row): q [kvh, group, d]
+    over the first seq_len keys its block table lists -> out.
 
     Blocks are read in place, once each for keys and once for values, all kv heads together
     (a block's rows hold every head). scores [kvh, group, >= seq_len] is scratch.
@@ -234,7 +240,7 @@ def _decode_seq(q, k_cache, v_cache, table, seq_len, scale, scores, out):  # typ
                         out[h, g, x] += w * blk[o, h, x]
 
 
-@njit(nogil=True, boundscheck=False, fastmath=True, parallel=True, cache=True)
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)
 def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # type: ignore[no-untyped-def]
     num_kv_heads, group = q.shape[1], q.shape[2]
     for s in prange(q.shape[0]):             # sequences split across threads, each whole
@@ -242,8 +248,8 @@ def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # t
         _decode_seq(q[s], k_cache, v_cache, block_tables[s], seq_lens[s], scale, scores, out[s])
 
 
-def decodes_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether decode_in_place takes these: fp32 (numba has no bf16), contiguous caches."""
+def can_attend_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the in-place kernel takes these: fp32 (numba has no bf16), contiguous caches."""
     return (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and not q.is_cuda
             and k_cache.is_contiguous() and v_cache.is_contiguous())
 
@@ -304,7 +310,7 @@ def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     nd = meta.num_decodes
-    decode = decode_in_place if decodes_in_place(q, k_cache, v_cache) else _decode_gathered
+    decode = decode_in_place if can_attend_in_place(q, k_cache, v_cache) else _decode_gathered
     outs = [decode(q[:nd], k_cache, v_cache, meta, scale)] if nd else []
     start = nd
     for n, seq_len, slots in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots):

@@ -35,7 +35,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Like kernels.paged_attention, q [T, h, d] -> [T, h, d]: in fp32 every row on its own in
     place, otherwise one sequence at a time."""
-    if attention.decodes_in_place(q, k_cache, v_cache):
+    if attention.can_attend_in_place(q, k_cache, v_cache):
         return _rows_in_place(q, k_cache, v_cache, meta, scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)

@@ -214,3 +214,15 @@ def test_invariant_attention_prefill_rows_equal_decodes() -> None:
             row = int(starts[s]) + i
             alone = invariant.paged_attention(q[row:row + 1].clone(), kc, vc, one, 0.25)
             assert torch.equal(alone[0], batched[row]), (s, i)
+
+
+def test_cpu_decode_nan_key_stays_in_its_sequence() -> None:
+    """A NaN in one sequence's keys makes that sequence's output NaN (fastmath does not assume
+    it away) and leaves the other sequences alone."""
+    seqs = [(10, 1), (20, 1), (5, 1)]
+    q, kc, vc, meta, (tables, _, _) = build(seqs, 16, 3, 3, 64, torch.float32)
+    clean = paged_attention(q, kc, vc, meta, 0.125)
+    kc[tables[1, 0], 3, 0, 7] = float("nan")                        # a key of sequence 1
+    out = paged_attention(q, kc, vc, meta, 0.125)
+    assert torch.isnan(out[1]).any()
+    assert torch.equal(out[0], clean[0]) and torch.equal(out[2], clean[2])
