@@ -37,8 +37,9 @@ class AttentionMetadata:
     """Per-step attention inputs, built once per step and shared by every layer.
 
     Sequences are ordered decodes first (one query each), then prefills (ragged queries).
-    The last four fields are the block-table view the fast paths use. The runner may fill them;
-    left at their defaults they are derived from the fields above on first use (`paged_view`).
+    The next four fields after those are the block-table view the fast paths use. The runner may
+    fill them; left at their defaults they are derived from the fields above on first use
+    (`paged_view`). The last two are the per-row view deterministic mode uses (`row_view`).
     """
 
     slot_mapping: torch.Tensor          # [num_tokens] int64: cache slot of each new token
@@ -52,6 +53,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor | None = None         # [num_seqs] int32: cached + new keys
     query_start_loc: torch.Tensor | None = None  # [num_seqs + 1] int32: cumulative new tokens
     max_query_len: int = 0
+    row_tables: torch.Tensor | None = None       # [num_tokens, max_blocks] int32: each row's table
+    row_lens: torch.Tensor | None = None         # [num_tokens] int32: keys each query row sees
 
 
 def slots_for(block_table: list[int], num_tokens: int, block_size: int) -> list[int]:
@@ -85,6 +88,24 @@ def paged_view(meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
     meta.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     meta.query_start_loc = torch.tensor(starts, dtype=torch.int32, device=device)
     meta.max_query_len = max(query_lens, default=0)
+    return meta
+
+
+def row_view(meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
+    """Fill meta's per-row fields (once per step): every query row as its own decode. Row i of a
+    prefill of n new tokens over seq_len keys sees its sequence's first seq_len - n + i + 1 keys."""
+    if meta.row_tables is not None:
+        return meta
+    paged_view(meta, block_size)
+    assert meta.block_tables is not None and meta.seq_lens is not None
+    nd = meta.num_decodes
+    seq_of_row = list(range(nd))
+    lens = meta.seq_lens[:nd].tolist()
+    for j, (n, seq_len) in enumerate(zip(meta.prefill_query_lens, meta.prefill_seq_lens)):
+        seq_of_row += [nd + j] * n
+        lens += range(seq_len - n + 1, seq_len + 1)
+    meta.row_tables = meta.block_tables[torch.tensor(seq_of_row, dtype=torch.long)]
+    meta.row_lens = torch.tensor(lens, dtype=torch.int32, device=meta.block_tables.device)
     return meta
 
 

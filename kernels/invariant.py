@@ -36,7 +36,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Like kernels.paged_attention, q [T, h, d] -> [T, h, d]: in fp32 every row on its own in
     place, otherwise one sequence at a time."""
     if attention.can_attend_in_place(q, k_cache, v_cache):
-        return _rows_in_place(q, k_cache, v_cache, meta, scale)
+        meta = attention.row_view(meta, k_cache.shape[1])          # once per step, not per layer
+        assert meta.row_tables is not None and meta.row_lens is not None
+        return attention.attend_rows_in_place(q, k_cache, v_cache, meta.row_tables,
+                                              meta.row_lens, scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
@@ -62,20 +65,3 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         outs.append(o.permute(2, 0, 1, 3).reshape(n, num_heads, head_dim))
         start += n
     return torch.cat(outs, 0)
-
-
-def _rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Every query row as its own decode: row i of a prefill of n new tokens over seq_len keys
-    sees its sequence's first seq_len - n + i + 1 keys."""
-    meta = attention.paged_view(meta, k_cache.shape[1])
-    assert meta.block_tables is not None and meta.seq_lens is not None
-    nd = meta.num_decodes
-    seq_of_row = list(range(nd))
-    lens = meta.seq_lens[:nd].tolist()
-    for j, (n, seq_len) in enumerate(zip(meta.prefill_query_lens, meta.prefill_seq_lens)):
-        seq_of_row += [nd + j] * n
-        lens += range(seq_len - n + 1, seq_len + 1)
-    tables = meta.block_tables[torch.tensor(seq_of_row, dtype=torch.long)]
-    return attention.attend_rows_in_place(q, k_cache, v_cache, tables,
-                                          torch.tensor(lens, dtype=torch.int32), scale)
