@@ -310,19 +310,20 @@ def warm_up() -> None:
 def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n: int,
                  seq_len: int, slots: torch.Tensor, scale: float) -> torch.Tensor:
     """One prefill sequence: q [n, h, d] -> [n, h, d], causal over its seq_len keys."""
-    num_kv_heads, head_dim = k_flat.shape[1], k_flat.shape[2]
-    group = q.shape[1] // num_kv_heads
-    qp = q.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)           # [kvh, g, n, d]
-    k = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(1).to(q.dtype)  # [kvh, 1, L, d]
-    v = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(1).to(q.dtype)
+    # [1, heads, tokens, d] with enable_gqa: torch's CPU flash kernel takes this shape. Query
+    # heads broadcast against a [kvh, 1, L, d] key instead sent SDPA to its math path, 2-3x
+    # slower for 100-500-token prefills here (kernels_bench.py --only attention, prefill rows).
+    qp = q.transpose(0, 1).unsqueeze(0)                                        # [1, h, n, d]
+    k = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, kvh, L, d]
+    v = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
     if n == seq_len:
-        o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
         # Query i sits at position seq_len - n + i and sees keys 0 ..= that position.
         pos = torch.arange(seq_len - n, seq_len).unsqueeze(1)
         mask = torch.arange(seq_len).unsqueeze(0) <= pos                        # [n, L]
-        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale)
-    return o.permute(2, 0, 1, 3).reshape(n, q.shape[1], head_dim)
+        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
 
 
 def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
