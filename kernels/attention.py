@@ -149,11 +149,34 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 # --- fast CPU path ----------------------------------------------------------------------------
 
+@njit(nogil=True, boundscheck=False, cache=True)
+def _store_rows(key, value, k_flat, v_flat, slots):  # type: ignore[no-untyped-def]
+    num_slots = k_flat.shape[0]
+    for t in range(slots.shape[0]):
+        slot = slots[t]
+        if slot < 0:
+            continue                      # -1: a padding token, not stored (as in the reference)
+        if slot >= num_slots:
+            raise IndexError("slot_mapping points outside the KV cache")
+        k_flat[slot] = key[t]
+        v_flat[slot] = value[t]
+
+
 def _store_kvcache_cpu(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    if (key.dtype == value.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+            and slot_mapping.dtype == torch.long and value.shape == key.shape
+            and slot_mapping.shape == key.shape[:1]):
+        # One numba call instead of two index_copy_ (~30 us each at decode sizes); the keys
+        # and values may be the strided slices of the qkv output.
+        _store_rows(key.numpy(), value.numpy(), k_flat.numpy(), v_flat.numpy(),
+                    slot_mapping.numpy())
+        return
+    k_flat.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_flat.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 # Keys + values gathered per SDPA call: sized to stay in cache (here L2 is 1 MiB a core and L3
@@ -300,11 +323,16 @@ def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def warm_up() -> None:
-    """Compile the fp32 in-place decode now (~5 s cold, ~0.3 s from numba's on-disk cache)."""
+    """Compile the fp32 in-place decode and KV store now (~5 s cold, ~0.3 s from numba's on-disk
+    cache)."""
     q = np.zeros((1, 1, 1, 16), np.float32)
     cache = np.zeros((1, 16, 1, 16), np.float32)
     _decode_batch(q, cache, cache, np.zeros((1, 1), np.int32), np.ones(1, np.int32),
                   np.float32(1.0), np.empty_like(q))
+    kc = torch.zeros(1, 16, 1, 4)
+    for tokens in (1, 2):      # one token's slices are contiguous to numba, more tokens' strided
+        kv = torch.ones(tokens, 2, 4)
+        _store_kvcache_cpu(kv[:, :1], kv[:, 1:], kc, kc.clone(), torch.arange(tokens))
 
 
 def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n: int,

@@ -131,6 +131,18 @@ def test_store_kvcache_cpu_matches_reference(dtype: torch.dtype) -> None:
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
 
+def test_store_kvcache_cpu_skips_padding_and_refuses_slots_past_the_cache() -> None:
+    key, value, kc, vc, slots = kv_case(torch.float32, strided=True)
+    slots[2] = -1                                                   # padding: not stored
+    kr, vr = kc.clone(), vc.clone()
+    store_kvcache_ref(key, value, kr, vr, slots)
+    store_kvcache(key, value, kc, vc, slots)                        # the numba path (fp32)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    slots[2] = kc.shape[0] * kc.shape[1]                            # one past the last slot
+    with pytest.raises(IndexError):
+        store_kvcache(key, value, kc, vc, slots)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_kvcache_triton_matches_reference(interpret: None, dtype: torch.dtype) -> None:
     key, value, kc, vc, slots = kv_case(dtype, strided=True)

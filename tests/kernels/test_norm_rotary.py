@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kernels import apply_rotary, rms_norm
+from kernels import rmsnorm
 from kernels.rmsnorm import _rms_norm_triton, rms_norm_ref
 from kernels.rotary import _rotate_triton, apply_rotary_ref
 
@@ -49,6 +50,20 @@ def test_rms_norm_cpu_equals_reference(dtype: torch.dtype, with_residual: bool,
     ref_out, ref_residual = rms_norm_ref(x, weight, 1e-5, r)
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
     assert torch.equal(new_residual, ref_residual)
+
+
+@pytest.mark.parametrize("hidden", [1, 5, 8, 100, 576, 1536, 2049])
+def test_rms_norm_numba_equals_reference_bit_for_bit(hidden: int) -> None:
+    # The numba path adds the squares in torch's order; any other order moves logprobs.
+    lanes = rmsnorm._torch_lanes()
+    if not lanes:
+        pytest.skip("this torch build sums in an order the numba path does not reproduce")
+    for num_tokens in (1, 3, 33):
+        x, residual, weight = norm_inputs(num_tokens, hidden, torch.float32)
+        for r in (residual, None):
+            out, summed = rmsnorm._norm_numba(x * 7, weight, 1e-6, r, lanes)
+            ref_out, ref_summed = rms_norm_ref(x * 7, weight, 1e-6, r)
+            assert torch.equal(out, ref_out) and torch.equal(summed, ref_summed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
