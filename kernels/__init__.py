@@ -1,5 +1,5 @@
 """The engine's hot operations. The engine calls only these public functions."""
-from kernels import attention, invariant, logit_mask, rmsnorm, rotary
+from kernels import attention, invariant, linear, logit_mask, rmsnorm, rotary
 from kernels.logit_mask import apply_token_bitmask
 from kernels.linear import LinearWeight, apply_linear, prepare_linear
 from kernels.attention import AttentionMetadata, paged_attention, slots_for, store_kvcache
@@ -13,6 +13,7 @@ __all__ = ["AttentionMetadata", "LinearWeight", "apply_linear", "apply_rotary", 
 def warm_up() -> None:
     """Compile the numba CPU kernels (or load them from numba's cache) before the first request."""
     attention.warm_up()
+    linear.warm_up()
     logit_mask.warm_up()
     rmsnorm.warm_up()
     rotary.warm_up()

@@ -4,8 +4,9 @@ The one place in `kernels/` that reads environment variables:
 - PLUMBLINE_KERNELS=triton together with TRITON_INTERPRET=1 sends CPU tensors through the
   Triton kernels (run by Triton's interpreter); anything else keeps the fast CPU paths.
 - CUDA tensors always take the Triton kernels.
-- PLUMBLINE_KERNELS=torch keeps linear layers on plain `F.linear` (no oneDNN prepacking), for
-  A/B runs against the fast path.
+- PLUMBLINE_KERNELS=torch keeps linear layers on plain `F.linear` (no packing), and
+  PLUMBLINE_KERNELS=onednn on oneDNN's prepacked weights instead of our panel GEMM, for A/B runs
+  against the fast path.
 
 Triton decides between compiling and interpreting when `@triton.jit` decorates a function, that
 is at import. `jit` below defers that choice to each launch, so one process (a pytest run) can
@@ -43,12 +44,26 @@ def prepack_linear() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def panel_linear() -> bool:
+    """Whether CPU fp32 linear layers run through our numba panel GEMM (kernels.linear)."""
+    return os.environ.get("PLUMBLINE_KERNELS", "").lower() not in ("torch", "onednn")
+
+
+_numba_set = threading.local()      # the thread count this thread last gave numba
+
+
 def numba_threads() -> int:
-    """Give numba's parallel loops as many threads as torch has (not more than numba started)."""
-    import numba
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(threads)       # per calling thread, so set on every call
-    return threads
+    """Give numba's parallel loops as many threads as torch has (not more than numba started).
+
+    numba's setting is per calling thread; it is set again only when torch's count changed,
+    since a kernel call at decode sizes is tens of microseconds and setting it costs three."""
+    torch_threads = torch.get_num_threads()
+    if getattr(_numba_set, "torch_threads", None) != torch_threads:
+        import numba
+        _numba_set.threads = min(torch_threads, numba.config.NUMBA_NUM_THREADS)
+        numba.set_num_threads(_numba_set.threads)
+        _numba_set.torch_threads = torch_threads
+    return int(_numba_set.threads)
 
 
 _helpers_lock = threading.Lock()

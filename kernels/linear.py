@@ -1,12 +1,23 @@
 """Linear layers: the weight as the fast path wants it, and one call that picks the path.
 
-fp32 on the CPU. torch's `F.linear` calls MKL's sgemm on the plain [out, in] weight; oneDNN on a
-weight reordered once into its blocked layout ("prepacked", what torch.compile's CPU freezing
-does) is faster for every SmolLM2 shape from 2 rows on here: 1.2-2.8x on the body's GEMMs and
-1.3-3.3x on the 49152-wide lm_head (at 32 rows 49 ms -> 23 ms). `benchmarks/kernels_bench.py
---only linear` measures both; docs/BENCHMARKS.md has the figures. Deterministic mode never packs
-(kernels.invariant reads the plain weights); a packed fp32 layer drops its plain copy, which
-would hold as much memory again.
+fp32 on the CPU. torch's `F.linear` calls MKL's sgemm on the plain [out, in] weight (on AMD CPUs
+MKL takes a slow generic path); oneDNN on a weight reordered once into its blocked layout
+("prepacked", what torch.compile's CPU freezing does) was 1.2-3.3x faster for every SmolLM2
+shape from 2 rows on. Our own panel GEMM (below) is faster again at every row count measured
+here, 1 to 512: 1.3-1.8x oneDNN at decode sizes (1-32 rows), 1.2x at a 512-row prefill chunk.
+So a weight whose out_features divide into 24-column panels is packed into them; others fall
+back to oneDNN. `benchmarks/kernels_bench.py --only linear` measures all three; docs/BENCHMARKS.md
+has the figures. Deterministic mode never packs (kernels.invariant reads the plain weights); a
+packed fp32 layer drops its plain copy, which would hold as much memory again.
+
+The panel GEMM: the weight [out, in] is stored as panels of 24 output columns, each [in, 24]
+contiguous, so a kernel step reads 24 consecutive weights of one input feature. A microkernel
+computes 4 rows x 24 columns with twelve 8-float accumulators held in registers
+(kernels.simd), broadcasting one input value against three weight vectors per step: 12 FMAs for
+3 vector loads and 4 broadcasts, the shape of a BLIS microkernel. The input dimension is summed
+in chunks of 256 (each chunk's panel slice, 24 KiB, stays in L1 across the row blocks; the
+partial sums are added to the output between chunks, which also keeps rounding error closer to
+a blocked BLAS than one long chain would). Panels are split across numba's threads.
 
 bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU: with native bf16 (AVX512-BF16,
 AMX) it won from 2 rows on; on an AVX2-only CPU (this session's AMD EPYC) it ran at ~16 GFLOP/s
@@ -20,10 +31,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit, prange
 
-from kernels.backend import prepack_linear
+from kernels.backend import numba_threads, panel_linear, prepack_linear
+from kernels.simd import add8, fma8, load8, splat8, store8, zeros8
 
 # oneDNN picks its blocked layout for an expected row count. 32 was as fast as or faster than 1
 # and 512 for 1-64 rows, and within noise for a 512-row prefill chunk.
@@ -48,6 +62,8 @@ class LinearWeight:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None     # the weight's values in fp32, oneDNN's blocked layout
+    panels: torch.Tensor | None = None     # ... or in fp32 panels [out / PANEL, in, PANEL]
+    panel_data: np.ndarray | None = None   # the panels' memory, flat, as the numba kernel takes it
 
     @property
     def shape(self) -> torch.Size:
@@ -60,18 +76,22 @@ class LinearWeight:
 
 def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
                    pack: bool = True) -> LinearWeight:
-    """Wrap a weight for `apply_linear`, prepacking it where the oneDNN path is available.
+    """Wrap a weight for `apply_linear`, packing it for the fast CPU path where there is one:
+    our panels where out_features is a multiple of PANEL, else oneDNN's prepacked layout.
 
     A packed fp32 weight keeps no plain copy, which would hold as much memory again: what is
     left of it is a meta tensor (its shape and dtype, no data). A bf16 weight is kept, as its
     bf16 branch reads it. pack=False (deterministic mode: kernels.invariant reads the plain
     weights) keeps the plain weight only."""
-    packed = None
-    if pack and not weight.is_cuda and prepack_linear():
+    packed = panels = None
+    if pack and not weight.is_cuda and panel_linear() and weight.shape[0] % PANEL == 0:
+        panels = pack_panels(weight)
+    elif pack and not weight.is_cuda and prepack_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous(), PACK_ROWS_HINT)
-        if weight.dtype == torch.float32:
-            weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
-    return LinearWeight(weight, bias, packed)
+    if (packed is not None or panels is not None) and weight.dtype == torch.float32:
+        weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
+    panel_data = None if panels is None else panels.view(-1).numpy()
+    return LinearWeight(weight, bias, packed, panels, panel_data)
 
 
 def use_bf16(num_rows: int, in_features: int, out_features: int) -> bool:
@@ -86,14 +106,114 @@ def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
 
 def apply_linear(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
     """x [T, in] -> [T, out], in x's dtype (which is the layer's)."""
-    if layer.packed is None or x.is_cuda:
+    if (layer.packed is None and layer.panels is None) or x.is_cuda:
         return F.linear(x, layer.weight, layer.bias)
     if x.dtype == torch.float32:
-        return _onednn(x, layer.packed, layer.bias)
+        return _fp32_packed(x, layer, layer.bias)
     out_features, in_features = layer.shape
     if use_bf16(x.numel() // in_features, in_features, out_features):
         return F.linear(x, layer.weight, layer.bias)
     return linear_fp32(x, layer).to(x.dtype)
+
+
+def _fp32_packed(x: torch.Tensor, layer: LinearWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    if layer.panels is not None:
+        return panel_gemm(x, layer.panels, bias, layer.panel_data)
+    assert layer.packed is not None
+    return _onednn(x, layer.packed, bias)
+
+
+# --- panel GEMM (numba) -----------------------------------------------------------------------
+
+PANEL = 24      # output columns per panel: three 8-float vectors
+_ROWS = 4       # rows per microkernel call: 4 x 3 accumulators + 3 weights + 1 broadcast = 16 registers
+_CHUNK = 256    # input features summed in registers before the partial sum goes to the output
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> fp32 [out / PANEL, in, PANEL]: panel p, row k holds W[24p : 24p + 24, k]."""
+    out_features, in_features = weight.shape
+    assert out_features % PANEL == 0, "out_features must be a multiple of PANEL"
+    return (weight.float().reshape(out_features // PANEL, PANEL, in_features)
+            .transpose(1, 2).contiguous())
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _microkernel(x, m0, rows, wp, base, k0, k1, out, n0, accumulate):  # type: ignore[no-untyped-def]
+    """out[m0 : m0 + rows, n0 : n0 + 24] (+)= x[m0 : m0 + rows, k0:k1] @ panel slice; rows <= 4.
+
+    wp is every panel flattened; the panel's row k starts at base + k * PANEL. Missing rows
+    (rows < 4) repeat row m0: computed, never stored."""
+    c00 = zeros8(); c01 = zeros8(); c02 = zeros8()      # noqa: E702 (a 4 x 3 register block)
+    c10 = zeros8(); c11 = zeros8(); c12 = zeros8()      # noqa: E702
+    c20 = zeros8(); c21 = zeros8(); c22 = zeros8()      # noqa: E702
+    c30 = zeros8(); c31 = zeros8(); c32 = zeros8()      # noqa: E702
+    x0 = x[m0]
+    x1 = x[m0 + min(1, rows - 1)]
+    x2 = x[m0 + min(2, rows - 1)]
+    x3 = x[m0 + min(3, rows - 1)]
+    for k in range(k0, k1):
+        at = base + k * PANEL
+        w0 = load8(wp, at); w1 = load8(wp, at + 8); w2 = load8(wp, at + 16)          # noqa: E702
+        b = splat8(x0, k)
+        c00 = fma8(b, w0, c00); c01 = fma8(b, w1, c01); c02 = fma8(b, w2, c02)       # noqa: E702
+        b = splat8(x1, k)
+        c10 = fma8(b, w0, c10); c11 = fma8(b, w1, c11); c12 = fma8(b, w2, c12)       # noqa: E702
+        b = splat8(x2, k)
+        c20 = fma8(b, w0, c20); c21 = fma8(b, w1, c21); c22 = fma8(b, w2, c22)       # noqa: E702
+        b = splat8(x3, k)
+        c30 = fma8(b, w0, c30); c31 = fma8(b, w1, c31); c32 = fma8(b, w2, c32)       # noqa: E702
+    _put(out[m0], n0, c00, c01, c02, accumulate)
+    if rows > 1:
+        _put(out[m0 + 1], n0, c10, c11, c12, accumulate)
+    if rows > 2:
+        _put(out[m0 + 2], n0, c20, c21, c22, accumulate)
+    if rows > 3:
+        _put(out[m0 + 3], n0, c30, c31, c32, accumulate)
+
+
+@njit(nogil=True, boundscheck=False, inline="always")
+def _put(row, n0, a, b, c, accumulate):  # type: ignore[no-untyped-def]
+    if accumulate:
+        a, b, c = add8(load8(row, n0), a), add8(load8(row, n0 + 8), b), add8(load8(row, n0 + 16), c)
+    store8(row, n0, a)
+    store8(row, n0 + 8, b)
+    store8(row, n0 + 16, c)
+
+
+@njit(nogil=True, boundscheck=False, parallel=True, cache=True)
+def _panel_gemm(x, wp, out, threads):  # type: ignore[no-untyped-def]
+    rows, in_features = x.shape
+    panels = out.shape[1] // PANEL
+    per_thread = (panels + threads - 1) // threads
+    for t in prange(threads):       # each thread a contiguous run of panels
+        for p in range(t * per_thread, min(panels, (t + 1) * per_thread)):
+            base = p * in_features * PANEL
+            for k0 in range(0, in_features, _CHUNK):
+                k1 = min(in_features, k0 + _CHUNK)
+                for m0 in range(0, rows, _ROWS):
+                    _microkernel(x, m0, min(_ROWS, rows - m0), wp, base, k0, k1, out, p * PANEL,
+                                 k0 > 0)
+
+
+def panel_gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None,
+               panel_data: np.ndarray | None = None) -> torch.Tensor:
+    """fp32 x [T, in] @ the packed weight -> [T, out] (+ bias). panel_data: panels.view(-1)
+    as numpy, if the caller keeps it (a decode step makes ~120 of these calls, each tens of us)."""
+    num_panels, in_features, width = panels.shape
+    assert width == PANEL and x.shape[-1] == in_features and x.dtype == torch.float32
+    if x.dim() != 2 or not x.is_contiguous():
+        x = x.reshape(-1, in_features).contiguous()
+    out = torch.empty(x.shape[0], num_panels * PANEL)
+    if x.shape[0]:
+        data = panels.view(-1).numpy() if panel_data is None else panel_data
+        _panel_gemm(x.numpy(), data, out.numpy(), numba_threads())
+    return out if bias is None else out.add_(bias)
+
+
+def warm_up() -> None:
+    """Compile the panel GEMM now (or load it from numba's on-disk cache)."""
+    panel_gemm(torch.ones(5, 3), pack_panels(torch.ones(PANEL, 3)))
 
 
 def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -136,6 +256,6 @@ def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 3
 def linear_fp32(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
     """The fp32 branch of a layer whatever its dtype: x [T, in] -> fp32 [T, out]."""
     bias = None if layer.bias is None else layer.bias.float()
-    if layer.packed is not None and not x.is_cuda:
-        return _onednn(x.float(), layer.packed, bias)
+    if (layer.packed is not None or layer.panels is not None) and not x.is_cuda:
+        return _fp32_packed(x.float(), layer, bias)
     return F.linear(x.float(), layer.weight.float(), bias)

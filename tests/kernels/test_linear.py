@@ -26,13 +26,42 @@ def test_prepacked_fp32_equals_f_linear(rows: int, with_bias: bool) -> None:
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(160, 96, generator=g)
     bias = torch.randn(160, generator=g) if with_bias else None
-    layer = prepare_linear(w, bias)
-    assert layer.packed is not None and layer.weight.is_meta
+    layer = prepare_linear(w, bias)                  # 160 columns: not whole panels, so oneDNN
+    assert layer.packed is not None and layer.panels is None and layer.weight.is_meta
     assert layer.shape == w.shape and layer.dtype == torch.float32
     x = torch.randn(rows, 2 * 96, generator=g)[:, ::2]           # a strided view, as after a split
     out = apply_linear(x, layer)
     assert out.dtype == torch.float32 and out.shape == (rows, 160)
     torch.testing.assert_close(out, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 32, 77, 512])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_panel_gemm_equals_f_linear(rows: int, with_bias: bool) -> None:
+    """Our panel GEMM: row counts below, at and off its 4-row block, an input dimension of two
+    full 256-wide chunks and a partial one, bias, a strided input; the plain copy is dropped."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(7 * linear_mod.PANEL, 600, generator=g)
+    bias = torch.randn(w.shape[0], generator=g) if with_bias else None
+    layer = prepare_linear(w, bias)
+    assert layer.panels is not None and layer.packed is None and layer.weight.is_meta
+    assert layer.shape == w.shape and layer.dtype == torch.float32
+    x = torch.randn(rows, 2 * 600, generator=g)[:, ::2]
+    out = apply_linear(x, layer)
+    assert out.shape == (rows, w.shape[0]) and out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+    # Rows are independent: each row's result is the same alone as in the batch.
+    assert torch.equal(apply_linear(x[-1:], layer)[0], out[-1])
+
+
+@needs_prepack
+def test_onednn_switch_keeps_panel_shapes_on_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLUMBLINE_KERNELS", "onednn")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 32, generator=g), torch.randn(5, 32, generator=g)
+    layer = prepare_linear(w)
+    assert layer.packed is not None and layer.panels is None
+    torch.testing.assert_close(apply_linear(x, layer), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_unpacked_and_bf16_layers_keep_their_plain_weight() -> None:
@@ -48,7 +77,7 @@ def test_without_prepacking_is_f_linear(monkeypatch: pytest.MonkeyPatch) -> None
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(64, 32, generator=g), torch.randn(5, 32, generator=g)
     layer = prepare_linear(w)
-    assert layer.packed is None
+    assert layer.packed is None and layer.panels is None
     assert torch.equal(apply_linear(x, layer), F.linear(x, w))
 
 

@@ -1,0 +1,119 @@
+"""Eight-float vectors inside numba kernels: a value type and the few operations a GEMM needs.
+
+numba vectorizes simple loops on its own, but it cannot keep a block of accumulators in
+registers across a loop: its arrays live in memory, and a matrix product written with them
+loads and stores every partial sum (or sums each output with a horizontal reduction). These
+intrinsics hand LLVM `<8 x float>` values directly, so a kernel can hold twelve accumulators in
+twelve AVX registers, the way a BLAS microkernel does (kernels/linear.py).
+
+`<8 x float>` is one AVX register. On a CPU without AVX, LLVM splits it into two SSE halves:
+slower, still correct.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+WIDTH = 8
+_VEC = ir.VectorType(ir.FloatType(), WIDTH)
+
+
+class Float32x8(types.Type):
+    def __init__(self) -> None:
+        super().__init__(name="float32x8")
+
+
+float32x8 = Float32x8()
+
+
+@register_model(Float32x8)
+class _Float32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm: Any, fe_type: Any) -> None:
+        super().__init__(dmm, fe_type, _VEC)
+
+
+def _element_pointer(context: Any, builder: Any, arrty: Any, arr: Any, index: Any) -> Any:
+    # No wraparound: an index is never negative here, and numba's check for it (a compare and
+    # an add on every access whose index it cannot prove non-negative) halved the GEMM's speed.
+    array = context.make_array(arrty)(context, builder, arr)
+    return cgutils.get_item_pointer(context, builder, arrty, array, [index], wraparound=False)
+
+
+def _is_f32_vector(arr: Any) -> bool:
+    return (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1
+            and arr.layout == "C")
+
+
+@intrinsic
+def load8(typingctx: Any, arr: Any, index: Any) -> Any:
+    """arr[index:index + 8] of a contiguous 1-d float32 array, as one vector (unaligned)."""
+    if not _is_f32_vector(arr):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(ptr, _VEC.as_pointer()), align=4)
+    return float32x8(arr, index), codegen
+
+
+@intrinsic
+def store8(typingctx: Any, arr: Any, index: Any, value: Any) -> Any:
+    """arr[index:index + 8] = value, for a contiguous 1-d float32 array."""
+    if not (_is_f32_vector(arr) and value == float32x8):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(ptr, _VEC.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.void(arr, index, value), codegen
+
+
+@intrinsic
+def splat8(typingctx: Any, arr: Any, index: Any) -> Any:
+    """A vector with arr[index] in every lane (one broadcast load)."""
+    if not _is_f32_vector(arr):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        x = builder.load(_element_pointer(context, builder, sig.args[0], args[0], args[1]))
+        lane0 = builder.insert_element(ir.Constant(_VEC, ir.Undefined), x,
+                                       ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(lane0, lane0,
+                                      ir.Constant(ir.VectorType(ir.IntType(32), WIDTH), [0] * WIDTH))
+    return float32x8(arr, index), codegen
+
+
+@intrinsic
+def zeros8(typingctx: Any) -> Any:
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return ir.Constant(_VEC, [0.0] * WIDTH)
+    return float32x8(), codegen
+
+
+@intrinsic
+def fma8(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """a * b + c lane by lane: one FMA instruction where the CPU has FMA (then rounded once), a
+    multiply and an add where it has not (llvm.fmuladd, never a slow software fma)."""
+    if not a == b == c == float32x8:
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * 3),
+                                            "llvm.fmuladd.v8f32")
+        return builder.call(fn, args)
+    return float32x8(a, b, c), codegen
+
+
+@intrinsic
+def add8(typingctx: Any, a: Any, b: Any) -> Any:
+    if not a == b == float32x8:
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.fadd(args[0], args[1])
+    return float32x8(a, b), codegen
