@@ -168,26 +168,31 @@ def bench_norm_rotary(device: str, repeats: int, dtypes: list[torch.dtype]) -> N
 
 
 def bench_linear(repeats: int) -> None:
-    print("# linear per shape and rows (ms): F.linear fp32 (MKL), fp32 on the oneDNN-prepacked weight"
-          " (kernels.linear), F.linear bf16; dispatch = kernels.linear's choice for a bf16 body")
+    print("# linear per shape and rows (ms): F.linear fp32 (MKL), fp32 on oneDNN's prepacked weight,"
+          " fp32 on our panels (kernels.linear, the default), F.linear bf16; dispatch ="
+          " kernels.linear's choice for a bf16 body")
     shapes = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576),
               "lm_head": (576, 49152)}
     for name, (n_in, n_out) in shapes.items():
         w32 = torch.randn(n_out, n_in)
-        layer32 = linear.prepare_linear(w32)
+        onednn = linear.LinearWeight(w32, None, packed=torch.ops.mkldnn._reorder_linear_weight(
+            w32, linear.PACK_ROWS_HINT))
+        panels = linear.prepare_linear(w32)
+        assert panels.panels is not None
         w16 = w32.bfloat16()
-        for rows in (1, 2, 8, 32, 64, 256):
+        for rows in (1, 2, 8, 32, 64, 256, 512):
             x32 = torch.randn(rows, n_in)
             x16 = x32.bfloat16()
             reps = repeats if n_out < 10000 else max(3, repeats // 4)
             t32 = median_ms(lambda: F.linear(x32, w32), reps, "cpu")
-            tpacked = median_ms(lambda: linear.apply_linear(x32, layer32), reps, "cpu")
+            tdnn = median_ms(lambda: linear.apply_linear(x32, onednn), reps, "cpu")
+            tpan = median_ms(lambda: linear.apply_linear(x32, panels), reps, "cpu")
             t16 = median_ms(lambda: F.linear(x16, w16), reps, "cpu")
             choice = "bf16" if linear.use_bf16(rows, n_in, n_out) else "fp32"
             if name == "lm_head":
                 choice = "fp32 (logits stay fp32 by contract)"
-            row(f"  {name} {n_in}->{n_out} rows={rows}", fp32=t32, fp32_prepacked=tpacked, bf16=t16,
-                fp32_over_prepacked=t32 / tpacked, fp32_over_bf16=t32 / t16, dispatch=choice)
+            row(f"  {name} {n_in}->{n_out} rows={rows}", fp32=t32, onednn=tdnn, panels=tpan,
+                bf16=t16, onednn_over_panels=tdnn / tpan, dispatch=choice)
 
 
 def main() -> None:
