@@ -3,13 +3,15 @@
 Cache layout, per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim];
 a slot is block_id * block_size + offset, and a block_table row lists a sequence's block ids.
 
-The fast CPU decode path, for an fp32 cache, is a numba kernel that reads the blocks in place
-through the block table: one sequence per task (sequences split across threads), all kv heads of
-a block together, fp32 softmax over the whole row. It runs at 0.6-0.9x the time of dense SDPA on
-the same keys held contiguously from 8 sequences on (docs/BENCHMARKS.md); the gather it replaced
-was 1.5-2.2x. Each sequence is computed the same way whatever the batch, so its output is
-bitwise batch-invariant. numba has no bfloat16, so a bf16 cache keeps the previous path: whole
-blocks gathered a few sequences at a time into a reused buffer, then SDPA. numba's threads come
+The fast CPU decode path, for an fp32 or bf16 cache, is a numba kernel that reads the blocks in
+place through the block table: one sequence per task (sequences split across threads), all kv
+heads of a block together, fp32 softmax over the whole row. It runs at 0.6-0.9x the time of
+dense SDPA on the same keys held contiguously from 8 sequences on (docs/BENCHMARKS.md); the
+gather it replaced was 1.5-2.2x. Each sequence is computed the same way whatever the batch, so
+its output is bitwise batch-invariant. numba has no bfloat16: a bf16 cache goes in as its int16
+bits and each value is widened exactly in the kernel (kernels.simd.as_f32). Other dtypes keep
+the gather path: whole blocks gathered a few sequences at a time into a reused buffer, then
+SDPA. numba's threads come
 from its own OpenMP runtime (the system libgomp, not torch's copy); interleaved with torch's
 linear layers on the engine's compute thread, the two did not slow each other in a
 side-by-side check, and the engine's steps got faster (docs/BENCHMARKS.md). fastmath is limited
@@ -30,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.backend import jit, numba_threads, use_triton
+from kernels.simd import as_f32
 
 
 @dataclass(slots=True)
@@ -257,7 +260,7 @@ def _decode_seq(q, k_cache, v_cache, table, seq_len, scale, scores, out):  # typ
                 for g in range(group):
                     s = np.float32(0.0)
                     for x in range(head_dim):
-                        s += q[h, g, x] * blk[o, h, x]
+                        s += q[h, g, x] * as_f32(blk[o, h, x])
                     scores[h, g, b * bs + o] = s * scale
     for h in range(num_kv_heads):                                # softmax, fp32
         for g in range(group):
@@ -281,7 +284,7 @@ def _decode_seq(q, k_cache, v_cache, table, seq_len, scale, scores, out):  # typ
                 for g in range(group):
                     w = scores[h, g, b * bs + o]
                     for x in range(head_dim):
-                        out[h, g, x] += w * blk[o, h, x]
+                        out[h, g, x] += w * as_f32(blk[o, h, x])
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)
@@ -292,30 +295,49 @@ def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # t
         _decode_seq(q[s], k_cache, v_cache, block_tables[s], seq_lens[s], scale, scores, out[s])
 
 
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _decode_one(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # type: ignore[no-untyped-def]
+    """_decode_batch for a single row, without a parallel launch (the same _decode_seq, so the
+    same bits)."""
+    scores = np.empty((q.shape[1], q.shape[2], seq_lens[0]), np.float32)
+    _decode_seq(q[0], k_cache, v_cache, block_tables[0], seq_lens[0], scale, scores, out[0])
+
+
 def can_attend_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether the in-place kernel takes these: fp32 (numba has no bf16), contiguous caches."""
-    return (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and not q.is_cuda
+    """Whether the in-place kernel takes these: fp32 or bf16 (read as its int16 bits and widened
+    in the kernel: numba has no bf16 type), on the CPU, contiguous caches."""
+    return (q.dtype == k_cache.dtype == v_cache.dtype
+            and q.dtype in (torch.float32, torch.bfloat16) and not q.is_cuda
             and k_cache.is_contiguous() and v_cache.is_contiguous())
 
 
 def attend_rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          tables: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """fp32, q [R, h, d] -> [R, h, d]: query row r attends to the first lens[r] keys of the
-    block table tables[r], read in place (numba). A row's result depends only on its query,
-    those keys and lens[r], never on the other rows."""
+    """q [R, h, d] -> [R, h, d]: query row r attends to the first lens[r] keys of the block table
+    tables[r], read in place (numba). A row's result depends only on its query, those keys and
+    lens[r], never on the other rows. Arithmetic is fp32; a bf16 result is rounded once, at the
+    end (as SDPA does)."""
     rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    qd = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim).contiguous()
+    qd = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    qd = qd.to(torch.float32).contiguous()
     out = torch.empty_like(qd)
-    numba_threads()
-    _decode_batch(qd.numpy(), k_cache.numpy(), v_cache.numpy(), tables.numpy(), lens.numpy(),
-                  np.float32(scale), out.numpy())
-    return out.view(rows, num_heads, head_dim)
+    if k_cache.dtype == torch.bfloat16:
+        kc, vc = k_cache.view(torch.int16).numpy(), v_cache.view(torch.int16).numpy()
+    else:
+        kc, vc = k_cache.numpy(), v_cache.numpy()
+    if rows == 1:
+        _decode_one(qd.numpy(), kc, vc, tables.numpy(), lens.numpy(), np.float32(scale), out.numpy())
+    else:
+        numba_threads()
+        _decode_batch(qd.numpy(), kc, vc, tables.numpy(), lens.numpy(), np.float32(scale),
+                      out.numpy())
+    return out.view(rows, num_heads, head_dim).to(q.dtype)
 
 
 def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """fp32 decodes, q [nd, h, d] -> [nd, h, d], reading the cache blocks in place (numba)."""
+    """Decodes, q [nd, h, d] -> [nd, h, d], reading the cache blocks in place (numba)."""
     nd = q.shape[0]
     assert meta.block_tables is not None and meta.seq_lens is not None
     return attend_rows_in_place(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
@@ -323,12 +345,14 @@ def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def warm_up() -> None:
-    """Compile the fp32 in-place decode and KV store now (~5 s cold, ~0.3 s from numba's on-disk
-    cache)."""
-    q = np.zeros((1, 1, 1, 16), np.float32)
-    cache = np.zeros((1, 16, 1, 16), np.float32)
-    _decode_batch(q, cache, cache, np.zeros((1, 1), np.int32), np.ones(1, np.int32),
-                  np.float32(1.0), np.empty_like(q))
+    """Compile the in-place decode (fp32 and bf16 caches, one row and many) and the KV store now
+    (~5 s cold, ~0.3 s from numba's on-disk cache)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = torch.zeros(1, 16, 1, 16, dtype=dtype)
+        for rows in (1, 2):
+            attend_rows_in_place(torch.zeros(rows, 1, 16, dtype=dtype), cache, cache,
+                                 torch.zeros(rows, 1, dtype=torch.int32),
+                                 torch.ones(rows, dtype=torch.int32), 1.0)
     kc = torch.zeros(1, 16, 1, 4)
     for tokens in (1, 2):      # one token's slices are contiguous to numba, more tokens' strided
         kv = torch.ones(tokens, 2, 4)

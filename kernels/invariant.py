@@ -5,8 +5,8 @@ A row's result must not depend on which other rows share the step. Measured on t
 matrix-vector product (1 row) and the ragged tail rows of a batch of fewer than 12 rows take other
 kernels and round differently; bf16 was row-invariant at every count tried. So linear pads its
 rows to a multiple of 4. Attention runs one sequence at a time over exactly its own keys, so
-no padding from longer neighbours enters its reductions. In fp32 every query row, decode or
-prefill, goes through the fast path's in-place kernel in one call for the batch, as a row that
+no padding from longer neighbours enters its reductions. In fp32 and bf16 every query row, decode
+or prefill, goes through the fast path's in-place kernel in one call for the batch, as a row that
 attends to the keys up to its own position: the kernel computes each row on its own, the same way
 whatever the batch, so a position's result does not depend on whether it was computed as a
 decode, in a prefill chunk or as a grammar-forced row (kernels.attention; tests check both).
@@ -33,8 +33,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Like kernels.paged_attention, q [T, h, d] -> [T, h, d]: in fp32 every row on its own in
-    place, otherwise one sequence at a time."""
+    """Like kernels.paged_attention, q [T, h, d] -> [T, h, d]: in fp32 and bf16 every row on its
+    own in place, otherwise one sequence at a time."""
     if attention.can_attend_in_place(q, k_cache, v_cache):
         meta = attention.row_view(meta, k_cache.shape[1])          # once per step, not per layer
         assert meta.row_tables is not None and meta.row_lens is not None

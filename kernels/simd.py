@@ -8,6 +8,10 @@ twelve AVX registers, the way a BLAS microkernel does (kernels/linear.py).
 
 `<8 x float>` is one AVX register. On a CPU without AVX, LLVM splits it into two SSE halves:
 slower, still correct.
+
+Also here: `as_f32`, which reads bfloat16 values that numba has no type for. A bf16 tensor is
+handed to numba as its int16 bits; widening is exact (bf16 is the top half of an fp32), and it
+is plain integer IR that LLVM vectorizes like any load.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from typing import Any
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
 WIDTH = 8
 _VEC = ir.VectorType(ir.FloatType(), WIDTH)
@@ -117,3 +121,32 @@ def add8(typingctx: Any, a: Any, b: Any) -> Any:
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         return builder.fadd(args[0], args[1])
     return float32x8(a, b), codegen
+
+
+@intrinsic
+def bf16_to_f32(typingctx: Any, bits: Any) -> Any:
+    """The float32 value of the bfloat16 whose bits are `bits` (int16): exact."""
+    if bits != types.int16:
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(wide, ir.FloatType())
+    return types.float32(bits), codegen
+
+
+def as_f32(x):  # type: ignore[no-untyped-def]  # numba matches overloads by exact signature
+    """x as float32 inside a numba kernel: a float32 as it is, int16 bits as the bfloat16 they
+    hold (so one kernel source compiles for fp32 and for bf16 caches)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(as_f32, inline="always")
+def _as_f32(x):  # type: ignore[no-untyped-def]  # annotations would differ from the lambdas'
+
+    if x == types.float32:
+        return lambda x: x
+    if x == types.int16:
+        return lambda x: bf16_to_f32(x)
+    return None

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import AttentionMetadata, paged_attention, slots_for, store_kvcache
+from kernels import AttentionMetadata, attention, paged_attention, slots_for, store_kvcache
 from kernels.attention import (_paged_attention_triton, _store_kvcache_triton, paged_attention_ref,
                                paged_view, store_kvcache_ref)
 
@@ -177,28 +177,40 @@ def test_store_kvcache_cuda(cuda: torch.device) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_decode_matches_gather_by_slot(dtype: torch.dtype) -> None:
-    """The fast decode (fp32: in place, numba; bf16: block gather + SDPA) stays within an ulp
-    of the plain per-slot gather (the engine's parity with transformers was established on it)."""
+    """The fast decode (in place, numba) against SDPA over a plain per-slot gather (the engine's
+    parity with transformers was established on it): within an ulp in fp32. A bf16 cache is
+    computed in fp32 and rounded once, so it is within half a bf16 ulp of fp32 SDPA on the same
+    bf16 values, and no further from it than bf16 SDPA is."""
     import torch.nn.functional as F
     seqs = [(0, 1), (15, 1), (16, 1), (31, 1), (47, 1), (100, 1), (3, 1)]
     q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, dtype)
     nd = len(seqs)
     k = kc.view(-1, 3, 64)[meta.decode_slots].transpose(1, 2)
     v = vc.view(-1, 3, 64)[meta.decode_slots].transpose(1, 2)
-    expected = F.scaled_dot_product_attention(q.view(nd, 3, 3, 64), k, v, attn_mask=meta.decode_mask,
-                                              scale=0.125).reshape(nd, 9, 64)
+
+    def sdpa(t: torch.dtype) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q.view(nd, 3, 3, 64).to(t), k.to(t), v.to(t),
+                                              attn_mask=meta.decode_mask, scale=0.125).reshape(nd, 9, 64)
     out = paged_attention(q, kc, vc, meta, 0.125)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, sdpa(dtype), rtol=0, atol=1e-6)
+    else:
+        exact = sdpa(torch.float32)
+        torch.testing.assert_close(out.float(), exact, rtol=2 ** -8, atol=1e-6)
+        assert (out.float() - exact).abs().max() <= (sdpa(dtype).float() - exact).abs().max()
 
 
-def test_cpu_decode_is_batch_invariant() -> None:
-    """fp32 decodes read their blocks in place, one sequence at a time: a sequence's output is
-    bitwise the same alone as in any batch."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_is_batch_invariant(dtype: torch.dtype) -> None:
+    """Decodes read their blocks in place, one sequence at a time: a sequence's output is
+    bitwise the same alone (one row: the kernel's serial entry) as in any batch."""
     seqs = [(0, 1), (15, 1), (16, 1), (31, 1), (47, 1), (100, 1), (3, 1)]
-    q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, torch.float32)
+    q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, dtype)
+    assert attention.can_attend_in_place(q, kc, vc)
     together = paged_attention(q, kc, vc, meta, 0.125)
     for i in (0, 4, 6):
-        q1, kc1, vc1, meta1, _ = build([seqs[i]], 16, 3, 3, 64, torch.float32)
+        q1, kc1, vc1, meta1, _ = build([seqs[i]], 16, 3, 3, 64, dtype)
         # the same keys and query, in a cache of one sequence
         slots = meta.decode_slots[i, :seqs[i][0] + 1]
         kc1.view(-1, 3, 64)[meta1.decode_slots[0]] = kc.view(-1, 3, 64)[slots]
