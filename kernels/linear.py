@@ -3,9 +3,9 @@
 fp32 on the CPU. torch's `F.linear` calls MKL's sgemm on the plain [out, in] weight (on AMD CPUs
 MKL takes a slow generic path); oneDNN on a weight reordered once into its blocked layout
 ("prepacked", what torch.compile's CPU freezing does) was 1.2-3.3x faster for every SmolLM2
-shape from 2 rows on. Our own panel GEMM (below) is faster again at every row count measured
-here, 1 to 512: 1.3-1.8x oneDNN at decode sizes (1-32 rows), 1.2x at a 512-row prefill chunk.
-So a weight whose out_features divide into 24-column panels is packed into them; others fall
+shape from 2 rows on. Our own panel GEMM (below) is faster again at decode sizes: 1.1-1.8x
+oneDNN at 1-32 rows, about even at a 512-row prefill chunk (0.96-1.06x on the body, 0.88x on
+the lm_head, which the engine computes for sampled rows only). So a weight whose out_features divide into 24-column panels is packed into them; others fall
 back to oneDNN. `benchmarks/kernels_bench.py --only linear` measures all three; docs/BENCHMARKS.md
 has the figures. Deterministic mode never packs (kernels.invariant reads the plain weights); a
 packed fp32 layer drops its plain copy, which would hold as much memory again.
