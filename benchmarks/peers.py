@@ -28,8 +28,12 @@ sends one prompt to all; vLLM's prefix cache then skips their prefill), 128 new 
 (`ignore_eos` where the peer accepts it), greedy, streamed over SSE from /v1/completions (plain)
 or /v1/chat/completions with a JSON schema (constrained); N requests at once for each
 concurrency N, after one warm-up request. Reported per peer and N: aggregate completion tokens/s
-(all tokens / wall time of the round), TTFT p50/p95, and plumbline's ratio to the peer
-(>1: plumbline ahead). Traffic goes to 127.0.0.1 only.
+(all tokens / wall time of the round), TTFT p50/p95, plumbline's ratio to the peer
+(>1: plumbline ahead), the round's wall time and, for json rounds, how many outputs are complete
+documents matching the schema. Tokens/s alone favours a server that runs every json request
+into max_tokens and stops mid-document over one that closes the document in fewer tokens; the
+round time and the valid count show which answers arrive, and when. Traffic goes to 127.0.0.1
+only.
 Writes `--out` (markdown table + JSON); the last line is a one-line summary.
 """
 from __future__ import annotations
@@ -242,6 +246,8 @@ class Round:
     ttft_p50_s: float | None = None
     ttft_p95_s: float | None = None
     num_tokens: int = 0
+    wall_s: float | None = None      # the round, first request sent to last [DONE]
+    valid_json: int | None = None    # json rounds: outputs that parse and match LIST_SCHEMA
     errors: list[str] = field(default_factory=list)
     note: str = ""
 
@@ -251,14 +257,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def stream_request(client: Any, url: str, body: dict[str, Any]) -> tuple[float, int]:
-    """(TTFT seconds, completion tokens) of one streamed request; raises on an error."""
+async def stream_request(client: Any, url: str, body: dict[str, Any]) -> tuple[float, int, str]:
+    """(TTFT seconds, completion tokens, text) of one streamed request; raises on an error."""
     from loadtests.sse import sse_events
 
     start = time.perf_counter()
     ttft: float | None = None
     num_chunks = 0
     usage_tokens: int | None = None
+    texts: list[str] = []
     async with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
@@ -276,13 +283,26 @@ async def stream_request(client: Any, url: str, body: dict[str, Any]) -> tuple[f
                 text = choice.get("text") or (choice.get("delta") or {}).get("content")
                 if text:
                     num_chunks += 1
+                    texts.append(text)
                     if ttft is None:
                         ttft = time.perf_counter() - start
         if not done:
             raise RuntimeError("stream ended without [DONE]")
     if ttft is None:
         raise RuntimeError("no content")
-    return ttft, usage_tokens if usage_tokens is not None else num_chunks
+    return ttft, usage_tokens if usage_tokens is not None else num_chunks, "".join(texts)
+
+
+def valid_document(text: str) -> bool:
+    """Whether a json round's output is a complete document that matches LIST_SCHEMA. A server
+    that runs into max_tokens stops mid-document: more tokens, no usable answer."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), LIST_SCHEMA)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 async def _aiter_events(response: Any, parse: Any) -> Any:
@@ -325,9 +345,12 @@ async def http_round(peer: Peer, port: int, prompt: str, n: int, constrained: bo
     ok = [o for o in outcomes if not isinstance(o, BaseException)]
     result.errors += [str(o)[:200] for o in outcomes if isinstance(o, BaseException)]
     if ok:
-        result.num_tokens = sum(tokens for _, tokens in ok)
+        result.num_tokens = sum(tokens for _, tokens, _ in ok)
         result.tokens_per_s = result.num_tokens / wall
-        ttfts = [t for t, _ in ok]
+        result.wall_s = wall
+        if constrained:
+            result.valid_json = sum(valid_document(text) for _, _, text in ok)
+        ttfts = [t for t, _, _ in ok]
         result.ttft_p50_s, result.ttft_p95_s = percentile(ttfts, 0.5), percentile(ttfts, 0.95)
     return result
 
@@ -463,7 +486,7 @@ def _num(x: float | None, digits: int = 1) -> str:
 def table(rounds: list[Round]) -> str:
     ours = {(r.concurrency, r.constrained): r for r in rounds if r.peer == "plumbline"}
     lines = ["| peer | mode | streams | tokens/s | TTFT p50 s | TTFT p95 s | plumbline / peer "
-             "tokens/s | notes |", "|---|---|---:|---:|---:|---:|---:|---|"]
+             "tokens/s | round s | valid JSON | notes |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rounds:
         mine = ours.get((r.concurrency, r.constrained))
         ratio = (mine.tokens_per_s / r.tokens_per_s
@@ -471,7 +494,8 @@ def table(rounds: list[Round]) -> str:
         notes = "; ".join([r.note] * bool(r.note) + r.errors[:2])
         lines.append(f"| {r.peer} | {'json_schema' if r.constrained else 'plain'} | {r.concurrency} "
                      f"| {_num(r.tokens_per_s)} | {_num(r.ttft_p50_s, 2)} | {_num(r.ttft_p95_s, 2)} "
-                     f"| {_num(ratio, 2)} | {notes} |")
+                     f"| {_num(ratio, 2)} | {_num(r.wall_s)} "
+                     f"| {'-' if r.valid_json is None else f'{r.valid_json}/{r.concurrency}'} | {notes} |")
     return "\n".join(lines)
 
 
