@@ -9,9 +9,8 @@ heads of a block together, fp32 softmax over the whole row. It runs at 0.6-0.9x 
 dense SDPA on the same keys held contiguously from 8 sequences on (docs/BENCHMARKS.md); the
 gather it replaced was 1.5-2.2x. Each sequence is computed the same way whatever the batch, so
 its output is bitwise batch-invariant. numba has no bfloat16: a bf16 cache goes in as its int16
-bits and each value is widened exactly in the kernel (kernels.simd.as_f32). Other dtypes keep
-the gather path: whole blocks gathered a few sequences at a time into a reused buffer, then
-SDPA. numba's threads come
+bits and each value is widened exactly in the kernel (kernels.simd.as_f32). Other dtypes (which
+the engine never uses) take the torch reference. numba's threads come
 from its own OpenMP runtime (the system libgomp, not torch's copy); interleaved with torch's
 linear layers on the engine's compute thread, the two did not slow each other in a
 side-by-side check, and the engine's steps got faster (docs/BENCHMARKS.md). fastmath is limited
@@ -21,7 +20,6 @@ per (sequence, kv head, tile of query rows), online softmax.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,8 +171,8 @@ def _store_kvcache_cpu(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
     if (key.dtype == value.dtype == k_cache.dtype == v_cache.dtype == torch.float32
             and slot_mapping.dtype == torch.long and value.shape == key.shape
             and slot_mapping.shape == key.shape[:1]):
-        # One numba call instead of two index_copy_ (~30 us each at decode sizes); the keys
-        # and values may be the strided slices of the qkv output.
+        # One numba call instead of two index_copy_ (kernels_bench --only store); the keys and
+        # values may be the strided slices of the qkv output.
         _store_rows(key.numpy(), value.numpy(), k_flat.numpy(), v_flat.numpy(),
                     slot_mapping.numpy())
         return
@@ -182,61 +180,15 @@ def _store_kvcache_cpu(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
     v_flat.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
-# Keys + values gathered per SDPA call: sized to stay in cache (here L2 is 1 MiB a core and L3
-# 32 MiB shared). 4 MiB measured faster than 1 MiB (fewer SDPA calls) and than one gather of
-# the whole batch (1.5x at 64 sequences x 512 keys).
-_GATHER_BYTES = 4 << 20
-_scratch = threading.local()   # gather buffers reused across layers and steps (no page faults)
-
-
-def _gather_buffers(cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two [num_blocks, block_size, num_kv_heads, head_dim] buffers shaped like `cache` blocks."""
-    shape = (num_blocks, *cache.shape[1:])
-    bufs = getattr(_scratch, "gather", None)
-    if bufs is None or bufs[0].dtype != cache.dtype or bufs[0].shape[1:] != cache.shape[1:] \
-            or bufs[0].shape[0] < num_blocks:
-        bufs = _scratch.gather = (cache.new_empty(shape), cache.new_empty(shape))
-    return bufs[0][:num_blocks], bufs[1][:num_blocks]
-
-
-def _decode_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The decodes of the batch: q [nd, h, d] -> [nd, h, d], SDPA over gathered blocks.
-
-    Sequences go a few at a time through one reused gather buffer, so SDPA reads the gathered
-    keys from cache rather than from memory a second time.
-    """
-    nd, num_heads, head_dim = q.shape
-    _, bs, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
-    assert meta.block_tables is not None
-    max_len = meta.decode_slots.shape[1]
-    num_blocks = (max_len + bs - 1) // bs
-    per_seq = 2 * num_blocks * bs * num_kv_heads * head_dim * k_cache.element_size()
-    chunk = max(1, min(nd, _GATHER_BYTES // per_seq))
-    k_buf, v_buf = _gather_buffers(k_cache, chunk * num_blocks)
-    # A decode's query heads of one kv group share keys and position, so fold the group into
-    # the query-length axis: q [nd, kvh, group, d] against k [nd, kvh, L, d], no kv expansion.
-    qd = q.view(nd, num_kv_heads, group, head_dim)
-    out = torch.empty_like(qd) if chunk < nd else None
-    for s in range(0, nd, chunk):
-        n = min(chunk, nd - s)
-        blocks = meta.block_tables[s:s + n, :num_blocks].reshape(-1)        # [n * num_blocks]
-        k = torch.index_select(k_cache, 0, blocks, out=k_buf[:n * num_blocks])
-        v = torch.index_select(v_cache, 0, blocks, out=v_buf[:n * num_blocks])
-        # Keys past max_len are cut so SDPA sees the shapes a per-slot gather gives it. (Its
-        # results can still move by an ulp with the number of sequences per call: torch's CPU
-        # flash attention splits its work by batch size.)
-        k = k.view(n, num_blocks * bs, num_kv_heads, head_dim)[:, :max_len].transpose(1, 2)
-        v = v.view(n, num_blocks * bs, num_kv_heads, head_dim)[:, :max_len].transpose(1, 2)
-        mask = meta.decode_mask[s:s + n] if nd > 1 else None    # one sequence: no padding
-        o = F.scaled_dot_product_attention(qd[s:s + n], k.to(q.dtype), v.to(q.dtype),
-                                           attn_mask=mask, scale=scale)
-        if out is None:
-            return o.reshape(nd, num_heads, head_dim)
-        out[s:s + n] = o
-    assert out is not None
-    return out.view(nd, num_heads, head_dim)
+def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decodes whose cache the in-place kernel does not take (a dtype other than fp32 / bf16, a
+    non-contiguous cache; the engine makes neither): the reference, one query row each."""
+    nd = q.shape[0]
+    assert meta.block_tables is not None and meta.seq_lens is not None
+    starts = torch.arange(nd + 1, dtype=torch.int32)
+    return paged_attention_ref(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                               starts, scale)
 
 
 _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
@@ -384,7 +336,7 @@ def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     nd = meta.num_decodes
-    decode = decode_in_place if can_attend_in_place(q, k_cache, v_cache) else _decode_gathered
+    decode = decode_in_place if can_attend_in_place(q, k_cache, v_cache) else _decode_reference
     outs = [decode(q[:nd], k_cache, v_cache, meta, scale)] if nd else []
     start = nd
     for n, seq_len, slots in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots):

@@ -26,9 +26,9 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 # --- fast CPU path ----------------------------------------------------------------------------
-# fp32: one numba call per norm: residual add, sum of squares, scale. torch's F.rms_norm is a
-# composite on the CPU (pow, mean, add, rsqrt, mul, mul: ~100 us a call at decode sizes, 60 calls
-# a step) and the residual add is one op more.
+# fp32: one numba call per norm: residual add, sum of squares, scale, instead of the add and
+# torch's F.rms_norm, a composite on the CPU (pow, mean, add, rsqrt, mul, mul); 61 calls a step.
+# kernels_bench --only norm: 0.022 ms at 1-32 tokens, the reference formula 0.038.
 #
 # The result equals the reference bit for bit, because the sum of squares is added in the order
 # torch's CPU sum uses for a contiguous row: `lanes`-wide vectors, four vector accumulators,

@@ -28,10 +28,9 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 # --- fast CPU path ----------------------------------------------------------------------------
 # fp32: q and k rotated in one numba call, each head's halves read in place from the strided
 # views the model passes (slices of the qkv output). The reference is ~10 torch ops (cat, neg,
-# four muls, two adds, casts): 80-190 us at decode sizes, where this takes 25-65 us, mostly the
-# call itself. No fastmath: each output is x1*c - x2*s rounded as the reference rounds it, so the
-# result equals the reference bit for bit.
-
+# four muls, two adds, casts): 2-6x slower at 1-256 tokens (kernels_bench --only norm). No
+# fastmath: each output is x1*c - x2*s rounded as the reference rounds it, so the result equals
+# the reference bit for bit.
 
 @njit(nogil=True, boundscheck=False, cache=True)
 def _rotate_rows(x, cos, sin, out):  # type: ignore[no-untyped-def]

@@ -250,3 +250,15 @@ def test_cpu_decode_nan_key_stays_in_its_sequence() -> None:
     out = paged_attention(q, kc, vc, meta, 0.125)
     assert torch.isnan(out[1]).any()
     assert torch.equal(out[0], clean[0]) and torch.equal(out[2], clean[2])
+
+
+def test_cpu_fallback_for_caches_the_kernel_does_not_take() -> None:
+    """fp16 caches (no in-place kernel) take the reference for decodes: the same answer as fp32
+    on the same values, to fp16 rounding."""
+    seqs = [(3, 1), (20, 1), (0, 7), (16, 5)]
+    q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, torch.float16)
+    assert not attention.can_attend_in_place(q, kc, vc)
+    out = paged_attention(q, kc, vc, meta, 0.125)
+    assert out.dtype == torch.float16
+    expected = paged_attention(q.float(), kc.float(), vc.float(), meta, 0.125)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
