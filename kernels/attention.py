@@ -4,11 +4,12 @@ Cache layout, per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads,
 a slot is block_id * block_size + offset, and a block_table row lists a sequence's block ids.
 
 The fast CPU decode path, for an fp32 or bf16 cache, is a numba kernel that reads the blocks in
-place through the block table: one sequence per task (sequences split across threads), all kv
-heads of a block together, fp32 softmax over the whole row. It runs at 0.6-0.9x the time of
-dense SDPA on the same keys held contiguously from 8 sequences on (docs/BENCHMARKS.md); the
-gather it replaced was 1.5-2.2x. Each sequence is computed the same way whatever the batch, so
-its output is bitwise batch-invariant. numba has no bfloat16: a bf16 cache goes in as its int16
+place through the block table: each query row's keys cut into spans of SPAN_KEYS (work items,
+split across threads), all kv heads of a block together, fp32 softmax per span, the spans then
+combined in order. It runs at 0.5-0.8x the time of dense SDPA on the same keys held contiguously
+from 8 sequences on, and about 1.1x for one 512-key row (docs/BENCHMARKS.md); the gather it
+replaced was 1.5-2.2x. A row is cut and combined the same way whatever the batch, so its output
+is bitwise batch-invariant. numba has no bfloat16: a bf16 cache goes in as its int16
 bits and each value is widened exactly in the kernel (kernels.simd.as_f32). Other dtypes (which
 the engine never uses) take the torch reference. numba's threads come
 from its own OpenMP runtime (the system libgomp, not torch's copy); interleaved with torch's
@@ -194,18 +195,27 @@ def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
 
 
+# Keys per work item of the in-place decode. A query row's keys are cut into spans of this many
+# (whole blocks), each span an item of its own, so one long row keeps both cores busy: a
+# 512-key row took 1.5-1.65x dense SDPA's time on one thread, 1.07-1.15x as four items
+# (kernels_bench --only attention). The cut depends only on the row's own length, never on the
+# batch, so the output stays batch-invariant.
+SPAN_KEYS = 128
+
+
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
-def _decode_seq(q, k_cache, v_cache, table, seq_len, scale, scores, out):  # type: ignore[no-untyped-def]
-    """One query row (a decode; in deterministic mode also a prefill row): q [kvh, group, d]
-    over the first seq_len keys its block table lists -> out.
+def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc, ml):  # type: ignore[no-untyped-def]
+    """One item: query row q [kvh, group, d] over the keys in blocks [b0, b1) of its table
+    (clipped to seq_len) -> per head, the scores' max m and sum l of exp(score - m) in ml
+    [kvh, group, 2], and acc [kvh, group, d] = sum of exp(score - m) * value.
 
     Blocks are read in place, once each for keys and once for values, all kv heads together
-    (a block's rows hold every head). scores [kvh, group, >= seq_len] is scratch.
+    (a block's rows hold every head). scores [kvh, group, >= span] is scratch.
     """
     num_kv_heads, group, head_dim = q.shape
     bs = k_cache.shape[1]
-    num_blocks = (seq_len + bs - 1) // bs
-    for b in range(num_blocks):
+    n = min(b1 * bs, seq_len) - b0 * bs
+    for b in range(b0, b1):
         blk = k_cache[table[b]]                                  # [bs, kvh, d]
         for o in range(min(bs, seq_len - b * bs)):
             for h in range(num_kv_heads):
@@ -213,46 +223,103 @@ def _decode_seq(q, k_cache, v_cache, table, seq_len, scale, scores, out):  # typ
                     s = np.float32(0.0)
                     for x in range(head_dim):
                         s += q[h, g, x] * as_f32(blk[o, h, x])
-                    scores[h, g, b * bs + o] = s * scale
-    for h in range(num_kv_heads):                                # softmax, fp32
+                    scores[h, g, (b - b0) * bs + o] = s * scale
+    for h in range(num_kv_heads):                                # exp, fp32
         for g in range(group):
             row = scores[h, g]
             m = row[0]
-            for p in range(1, seq_len):
+            for p in range(1, n):
                 m = max(m, row[p])
             total = np.float32(0.0)
-            for p in range(seq_len):
+            for p in range(n):
                 e = np.exp(row[p] - m)
                 row[p] = e
                 total += e
-            inv = np.float32(1.0) / total
-            for p in range(seq_len):
-                row[p] *= inv
-    out[:] = 0
-    for b in range(num_blocks):
+            ml[h, g, 0] = m
+            ml[h, g, 1] = total
+    acc[:] = 0
+    for b in range(b0, b1):
         blk = v_cache[table[b]]
         for o in range(min(bs, seq_len - b * bs)):
             for h in range(num_kv_heads):
                 for g in range(group):
-                    w = scores[h, g, b * bs + o]
+                    w = scores[h, g, (b - b0) * bs + o]
                     for x in range(head_dim):
-                        out[h, g, x] += w * as_f32(blk[o, h, x])
-
-
-@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)
-def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # type: ignore[no-untyped-def]
-    num_kv_heads, group = q.shape[1], q.shape[2]
-    for s in prange(q.shape[0]):             # sequences split across threads, each whole
-        scores = np.empty((num_kv_heads, group, seq_lens[s]), np.float32)
-        _decode_seq(q[s], k_cache, v_cache, block_tables[s], seq_lens[s], scale, scores, out[s])
+                        acc[h, g, x] += w * as_f32(blk[o, h, x])
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
-def _decode_one(q, k_cache, v_cache, block_tables, seq_lens, scale, out):  # type: ignore[no-untyped-def]
-    """_decode_batch for a single row, without a parallel launch (the same _decode_seq, so the
-    same bits)."""
-    scores = np.empty((q.shape[1], q.shape[2], seq_lens[0]), np.float32)
-    _decode_seq(q[0], k_cache, v_cache, block_tables[0], seq_lens[0], scale, scores, out[0])
+def _combine(acc, ml, i0, i1, out):  # type: ignore[no-untyped-def]
+    """A row's items i0 .. i1 - 1 -> its softmax-weighted values out [kvh, group, d]: rescaled
+    to the row's max and added in item order (the same order whatever thread ran them)."""
+    num_kv_heads, group, head_dim = out.shape
+    for h in range(num_kv_heads):
+        for g in range(group):
+            m = ml[i0, h, g, 0]
+            for i in range(i0 + 1, i1):
+                m = max(m, ml[i, h, g, 0])
+            total = np.float32(0.0)
+            for i in range(i0, i1):
+                total += ml[i, h, g, 1] * np.exp(ml[i, h, g, 0] - m)
+            inv = np.float32(1.0) / total
+            o = out[h, g]
+            o[:] = 0
+            for i in range(i0, i1):
+                w = np.exp(ml[i, h, g, 0] - m) * inv
+                a = acc[i, h, g]
+                for x in range(head_dim):
+                    o[x] += w * a[x]
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _items(seq_lens, bs, span_blocks):  # type: ignore[no-untyped-def]
+    """Row r's items are starts[r] .. starts[r + 1] - 1; item i covers blocks b0[i] .. +span."""
+    rows = seq_lens.shape[0]
+    starts = np.empty(rows + 1, np.int64)
+    starts[0] = 0
+    for r in range(rows):
+        blocks = (seq_lens[r] + bs - 1) // bs
+        starts[r + 1] = starts[r] + max(1, (blocks + span_blocks - 1) // span_blocks)
+    row_of = np.empty(starts[rows], np.int64)
+    b0 = np.empty(starts[rows], np.int64)
+    for r in range(rows):
+        for i in range(starts[r], starts[r + 1]):
+            row_of[i] = r
+            b0[i] = (i - starts[r]) * span_blocks
+    return starts, row_of, b0
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)
+def _decode_parallel(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, out):  # type: ignore[no-untyped-def]
+    num_kv_heads, group, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    starts, row_of, b0 = _items(seq_lens, k_cache.shape[1], span_blocks)
+    items = row_of.shape[0]
+    acc = np.empty((items, num_kv_heads, group, head_dim), np.float32)
+    ml = np.empty((items, num_kv_heads, group, 2), np.float32)
+    for i in prange(items):                  # items split across threads
+        r = row_of[i]
+        scores = np.empty((num_kv_heads, group, span_blocks * k_cache.shape[1]), np.float32)
+        _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
+                     seq_lens[r], scale, scores, acc[i], ml[i])
+    for r in prange(seq_lens.shape[0]):
+        _combine(acc, ml, starts[r], starts[r + 1], out[r])
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, out):  # type: ignore[no-untyped-def]
+    """_decode_parallel without a parallel launch, for a single item (the same functions, so
+    the same bits)."""
+    num_kv_heads, group, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    starts, row_of, b0 = _items(seq_lens, k_cache.shape[1], span_blocks)
+    acc = np.empty((row_of.shape[0], num_kv_heads, group, head_dim), np.float32)
+    ml = np.empty((row_of.shape[0], num_kv_heads, group, 2), np.float32)
+    scores = np.empty((num_kv_heads, group, span_blocks * k_cache.shape[1]), np.float32)
+    for i in range(row_of.shape[0]):
+        r = row_of[i]
+        _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
+                     seq_lens[r], scale, scores, acc[i], ml[i])
+    for r in range(seq_lens.shape[0]):
+        _combine(acc, ml, starts[r], starts[r + 1], out[r])
 
 
 def can_attend_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -278,12 +345,15 @@ def attend_rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         kc, vc = k_cache.view(torch.int16).numpy(), v_cache.view(torch.int16).numpy()
     else:
         kc, vc = k_cache.numpy(), v_cache.numpy()
-    if rows == 1:
-        _decode_one(qd.numpy(), kc, vc, tables.numpy(), lens.numpy(), np.float32(scale), out.numpy())
+    bs = k_cache.shape[1]
+    span_blocks = max(1, SPAN_KEYS // bs)
+    args = (qd.numpy(), kc, vc, tables.numpy(), lens.numpy(), np.float32(scale), span_blocks,
+            out.numpy())
+    if rows == 1 and int(lens[0]) <= span_blocks * bs:
+        _decode_serial(*args)               # one item: a parallel launch would only cost
     else:
         numba_threads()
-        _decode_batch(qd.numpy(), kc, vc, tables.numpy(), lens.numpy(), np.float32(scale),
-                      out.numpy())
+        _decode_parallel(*args)
     return out.view(rows, num_heads, head_dim).to(q.dtype)
 
 

@@ -57,6 +57,12 @@ def build(seqs: list[tuple[int, int]], block_size: int, num_kv_heads: int, group
     return q, k_cache, v_cache, meta, (block_tables, seq_lens, starts)
 
 
+# Decodes for the in-place kernel: short rows, block boundaries, and rows cut into several spans
+# of SPAN_KEYS keys (128 keys: one span; 129: two; 300: three).
+DECODES = [(0, 1), (15, 1), (16, 1), (31, 1), (47, 1), (100, 1), (127, 1), (128, 1), (299, 1),
+           (3, 1)]
+
+
 def tol(dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
 
@@ -182,7 +188,7 @@ def test_cpu_decode_matches_gather_by_slot(dtype: torch.dtype) -> None:
     computed in fp32 and rounded once, so it is within half a bf16 ulp of fp32 SDPA on the same
     bf16 values, and no further from it than bf16 SDPA is."""
     import torch.nn.functional as F
-    seqs = [(0, 1), (15, 1), (16, 1), (31, 1), (47, 1), (100, 1), (3, 1)]
+    seqs = DECODES
     q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, dtype)
     nd = len(seqs)
     k = kc.view(-1, 3, 64)[meta.decode_slots].transpose(1, 2)
@@ -203,13 +209,15 @@ def test_cpu_decode_matches_gather_by_slot(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_decode_is_batch_invariant(dtype: torch.dtype) -> None:
-    """Decodes read their blocks in place, one sequence at a time: a sequence's output is
-    bitwise the same alone (one row: the kernel's serial entry) as in any batch."""
-    seqs = [(0, 1), (15, 1), (16, 1), (31, 1), (47, 1), (100, 1), (3, 1)]
+    """Decodes read their blocks in place, each row cut into spans by its own length: a
+    sequence's output is bitwise the same alone (a one-span row: the kernel's serial entry; a
+    longer one: its spans on both threads) as in any batch."""
+    seqs = DECODES
     q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, dtype)
     assert attention.can_attend_in_place(q, kc, vc)
     together = paged_attention(q, kc, vc, meta, 0.125)
-    for i in (0, 4, 6):
+    assert attention.SPAN_KEYS == 128
+    for i in range(len(seqs)):
         q1, kc1, vc1, meta1, _ = build([seqs[i]], 16, 3, 3, 64, dtype)
         # the same keys and query, in a cache of one sequence
         slots = meta.decode_slots[i, :seqs[i][0] + 1]
@@ -243,12 +251,13 @@ def test_invariant_attention_prefill_rows_equal_decodes() -> None:
 def test_cpu_decode_nan_key_stays_in_its_sequence() -> None:
     """A NaN in one sequence's keys makes that sequence's output NaN (fastmath does not assume
     it away) and leaves the other sequences alone."""
-    seqs = [(10, 1), (20, 1), (5, 1)]
+    seqs = [(10, 1), (20, 1), (5, 1), (299, 1)]
     q, kc, vc, meta, (tables, _, _) = build(seqs, 16, 3, 3, 64, torch.float32)
     clean = paged_attention(q, kc, vc, meta, 0.125)
     kc[tables[1, 0], 3, 0, 7] = float("nan")                        # a key of sequence 1
+    vc[tables[3, 17], 2, 1, 0] = float("nan")       # a value in sequence 3's third span
     out = paged_attention(q, kc, vc, meta, 0.125)
-    assert torch.isnan(out[1]).any()
+    assert torch.isnan(out[1]).any() and torch.isnan(out[3]).any()
     assert torch.equal(out[0], clean[0]) and torch.equal(out[2], clean[2])
 
 
