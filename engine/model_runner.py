@@ -73,41 +73,56 @@ class ModelRunner:
         return self.hf_config.max_position_embeddings
 
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Python lists for the step, each turned into a tensor once."""
+        """Python lists for the step, each turned into a tensor once.
+
+        Attention gets block tables: a decode's cost here is its new tokens and its table (one
+        entry per block), not its whole context. Prefills also list every key's slot (their
+        attention gathers the keys)."""
+        bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         sample_rows: list[int] = []       # row of each sampling sequence's last token
-        decode_slots: list[list[int]] = []
+        tables: list[list[int]] = []      # per attention row (decode rows, then prefills)
+        lens: list[int] = []              # keys each of those sees
+        query_lens: list[int] = []
         prefill_q, prefill_len, prefill_slots = [], [], []
         for i, seq in enumerate(batch.seqs):
             start, n = seq.num_computed_tokens, seq.num_scheduled_tokens
             end = start + n
-            seq_slots = slots_for(seq.block_table, end, self.block_size)
+            table = seq.block_table
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
-            slot_mapping += seq_slots[start:end]
+            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
             if seq.samples_this_step:
                 sample_rows.append(len(input_ids) - 1)
             if i < batch.num_decodes:
                 # One query row per token, each seeing the keys up to its own position: the
                 # layer stores this step's keys before attending, so later rows see earlier ones.
-                decode_slots += [seq_slots[:p + 1] for p in range(start, end)]
+                for p in range(start, end):
+                    tables.append(table)
+                    lens.append(p + 1)
+                    query_lens.append(1)
             else:
                 prefill_q.append(n)
                 prefill_len.append(end)
-                prefill_slots.append(torch.tensor(seq_slots, dtype=torch.long))
-        max_len = max((len(s) for s in decode_slots), default=0)
-        decode_mask = torch.zeros(len(decode_slots), 1, 1, max_len, dtype=torch.bool)
-        for b, s in enumerate(decode_slots):
-            decode_mask[b, 0, 0, :len(s)] = True
-        padded = [s + [0] * (max_len - len(s)) for s in decode_slots]   # 0: a harmless slot, masked
+                prefill_slots.append(torch.tensor(slots_for(table, end, bs), dtype=torch.long))
+                tables.append(table)
+                lens.append(end)
+                query_lens.append(n)
+        width = max((len(t) for t in tables), default=0)
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
-            num_decodes=len(decode_slots),
-            decode_slots=torch.tensor(padded, dtype=torch.long).view(len(padded), max_len),
-            decode_mask=decode_mask,
+            num_decodes=len(tables) - len(prefill_q), decode_slots=None, decode_mask=None,
             prefill_query_lens=prefill_q, prefill_seq_lens=prefill_len, prefill_slots=prefill_slots,
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                      dtype=torch.int32).view(len(tables), width),
+            seq_lens=torch.tensor(lens, dtype=torch.int32),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            max_query_len=max(query_lens, default=0),
         )
         return (torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
                 meta, sample_rows)

@@ -41,13 +41,16 @@ class AttentionMetadata:
     Sequences are ordered decodes first (one query each), then prefills (ragged queries).
     The next four fields after those are the block-table view the fast paths use. The runner may
     fill them; left at their defaults they are derived from the fields above on first use
-    (`paged_view`). The last two are the per-row view deterministic mode uses (`row_view`).
+    (`paged_view`). Then the per-row view deterministic mode uses (`row_view`), and
+    decode_in_place's numpy views of the decode rows (made on first use).
     """
 
     slot_mapping: torch.Tensor          # [num_tokens] int64: cache slot of each new token
     num_decodes: int
-    decode_slots: torch.Tensor          # [num_decodes, max_decode_len] int64 (padding -> slot 0)
-    decode_mask: torch.Tensor           # [num_decodes, 1, 1, max_decode_len] bool, True = attend
+    # The decode rows' keys as padded slot lists; None when the block-table fields below are
+    # given (the engine gives those: slot lists grow with the context, block tables 16x slower).
+    decode_slots: torch.Tensor | None   # [num_decodes, max_decode_len] int64 (padding -> slot 0)
+    decode_mask: torch.Tensor | None    # [num_decodes, 1, 1, max_decode_len] bool, True = attend
     prefill_query_lens: list[int]       # per prefill sequence: new tokens this step
     prefill_seq_lens: list[int]         # per prefill sequence: cached + new tokens
     prefill_slots: list[torch.Tensor]   # per prefill sequence: [seq_len] int64 slots of its keys
@@ -57,6 +60,7 @@ class AttentionMetadata:
     max_query_len: int = 0
     row_tables: torch.Tensor | None = None       # [num_tokens, max_blocks] int32: each row's table
     row_lens: torch.Tensor | None = None         # [num_tokens] int32: keys each query row sees
+    decode_arrays: tuple[np.ndarray, np.ndarray] | None = None   # decode_in_place's numpy views
 
 
 def slots_for(block_table: list[int], num_tokens: int, block_size: int) -> list[int]:
@@ -72,6 +76,7 @@ def paged_view(meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
     """
     if meta.block_tables is not None:
         return meta
+    assert meta.decode_slots is not None and meta.decode_mask is not None
     nd = meta.num_decodes
     decode_lens = meta.decode_mask.view(nd, -1).sum(-1).tolist() if nd else []
     tables = [row[::block_size] // block_size for row in meta.decode_slots[:nd]]
@@ -331,39 +336,45 @@ def can_attend_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def attend_rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         tables: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+                         tables: torch.Tensor | np.ndarray, lens: torch.Tensor | np.ndarray,
+                         scale: float) -> torch.Tensor:
     """q [R, h, d] -> [R, h, d]: query row r attends to the first lens[r] keys of the block table
     tables[r], read in place (numba). A row's result depends only on its query, those keys and
     lens[r], never on the other rows. Arithmetic is fp32; a bf16 result is rounded once, at the
-    end (as SDPA does)."""
+    end (as SDPA does). tables and lens may be given as numpy arrays already (see
+    decode_in_place: each layer would otherwise convert them again)."""
     rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     qd = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    qd = qd.to(torch.float32).contiguous()
+    if qd.dtype != torch.float32 or not qd.is_contiguous():
+        qd = qd.to(torch.float32).contiguous()
     out = torch.empty_like(qd)
     if k_cache.dtype == torch.bfloat16:
         kc, vc = k_cache.view(torch.int16).numpy(), v_cache.view(torch.int16).numpy()
     else:
         kc, vc = k_cache.numpy(), v_cache.numpy()
+    tables = tables.numpy() if isinstance(tables, torch.Tensor) else tables
+    lens = lens.numpy() if isinstance(lens, torch.Tensor) else lens
     bs = k_cache.shape[1]
     span_blocks = max(1, SPAN_KEYS // bs)
-    args = (qd.numpy(), kc, vc, tables.numpy(), lens.numpy(), np.float32(scale), span_blocks,
-            out.numpy())
-    if rows == 1 and int(lens[0]) <= span_blocks * bs:
+    args = (qd.numpy(), kc, vc, tables, lens, np.float32(scale), span_blocks, out.numpy())
+    if rows == 1 and lens[0] <= span_blocks * bs:
         _decode_serial(*args)               # one item: a parallel launch would only cost
     else:
         numba_threads()
         _decode_parallel(*args)
-    return out.view(rows, num_heads, head_dim).to(q.dtype)
+    out = out.view(rows, num_heads, head_dim)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
 def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Decodes, q [nd, h, d] -> [nd, h, d], reading the cache blocks in place (numba)."""
-    nd = q.shape[0]
     assert meta.block_tables is not None and meta.seq_lens is not None
-    return attend_rows_in_place(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                                scale)
+    if meta.decode_arrays is None:          # once per step: numpy views of the decode rows
+        nd = meta.num_decodes
+        meta.decode_arrays = (meta.block_tables[:nd].numpy(), meta.seq_lens[:nd].numpy())
+    return attend_rows_in_place(q, k_cache, v_cache, *meta.decode_arrays, scale)
 
 
 def warm_up() -> None:
@@ -402,12 +413,14 @@ def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n:
 
 def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    nd = meta.num_decodes
+    decode = decode_in_place if can_attend_in_place(q, k_cache, v_cache) else _decode_reference
+    outs = [decode(q[:nd] if meta.prefill_query_lens else q, k_cache, v_cache, meta, scale)] if nd else []
+    if not meta.prefill_query_lens:
+        return outs[0]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-    nd = meta.num_decodes
-    decode = decode_in_place if can_attend_in_place(q, k_cache, v_cache) else _decode_reference
-    outs = [decode(q[:nd], k_cache, v_cache, meta, scale)] if nd else []
     start = nd
     for n, seq_len, slots in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots):
         outs.append(_prefill_cpu(q[start:start + n], k_flat, v_flat, n, seq_len, slots, scale))

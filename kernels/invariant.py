@@ -46,8 +46,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_heads = q.shape[1]
     group = num_heads // num_kv_heads
     nd = meta.num_decodes
-    lens = meta.decode_mask.view(nd, -1).sum(-1).tolist() if nd else []
-    work = [(1, n, meta.decode_slots[b, :n]) for b, n in enumerate(lens)]
+    bs = k_cache.shape[1]
+    meta = attention.paged_view(meta, bs)
+    assert meta.block_tables is not None and meta.seq_lens is not None
+    lens = meta.seq_lens[:nd].tolist()
+    work = [(1, n, torch.tensor(attention.slots_for(meta.block_tables[b].tolist(), n, bs)))
+            for b, n in enumerate(lens)]
     work += list(zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots))
     outs, start = [], 0
     for n, seq_len, slots in work:

@@ -271,3 +271,25 @@ def test_cpu_fallback_for_caches_the_kernel_does_not_take() -> None:
     assert out.dtype == torch.float16
     expected = paged_attention(q.float(), kc.float(), vc.float(), meta, 0.125)
     torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
+
+
+def block_table_meta(meta: AttentionMetadata, tables: torch.Tensor, seq_lens: torch.Tensor,
+                     starts: torch.Tensor) -> AttentionMetadata:
+    """meta as the engine builds it: block tables and lengths, no slot lists for the decodes."""
+    return AttentionMetadata(meta.slot_mapping, meta.num_decodes, None, None,
+                             meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots,
+                             block_tables=tables, seq_lens=seq_lens, query_start_loc=starts,
+                             max_query_len=int((starts[1:] - starts[:-1]).max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_block_table_metadata_without_decode_slots(dtype: torch.dtype) -> None:
+    """The engine gives block tables only: the fast path and deterministic mode (in place for
+    fp32; its per-sequence fallback for fp16) give what they give from slot lists."""
+    from kernels import invariant
+    seqs = [(3, 1), (20, 1), (130, 1), (0, 7), (16, 5)]
+    q, kc, vc, meta, (tables, seq_lens, starts) = build(seqs, 16, 3, 3, 64, dtype, seed=5)
+    for attend in (paged_attention, invariant.paged_attention):
+        want = attend(q, kc, vc, meta, 0.125)
+        got = attend(q, kc, vc, block_table_meta(meta, tables, seq_lens, starts), 0.125)
+        assert torch.equal(got, want), attend
