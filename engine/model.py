@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import (AttentionMetadata, LinearWeight, apply_linear, apply_rotary, invariant,
-                     paged_attention, prepare_linear, rms_norm, store_kvcache)
+from kernels import (AttentionMetadata, LinearWeight, apply_linear, invariant, paged_attention,
+                     prepare_linear, rms_norm, rotate_and_store)
 
 
 def rope_inv_freq(cfg: Any) -> tuple[torch.Tensor, float]:
@@ -102,10 +102,8 @@ class LlamaModel:
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = rms_norm(x, layer["input_norm"], self.eps, residual)
             qkv = self.linear(x, layer["qkv"])                                 # [T, (h+2kvh)*d]
-            q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
-            q, k = apply_rotary(q.view(-1, h, d), k.view(-1, kvh, d), cos, sin)
-            v = v.view(-1, kvh, d)
-            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+            # q rotated; k rotated and v stored in the cache, where attention reads them
+            q = rotate_and_store(qkv, h, kvh, cos, sin, k_cache, v_cache, meta.slot_mapping)
             attn = self.attention(q, k_cache, v_cache, meta, self.scale)    # [T, h, d]
             x = self.linear(attn.reshape(-1, h * d), layer["o"])
             x, residual = rms_norm(x, layer["post_norm"], self.eps, residual)

@@ -4,10 +4,11 @@ from kernels.logit_mask import apply_token_bitmask
 from kernels.linear import LinearWeight, apply_linear, prepare_linear
 from kernels.attention import AttentionMetadata, paged_attention, slots_for, store_kvcache
 from kernels.rmsnorm import rms_norm
-from kernels.rotary import apply_rotary
+from kernels.rotary import apply_rotary, rotate_and_store
 
 __all__ = ["AttentionMetadata", "LinearWeight", "apply_linear", "apply_rotary", "apply_token_bitmask",
-           "paged_attention", "prepare_linear", "rms_norm", "slots_for", "store_kvcache", "warm_up"]
+           "paged_attention", "prepare_linear", "rms_norm", "rotate_and_store", "slots_for",
+           "store_kvcache", "warm_up"]
 
 
 def warm_up() -> None:

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 from numba import njit
 
+from kernels.attention import store_kvcache
 from kernels.backend import jit, use_triton
 
 
@@ -26,8 +27,9 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 
 # --- fast CPU path ----------------------------------------------------------------------------
-# fp32: q and k rotated in one numba call, each head's halves read in place from the strided
-# views the model passes (slices of the qkv output). The reference is ~10 torch ops (cat, neg,
+# fp32: q and k rotated in one numba call, each head's halves read in place from strided views
+# (slices of a qkv output). The engine's model calls rotate_and_store instead (the same
+# arithmetic, and the keys and values written to the cache in the same call). The reference is ~10 torch ops (cat, neg,
 # four muls, two adds, casts): 2-6x slower at 1-256 tokens (kernels_bench --only norm). No
 # fastmath: each output is x1*c - x2*s rounded as the reference rounds it, so the result equals
 # the reference bit for bit.
@@ -69,11 +71,60 @@ def _rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q_out, k_out
 
 
+@njit(nogil=True, boundscheck=False, inline="always")
+def _rotate_head(src, at, c, s, dst, to, half):  # type: ignore[no-untyped-def]
+    # Slices first: indices from 0 need no wraparound check, and the loops vectorize.
+    x1, x2 = src[at:at + half], src[at + half:at + 2 * half]
+    o1, o2 = dst[to:to + half], dst[to + half:to + 2 * half]
+    c1, c2, s1, s2 = c[:half], c[half:2 * half], s[:half], s[half:2 * half]
+    for i in range(half):
+        o1[i] = x1[i] * c1[i] - x2[i] * s1[i]
+    for i in range(half):
+        o2[i] = x2[i] * c2[i] + x1[i] * s2[i]
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _rotate_store(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots):  # type: ignore[no-untyped-def]
+    """qkv [T, (h + 2 kvh) * d] -> q_out [T, h * d] rotated; k rotated and v as it is written
+    to their cache rows k_flat / v_flat [slots, kvh * d] at slots[t] (-1: not stored)."""
+    dim = cos.shape[1]
+    half = dim // 2
+    num_slots = k_flat.shape[0]
+    values = (num_heads + num_kv_heads) * dim
+    for t in range(qkv.shape[0]):
+        row, c, s = qkv[t], cos[t], sin[t]
+        for h in range(num_heads):
+            _rotate_head(row, h * dim, c, s, q_out[t], h * dim, half)
+        slot = slots[t]
+        if slot < 0:
+            continue                      # -1: a padding token, not stored (as in the reference)
+        if slot >= num_slots:
+            raise IndexError("slot_mapping points outside the KV cache")
+        k_row, v_row = k_flat[slot], v_flat[slot]
+        for h in range(num_kv_heads):
+            _rotate_head(row, (num_heads + h) * dim, c, s, k_row, h * dim, half)
+        for i in range(num_kv_heads * dim):
+            v_row[i] = row[values + i]
+
+
+def _fused_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    return (qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+            and qkv.dim() == 2 and qkv.is_contiguous() and cos.is_contiguous()
+            and sin.is_contiguous() and cos.shape == sin.shape == (qkv.shape[0], k_cache.shape[3])
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and not qkv.is_cuda
+            and slot_mapping.dtype == torch.long and slot_mapping.shape == qkv.shape[:1]
+            and not qkv.requires_grad)
+
+
 def warm_up() -> None:
     """Compile the numba path for the strided views the model passes (or load it from cache)."""
     for tokens in (1, 2):      # one token's views are contiguous to numba, more tokens' strided
         qkv = torch.ones(tokens, 3, 4)
         _rotary_cpu(qkv[:, :2], qkv[:, 2:], torch.ones(tokens, 4), torch.ones(tokens, 4))
+    cache = torch.zeros(1, 2, 1, 4)
+    rotate_and_store(torch.ones(1, 12), 1, 1, torch.ones(1, 4), torch.ones(1, 4), cache,
+                     cache.clone(), torch.zeros(1, dtype=torch.long))
 
 
 # --- Triton kernel ----------------------------------------------------------------------------
@@ -125,3 +176,25 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if use_triton(q):
         return _rotate_triton(q, cos, sin), _rotate_triton(k, cos, sin)
     return _rotary_cpu(q, k, cos, sin)
+
+
+def rotate_and_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
+                     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> torch.Tensor:
+    """The qkv projection's output [T, (h + 2 kvh) * d] -> rotated q [T, h, d]; the rotated keys
+    and the values go into the cache at slot_mapping (kernels.attention.store_kvcache).
+
+    fp32 on the CPU: one numba call reading qkv in place, instead of a rotary call, a store call
+    and a key tensor in between (the same arithmetic, so the same bits; a test checks)."""
+    head_dim = k_cache.shape[3]
+    if _fused_takes(qkv, cos, sin, k_cache, v_cache, slot_mapping):
+        q = torch.empty(qkv.shape[0], num_heads * head_dim)
+        _rotate_store(qkv.numpy(), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), q.numpy(),
+                      k_cache.view(-1, num_kv_heads * head_dim).numpy(),
+                      v_cache.view(-1, num_kv_heads * head_dim).numpy(), slot_mapping.numpy())
+        return q.view(-1, num_heads, head_dim)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                         num_kv_heads * head_dim], dim=-1)
+    q, k = apply_rotary(q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim), cos, sin)
+    store_kvcache(k, v.view(-1, num_kv_heads, head_dim), k_cache, v_cache, slot_mapping)
+    return q

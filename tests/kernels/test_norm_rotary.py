@@ -113,3 +113,26 @@ def test_norm_rotary_cuda(cuda: torch.device, dtype: torch.dtype) -> None:
     q, k, cos, sin = rotary_inputs(300, 9, 3, 64, dtype)
     ref_q, _ = apply_rotary_ref(q, k, cos, sin)
     torch.testing.assert_close(_rotate_triton(q.to(cuda), cos.to(cuda), sin.to(cuda)).cpu(), ref_q, **tol)
+
+
+def test_rotate_and_store_equals_rotary_then_store() -> None:
+    """The fused fp32 CPU path (rotate q and k, store k and v, one numba call) gives the bits of
+    apply_rotary followed by store_kvcache, skips -1 slots, and refuses a slot past the cache."""
+    from kernels import rotate_and_store, store_kvcache
+    g = torch.Generator().manual_seed(4)
+    tokens, h, kvh, d = 6, 9, 3, 64
+    qkv = torch.randn(tokens, (h + 2 * kvh) * d, generator=g)
+    pos = torch.tensor([0, 5, 17, 300, 2, 9])
+    cos, sin = torch.randn(400, d, generator=g)[pos], torch.randn(400, d, generator=g)[pos]
+    slots = torch.tensor([3, 17, -1, 40, 0, 63])
+    caches = [torch.randn(4, 16, kvh, d, generator=g) for _ in range(2)]
+    kc, vc = caches[0].clone(), caches[1].clone()
+    q = rotate_and_store(qkv, h, kvh, cos, sin, kc, vc, slots)
+    qr, kr, vr = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    want_q, want_k = apply_rotary(qr.reshape(-1, h, d), kr.reshape(-1, kvh, d), cos, sin)
+    kw, vw = caches[0].clone(), caches[1].clone()
+    store_kvcache(want_k, vr.reshape(-1, kvh, d), kw, vw, slots)
+    assert torch.equal(q, want_q) and torch.equal(kc, kw) and torch.equal(vc, vw)
+    assert torch.equal(kc.view(-1, kvh, d)[2], caches[0].view(-1, kvh, d)[2])  # untouched slot
+    with pytest.raises(IndexError):
+        rotate_and_store(qkv, h, kvh, cos, sin, kc, vc, torch.tensor([0, 1, 2, 3, 4, 64]))
