@@ -1,16 +1,22 @@
 """A decode step's time depending on which thread runs it (why AsyncEngine has one compute thread).
 
-    python -m benchmarks.step_threads [--seqs 32] [--repeats 10] [--profile]
+    python -m benchmarks.step_threads [--seqs 32] [--repeats 10] [--profile] [--ops]
 
 Each thread that enters an OpenMP region gets its own team of workers. The script fills a batch
 of decoding sequences, then times the same step on the main thread, on one worker thread, on
 the main thread again, and on a pool of rotating threads. Prints medians in ms. --profile first
-prints torch's profiler table (self CPU time per op) over 5 steps on the main thread.
+prints torch's profiler table (self CPU time per op) over 5 steps on the main thread. --ops
+first prints wall-clock ms per step in each of the model's calls (linear, attention, norm,
+rotary + store, logits, sampling, input preparation), timed around the calls themselves: torch's
+profiler does not see numba kernels and inflates small ops.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
+import time
+from typing import Any
 
 from benchmarks.engine_throughput import prompt_ids
 from engine.config import EngineConfig
@@ -24,6 +30,7 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="where a step's time goes, by op")
+    ap.add_argument("--ops", action="store_true", help="wall-clock ms per step in each model call")
     args = ap.parse_args()
     core = EngineCore(EngineConfig())
     params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
@@ -38,6 +45,8 @@ def main() -> None:
             for _ in range(5):
                 core.step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    if args.ops:
+        op_times(core, args.repeats)
     one = concurrent.futures.ThreadPoolExecutor(1)
     rotating = concurrent.futures.ThreadPoolExecutor(4)
     runs = [("main thread", core.step),
@@ -47,6 +56,51 @@ def main() -> None:
     for name, fn in runs:
         print(f"{name:<20} {_median_ms(fn, args.repeats):7.1f} ms per {args.seqs}-sequence decode step",
               flush=True)
+
+
+def op_times(core: EngineCore, steps: int) -> None:
+    """Time the model's calls by wrapping them (instance attributes and engine.model's names),
+    run `steps` steps, print ms per step, then put everything back."""
+    import engine.model as model_module
+    import engine.model_runner as runner_module
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    def timed(name: str, fn: Any) -> Any:
+        def call(*a: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return call
+
+    runner, model = core.runner, core.runner.model
+    linear, attention = model.linear, model.attention         # set per instance in __init__
+    # apply_rotary and store_kvcache: what the model called before rotate_and_store (older commits)
+    patches = [(model_module, name) for name in ("rms_norm", "rotate_and_store", "apply_rotary",
+                                                 "store_kvcache") if hasattr(model_module, name)]
+    patches.append((runner_module, "sample"))
+    originals = [(obj, name, getattr(obj, name)) for obj, name in patches]
+    for obj, name, fn in originals:
+        setattr(obj, name, timed(name, fn))
+    model.linear = timed("linear (with logits)", linear)
+    model.attention = timed("attention", attention)
+    model.compute_logits = timed("logits", model.compute_logits)    # shadows the method
+    runner.prepare = timed("prepare", runner.prepare)
+    try:
+        core.step()
+        spent.clear()
+        start = time.perf_counter()
+        for _ in range(steps):
+            core.step()
+        spent["whole step"] = time.perf_counter() - start
+    finally:
+        for obj, name, fn in originals:
+            setattr(obj, name, fn)
+        model.linear, model.attention = linear, attention
+        del model.compute_logits, runner.prepare
+    for name, total in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"{name:<22} {total / steps * 1e3:7.2f} ms per step", flush=True)
 
 
 if __name__ == "__main__":
