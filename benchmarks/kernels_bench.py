@@ -163,8 +163,22 @@ def bench_norm_rotary(device: str, repeats: int, dtypes: list[torch.dtype]) -> N
             sin = torch.randn_like(cos)
             rfast = median_ms(lambda: rotary.apply_rotary(q, k, cos, sin), repeats, device)
             rref = median_ms(lambda: rotary.apply_rotary_ref(q, k, cos, sin), repeats, device)
+            # What the model calls: rotary + KV store from the qkv output, one call against two.
+            qkv = torch.randn(num_tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=device).to(dtype)
+            kc = torch.zeros(4096, BLOCK, KV_HEADS, HEAD_DIM, device=device).to(dtype)
+            vc = torch.zeros_like(kc)
+            slots = torch.randperm(4096 * BLOCK)[:num_tokens].to(device)
+            q_, k_, v_ = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
+
+            def unfused() -> None:
+                _, kr = rotary.apply_rotary(q_.view(-1, HEADS, HEAD_DIM),
+                                            k_.view(-1, KV_HEADS, HEAD_DIM), cos, sin)
+                attention.store_kvcache(kr, v_.view(-1, KV_HEADS, HEAD_DIM), kc, vc, slots)
+            fused = median_ms(lambda: rotary.rotate_and_store(qkv, HEADS, KV_HEADS, cos, sin, kc, vc,
+                                                              slots), repeats, device)
             row(f"  {str(dtype)[6:]} tokens={num_tokens}", rms=fast, rms_naive=ref,
-                rotary=rfast, rotary_naive=rref)
+                rotary=rfast, rotary_naive=rref, rotary_store=fused,
+                rotary_then_store=median_ms(unfused, repeats, device))
 
 
 def bench_linear(repeats: int) -> None:

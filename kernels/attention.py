@@ -6,8 +6,8 @@ a slot is block_id * block_size + offset, and a block_table row lists a sequence
 The fast CPU decode path, for an fp32 or bf16 cache, is a numba kernel that reads the blocks in
 place through the block table: each query row's keys cut into spans of SPAN_KEYS (work items,
 split across threads), all kv heads of a block together, fp32 softmax per span, the spans then
-combined in order. It runs at 0.5-0.8x the time of dense SDPA on the same keys held contiguously
-from 8 sequences on, and about 1.1x for one 512-key row (docs/BENCHMARKS.md); the gather it
+combined in order. It runs at 0.4-0.8x the time of dense SDPA on the same keys held contiguously
+from 8 sequences on, and 0.9-1.1x for one 512-key row (docs/BENCHMARKS.md); the gather it
 replaced was 1.5-2.2x. A row is cut and combined the same way whatever the batch, so its output
 is bitwise batch-invariant. numba has no bfloat16: a bf16 cache goes in as its int16
 bits and each value is widened exactly in the kernel (kernels.simd.as_f32). Other dtypes (which
@@ -201,10 +201,10 @@ _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf m
 
 
 # Keys per work item of the in-place decode. A query row's keys are cut into spans of this many
-# (whole blocks), each span an item of its own, so one long row keeps both cores busy: a
-# 512-key row took 1.5-1.65x dense SDPA's time on one thread, 1.07-1.15x as four items
-# (kernels_bench --only attention). The cut depends only on the row's own length, never on the
-# batch, so the output stays batch-invariant.
+# (whole blocks), each span an item of its own, so one long row keeps both cores busy: one
+# 512-key row took 1.52-1.85x dense SDPA's time on one thread, 0.88-1.08x as four items
+# (kernels_bench --only attention, docs/BENCHMARKS.md). The cut depends only on the row's own
+# length, never on the batch, so the output stays batch-invariant.
 SPAN_KEYS = 128
 
 
