@@ -5,18 +5,18 @@ a slot is block_id * block_size + offset, and a block_table row lists a sequence
 
 The fast CPU decode path, for an fp32 or bf16 cache, is a numba kernel that reads the blocks in
 place through the block table: each query row's keys cut into spans of SPAN_KEYS (work items,
-split across threads), all kv heads of a block together, fp32 softmax per span, the spans then
-combined in order. It runs at 0.4-0.8x the time of dense SDPA on the same keys held contiguously
-from 8 sequences on, and 0.9-1.1x for one 512-key row (docs/BENCHMARKS.md); the gather it
-replaced was 1.5-2.2x. A row is cut and combined the same way whatever the batch, so its output
-is bitwise batch-invariant. numba has no bfloat16: a bf16 cache goes in as its int16
-bits and each value is widened exactly in the kernel (kernels.simd.as_f32). Other dtypes (which
-the engine never uses) take the torch reference. numba's threads come
-from its own OpenMP runtime (the system libgomp, not torch's copy); interleaved with torch's
-linear layers on the engine's compute thread, the two did not slow each other in a
-side-by-side check, and the engine's steps got faster (docs/BENCHMARKS.md). fastmath is limited
-to reassociation and contraction (what vectorizes the dot products and sums), so NaN and inf
-still propagate. The Triton kernel reads blocks in place through the block table, one program
+split across threads), all kv heads of a block together, fp32 softmax per span (its exp eight
+lanes at once, kernels.simd.exp8), the spans then combined in order. It runs at 0.4-0.8x the
+time of dense SDPA on the same keys held contiguously from 8 sequences on, and 0.9-1.1x for one
+512-key row (docs/BENCHMARKS.md); the gather it replaced was 1.5-2.2x. A row is cut and combined
+the same way whatever the batch, so its output is bitwise batch-invariant. numba has no
+bfloat16: a bf16 cache goes in as its int16 bits and each value is widened exactly in the kernel
+(kernels.simd.as_f32). Other dtypes (which the engine never uses) take the torch reference.
+numba's threads come from its own OpenMP runtime (the system libgomp, not torch's copy);
+interleaved with torch's linear layers on the engine's compute thread, the two did not slow each
+other in a side-by-side check, and the engine's steps got faster (docs/BENCHMARKS.md). fastmath
+is limited to reassociation and contraction (what vectorizes the dot products and sums), so NaN
+and inf still propagate. The Triton kernel reads blocks in place through the block table, one program
 per (sequence, kv head, tile of query rows), online softmax.
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from kernels.backend import jit, numba_threads, use_triton
-from kernels.simd import as_f32
+from kernels.simd import (WIDTH, add8, as_f32, broadcast8, exp8, lane8, load8, max8, store8,
+                          sub8, zeros8)
 
 
 @dataclass(slots=True)
@@ -215,7 +216,8 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
     [kvh, group, 2], and acc [kvh, group, d] = sum of exp(score - m) * value.
 
     Blocks are read in place, once each for keys and once for values, all kv heads together
-    (a block's rows hold every head). scores [kvh, group, >= span] is scratch.
+    (a block's rows hold every head). scores [kvh, group, span rounded up to a multiple of
+    WIDTH] is scratch: the exp's last vector may run past n into it.
     """
     num_kv_heads, group, head_dim = q.shape
     bs = k_cache.shape[1]
@@ -229,17 +231,36 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
                     for x in range(head_dim):
                         s += q[h, g, x] * as_f32(blk[o, h, x])
                     scores[h, g, (b - b0) * bs + o] = s * scale
-    for h in range(num_kv_heads):                                # exp, fp32
+    for h in range(num_kv_heads):                                # exp, fp32, 8 lanes at once
         for g in range(group):
             row = scores[h, g]
             m = row[0]
-            for p in range(1, n):
-                m = max(m, row[p])
+            p = 0
+            if n >= WIDTH:
+                mv = load8(row, 0)
+                while p + WIDTH <= n:
+                    mv = max8(mv, load8(row, p))
+                    p += WIDTH
+                for lane in range(WIDTH):
+                    m = max(m, lane8(mv, lane))
+            for i in range(p, n):
+                m = max(m, row[i])
+            mv = broadcast8(m)
+            sums = zeros8()
+            p = 0
+            while p + WIDTH <= n:
+                e = exp8(sub8(load8(row, p), mv))
+                store8(row, p, e)
+                sums = add8(sums, e)
+                p += WIDTH
             total = np.float32(0.0)
-            for p in range(n):
-                e = np.exp(row[p] - m)
-                row[p] = e
-                total += e
+            for lane in range(WIDTH):
+                total += lane8(sums, lane)
+            if p < n:   # the tail: one more vector over the scratch's spare lanes, n - p counted
+                e = exp8(sub8(load8(row, p), mv))
+                store8(row, p, e)
+                for lane in range(n - p):
+                    total += lane8(e, lane)
             ml[h, g, 0] = m
             ml[h, g, 1] = total
     acc[:] = 0
@@ -276,6 +297,11 @@ def _combine(acc, ml, i0, i1, out):  # type: ignore[no-untyped-def]
                     o[x] += w * a[x]
 
 
+@njit(nogil=True, boundscheck=False, inline="always")
+def _scratch(span):  # type: ignore[no-untyped-def]
+    return (span + WIDTH - 1) // WIDTH * WIDTH
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _items(seq_lens, bs, span_blocks):  # type: ignore[no-untyped-def]
     """Row r's items are starts[r] .. starts[r + 1] - 1; item i covers blocks b0[i] .. +span."""
@@ -303,7 +329,8 @@ def _decode_parallel(q, k_cache, v_cache, block_tables, seq_lens, scale, span_bl
     ml = np.empty((items, num_kv_heads, group, 2), np.float32)
     for i in prange(items):                  # items split across threads
         r = row_of[i]
-        scores = np.empty((num_kv_heads, group, span_blocks * k_cache.shape[1]), np.float32)
+        scores = np.empty((num_kv_heads, group, _scratch(span_blocks * k_cache.shape[1])),
+                          np.float32)
         _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
                      seq_lens[r], scale, scores, acc[i], ml[i])
     for r in prange(seq_lens.shape[0]):
@@ -318,7 +345,8 @@ def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_bloc
     starts, row_of, b0 = _items(seq_lens, k_cache.shape[1], span_blocks)
     acc = np.empty((row_of.shape[0], num_kv_heads, group, head_dim), np.float32)
     ml = np.empty((row_of.shape[0], num_kv_heads, group, 2), np.float32)
-    scores = np.empty((num_kv_heads, group, span_blocks * k_cache.shape[1]), np.float32)
+    scores = np.empty((num_kv_heads, group, _scratch(span_blocks * k_cache.shape[1])),
+                      np.float32)
     for i in range(row_of.shape[0]):
         r = row_of[i]
         _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
@@ -415,7 +443,8 @@ def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
     nd = meta.num_decodes
     decode = decode_in_place if can_attend_in_place(q, k_cache, v_cache) else _decode_reference
-    outs = [decode(q[:nd] if meta.prefill_query_lens else q, k_cache, v_cache, meta, scale)] if nd else []
+    decodes = q[:nd] if meta.prefill_query_lens else q
+    outs = [decode(decodes, k_cache, v_cache, meta, scale)] if nd else []
     if not meta.prefill_query_lens:
         return outs[0]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
