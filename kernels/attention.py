@@ -16,8 +16,8 @@ numba's threads come from its own OpenMP runtime (the system libgomp, not torch'
 interleaved with torch's linear layers on the engine's compute thread, the two did not slow each
 other in a side-by-side check, and the engine's steps got faster (docs/BENCHMARKS.md). fastmath
 is limited to reassociation and contraction (what vectorizes the dot products and sums), so NaN
-and inf still propagate. The Triton kernel reads blocks in place through the block table, one program
-per (sequence, kv head, tile of query rows), online softmax.
+and inf still propagate. The Triton kernel reads blocks in place through the block table, one
+program per (sequence, kv head, tile of query rows), online softmax.
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor          # [num_tokens] int64: cache slot of each new token
     num_decodes: int
     # The decode rows' keys as padded slot lists; None when the block-table fields below are
-    # given (the engine gives those: slot lists grow with the context, block tables 16x slower).
+    # given (the engine gives those: a slot list has an entry per key, a block table one per
+    # block of keys).
     decode_slots: torch.Tensor | None   # [num_decodes, max_decode_len] int64 (padding -> slot 0)
     decode_mask: torch.Tensor | None    # [num_decodes, 1, 1, max_decode_len] bool, True = attend
     prefill_query_lens: list[int]       # per prefill sequence: new tokens this step
