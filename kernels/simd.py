@@ -1,4 +1,5 @@
-"""Eight-float vectors inside numba kernels: a value type and the few operations a GEMM needs.
+"""Eight-float vectors inside numba kernels: a value type and the few operations a GEMM and a
+softmax need.
 
 numba vectorizes simple loops on its own, but it cannot keep a block of accumulators in
 registers across a loop: its arrays live in memory, and a matrix product written with them
@@ -12,6 +13,9 @@ slower, still correct.
 Also here: `as_f32`, which reads bfloat16 values that numba has no type for. A bf16 tensor is
 handed to numba as its int16 bits; widening is exact (bf16 is the top half of an fp32), and it
 is plain integer IR that LLVM vectorizes like any load.
+
+numba's on-disk cache (`cache=True` kernels, kernels/__pycache__) checks only the source file of
+the function it caches, not this one: after editing an intrinsic here, delete the cache files.
 """
 from __future__ import annotations
 
@@ -85,11 +89,14 @@ def splat8(typingctx: Any, arr: Any, index: Any) -> Any:
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         x = builder.load(_element_pointer(context, builder, sig.args[0], args[0], args[1]))
-        lane0 = builder.insert_element(ir.Constant(_VEC, ir.Undefined), x,
-                                       ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(lane0, lane0,
-                                      ir.Constant(ir.VectorType(ir.IntType(32), WIDTH), [0] * WIDTH))
+        return _splat(builder, x)
     return float32x8(arr, index), codegen
+
+
+def _splat(builder: Any, x: Any) -> Any:
+    lane0 = builder.insert_element(ir.Constant(_VEC, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(lane0, lane0,
+                                  ir.Constant(ir.VectorType(ir.IntType(32), WIDTH), [0] * WIDTH))
 
 
 @intrinsic
@@ -113,35 +120,22 @@ def fma8(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
     return float32x8(a, b, c), codegen
 
 
-@intrinsic
-def add8(typingctx: Any, a: Any, b: Any) -> Any:
-    if not a == b == float32x8:
-        return None
+def _lanewise(op: Any) -> Any:
+    """An intrinsic (a, b) -> op(builder, a, b) on two float32x8 values."""
+    def typer(typingctx: Any, a: Any, b: Any) -> Any:
+        if not a == b == float32x8:
+            return None
 
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.fadd(args[0], args[1])
-    return float32x8(a, b), codegen
-
-
-@intrinsic
-def sub8(typingctx: Any, a: Any, b: Any) -> Any:
-    if not a == b == float32x8:
-        return None
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.fsub(args[0], args[1])
-    return float32x8(a, b), codegen
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return op(builder, args[0], args[1])
+        return float32x8(a, b), codegen
+    return intrinsic(typer)
 
 
-@intrinsic
-def max8(typingctx: Any, a: Any, b: Any) -> Any:
-    """Lane by lane, b where b > a, else a (a NaN in b is passed over, as Python's max does)."""
-    if not a == b == float32x8:
-        return None
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return builder.select(builder.fcmp_ordered(">", args[1], args[0]), args[1], args[0])
-    return float32x8(a, b), codegen
+add8 = _lanewise(lambda b, x, y: b.fadd(x, y))
+sub8 = _lanewise(lambda b, x, y: b.fsub(x, y))
+# y where y > x, else x: a NaN in y is passed over, as Python's max(x, y) does.
+max8 = _lanewise(lambda b, x, y: b.select(b.fcmp_ordered(">", y, x), y, x))
 
 
 @intrinsic
@@ -151,10 +145,7 @@ def broadcast8(typingctx: Any, x: Any) -> Any:
         return None
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        lane0 = builder.insert_element(ir.Constant(_VEC, ir.Undefined), args[0],
-                                       ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(lane0, lane0,
-                                      ir.Constant(ir.VectorType(ir.IntType(32), WIDTH), [0] * WIDTH))
+        return _splat(builder, args[0])
     return float32x8(x), codegen
 
 
