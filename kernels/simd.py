@@ -164,7 +164,7 @@ def lane8(typingctx: Any, v: Any, i: Any) -> Any:
 # so n ln2 is exact), exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits.
 # Within ~1 ulp of the correctly rounded value; below -87.33 the result is 0 (exp(-inf) = 0),
 # above 88.72 it is inf, and NaN stays NaN (comparisons with NaN are false, so the selects keep
-# it). libm's scalar expf was ~5 ns a value here; this is a fraction of that.
+# it). It replaces libm's scalar expf, one call per value, in the attention softmax.
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
              1.6666665459e-1, 5.0000001201e-1)
 
