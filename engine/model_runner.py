@@ -93,7 +93,7 @@ class ModelRunner:
             table = seq.block_table
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
-            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            slot_mapping += slots_for(table, end, bs, start)
             if seq.samples_this_step:
                 sample_rows.append(len(input_ids) - 1)
             if i < batch.num_decodes:

@@ -6,8 +6,8 @@ a slot is block_id * block_size + offset, and a block_table row lists a sequence
 The fast CPU decode path, for an fp32 or bf16 cache, is a numba kernel that reads the blocks in
 place through the block table: each query row's keys cut into spans of SPAN_KEYS (work items,
 split across threads), all kv heads of a block together, fp32 softmax per span (its exp eight
-lanes at once, kernels.simd.exp8), the spans then combined in order. It runs at 0.4-0.8x the
-time of dense SDPA on the same keys held contiguously from 8 sequences on, and 0.9-1.1x for one
+lanes at once, kernels.simd.exp8), the spans then combined in order. It runs at 0.4-0.7x the
+time of dense SDPA on the same keys held contiguously from 8 sequences on, and 0.7-1.5x for one
 512-key row (docs/BENCHMARKS.md); the gather it replaced was 1.5-2.2x. A row is cut and combined
 the same way whatever the batch, so its output is bitwise batch-invariant. numba has no
 bfloat16: a bf16 cache goes in as its int16 bits and each value is widened exactly in the kernel
@@ -65,9 +65,11 @@ class AttentionMetadata:
     decode_arrays: tuple[np.ndarray, np.ndarray] | None = None   # decode_in_place's numpy views
 
 
-def slots_for(block_table: list[int], num_tokens: int, block_size: int) -> list[int]:
-    """Cache slots of positions [0, num_tokens) of a sequence."""
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
+def slots_for(block_table: list[int], num_tokens: int, block_size: int,
+              start: int = 0) -> list[int]:
+    """Cache slots of positions [start, num_tokens) of a sequence."""
+    return [block_table[p // block_size] * block_size + p % block_size
+            for p in range(start, num_tokens)]
 
 
 def paged_view(meta: AttentionMetadata, block_size: int) -> AttentionMetadata:
@@ -204,8 +206,8 @@ _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf m
 
 # Keys per work item of the in-place decode. A query row's keys are cut into spans of this many
 # (whole blocks), each span an item of its own, so one long row keeps both cores busy: one
-# 512-key row took 1.52-1.85x dense SDPA's time on one thread, 0.88-1.08x as four items
-# (kernels_bench --only attention, docs/BENCHMARKS.md). The cut depends only on the row's own
+# 512-key row took 1.52-1.85x dense SDPA's time on one thread, 0.69-1.52x (five runs) as four
+# items (kernels_bench --only attention, docs/BENCHMARKS.md). The cut depends only on the row's own
 # length, never on the batch, so the output stays batch-invariant.
 SPAN_KEYS = 128
 
@@ -299,8 +301,10 @@ def _combine(acc, ml, i0, i1, out):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, boundscheck=False, inline="always")
-def _scratch(span):  # type: ignore[no-untyped-def]
-    return (span + WIDTH - 1) // WIDTH * WIDTH
+def _scores(q, bs, span_blocks):  # type: ignore[no-untyped-def]
+    """_attend_span's scratch: a span's keys per head, rounded up to whole vectors."""
+    span = (span_blocks * bs + WIDTH - 1) // WIDTH * WIDTH
+    return np.empty((q.shape[1], q.shape[2], span), np.float32)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -321,17 +325,22 @@ def _items(seq_lens, bs, span_blocks):  # type: ignore[no-untyped-def]
     return starts, row_of, b0
 
 
+@njit(nogil=True, boundscheck=False, cache=True)
+def _workspace(q, seq_lens, bs, span_blocks):  # type: ignore[no-untyped-def]
+    """The items (_items) and each item's partial results: acc [items, kvh, group, d] and its
+    max and sum, ml [items, kvh, group, 2]."""
+    starts, row_of, b0 = _items(seq_lens, bs, span_blocks)
+    acc = np.empty((row_of.shape[0], q.shape[1], q.shape[2], q.shape[3]), np.float32)
+    ml = np.empty((row_of.shape[0], q.shape[1], q.shape[2], 2), np.float32)
+    return starts, row_of, b0, acc, ml
+
+
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)
 def _decode_parallel(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, out):  # type: ignore[no-untyped-def]
-    num_kv_heads, group, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    starts, row_of, b0 = _items(seq_lens, k_cache.shape[1], span_blocks)
-    items = row_of.shape[0]
-    acc = np.empty((items, num_kv_heads, group, head_dim), np.float32)
-    ml = np.empty((items, num_kv_heads, group, 2), np.float32)
-    for i in prange(items):                  # items split across threads
+    starts, row_of, b0, acc, ml = _workspace(q, seq_lens, k_cache.shape[1], span_blocks)
+    for i in prange(row_of.shape[0]):        # items split across threads
         r = row_of[i]
-        scores = np.empty((num_kv_heads, group, _scratch(span_blocks * k_cache.shape[1])),
-                          np.float32)
+        scores = _scores(q, k_cache.shape[1], span_blocks)
         _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
                      seq_lens[r], scale, scores, acc[i], ml[i])
     for r in prange(seq_lens.shape[0]):
@@ -342,12 +351,8 @@ def _decode_parallel(q, k_cache, v_cache, block_tables, seq_lens, scale, span_bl
 def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, out):  # type: ignore[no-untyped-def]
     """_decode_parallel without a parallel launch, for a single item (the same functions, so
     the same bits)."""
-    num_kv_heads, group, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    starts, row_of, b0 = _items(seq_lens, k_cache.shape[1], span_blocks)
-    acc = np.empty((row_of.shape[0], num_kv_heads, group, head_dim), np.float32)
-    ml = np.empty((row_of.shape[0], num_kv_heads, group, 2), np.float32)
-    scores = np.empty((num_kv_heads, group, _scratch(span_blocks * k_cache.shape[1])),
-                      np.float32)
+    starts, row_of, b0, acc, ml = _workspace(q, seq_lens, k_cache.shape[1], span_blocks)
+    scores = _scores(q, k_cache.shape[1], span_blocks)
     for i in range(row_of.shape[0]):
         r = row_of[i]
         _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,

@@ -5,9 +5,10 @@ MKL takes a slow generic path); oneDNN on a weight reordered once into its block
 ("prepacked", what torch.compile's CPU freezing does) was 1.2-3.3x faster for every SmolLM2
 shape from 2 rows on. Our own panel GEMM (below) is faster again at decode sizes: 1.1-1.8x
 oneDNN at 1-32 rows, about even at a 512-row prefill chunk (0.96-1.06x on the body, 0.88x on
-the lm_head, which the engine computes for sampled rows only). So a weight whose out_features divide into 24-column panels is packed into them; others fall
-back to oneDNN. `benchmarks/kernels_bench.py --only linear` measures all three; docs/BENCHMARKS.md
-has the figures. Deterministic mode never packs (kernels.invariant reads the plain weights); a
+the lm_head, which the engine computes for sampled rows only). So a weight whose out_features
+divide into 24-column panels is packed into them; others fall back to oneDNN.
+`benchmarks/kernels_bench.py --only linear` measures all three; docs/BENCHMARKS.md has the
+figures. Deterministic mode never packs (kernels.invariant reads the plain weights); a
 packed fp32 layer drops its plain copy, which would hold as much memory again.
 
 The panel GEMM: the weight [out, in] is stored as panels of 24 output columns, each [in, 24]

@@ -29,23 +29,29 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 # --- fast CPU path ----------------------------------------------------------------------------
 # fp32: q and k rotated in one numba call, each head's halves read in place from strided views
 # (slices of a qkv output). The engine's model calls rotate_and_store instead (the same
-# arithmetic, and the keys and values written to the cache in the same call). The reference is ~10 torch ops (cat, neg,
-# four muls, two adds, casts): 2-6x slower at 1-256 tokens (kernels_bench --only norm). No
-# fastmath: each output is x1*c - x2*s rounded as the reference rounds it, so the result equals
-# the reference bit for bit.
+# per-head arithmetic, with the keys and values written to the cache in the same call). The
+# reference is ~10 torch ops (cat, neg, four muls, two adds, casts): 2-6x slower at 1-256
+# tokens (kernels_bench --only norm). No fastmath: each output is x1*c - x2*s rounded as the
+# reference rounds it, so the result equals the reference bit for bit.
+
+@njit(nogil=True, boundscheck=False, inline="always")
+def _rotate_head(src, at, c, s, dst, to, half):  # type: ignore[no-untyped-def]
+    # Slices first: indices from 0 need no wraparound check, and the loops vectorize.
+    x1, x2 = src[at:at + half], src[at + half:at + 2 * half]
+    o1, o2 = dst[to:to + half], dst[to + half:to + 2 * half]
+    c1, c2, s1, s2 = c[:half], c[half:2 * half], s[:half], s[half:2 * half]
+    for i in range(half):
+        o1[i] = x1[i] * c1[i] - x2[i] * s1[i]
+    for i in range(half):
+        o2[i] = x2[i] * c2[i] + x1[i] * s2[i]
+
 
 @njit(nogil=True, boundscheck=False, cache=True)
 def _rotate_rows(x, cos, sin, out):  # type: ignore[no-untyped-def]
     tokens, heads, dim = x.shape
-    half = dim // 2
     for t in range(tokens):
-        c, s = cos[t], sin[t]
         for h in range(heads):
-            xi, o = x[t, h], out[t, h]
-            for i in range(half):
-                o[i] = xi[i] * c[i] - xi[i + half] * s[i]
-            for i in range(half, dim):
-                o[i] = xi[i] * c[i] + xi[i - half] * s[i]
+            _rotate_head(x[t, h], 0, cos[t], sin[t], out[t, h], 0, dim // 2)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -69,18 +75,6 @@ def _rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     q_out, k_out = torch.empty(q.shape), torch.empty(k.shape)
     _rotate_qk(q.numpy(), k.numpy(), cos.numpy(), sin.numpy(), q_out.numpy(), k_out.numpy())
     return q_out, k_out
-
-
-@njit(nogil=True, boundscheck=False, inline="always")
-def _rotate_head(src, at, c, s, dst, to, half):  # type: ignore[no-untyped-def]
-    # Slices first: indices from 0 need no wraparound check, and the loops vectorize.
-    x1, x2 = src[at:at + half], src[at + half:at + 2 * half]
-    o1, o2 = dst[to:to + half], dst[to + half:to + 2 * half]
-    c1, c2, s1, s2 = c[:half], c[half:2 * half], s[:half], s[half:2 * half]
-    for i in range(half):
-        o1[i] = x1[i] * c1[i] - x2[i] * s1[i]
-    for i in range(half):
-        o2[i] = x2[i] * c2[i] + x1[i] * s2[i]
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -195,6 +189,7 @@ def rotate_and_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: 
         return q.view(-1, num_heads, head_dim)
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
                          num_kv_heads * head_dim], dim=-1)
-    q, k = apply_rotary(q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim), cos, sin)
+    q, k = apply_rotary(q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
+                        cos, sin)
     store_kvcache(k, v.view(-1, num_kv_heads, head_dim), k_cache, v_cache, slot_mapping)
     return q
