@@ -18,6 +18,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 0            # 0: the model's own context length
     enable_chunked_prefill: bool = True
+    # Reuse the KV of whole blocks another request already computed for the same leading tokens
+    # (engine/block_manager.py). Off in deterministic mode: a prefill resumed from a cached block
+    # runs in other chunk shapes than the one that would compute it from the start.
+    enable_prefix_caching: bool = True
     num_threads: int = 0              # 0: leave torch's default
     seed: int = 0                     # seeds requests that carry no seed of their own
     # Bit-identical tokens and logprobs whatever else is in the batch (see kernels/invariant.py);

@@ -35,6 +35,9 @@ class EngineStats:
     num_blocks: int
     num_preemptions: int
     num_forced_tokens: int = 0     # appended by grammar fast-forward, without a sampling step
+    # Prefix cache: prompt tokens of admitted sequences that looked it up, and of those found.
+    num_prefix_queried_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
 
 
 class EngineCore:
@@ -48,14 +51,16 @@ class EngineCore:
         capacity = self.runner.num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.runner.max_position_embeddings,
                                  capacity)
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size,
+                                   prefix_caching=config.enable_prefix_caching and not config.deterministic)
         self.scheduler = Scheduler(
             self.blocks, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids(),
             enable_chunked_prefill=config.enable_chunked_prefill,
             deterministic_chunk=config.deterministic_chunk if config.deterministic else 0,
-            fast_forward_vocab_size=self.runner.vocab_size if config.grammar_fast_forward else 0)
+            fast_forward_vocab_size=self.runner.vocab_size if config.grammar_fast_forward else 0,
+            weights_version=lambda: self.runner.weights_version)
         self.grammars = GrammarCompiler(self.tokenizer, backend=config.grammar_backend,
                                         vocab_size=self.vocab_size)
         self.runner.tokenizer = self.tokenizer
@@ -143,13 +148,15 @@ class EngineCore:
                 tuple(seq.logprobs[start:]), tuple(seq.top_logprobs[start:]),
                 seq.finish_reason, seq.num_prompt_tokens, seq.num_completion_tokens, seq.error,
                 tuple(seq.prompt_logprobs or [None]) if first else None,
-                tuple(seq.weights_versions[start:])))
+                tuple(seq.weights_versions[start:]), seq.num_cached_tokens))
         return out
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        return EngineStats(len(s.running), len(s.waiting), self.blocks.num_free_blocks,
-                           self.blocks.num_blocks, s.num_preemptions, s.num_forced_tokens)
+        b = self.blocks
+        return EngineStats(len(s.running), len(s.waiting), b.num_free_blocks, b.num_blocks,
+                           s.num_preemptions, s.num_forced_tokens, b.num_queried_tokens,
+                           b.num_hit_tokens)
 
 
 class RequestStream:

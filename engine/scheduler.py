@@ -7,6 +7,7 @@ never while the step reads the blocks.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,8 +49,10 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: set[int],
                  enable_chunked_prefill: bool = True, deterministic_chunk: int = 0,
-                 fast_forward_vocab_size: int = 0) -> None:
+                 fast_forward_vocab_size: int = 0,
+                 weights_version: Callable[[], int] = lambda: 0) -> None:
         self.blocks = block_manager
+        self.weights_version = weights_version    # the runner's now: roots a prefix-cache lookup
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -98,15 +101,17 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.admitting and seq.num_preemptions == 0:
                 break
-            n = seq.num_tokens - seq.num_computed_tokens
+            prefix = self.blocks.match(seq, self.weights_version())    # cached leading blocks
+            done = len(prefix) * self.blocks.block_size
+            n = seq.num_tokens - done
             if n > budget and not self.enable_chunked_prefill:
                 break
-            n = self._chunk(seq, budget)
+            n = self._chunk(seq, budget, done)
             if n == 0:
                 break
-            if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, n)):
+            if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, n, prefix)):
                 break
-            self.blocks.allocate(seq, n)
+            self.blocks.allocate(seq, n, prefix)
             self.waiting.popleft()
             self.running.append(seq)
             seq.status = SequenceStatus.RUNNING
@@ -115,17 +120,18 @@ class Scheduler:
             (decodes if seq.is_decode else prefills).append(seq)
         return Batch(decodes + prefills, len(decodes))
 
-    def _chunk(self, seq: Sequence, budget: int) -> int:
-        """Tokens to compute for seq this step (0: wait for a step with more budget).
+    def _chunk(self, seq: Sequence, budget: int, done: int | None = None) -> int:
+        """Tokens to compute for seq this step (0: wait for a step with more budget), from
+        `done` computed tokens (default: seq's own count; a prefix cache hit on admission).
 
         Deterministic mode fixes every sequence's step shapes whatever else runs: the prompt in
         chunks aligned to multiples of deterministic_chunk, then one token per step; a preempted
         sequence replays the same shapes when it recomputes."""
-        remaining = seq.num_tokens - seq.num_computed_tokens
+        done = seq.num_computed_tokens if done is None else done
+        remaining = seq.num_tokens - done
         size = self.deterministic_chunk
         if not size:
             return min(remaining, budget)
-        done = seq.num_computed_tokens
         if done < seq.num_prompt_tokens:
             n = min(seq.num_prompt_tokens, (done // size + 1) * size) - done
         else:
@@ -165,6 +171,8 @@ class Scheduler:
                 seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + result.prompt_logprobs[seq.seq_id]
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
+            if error is None:
+                self.blocks.register(seq, result.weights_version)
             if error is not None:
                 seq.error = error
                 self._finish(seq, FinishReason.ERROR)

@@ -49,6 +49,14 @@ class Sequence:
     num_skipped_draws: int = 0
     grammar: Any = None                      # grammars.Grammar cursor, or None (unconstrained)
     json_scan: Any = None                    # grammars.closing.JsonScan, for budget-aware closing
+    # Prefix cache (engine/block_manager.py): the weights version this sequence's KV was
+    # computed with (None: it changed mid-way, no more blocks are cached), the chained digests
+    # of its whole blocks so far, how many of its blocks are in the cache, and how many prompt
+    # tokens its first admission found there (the usage's cached_tokens).
+    kv_version: int | None = None
+    block_digests: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
