@@ -120,6 +120,7 @@ class TokenDelta:
     # Once, in a request's first delta, when asked: one entry per prompt token (None for the first).
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
     weights_versions: tuple[int, ...] = ()            # weights version of each token
+    num_cached_tokens: int = 0      # prompt tokens whose KV came from the prefix cache
 
     def merge(self, later: TokenDelta) -> TokenDelta:
         """Concatenate a later delta of the same sequence (used when a consumer falls behind)."""
@@ -129,7 +130,7 @@ class TokenDelta:
             self.logprobs + later.logprobs, self.top_logprobs + later.top_logprobs,
             later.finish_reason, later.num_prompt_tokens, later.num_completion_tokens,
             later.error, self.prompt_logprobs or later.prompt_logprobs,
-            self.weights_versions + later.weights_versions,
+            self.weights_versions + later.weights_versions, later.num_cached_tokens,
         )
 
 

@@ -89,6 +89,7 @@ _ENGINE_HELP = {
     "max_model_len": "0: the model's own context length",
     "kv_cache_memory_mb": "KV cache size when --num-kv-blocks is 0",
     "num_threads": "torch threads; 0: torch's default",
+    "enable_prefix_caching": "compute every prompt in full (no KV reuse across requests)",
 }
 
 

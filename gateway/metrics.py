@@ -59,6 +59,12 @@ class Metrics:
         self.num_forced_tokens = Gauge("plumbline:num_forced_tokens",
                                        "Tokens appended by grammar fast-forward since start (a "
                                        "counter kept by the engine)", labels, registry=r)
+        self.prefix_queries = Gauge("plumbline:prefix_cache_queries",
+                                    "Prompt tokens of requests that looked up the prefix cache "
+                                    "(a counter kept by the engine)", labels, registry=r)
+        self.prefix_hits = Gauge("plumbline:prefix_cache_hits",
+                                 "Prompt tokens found in the prefix cache, their KV reused (a "
+                                 "counter kept by the engine)", labels, registry=r)
         self.checks_run = Counter("plumbline:checks_run",
                                   "Checks run on a response (one per check per choice)",
                                   [*labels, "check"], registry=r)
@@ -110,4 +116,6 @@ class Metrics:
             self.kv_usage.labels(m).set(1.0 - stats.num_free_blocks / max(1, stats.num_blocks))
             self.num_preemptions.labels(m).set(stats.num_preemptions)
             self.num_forced_tokens.labels(m).set(stats.num_forced_tokens)
+            self.prefix_queries.labels(m).set(stats.num_prefix_queried_tokens)
+            self.prefix_hits.labels(m).set(stats.num_prefix_hit_tokens)
         return generate_latest(self.registry)

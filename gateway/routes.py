@@ -199,10 +199,11 @@ def closer(request: Request, gen: Generation) -> Callable[[], None]:
     return close
 
 
-def usage(gen: Generation) -> dict[str, int]:
+def usage(gen: Generation) -> dict[str, Any]:
     o = gen.outcome
     return {"prompt_tokens": o.num_prompt_tokens, "completion_tokens": o.num_completion_tokens,
-            "total_tokens": o.num_prompt_tokens + o.num_completion_tokens}
+            "total_tokens": o.num_prompt_tokens + o.num_completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": o.num_cached_tokens}}
 
 
 def plumbline_extension(params: SamplingParams) -> dict[str, Any]:

@@ -130,6 +130,7 @@ class Outcome:
 
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
+    num_cached_tokens: int = 0      # of the prompt, from the prefix cache (the first choice's)
     finish_reasons: list[str] = field(default_factory=list)
     ttft_s: float | None = None
     queue_s: float | None = None
@@ -225,6 +226,8 @@ class Generation:
                 final = delta.finish_reason is not None
                 text = choice.stops.feed(choice.detok.push(delta.token_ids, final), final)
                 choice.num_tokens = delta.num_completion_tokens
+                if delta.index == 0:
+                    self.outcome.num_cached_tokens = delta.num_cached_tokens
                 if choice.stops.stopped:
                     choice.finish_reason = "stop"
                 elif final:

@@ -131,7 +131,8 @@ class FakeEngine:
 
     def stats(self) -> Any:
         return SimpleNamespace(num_running=self.num_running, num_waiting=0, num_free_blocks=10,
-                               num_blocks=10, num_preemptions=0, num_forced_tokens=0)
+                               num_blocks=10, num_preemptions=0, num_forced_tokens=0,
+                               num_prefix_queried_tokens=0, num_prefix_hit_tokens=0)
 
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)      # like the engine: a no-op once finished

@@ -238,3 +238,20 @@ def test_output_cut_inside_its_structure_is_marked_incomplete(client):
         model=MODEL, messages=ASK, max_tokens=8, temperature=0,
         extra_body={"structured_outputs": {"choice": ["yes", "no"]}}).choices[0]
     assert picked.finish_reason == "stop" and "plumbline" not in (picked.model_extra or {})
+
+
+def test_a_shared_system_prompt_is_served_from_the_prefix_cache(client, server):
+    system = {"role": "system", "content": "You answer questions about the weather, briefly. " * 6}
+
+    def ask(question):
+        return client.chat.completions.create(
+            model=MODEL, messages=[system, {"role": "user", "content": question}], max_tokens=4,
+            temperature=0)
+
+    first, second = ask("Is it raining in Oslo?"), ask("Will it be sunny in Rome?")
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 48 <= cached < second.usage.prompt_tokens and cached % 16 == 0   # whole blocks of 16
+    metrics = httpx.get(server.url + "/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("plumbline:prefix_cache_hits{")]
+    assert hits and float(hits[0].rsplit(" ", 1)[1]) >= cached
