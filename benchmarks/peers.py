@@ -2,6 +2,8 @@
 
     python -m benchmarks.peers                                  # every peer, 1/8/32 streams
     python -m benchmarks.peers --peers plumbline transformers --concurrency 1 8
+    python -m benchmarks.peers --peers plumbline plumbline-nocache vllm --concurrency 8 32
+                            # plumbline-nocache: plumbline with --no-prefix-caching (not a default)
 
 Peers, each installed by this script into its own virtual environment under
 `--cache` (default: $PLUMBLINE_CACHE/peers, never inside the repository):
@@ -129,11 +131,14 @@ class Peer:
                                 "json_schema": {"name": "facts", "schema": LIST_SCHEMA}}}
 
 
+@dataclass
 class Plumbline(Peer):
+    flags: list[str] = field(default_factory=list)      # extra `serve` options
+
     def command(self, cache: Path, port: int, model: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
         return ([sys.executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())",
                  "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                 "--served-model-name", MODEL_NAME], {})
+                 "--served-model-name", MODEL_NAME, *self.flags], {})
 
 
 def vllm_dtype() -> str:
@@ -223,6 +228,8 @@ class Transformers(Peer):
 
 PEERS: dict[str, Peer] = {
     "plumbline": Plumbline("plumbline"),
+    # plumbline without its prefix cache, to show what the cache adds (not run by default)
+    "plumbline-nocache": Plumbline("plumbline-nocache", flags=["--no-prefix-caching"]),
     # PyPI's torchvision / torchaudio / torchcodec are CUDA builds whose extensions do not load
     # against torch+cpu ("operator torchvision::nms does not exist" as transformers imports
     # them); a text-only model needs none of them.
@@ -514,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine.loader import cache_dir, fetch_default_gguf, resolve_model
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
-    p.add_argument("--peers", nargs="+", choices=list(PEERS), default=list(PEERS))
+    p.add_argument("--peers", nargs="+", choices=list(PEERS),
+                   default=[name for name in PEERS if name != "plumbline-nocache"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=100)
     p.add_argument("--shared-prompt", action="store_true",
