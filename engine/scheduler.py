@@ -171,14 +171,15 @@ class Scheduler:
                 seq.prompt_logprobs = (seq.prompt_logprobs or [None]) + result.prompt_logprobs[seq.seq_id]
             seq.num_computed_tokens += seq.num_scheduled_tokens
             seq.num_scheduled_tokens = 0
-            if error is None:
-                self.blocks.register(seq, result.weights_version)
             if error is not None:
                 seq.error = error
                 self._finish(seq, FinishReason.ERROR)
                 changed.append(seq)
                 continue
-            if not sampled or seq.is_finished:
+            if seq.is_finished:
+                continue
+            self.blocks.register(seq, result.weights_version)    # blocks this step filled
+            if not sampled:
                 continue
             token_id, logprob, top = next(samples)
             seq.token_ids.append(token_id)
