@@ -44,10 +44,6 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_ids)
 
-    @property
-    def num_cached_blocks(self) -> int:
-        return len(self.cached)
-
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, prefix: list[int] | None = None) -> int:
         """Free blocks `seq` must take to hold its cached tokens plus num_new_tokens; with
         `prefix` (from `match`, for a sequence without blocks) the matched blocks count as
