@@ -31,8 +31,9 @@ sends one prompt to all; vLLM's prefix cache then skips their prefill), 128 new 
 or /v1/chat/completions with a JSON schema (constrained); N requests at once for each
 concurrency N, after one warm-up request. Reported per peer and N: aggregate completion tokens/s
 (all tokens / wall time of the round), TTFT p50/p95, plumbline's ratio to the peer
-(>1: plumbline ahead), the round's wall time and, for json rounds, how many outputs are complete
-documents matching the schema. Tokens/s alone favours a server that runs every json request
+(>1: plumbline ahead), the round's wall time, for json rounds how many outputs are complete
+documents matching the schema, and for plumbline how many prompt tokens of the round its prefix
+cache supplied (from /metrics). Tokens/s alone favours a server that runs every json request
 into max_tokens and stops mid-document over one that closes the document in fewer tokens; the
 round time and the valid count show which answers arrive, and when. Traffic goes to 127.0.0.1
 only.
@@ -322,6 +323,16 @@ async def _aiter_events(response: Any, parse: Any) -> Any:
             lines = []
 
 
+async def prefix_counters(client: Any, port: int) -> tuple[float, float]:
+    """plumbline's prefix-cache counters from /metrics: (prompt tokens found, looked up)."""
+    values = dict.fromkeys(("plumbline:prefix_cache_hits", "plumbline:prefix_cache_queries"), 0.0)
+    for line in (await client.get(f"http://127.0.0.1:{port}/metrics")).text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in values:
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return values["plumbline:prefix_cache_hits"], values["plumbline:prefix_cache_queries"]
+
+
 async def http_round(peer: Peer, port: int, prompt: str, n: int, constrained: bool,
                      args: argparse.Namespace) -> Round:
     import httpx
@@ -345,10 +356,14 @@ async def http_round(peer: Peer, port: int, prompt: str, n: int, constrained: bo
         except Exception as exc:
             result.errors.append(f"warm-up: {exc}")
             return result
+        before = await prefix_counters(client, port) if isinstance(peer, Plumbline) else None
         t0 = time.perf_counter()
         outcomes = await asyncio.gather(*(stream_request(client, url, body_of(i)) for i in range(n)),
                                         return_exceptions=True)
         wall = time.perf_counter() - t0
+        if before is not None:      # the round's own prefix-cache hits (the warm-up's excluded)
+            hits, queried = (a - b for a, b in zip(await prefix_counters(client, port), before))
+            result.note = f"prefix cache: {hits:.0f} of {queried:.0f} prompt tokens"
     ok = [o for o in outcomes if not isinstance(o, BaseException)]
     result.errors += [str(o)[:200] for o in outcomes if isinstance(o, BaseException)]
     if ok:
