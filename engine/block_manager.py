@@ -113,7 +113,9 @@ class BlockManager:
     def register(self, seq: Sequence, weights_version: int) -> None:
         """Name seq's newly filled blocks in the cache, after a step computed them with
         weights_version (a sequence whose weights changed since its chain began stops here)."""
-        if not self.prefix_caching or seq.kv_version != weights_version:
+        if not self.prefix_caching:
+            return
+        if seq.kv_version != weights_version:
             seq.kv_version = None
             return
         full = seq.num_computed_tokens // self.block_size

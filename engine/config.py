@@ -38,6 +38,11 @@ class EngineConfig:
     # step of their own; they are computed together in the next step.
     grammar_fast_forward: bool = True
 
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether prefix caching is in effect (deterministic mode turns it off)."""
+        return self.enable_prefix_caching and not self.deterministic
+
     def __post_init__(self) -> None:
         assert self.dtype in ("float32", "bfloat16"), f"unsupported dtype {self.dtype}"
         assert self.block_size in (8, 16, 32, 64), "block_size must be 8, 16, 32 or 64"

@@ -52,7 +52,7 @@ class EngineCore:
         self.max_model_len = min(config.max_model_len or self.runner.max_position_embeddings,
                                  capacity)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size,
-                                   prefix_caching=config.enable_prefix_caching and not config.deterministic)
+                                   prefix_caching=config.prefix_caching)
         self.scheduler = Scheduler(
             self.blocks, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,

@@ -51,8 +51,8 @@ class Sequence:
     json_scan: Any = None                    # grammars.closing.JsonScan, for budget-aware closing
     # Prefix cache (engine/block_manager.py): the weights version this sequence's KV was
     # computed with (None: it changed mid-way, no more blocks are cached), the chained digests
-    # of its whole blocks so far, how many of its blocks are in the cache, and how many prompt
-    # tokens its first admission found there (the usage's cached_tokens).
+    # of its whole blocks so far, how many of its leading blocks were found in or offered to the
+    # cache, and how many prompt tokens its first admission found there (usage's cached_tokens).
     kv_version: int | None = None
     block_digests: list[bytes] = field(default_factory=list)
     num_cached_blocks: int = 0

@@ -89,8 +89,7 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
             "max_num_batched_tokens": cfg.max_num_batched_tokens,
             "max_model_len": rt.max_model_len if engine is not None else None,
             "enable_chunked_prefill": cfg.enable_chunked_prefill,
-            # as in effect: deterministic mode turns it off
-            "enable_prefix_caching": cfg.enable_prefix_caching and not cfg.deterministic,
+            "enable_prefix_caching": cfg.prefix_caching,      # as in effect
             "block_size": cfg.block_size,
             "num_kv_blocks": None if stats is None else stats.num_blocks,
             "max_queued_requests": rt.config.max_queued_requests,

@@ -68,7 +68,6 @@ def test_other_weights_and_prompt_logprobs_never_match():
     add(sched, "a", range(12))
     run_to_end(sched)
     version[0] = 1                           # weights swapped: the cached KV is stale
-    assert step(sched) == {} and not sched.has_work()
     add(sched, "b", range(12))
     assert step(sched, version=1) == {"b": 12}
     run_to_end(sched, version=1)
