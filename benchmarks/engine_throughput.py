@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from benchmarks.cpu import cpu_line
 from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams
 
 FILLER = ("The history of computing is a story of abstractions layered one on another, from "
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--deterministic", action="store_true", help="batch-invariant mode")
     args = ap.parse_args()
+    print(f"cpu: {cpu_line()}", flush=True)
 
     engine = AsyncEngine(EngineConfig(dtype=args.dtype, max_num_batched_tokens=512,
                                       deterministic=args.deterministic))

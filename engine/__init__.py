@@ -2,9 +2,10 @@
 from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.engine import AsyncEngine, EngineCore, RequestStream
 from engine.llm import LLM
+from engine.model import DETERMINISTIC_KERNELS
 from engine.types import (CompletionOutput, FinishReason, GenerateRequest, RequestError,
                           RequestOutput, SamplingParams, TokenDelta, TopLogprob)
 
-__all__ = ["AsyncEngine", "CompletionOutput", "DEFAULT_MODEL", "EngineConfig", "EngineCore",
+__all__ = ["AsyncEngine", "CompletionOutput", "DEFAULT_MODEL", "DETERMINISTIC_KERNELS", "EngineConfig", "EngineCore",
            "FinishReason", "GenerateRequest", "LLM", "RequestError", "RequestOutput",
            "RequestStream", "SamplingParams", "TokenDelta", "TopLogprob"]

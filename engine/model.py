@@ -12,8 +12,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import (AttentionMetadata, LinearWeight, apply_linear, invariant, paged_attention,
+from kernels import (AttentionMetadata, apply_linear, invariant, paged_attention,
                      prepare_linear, rms_norm, rotate_and_store)
+
+
+# The kernel each op runs in deterministic mode (server_info reports it).
+DETERMINISTIC_KERNELS: dict[str, str] = dict(invariant.KERNELS)
 
 
 def rope_inv_freq(cfg: Any) -> tuple[torch.Tensor, float]:
@@ -47,9 +51,14 @@ class LlamaModel:
                  deterministic: bool = False) -> None:
         self.cfg = cfg
         self.dtype = dtype
-        # Deterministic mode swaps in batch-invariant linear and attention (kernels.invariant).
-        self.linear = _invariant_linear if deterministic else apply_linear
+        # Deterministic mode swaps in the batch-invariant ops (kernels.invariant): every op with
+        # a reduction computes a row the same way whatever else is in the step.
+        self.deterministic = deterministic
+        self.linear = invariant.linear if deterministic else apply_linear
         self.attention = invariant.paged_attention if deterministic else paged_attention
+        self.rms_norm = invariant.rms_norm if deterministic else rms_norm
+        self.silu_mul = invariant.silu_mul if deterministic else _silu_mul
+        prepare = invariant.prepare_linear if deterministic else prepare_linear
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
@@ -60,8 +69,7 @@ class LlamaModel:
             raise ValueError(f"activation {cfg.hidden_act!r} is not supported")
         self.embed = state["model.embed_tokens.weight"].to(dtype)          # [vocab, hidden]
         head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-        pack = not deterministic            # invariant.linear reads the plain weights only
-        self.lm_head = prepare_linear(head.float().contiguous(), pack=pack)  # [vocab, hidden] fp32
+        self.lm_head = prepare(head.float().contiguous())                   # [vocab, hidden] fp32
         self.norm = state["model.norm.weight"].to(dtype)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -77,10 +85,10 @@ class LlamaModel:
             self.layers.append({
                 "input_norm": get("input_layernorm.weight"),
                 "post_norm": get("post_attention_layernorm.weight"),
-                "qkv": prepare_linear(qkv, qkv_bias, pack),
-                "o": prepare_linear(get("self_attn.o_proj.weight"), pack=pack),
-                "gate_up": prepare_linear(gate_up, pack=pack),
-                "down": prepare_linear(get("mlp.down_proj.weight"), pack=pack),
+                "qkv": prepare(qkv, qkv_bias),
+                "o": prepare(get("self_attn.o_proj.weight")),
+                "gate_up": prepare(gate_up),
+                "down": prepare(get("mlp.down_proj.weight")),
             })
         inv_freq, self.rope_scale = rope_inv_freq(cfg)
         max_pos = cfg.max_position_embeddings
@@ -100,16 +108,16 @@ class LlamaModel:
         x = F.embedding(input_ids, self.embed)                              # [T, hidden]
         residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x, residual = rms_norm(x, layer["input_norm"], self.eps, residual)
+            x, residual = self.rms_norm(x, layer["input_norm"], self.eps, residual)
             qkv = self.linear(x, layer["qkv"])                                 # [T, (h+2kvh)*d]
             # q rotated; k rotated and v stored in the cache, where attention reads them
             q = rotate_and_store(qkv, h, kvh, cos, sin, k_cache, v_cache, meta.slot_mapping)
             attn = self.attention(q, k_cache, v_cache, meta, self.scale)    # [T, h, d]
             x = self.linear(attn.reshape(-1, h * d), layer["o"])
-            x, residual = rms_norm(x, layer["post_norm"], self.eps, residual)
-            gate, up = self.linear(x, layer["gate_up"]).chunk(2, dim=-1)       # [T, inter] each
-            x = self.linear(F.silu(gate) * up, layer["down"])
-        x, _ = rms_norm(x, self.norm, self.eps, residual)
+            x, residual = self.rms_norm(x, layer["post_norm"], self.eps, residual)
+            gate_up = self.linear(x, layer["gate_up"])                          # [T, 2 * inter]
+            x = self.linear(self.silu_mul(gate_up), layer["down"])
+        x, _ = self.rms_norm(x, self.norm, self.eps, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -117,5 +125,7 @@ class LlamaModel:
         return self.linear(hidden.float(), self.lm_head)
 
 
-def _invariant_linear(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
-    return invariant.linear(x, layer.weight, layer.bias)
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 * inter] -> silu(gate) * up [T, inter]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

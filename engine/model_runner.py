@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from engine.config import EngineConfig
 from engine.loader import load_state_dict
 from engine.model import LlamaModel
-from engine.sampler import SamplingBatch, sample
+from engine.sampler import INVARIANT, TORCH, SamplingBatch, sample
 from engine.scheduler import EMPTY_RESULT, Batch, StepResult
 from engine.sequence import Sequence
 from engine.types import PromptLogprob, TopLogprob
@@ -67,6 +67,8 @@ class ModelRunner:
         self.eos_token_ids: set[int] = set()
         self._closing_vocab: ClosingVocab | None = None
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plumbline-mask")
+        # The sampler's reductions over the vocabulary: batch-invariant ones in deterministic mode.
+        self.reductions = INVARIANT if config.deterministic else TORCH
 
     @property
     def max_position_embeddings(self) -> int:
@@ -153,7 +155,8 @@ class ModelRunner:
         for seq in seqs:
             if seq.rng is None and not seq.sampling.is_greedy:
                 seq.rng = torch.Generator().manual_seed(seq.seed)
-        result = sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows)
+        result = sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows,
+                        self.reductions)
         return result._replace(prompt_logprobs=prompt_logprobs, weights_version=self.weights_version)
 
     def _fill_masks(self, seqs: list[Sequence], rows: list[int]) -> None:
@@ -227,7 +230,7 @@ class ModelRunner:
             offset += n
         if not rows:
             return None
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), -1)   # [R, vocab]
+        logprobs = self.reductions.log_softmax(self.model.compute_logits(hidden[rows]))  # [R, vocab]
         chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1).tolist()
         max_top = max(s.sampling.prompt_logprobs or 0 for s in batch.seqs)
         top_vals, top_ids = (torch.topk(logprobs, max_top, -1) if max_top else (None, None))

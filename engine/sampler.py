@@ -13,13 +13,32 @@ CDF of its row, so its random stream never depends on what else is in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
 from engine.scheduler import StepResult
 from engine.sequence import Sequence
 from engine.types import TopLogprob
-from kernels import apply_token_bitmask
+from kernels import apply_token_bitmask, invariant
+
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Reductions(NamedTuple):
+    """The sampler's reductions over the vocabulary (each over the last dimension)."""
+
+    log_softmax: Op
+    softmax: Op
+    exp: Op
+    cumsum: Op
+
+
+TORCH = Reductions(lambda x: torch.log_softmax(x, -1), lambda x: torch.softmax(x, -1), torch.exp,
+                   lambda x: torch.cumsum(x, -1))
+# Deterministic mode: fixed-order kernels of ours, the same bits whatever the batch or the CPU
+# (torch's loops round a tensor's last elements through scalar libm calls, kernels/invariant.py).
+INVARIANT = Reductions(invariant.log_softmax, invariant.softmax, invariant.exp, invariant.cumsum)
 
 
 @dataclass(slots=True)
@@ -70,7 +89,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], seqs: list[Sequence])
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
-def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float,
+             ops: Reductions = TORCH) -> torch.Tensor:
     """One row [vocab] of temperature-scaled logits with dropped tokens set to -inf.
 
     Order: top-k, then top-p on what is left, then min-p on what is left; at least the most
@@ -80,12 +100,12 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> to
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = (torch.cumsum(probs, dim=-1) - probs) > top_p   # mass before this token exceeds p
+        probs = ops.softmax(sorted_logits)
+        drop = (ops.cumsum(probs) - probs) > top_p   # mass before this token exceeds p
         drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter_(0, order, drop), float("-inf"))
     if min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
+        probs = ops.softmax(logits)
         logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
     return logits
 
@@ -99,11 +119,11 @@ def _draw(seq: Sequence) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | None = None,
-           masked_rows: list[int] | None = None) -> StepResult:
+           masked_rows: list[int] | None = None, ops: Reductions = TORCH) -> StepResult:
     """logits [S, vocab] fp32 (modified in place) -> one token, logprob and top-N per row.
 
     bitmask [>= S, ceil(vocab/32)] int32: grammar masks for masked_rows (others untouched)."""
-    raw_logprobs = torch.log_softmax(logits[batch.raw_rows], dim=-1) if batch.raw_rows else None
+    raw_logprobs = ops.log_softmax(logits[batch.raw_rows]) if batch.raw_rows else None
     if batch.penalized_rows:
         apply_penalties(logits, batch.penalized_rows, batch.seqs)
     if masked_rows:
@@ -111,8 +131,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | N
     logits.div_(batch.temperatures.unsqueeze(1))                            # [S, vocab]
     for r, seq in enumerate(batch.seqs):
         if not batch.is_greedy[r] and (batch.top_k[r] or batch.top_p[r] < 1.0 or batch.min_p[r]):
-            logits[r] = truncate(logits[r], batch.top_k[r], batch.top_p[r], batch.min_p[r])
-    logprobs = torch.log_softmax(logits, dim=-1)                            # [S, vocab] processed
+            logits[r] = truncate(logits[r], batch.top_k[r], batch.top_p[r], batch.min_p[r], ops)
+    logprobs = ops.log_softmax(logits)                                      # [S, vocab] processed
     # Greedy picks from the logits, not the log-softmax: subtracting logsumexp can round two
     # close logits into a tie that transformers' argmax would not see.
     token_ids = torch.argmax(logits, dim=-1)                                # [S] greedy choice
@@ -120,8 +140,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | N
     if sampled_rows:
         # Inverse CDF with one uniform in (0, 1] per row: a zero-probability token is never hit.
         u = torch.stack([1.0 - _draw(batch.seqs[r]) for r in sampled_rows])
-        probs = logprobs[sampled_rows].exp()                                # [R, vocab]
-        cdf = torch.cumsum(probs, dim=-1)
+        probs = ops.exp(logprobs[sampled_rows])                             # [R, vocab]
+        cdf = ops.cumsum(probs)
         picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
         token_ids[sampled_rows] = picks.clamp_(max=logits.shape[1] - 1)
     report = logprobs

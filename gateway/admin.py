@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from engine import DETERMINISTIC_KERNELS
 from gateway import protocol as p
 from gateway.routes import read_json, runtime
 from gateway.state import Runtime
@@ -76,6 +77,8 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
             "lm_head_dtype": head_dtype,
             "deterministic": cfg.deterministic,
             "deterministic_chunk": cfg.deterministic_chunk if cfg.deterministic else None,
+            # op -> the batch-invariant kernel it runs (kernels/invariant.py); None: mode off
+            "deterministic_kernels": dict(DETERMINISTIC_KERNELS) if cfg.deterministic else None,
             "default_logprobs_mode": "processed",
             "prompt_logprobs_mode": "raw",
             "sampler_order": ["penalties", "grammar_mask", "temperature", "top_k", "top_p",

@@ -8,8 +8,9 @@ oneDNN at 1-32 rows, about even at a 512-row prefill chunk (0.96-1.06x on the bo
 the lm_head, which the engine computes for sampled rows only). So a weight whose out_features
 divide into 24-column panels is packed into them; others fall back to oneDNN.
 `benchmarks/kernels_bench.py --only linear` measures all three; docs/BENCHMARKS.md has the
-figures. Deterministic mode never packs (kernels.invariant reads the plain weights); a
-packed fp32 layer drops its plain copy, which would hold as much memory again.
+figures. Deterministic mode packs every layer into panels (kernels.invariant pads out_features
+to a multiple of PANEL); a packed fp32 layer drops its plain copy, which would hold as much
+memory again.
 
 The panel GEMM: the weight [out, in] is stored as panels of 24 output columns, each [in, 24]
 contiguous, so a kernel step reads 24 consecutive weights of one input feature. A microkernel
@@ -75,19 +76,17 @@ class LinearWeight:
         return self.weight.dtype
 
 
-def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   pack: bool = True) -> LinearWeight:
+def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> LinearWeight:
     """Wrap a weight for `apply_linear`, packing it for the fast CPU path where there is one:
     our panels where out_features is a multiple of PANEL, else oneDNN's prepacked layout.
 
     A packed fp32 weight keeps no plain copy, which would hold as much memory again: what is
     left of it is a meta tensor (its shape and dtype, no data). A bf16 weight is kept, as its
-    bf16 branch reads it. pack=False (deterministic mode: kernels.invariant reads the plain
-    weights) keeps the plain weight only."""
+    bf16 branch reads it."""
     packed = panels = None
-    if pack and not weight.is_cuda and panel_linear() and weight.shape[0] % PANEL == 0:
+    if not weight.is_cuda and panel_linear() and weight.shape[0] % PANEL == 0:
         panels = pack_panels(weight)
-    elif pack and not weight.is_cuda and prepack_linear():
+    elif not weight.is_cuda and prepack_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous(), PACK_ROWS_HINT)
     if (packed is not None or panels is not None) and weight.dtype == torch.float32:
         weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")

@@ -134,6 +134,8 @@ def _lanewise(op: Any) -> Any:
 
 add8 = _lanewise(lambda b, x, y: b.fadd(x, y))
 sub8 = _lanewise(lambda b, x, y: b.fsub(x, y))
+mul8 = _lanewise(lambda b, x, y: b.fmul(x, y))
+div8 = _lanewise(lambda b, x, y: b.fdiv(x, y))
 # y where y > x, else x: a NaN in y is passed over, as Python's max(x, y) does.
 max8 = _lanewise(lambda b, x, y: b.select(b.fcmp_ordered(">", y, x), y, x))
 

@@ -69,6 +69,9 @@ def test_server_info_reports_the_settings_in_force(server, tiny_model_dir):
     n = body["numerics"]
     assert n["dtype"] == "float32" and n["lm_head_dtype"] == "float32"
     assert n["deterministic"] is True and n["deterministic_chunk"] == 16
+    kernels = n["deterministic_kernels"]
+    assert set(kernels) == {"linear", "lm_head", "rms_norm", "silu_mul", "attention", "sampler"}
+    assert "panel_gemm" in kernels["linear"] and "no fastmath" in kernels["attention"]
     assert n["default_logprobs_mode"] == "processed"
     s = body["scheduling"]
     assert (s["block_size"], s["max_num_seqs"], s["max_num_batched_tokens"]) == (8, 4, 96)
