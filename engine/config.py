@@ -19,15 +19,14 @@ class EngineConfig:
     max_model_len: int = 0            # 0: the model's own context length
     enable_chunked_prefill: bool = True
     # Reuse the KV of whole blocks another request already computed for the same leading tokens
-    # (engine/block_manager.py). Off in deterministic mode: a prefill resumed from a cached block
-    # runs in other chunk shapes than the one that would compute it from the start.
+    # (engine/block_manager.py). Deterministic mode keeps it: a position's KV has the same bits
+    # whichever request or chunk computed it.
     enable_prefix_caching: bool = True
     num_threads: int = 0              # 0: leave torch's default
     seed: int = 0                     # seeds requests that carry no seed of their own
-    # Bit-identical tokens and logprobs whatever else is in the batch (see kernels/invariant.py);
-    # prefill runs in position-aligned chunks and preempted sequences replay their steps.
+    # Bit-identical tokens and logprobs whatever else is in the batch, however the prompt was
+    # chunked, cached or recomputed after preemption: batch-invariant kernels (kernels/invariant.py).
     deterministic: bool = False
-    deterministic_chunk: int = 32
     grammar_backend: str = "llguidance"
     grammar_compile_timeout: float = 5.0   # seconds; a slower compile is the request's 400
     # Budget-aware closing (grammars/closing.py): a constrained sequence with this many tokens
@@ -38,11 +37,6 @@ class EngineConfig:
     # step of their own; they are computed together in the next step.
     grammar_fast_forward: bool = True
 
-    @property
-    def prefix_caching(self) -> bool:
-        """Whether prefix caching is in effect (deterministic mode turns it off)."""
-        return self.enable_prefix_caching and not self.deterministic
-
     def __post_init__(self) -> None:
         assert self.dtype in ("float32", "bfloat16"), f"unsupported dtype {self.dtype}"
         assert self.block_size in (8, 16, 32, 64), "block_size must be 8, 16, 32 or 64"
@@ -50,7 +44,6 @@ class EngineConfig:
         assert self.num_kv_blocks >= 0 and self.kv_cache_memory_mb >= 1
         assert self.grammar_compile_timeout > 0
         assert self.grammar_close_reserve >= 0
-        assert not self.deterministic or 1 <= self.deterministic_chunk <= self.max_num_batched_tokens
         if not self.enable_chunked_prefill:
             # Without chunking a whole prompt must fit in one step's budget.
             assert self.max_model_len == 0 or self.max_model_len <= self.max_num_batched_tokens

@@ -52,13 +52,12 @@ class EngineCore:
         self.max_model_len = min(config.max_model_len or self.runner.max_position_embeddings,
                                  capacity)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size,
-                                   prefix_caching=config.prefix_caching)
+                                   prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.blocks, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids(),
             enable_chunked_prefill=config.enable_chunked_prefill,
-            deterministic_chunk=config.deterministic_chunk if config.deterministic else 0,
             fast_forward_vocab_size=self.runner.vocab_size if config.grammar_fast_forward else 0,
             weights_version=lambda: self.runner.weights_version)
         self.grammars = GrammarCompiler(self.tokenizer, backend=config.grammar_backend,

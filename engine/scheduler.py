@@ -48,7 +48,7 @@ EMPTY_RESULT = StepResult([], [], [])
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: set[int],
-                 enable_chunked_prefill: bool = True, deterministic_chunk: int = 0,
+                 enable_chunked_prefill: bool = True,
                  fast_forward_vocab_size: int = 0,
                  weights_version: Callable[[], int] = lambda: 0) -> None:
         self.blocks = block_manager
@@ -58,7 +58,6 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.deterministic_chunk = deterministic_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.aborted: set[str] = set()
@@ -121,22 +120,11 @@ class Scheduler:
         return Batch(decodes + prefills, len(decodes))
 
     def _chunk(self, seq: Sequence, budget: int, done: int | None = None) -> int:
-        """Tokens to compute for seq this step (0: wait for a step with more budget), from
-        `done` computed tokens (default: seq's own count; a prefix cache hit on admission).
-
-        Deterministic mode fixes every sequence's step shapes whatever else runs: the prompt in
-        chunks aligned to multiples of deterministic_chunk, then one token per step; a preempted
-        sequence replays the same shapes when it recomputes."""
+        """Tokens to compute for seq this step, from `done` computed tokens (default: seq's own
+        count; a prefix cache hit on admission). Deterministic mode needs no special shapes:
+        its kernels give a position the same bits in any chunk (kernels/invariant.py)."""
         done = seq.num_computed_tokens if done is None else done
-        remaining = seq.num_tokens - done
-        size = self.deterministic_chunk
-        if not size:
-            return min(remaining, budget)
-        if done < seq.num_prompt_tokens:
-            n = min(seq.num_prompt_tokens, (done // size + 1) * size) - done
-        else:
-            n = 1
-        return n if n <= budget else 0
+        return min(seq.num_tokens - done, budget)
 
     def _reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Allocate blocks for seq, preempting the newest running sequences if needed."""

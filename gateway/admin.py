@@ -76,7 +76,6 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
             # the final projection runs in fp32 whatever the body's dtype
             "lm_head_dtype": head_dtype,
             "deterministic": cfg.deterministic,
-            "deterministic_chunk": cfg.deterministic_chunk if cfg.deterministic else None,
             # op -> the batch-invariant kernel it runs (kernels/invariant.py); None: mode off
             "deterministic_kernels": dict(DETERMINISTIC_KERNELS) if cfg.deterministic else None,
             "default_logprobs_mode": "processed",
@@ -92,7 +91,7 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
             "max_num_batched_tokens": cfg.max_num_batched_tokens,
             "max_model_len": rt.max_model_len if engine is not None else None,
             "enable_chunked_prefill": cfg.enable_chunked_prefill,
-            "enable_prefix_caching": cfg.prefix_caching,      # as in effect
+            "enable_prefix_caching": cfg.enable_prefix_caching,
             "block_size": cfg.block_size,
             "num_kv_blocks": None if stats is None else stats.num_blocks,
             "max_queued_requests": rt.config.max_queued_requests,

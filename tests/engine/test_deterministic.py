@@ -40,27 +40,36 @@ def signature(out):
             for o in out.outputs]
 
 
-def row_counts(llm: LLM) -> list[int]:
-    """Record the number of token rows of every step the engine runs."""
+def record(llm: LLM) -> tuple[list[int], list[int]]:
+    """Record the number of token rows of every step the engine runs, and the prompt tokens
+    each delta says came from the prefix cache."""
     counts: list[int] = []
-    run = llm.core.runner.run
+    cached: list[int] = []
+    run, step = llm.core.runner.run, llm.core.step
 
-    def counting(batch):  # type: ignore[no-untyped-def]
+    def counting_run(batch):  # type: ignore[no-untyped-def]
         counts.append(batch.num_tokens)
         return run(batch)
-    llm.core.runner.run = counting
-    return counts
+
+    def counting_step():  # type: ignore[no-untyped-def]
+        deltas = step()
+        cached.extend(d.num_cached_tokens for d in deltas)
+        return deltas
+    llm.core.runner.run, llm.core.step = counting_run, counting_step
+    return counts, cached
 
 
 def check_invariance(model_dir, count, max_tokens, small_blocks):
     prompts, params = requests(count, max_tokens)
     llm = LLM(str(model_dir), deterministic=True, max_num_batched_tokens=96)
     alone = [signature(llm.generate([p], [sp])[0]) for p, sp in zip(prompts, params)]
-    counts = row_counts(llm)
+    counts, cached = record(llm)
     together = [signature(o) for o in llm.generate(prompts, params)]
     assert together == alone
-    # the batches were of many sizes, not only multiples of 4 (the old trick's assumption)
+    # steps of many sizes, not only multiples of 4 (the old trick's assumption), prompts
+    # chunked wherever the budget fell, and prompts that reused the KV the alone runs left
     assert len({n for n in counts if n % 4}) >= 3, counts
+    assert max(cached) > 0
     squeezed_llm = LLM(str(model_dir), deterministic=True, max_num_batched_tokens=96,
                        num_kv_blocks=small_blocks, block_size=16)
     squeezed = [signature(o) for o in squeezed_llm.generate(prompts, params)]

@@ -25,7 +25,7 @@ def server(tiny_model_dir):
     config = GatewayConfig(
         engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=4, kv_cache_memory_mb=16,
                             block_size=8, max_num_batched_tokens=96, max_model_len=256,
-                            deterministic=True, deterministic_chunk=16),
+                            deterministic=True),
         api_keys=("user-key",), admin_key="admin-secret", served_model_name="tiny")
     yield from serve(config)
 
@@ -68,7 +68,7 @@ def test_server_info_reports_the_settings_in_force(server, tiny_model_dir):
     assert m["vocab_size"] == 49152 and isinstance(m["weights_version"], int)
     n = body["numerics"]
     assert n["dtype"] == "float32" and n["lm_head_dtype"] == "float32"
-    assert n["deterministic"] is True and n["deterministic_chunk"] == 16
+    assert n["deterministic"] is True
     kernels = n["deterministic_kernels"]
     assert set(kernels) == {"linear", "lm_head", "rms_norm", "silu_mul", "attention", "sampler"}
     assert "panel_gemm" in kernels["linear"] and "no fastmath" in kernels["attention"]
