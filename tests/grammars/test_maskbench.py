@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from grammars import GrammarCompiler
-from grammars.maskbench import score
+from benchmarks.maskbench import score
 
 CASES = {
     "plain.json": {"schema": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 2}},

@@ -1,6 +1,6 @@
 """JSONSchemaBench/MaskBench scoring of the grammar backends.
 
-    python -m grammars.maskbench ../shared/jsonschemabench/dev [--backend NAME ...] [--limit N]
+    python -m benchmarks.maskbench ../shared/jsonschemabench/dev [--backend NAME ...] [--limit N]
 
 Scoring, per ../shared/jsonschemabench/README.md: compile the schema (a failure is a compile
 error); feed each instance, serialised as compact JSON (separators "," and ":", non-ASCII kept
@@ -118,7 +118,7 @@ def score(directory: Path, compiler: GrammarCompiler, backend: str, limit: int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grammars.maskbench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.maskbench", description=__doc__.split("\n")[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument("--backend", action="append", help="repeatable; default llguidance")
     parser.add_argument("--limit", type=int, default=None, help="first N files only")
