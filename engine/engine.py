@@ -17,9 +17,9 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.loader import resolve_model
 from engine.model_runner import ModelRunner
-from engine.scheduler import EMPTY_RESULT, Batch, Scheduler, StepResult
+from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-from engine.types import GenerateRequest, RequestError, TokenDelta
+from engine.types import EMPTY_RESULT, Batch, GenerateRequest, RequestError, StepResult, TokenDelta
 from grammars import CompiledGrammar, GrammarCompiler, GrammarError
 
 log = structlog.get_logger("plumbline.engine")

@@ -14,9 +14,8 @@ from engine.config import EngineConfig
 from engine.loader import load_state_dict
 from engine.model import LlamaModel
 from engine.sampler import INVARIANT, TORCH, SamplingBatch, sample
-from engine.scheduler import EMPTY_RESULT, Batch, StepResult
 from engine.sequence import Sequence
-from engine.types import PromptLogprob, TopLogprob
+from engine.types import EMPTY_RESULT, Batch, PromptLogprob, StepResult, TopLogprob
 from grammars import fill_bitmasks
 from grammars.closing import ClosingVocab
 from kernels import AttentionMetadata, LinearWeight, slots_for, warm_up

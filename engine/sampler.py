@@ -17,9 +17,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from engine.scheduler import StepResult
 from engine.sequence import Sequence
-from engine.types import TopLogprob
+from engine.types import StepResult, TopLogprob
 from kernels import apply_token_bitmask, invariant
 
 Op = Callable[[torch.Tensor], torch.Tensor]

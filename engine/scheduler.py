@@ -8,41 +8,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
-from engine.types import FinishReason, PromptLogprob, TopLogprob
+from engine.types import Batch, FinishReason, StepResult, TopLogprob
 from grammars import allocate_bitmask, take_forced
-
-
-@dataclass(slots=True)
-class Batch:
-    seqs: list[Sequence]      # decodes first (a few tokens each, see is_decode), then prefill chunks
-    num_decodes: int
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_scheduled_tokens for s in self.seqs)
-
-    @property
-    def sampling_seqs(self) -> list[Sequence]:
-        return [s for s in self.seqs if s.samples_this_step]
-
-
-class StepResult(NamedTuple):
-    """One entry per sequence of `Batch.sampling_seqs`, in that order."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    top_logprobs: list[tuple[TopLogprob, ...]]
-    # seq_id -> PromptLogprobs of the prompt positions this step computed (prompt_logprobs asks)
-    prompt_logprobs: dict[int, list[PromptLogprob]] | None = None
-    weights_version: int = 0
-
-
-EMPTY_RESULT = StepResult([], [], [])
 
 
 class Scheduler:

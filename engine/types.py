@@ -1,11 +1,13 @@
-"""The vocabulary the engine shares with the gateway: requests in, token deltas out."""
+"""The vocabulary the engine shares with the gateway (requests in, token deltas out), and the
+types of one step inside it (`Batch` from the scheduler, `StepResult` from the sampler)."""
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
+    from engine.sequence import Sequence
     from grammars.spec import GrammarSpec
 
 LogprobsMode = Literal["processed", "raw"]
@@ -185,3 +187,33 @@ class RequestError(ValueError):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+# --- one engine step: what the scheduler hands the runner, and what comes back ---------------
+
+@dataclass(slots=True)
+class Batch:
+    seqs: list[Sequence]      # decodes first (a few tokens each, see is_decode), then prefill chunks
+    num_decodes: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_scheduled_tokens for s in self.seqs)
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.samples_this_step]
+
+
+class StepResult(NamedTuple):
+    """One entry per sequence of `Batch.sampling_seqs`, in that order."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[tuple[TopLogprob, ...]]
+    # seq_id -> PromptLogprobs of the prompt positions this step computed (prompt_logprobs asks)
+    prompt_logprobs: dict[int, list[PromptLogprob]] | None = None
+    weights_version: int = 0
+
+
+EMPTY_RESULT = StepResult([], [], [])

@@ -3,7 +3,8 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.block_manager import BlockManager
-from engine.scheduler import Scheduler, StepResult
+from engine.scheduler import Scheduler
+from engine.types import StepResult
 from engine.sequence import Sequence
 from tests.engine.reference import hf_logits
 

@@ -1,6 +1,7 @@
 """The scheduler alone: fake step results stand in for the model."""
 from engine.block_manager import BlockManager
-from engine.scheduler import Scheduler, StepResult
+from engine.scheduler import Scheduler
+from engine.types import StepResult
 from engine.sequence import Sequence, SequenceStatus
 from engine.types import FinishReason, SamplingParams
 
