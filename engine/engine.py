@@ -21,6 +21,7 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.types import EMPTY_RESULT, Batch, GenerateRequest, RequestError, StepResult, TokenDelta
 from grammars import CompiledGrammar, GrammarCompiler, GrammarError
+from grammars.steering import Steering
 
 log = structlog.get_logger("plumbline.engine")
 
@@ -51,6 +52,11 @@ class EngineCore:
         capacity = self.runner.num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or self.runner.max_position_embeddings,
                                  capacity)
+        # Fast-forward and budget-aware closing: grammar policy lives in grammars/steering.py.
+        self.steering = Steering(self.runner.vocab_size, fast_forward=config.grammar_fast_forward,
+                                 close_reserve=config.grammar_close_reserve,
+                                 tokenizer=self.tokenizer, eos_token_ids=self.eos_token_ids())
+        self.runner.steering = self.steering
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size,
                                    prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -58,12 +64,9 @@ class EngineCore:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids(),
             enable_chunked_prefill=config.enable_chunked_prefill,
-            fast_forward_vocab_size=self.runner.vocab_size if config.grammar_fast_forward else 0,
-            weights_version=lambda: self.runner.weights_version)
+            steering=self.steering, weights_version=lambda: self.runner.weights_version)
         self.grammars = GrammarCompiler(self.tokenizer, backend=config.grammar_backend,
                                         vocab_size=self.vocab_size)
-        self.runner.tokenizer = self.tokenizer
-        self.runner.eos_token_ids = self.eos_token_ids()
 
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()

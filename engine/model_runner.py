@@ -4,7 +4,6 @@ from __future__ import annotations
 import concurrent.futures
 import random
 from pathlib import Path
-from typing import Any
 
 import structlog
 import torch
@@ -17,7 +16,7 @@ from engine.sampler import INVARIANT, TORCH, SamplingBatch, sample
 from engine.sequence import Sequence
 from engine.types import EMPTY_RESULT, Batch, PromptLogprob, StepResult, TopLogprob
 from grammars import fill_bitmasks
-from grammars.closing import ClosingVocab
+from grammars.steering import Steering
 from kernels import AttentionMetadata, LinearWeight, slots_for, warm_up
 from kernels.linear import NEVER, calibrate
 
@@ -61,10 +60,10 @@ class ModelRunner:
         # One grammar bitmask for the whole engine, sliced per step: int32 [max_num_seqs, words].
         self.bitmask = torch.full((config.max_num_seqs, (self.vocab_size + 31) // 32), -1,
                                   dtype=torch.int32)
-        # Set by the engine core: what budget-aware closing needs to know about tokens.
-        self.tokenizer: Any = None
-        self.eos_token_ids: set[int] = set()
-        self._closing_vocab: ClosingVocab | None = None
+        # Fast-forward and budget-aware closing (grammars/steering.py); the engine core sets the
+        # one that knows the tokenizer.
+        self.steering = Steering(self.vocab_size, fast_forward=config.grammar_fast_forward,
+                                 close_reserve=config.grammar_close_reserve)
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plumbline-mask")
         # The sampler's reductions over the vocabulary: batch-invariant ones in deterministic mode.
         self.reductions = INVARIANT if config.deterministic else TORCH
@@ -134,10 +133,10 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows = self.prepare(batch)
         seqs = batch.sampling_seqs
         masked_rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
-        if masked_rows and self.tokenizer is not None:
+        if masked_rows and self.steering.tokenizer is not None:
             # Built here, not in the mask thread: its vocabulary-wide torch ops would start a
             # second OpenMP team there, which slows every later step (AsyncEngine's compute thread).
-            self.closing_vocab()
+            self.steering.closing_vocab()
         # The masks depend only on tokens already chosen: fill them while the forward runs (the
         # grammar libraries release the GIL), and wait for them just before sampling.
         masks = self._mask_pool.submit(self._fill_masks, seqs, masked_rows) if masked_rows else None
@@ -162,30 +161,10 @@ class ModelRunner:
         """Grammar rows of this step's bitmask, then budget-aware closing where it is due."""
         fill_bitmasks(self.bitmask, [(seqs[r].grammar, r) for r in rows])   # llguidance: one call
         for row in rows:
-            self._close_if_due(seqs[row], row)
-
-    def _close_if_due(self, seq: Sequence, row: int) -> None:
-        """Budget-aware closing (grammars/closing.py): once the budget left is down to the
-        reserve plus one token per open bracket, narrow the row to closing tokens."""
-        params = seq.sampling
-        reserve = params.close_reserve
-        if reserve is None:
-            reserve = self.config.grammar_close_reserve
-        # At most half the budget: a parallel tool call must not start a call it cannot end.
-        reserve = min(reserve, params.max_tokens // 2)
-        if reserve <= 0:
-            return
-        vocab = self.closing_vocab()
-        seq.json_scan = vocab.scan(seq.json_scan, seq.completion_token_ids)
-        if params.max_tokens - seq.num_completion_tokens <= reserve + seq.json_scan.depth:
-            vocab.narrow(self.bitmask, row, seq.json_scan)
-
-    def closing_vocab(self) -> ClosingVocab:
-        """Built on first use: one decode of the vocabulary (about a second)."""
-        if self._closing_vocab is None:
-            assert self.tokenizer is not None, "budget-aware closing needs the tokenizer"
-            self._closing_vocab = ClosingVocab(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        return self._closing_vocab
+            seq = seqs[row]
+            seq.json_scan = self.steering.close_if_due(
+                seq.json_scan, self.bitmask, row, seq.completion_token_ids,
+                seq.sampling.max_tokens, seq.sampling.close_reserve)
 
     def build_model(self, state: dict[str, torch.Tensor]) -> LlamaModel:
         """A model of the same architecture from new weights; refuses mismatched shapes."""

@@ -12,14 +12,13 @@ from collections.abc import Callable
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
 from engine.types import Batch, FinishReason, StepResult, TopLogprob
-from grammars import allocate_bitmask, take_forced
+from grammars.steering import Steering, TokenVerdict
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: set[int],
-                 enable_chunked_prefill: bool = True,
-                 fast_forward_vocab_size: int = 0,
+                 enable_chunked_prefill: bool = True, steering: Steering | None = None,
                  weights_version: Callable[[], int] = lambda: 0) -> None:
         self.blocks = block_manager
         self.weights_version = weights_version    # the runner's now: roots a prefix-cache lookup
@@ -33,9 +32,9 @@ class Scheduler:
         self.aborted: set[str] = set()
         self.num_preemptions = 0
         self.admitting = True     # False while a weight update drains: only preempted ones resume
-        # Grammar fast-forward, on when the vocabulary size is given: one scratch mask row.
-        self.fast_forward_vocab_size = fast_forward_vocab_size
-        self._ff_scratch: object | None = None
+        # What constrained decoding decides after a token (grammars/steering.py); None: the
+        # grammars are only accepted and checked for completion, nothing is fast-forwarded.
+        self.steering = steering or Steering(0, fast_forward=False)
         self.num_forced_tokens = 0
 
     def add(self, seq: Sequence) -> None:
@@ -144,19 +143,20 @@ class Scheduler:
             seq.logprobs.append(logprob)
             seq.weights_versions.append(result.weights_version)
             seq.top_logprobs.append(top)
-            if seq.grammar is not None and not seq.grammar.accept_token(token_id):
+            verdict = None if seq.grammar is None else self.steering.accept(seq.grammar, token_id)
+            if verdict is TokenVerdict.REJECTED:
                 # The mask allowed only what the grammar accepts: this is a bug, not bad input.
                 seq.error = f"grammar rejected sampled token {token_id}"
                 self._finish(seq, FinishReason.ERROR)
                 changed.append(seq)
                 continue
-            reason = self._stop_reason(seq, token_id)
-            if reason is None and seq.grammar is not None and seq.grammar.is_dead():
+            reason = self._stop_reason(seq, token_id, verdict is TokenVerdict.COMPLETE)
+            if reason is None and verdict is TokenVerdict.DEAD:
                 # Only a relaxed (fallback) grammar gets here: the complete document fails its
                 # schema and no token may follow. Never sample from an all-masked row.
                 seq.error = "the output cannot be completed to match its schema"
                 reason = FinishReason.ERROR
-            if reason is None and seq.grammar is not None:
+            if reason is None and verdict is TokenVerdict.ACCEPTED:
                 reason = self._fast_forward(seq, result.weights_version)
             if reason is not None:
                 self._finish(seq, reason)
@@ -171,17 +171,13 @@ class Scheduler:
         return changed
 
     def _fast_forward(self, seq: Sequence, weights_version: int) -> FinishReason | None:
-        """Append the tokens seq's grammar forces (grammars.take_forced): logprob 0.0, as
-        sampling would have reported. They stay uncomputed: the next step computes them with
-        the sampled token as decode rows of seq (Sequence.is_decode). Not in raw mode: a raw
-        logprob needs the model's logits at the forced position, which were never computed."""
-        if not self.fast_forward_vocab_size or seq.sampling.logprobs_mode == "raw":
-            return None
+        """Append the tokens seq's grammar forces (Steering.forced): logprob 0.0, as sampling
+        would have reported. They stay uncomputed: the next step computes them with the sampled
+        token as decode rows of seq (Sequence.is_decode)."""
+        assert seq.grammar is not None
         limit = min(seq.sampling.max_tokens - seq.num_completion_tokens,
                     self.max_model_len - seq.num_tokens)
-        if self._ff_scratch is None:
-            self._ff_scratch = allocate_bitmask(1, self.fast_forward_vocab_size)
-        forced = take_forced(seq.grammar, limit, self._ff_scratch)
+        forced = self.steering.forced(seq.grammar, limit, seq.sampling.logprobs_mode == "raw")
         for i, token_id in enumerate(forced, 1):
             seq.token_ids.append(token_id)
             seq.logprobs.append(0.0)
@@ -191,19 +187,22 @@ class Scheduler:
             seq.num_skipped_draws += 1     # the sampler would have drawn a uniform for it
             self.num_forced_tokens += 1
             # The grammar has taken all of them already: only the last one can complete it.
-            reason = self._stop_reason(seq, token_id, grammar=i == len(forced))
+            complete = i == len(forced) and seq.grammar.is_terminated()
+            reason = self._stop_reason(seq, token_id, complete)
             if reason is not None:
                 return reason
         return None
 
-    def _stop_reason(self, seq: Sequence, token_id: int, grammar: bool = True) -> FinishReason | None:
+    def _stop_reason(self, seq: Sequence, token_id: int,
+                     is_complete: bool = False) -> FinishReason | None:
+        """is_complete: seq's grammar says its structure is complete."""
         params = seq.sampling
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.STOP
         if token_id in params.stop_token_ids:
             return FinishReason.STOP
-        if grammar and seq.grammar is not None and seq.grammar.is_terminated():
-            return FinishReason.STOP          # the structure is complete
+        if is_complete:
+            return FinishReason.STOP
         if seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
