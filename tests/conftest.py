@@ -8,6 +8,17 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# JSONSchemaBench files the suite needs, in the repository (tests/data/README.md); larger opt-in
+# runs read ../shared.
+VENDORED_SCHEMAS = Path(__file__).resolve().parent / "data" / "jsonschemabench"
+NUM_VENDORED_BFCL = 12
+NUM_VENDORED_FIRST = 40
+
+
+def schema_dir(count: int, vendored: int) -> Path:
+    """Where `count` schema files come from: the vendored copy when it holds them, else
+    ../shared/jsonschemabench/dev (a test that needs it skips when it is absent)."""
+    return VENDORED_SCHEMAS if count <= vendored else SHARED / "jsonschemabench" / "dev"
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,12 @@ import os
 import jsonschema
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import NUM_VENDORED_FIRST, schema_dir
 
 pytestmark = pytest.mark.slow
 
-DEV = SHARED / "jsonschemabench" / "dev"
 NUM_SCHEMAS = int(os.environ.get("PLUMBLINE_E2E_SCHEMAS", "40"))
+DEV = schema_dir(NUM_SCHEMAS, NUM_VENDORED_FIRST)
 
 
 def dev_schemas(n: int) -> list[tuple[str, dict]]:

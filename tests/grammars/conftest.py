@@ -1,14 +1,9 @@
 """Fixtures for the grammar layer: the default model's tokenizer and compilers over it."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED = REPO_ROOT.parent / "shared"
-DEV_DIR = SHARED / "jsonschemabench" / "dev"
 
 
 @pytest.fixture(scope="session")

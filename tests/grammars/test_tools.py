@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -23,9 +22,11 @@ from grammars.tools import (
     template_supports_tools,
     tool_call_grammar,
 )
+from tests.conftest import NUM_VENDORED_BFCL, schema_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BFCL_DIR = REPO_ROOT.parent / "shared" / "jsonschemabench" / "dev"
+# The suite runs 12 BFCL tool sets (vendored, time budget); the 50: PLUMBLINE_BFCL_TOOLS=50.
+NUM_BFCL = int(os.environ.get("PLUMBLINE_BFCL_TOOLS", "12"))
+BFCL_DIR = schema_dir(NUM_BFCL, NUM_VENDORED_BFCL)
 
 
 def fn(name: str, parameters: Any = None, description: str = "") -> dict[str, Any]:
@@ -181,8 +182,6 @@ def _bfcl_tools(limit: int) -> list[tuple[str, list[dict[str, Any]]]]:
     return cases
 
 
-# The suite runs 12 BFCL tool sets (time budget); the 50: PLUMBLINE_BFCL_TOOLS=50.
-NUM_BFCL = int(os.environ.get("PLUMBLINE_BFCL_TOOLS", "12"))
 
 _SCENARIOS: list[tuple[str, Any, bool, str]] = [
     ("required", "required", False, "What is the weather in Paris?"),
