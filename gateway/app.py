@@ -27,15 +27,13 @@ from gateway import protocol as p
 from gateway import admin, routes
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
-from gateway.consistency import InMemorySessionStore
+from gateway.guard import InMemorySessionStore, TraceRing, get_trace
 from gateway.logs import RequestContextMiddleware
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_schema
 from gateway.sse import send_json
 from gateway.state import EngineClient, Runtime
 from gateway.tokens import TokenTable
-from gateway import traces
-from gateway.traces import TraceRing
 
 log = structlog.get_logger("plumbline.gateway")
 
@@ -98,7 +96,7 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
             Route("/v1/models/{model:path}", routes.get_model, methods=["GET"]),
             Route("/v1/server_info", admin.server_info, methods=["GET"]),
             Route("/v1/admin/weights", admin.update_weights, methods=["POST"]),
-            Route("/v1/traces/{request_id}", traces.get_trace, methods=["GET"]),
+            Route("/v1/traces/{request_id}", get_trace, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/ready", routes.ready, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),

@@ -17,12 +17,11 @@ from grammars import GrammarError, GrammarSpec
 from grammars.tools import ToolsRequest, render_prompt, tool_call_grammar
 from gateway import protocol as p
 from gateway.logs import log_fields
-from gateway.policy import GuardPlan, plan_guard
+from gateway.guard import GuardPlan, Trace, plan_guard
 from gateway.sse import DONE, DeferredJSONResponse, EventStreamResponse, frame
 from gateway.state import Runtime
 from gateway.stream import ChoiceUpdate, Generation
 from gateway.tokens import TokenTable
-from gateway.traces import Trace
 
 Endpoint = Callable[[Request], Any]
 

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 from engine import FinishReason, GenerateRequest, RequestError, SamplingParams, TopLogprob
 from engine.types import PromptLogprob
 from gateway.protocol import BadRequest, InternalError, Unavailable, finish_reason_name
-from gateway.release import GuardedChoice
+from gateway.guard import GuardedChoice
 from gateway.tool_calls import ContentDelta, Delta, ToolCallDelta, ToolCallParser
 
 if TYPE_CHECKING:
     from gateway.admission import Ticket
-    from gateway.policy import GuardPlan
+    from gateway.guard import GuardPlan, Trace
     from gateway.state import Runtime
-    from gateway.traces import Trace
 
 _CONTEXT_TOKENS = 5   # prompt tokens that seed the window, so the first token decodes in context
 
