@@ -157,7 +157,7 @@ async def get_trace(request: Request) -> Response:
     trace = rt.traces.get(request_id)
     if trace is None:
         raise NotFound(f"no trace for '{request_id}' (the last {rt.traces.max_traces} "
-                         "requests are kept)", "request_id", code="trace_not_found")
+                       "requests are kept)", "request_id", code="trace_not_found")
     body = trace.to_dict()
     compiler = getattr(getattr(rt.engine, "core", None), "grammars", None)
     if trace.spec is not None and body["grammar"] is not None:
