@@ -57,7 +57,10 @@ Delta = Union[ContentDelta, ToolCallDelta]
 
 
 @dataclass(slots=True)
-class ToolCall:
+class ParsedToolCall:
+    """A call as the parser read it from generated text (the request's earlier calls are
+    `protocol.ToolCall`, the wire model)."""
+
     id: str
     name: str
     arguments: str = ""
@@ -132,7 +135,7 @@ class ToolCallParser:
     """Feed generated text chunk by chunk; get content and tool-call deltas back."""
 
     id_factory: Callable[[], str] = new_call_id
-    tool_calls: list[ToolCall] = field(default_factory=list, init=False)
+    tool_calls: list[ParsedToolCall] = field(default_factory=list, init=False)
     _content: list[str] = field(default_factory=list, init=False)
     _state: _State = field(default=_State.TEXT, init=False)
     _held: str = field(default="", init=False)       # text not yet judged (tag prefixes, blanks)
@@ -288,7 +291,7 @@ class ToolCallParser:
     def _announce(self) -> None:
         assert self._name is not None
         index = len(self.tool_calls)
-        call = ToolCall(self.id_factory(), self._name)
+        call = ParsedToolCall(self.id_factory(), self._name)
         self.tool_calls.append(call)
         self._out.append(ToolCallDelta(index, "", call.id, call.name))
         if self._arguments:
@@ -346,7 +349,8 @@ def _ends_escaped(text: str) -> bool:
     return run % 2 == 1
 
 
-def parse_tool_calls(text: str, id_factory: Callable[[], str] = new_call_id) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str, id_factory: Callable[[], str] = new_call_id
+                     ) -> tuple[str | None, list[ParsedToolCall]]:
     """The whole generated text -> (content, tool_calls): the streaming parser run once."""
     parser = ToolCallParser(id_factory=id_factory)
     parser.feed(text)
