@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.guard.facts import escape_token
+from grammars.json_lexer import COLON, COMMA, OPEN, SCALAR, STRING_OPEN, WS, JsonLexer
 
-_WS = " \t\r\n"
 _SCALAR_START = set('-0123456789tfn')
 
 
@@ -24,21 +24,27 @@ class JsonPointerParser:
     """Fed text chunks, yields (pointer, value, start, end) for each completed JSON leaf.
 
     Offsets are absolute in the fed text. Text before the first `{`/`[` is skipped; on a syntax
-    error the parser drops the value and looks for the next `{`/`[` (prose around JSON).
+    error the parser drops the value and looks for the next `{`/`[` (prose around JSON). The
+    characters are read by the shared JSON lexer; this class adds the grammar (keys, values,
+    separators) and the pointers.
     """
 
     def __init__(self) -> None:
         self.pos = 0
         self.stack: list[_Frame] = []
-        self.token_start = -1     # start of the scalar being read, -1 when none
-        self.token = ""           # raw text of that scalar
-        self.in_string = False
-        self.escape = False
+        self.lexer = JsonLexer(tracks_scalars=True)
+        self.token_start = -1     # start of the string or scalar being read, -1 when none
+        self.token = ""           # raw text of that string or scalar
         self.string_is_key = False
+
+    @property
+    def in_string(self) -> bool:
+        return self.lexer.in_string
 
     def feed(self, chunk: str) -> list[tuple[str, Any, int, int]]:
         out: list[tuple[str, Any, int, int]] = []
         i, n = 0, len(chunk)
+        lexer = self.lexer
         while i < n:
             if not self.stack:   # fast skip to the next container start
                 j = _find_open(chunk, i)
@@ -47,30 +53,19 @@ class JsonPointerParser:
                     break
                 self.pos += j - i
                 i = j
-            ch = chunk[i]
-            if self.in_string:
-                # Take the run of plain characters at once.
-                j = i
-                while j < n:
-                    c = chunk[j]
-                    if self.escape:
-                        self.escape = False
-                    elif c == "\\":
-                        self.escape = True
-                    elif c == '"':
-                        break
-                    j += 1
+            if lexer.in_string:
+                j = lexer.string_run(chunk, i)   # the run of plain characters at once
                 self.token += chunk[i:j]
                 self.pos += j - i
                 i = j
                 if i < n:   # closing quote
+                    lexer.step('"')
                     self.token += '"'
                     self.pos += 1
                     i += 1
-                    self.in_string = False
                     self._string_done(out)
                 continue
-            self._char(ch, out)
+            self._char(chunk[i], out)
             self.pos += 1
             i += 1
         return out
@@ -101,45 +96,46 @@ class JsonPointerParser:
         return True
 
     def _char(self, ch: str, out: list[tuple[str, Any, int, int]]) -> None:
-        if self.token_start >= 0:       # inside a number or literal
-            if ch in _WS or ch in ",]}":
-                if not self._scalar_done(out):
-                    return
-            else:
+        was_scalar = self.lexer.in_scalar
+        lexeme = self.lexer.step(ch)
+        if was_scalar:                  # inside a number or literal
+            if lexeme is SCALAR:
                 self.token += ch
+                return
+            if not self._scalar_done(out):
                 return
         if not self.stack:
             self.stack.append(_Frame(ch == "{", "", expect="key" if ch == "{" else "value"))
             return
         frame = self.stack[-1]
-        if ch in _WS:
+        if lexeme is WS:
             return
         if frame.expect == "value":
-            if ch == "{" or ch == "[":
+            if lexeme is OPEN:
                 self.stack.append(_Frame(ch == "{", self._child(frame),
                                          expect="key" if ch == "{" else "value"))
-            elif ch == '"':
+            elif lexeme is STRING_OPEN:
                 self._start_string(False)
-            elif ch in _SCALAR_START:
+            elif lexeme is SCALAR and ch in _SCALAR_START:
                 self.token_start, self.token = self.pos, ch
             elif ch == "]" and not frame.is_object and frame.index == 0:
                 self._close()
             else:
                 self._reset()
         elif frame.expect == "key":
-            if ch == '"':
+            if lexeme is STRING_OPEN:
                 self._start_string(True)
             elif ch == "}" and frame.key is None:
                 self._close()
             else:
                 self._reset()
         elif frame.expect == "colon":
-            if ch == ":":
+            if lexeme is COLON:
                 frame.expect = "value"
             else:
                 self._reset()
         else:   # comma
-            if ch == ",":
+            if lexeme is COMMA:
                 frame.expect = "key" if frame.is_object else "value"
             elif ch == ("}" if frame.is_object else "]"):
                 self._close()
@@ -147,7 +143,7 @@ class JsonPointerParser:
                 self._reset()
 
     def _start_string(self, is_key: bool) -> None:
-        self.in_string, self.escape, self.string_is_key = True, False, is_key
+        self.string_is_key = is_key
         self.token_start, self.token = self.pos, '"'
 
     def _child(self, frame: _Frame) -> str:
@@ -169,7 +165,8 @@ class JsonPointerParser:
 
     def _reset(self) -> None:
         self.stack.clear()
-        self.token, self.token_start, self.in_string = "", -1, False
+        self.lexer.reset()
+        self.token, self.token_start = "", -1
 
 
 def _find_open(text: str, start: int) -> int:
