@@ -247,7 +247,7 @@ class PlumblineOptions(_Strict):
     """Our vendor extension: `"plumbline": {...}` in a request."""
 
     logprobs_mode: Literal["processed", "raw"] | None = None
-    # The guard (gateway/guard/policy.py and plan.py check these and names the bad field in its 400):
+    # The guard (gateway/guard/plan.py checks these and names the bad field in its 400):
     guard: Any = None         # {"mode", "release", "checks"} over the server defaults
     assertions: Any = None    # {"/json/pointer": value}: facts the response must not contradict
     session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
