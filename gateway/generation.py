@@ -1,4 +1,5 @@
-"""Per request: token deltas -> incremental detokenizer -> stop strings -> choice updates.
+"""One request's generation: token deltas -> incremental detokenizer -> stop strings -> tool-call
+parser -> guard -> choice updates (the SSE framing of those updates is `sse.py`).
 
 The detokenizer decodes a sliding window of a few tokens (the vLLM/TGI "prefix offset" scheme):
 text is released only when the window decodes to more than its prefix and does not end in an

@@ -13,6 +13,8 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.sse import DONE, frame
 from gateway.state import Runtime
 
+Verdict = dict[str, Any]    # the guard's verdict on one choice (`Guard.verdict()`)
+
 
 def usage(gen: Generation) -> dict[str, Any]:
     o = gen.outcome
@@ -23,7 +25,7 @@ def usage(gen: Generation) -> dict[str, Any]:
 
 def plumbline_extension(*, logprobs_mode: str | None = None,
                         violations: Sequence[dict[str, Any]] = (),
-                        checks: dict[str, Any] | list[dict[str, Any] | None] | None = None,
+                        checks: Verdict | list[Verdict | None] | None = None,
                         weights_versions: Sequence[list[int]] | None = None,
                         incomplete: bool = False) -> dict[str, Any]:
     """`{"plumbline": {...}}` for a body, a chunk or a choice, or `{}` when there is nothing to
@@ -53,7 +55,7 @@ def _logprobs_mode(params: SamplingParams) -> str | None:
     return params.logprobs_mode if params.logprobs is not None else None
 
 
-def _checks(verdicts: Sequence[dict[str, Any] | None]) -> dict[str, Any] | list[dict[str, Any] | None] | None:
+def _checks(verdicts: Sequence[Verdict | None]) -> Verdict | list[Verdict | None] | None:
     """The body's `checks`: the one choice's verdict, or a list when n > 1; None without any."""
     if not any(v is not None for v in verdicts):
         return None
@@ -74,15 +76,17 @@ class Formatter:
         # token ids released per choice: all of them, and those not yet shown in a chunk
         self.token_ids: list[list[int]] = [[] for _ in range(gen.params.n)]
         self.pending_ids: list[list[int]] = [[] for _ in range(gen.params.n)]
-        self.verdicts: list[dict[str, Any] | None] = [None] * gen.params.n   # set by collect
+        self.verdicts: list[Verdict | None] = [None] * gen.params.n   # the guard's, per choice
 
     async def updates(self) -> AsyncGenerator[ChoiceUpdate, None]:
-        """The generation's updates, with the token ids they release recorded on the way (a
-        chunk may be skipped, e.g. half a character, but its tokens ride on the next one)."""
+        """The generation's updates, with the token ids they release and the guard's verdicts
+        recorded on the way (a chunk may be skipped, e.g. half a character, but its tokens ride
+        on the next one)."""
         async with aclosing(self.gen.updates()) as updates:
             async for u in updates:
                 self.token_ids[u.index] += u.token_ids
                 self.pending_ids[u.index] += u.token_ids
+                self.verdicts[u.index] = u.checks or self.verdicts[u.index]
                 yield u
 
     def _choice_fields(self, u: ChoiceUpdate, is_first: bool, is_last: bool) -> dict[str, Any]:
@@ -111,8 +115,7 @@ class Formatter:
         return finish_reason == "length" and self.gen.params.grammar is not None
 
     async def collect(self) -> dict[str, Any]:
-        """The whole response as one JSON body (each formatter has its own), and in
-        `self.verdicts` the guard's verdict of each choice."""
+        """The whole response as one JSON body (each formatter has its own)."""
         raise NotImplementedError
 
     async def body(self) -> dict[str, Any]:
@@ -178,12 +181,10 @@ class ChatFormatter(Formatter):
         texts, reasons = [""] * n, [None] * n  # type: list[str], list[str | None]
         entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         calls: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        verdicts = self.verdicts
         async with aclosing(self.updates()) as updates:
             async for u in updates:
                 texts[u.index] += u.text
                 reasons[u.index] = u.finish_reason or reasons[u.index]
-                verdicts[u.index] = u.checks or verdicts[u.index]
                 lp = self._logprobs(u)
                 if lp is not None:
                     entries[u.index] += lp["content"]
@@ -268,13 +269,11 @@ class CompletionFormatter(Formatter):
         lps: list[dict[str, list[Any]]] = [
             {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             for _ in range(n)]
-        verdicts = self.verdicts
         async with aclosing(self.updates()) as updates:
             async for u in updates:
                 lp = self._logprobs(u, len(texts[u.index]))
                 texts[u.index] += u.text
                 reasons[u.index] = u.finish_reason or reasons[u.index]
-                verdicts[u.index] = u.checks or verdicts[u.index]
                 if lp is not None:
                     for key in lps[u.index]:
                         lps[u.index][key] += lp[key]

@@ -113,8 +113,9 @@ async def precompile(rt: Runtime, spec: GrammarSpec | None, param: str = "respon
 
 
 async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids: Sequence[int],
-                  params: SamplingParams, formatter: type[Formatter], plan: GuardPlan,
-                  tools: ToolsRequest | None = None) -> Any:
+                  params: SamplingParams,
+                  formatter: Callable[[Runtime, Generation, Any], Formatter],
+                  plan: GuardPlan, tools: ToolsRequest | None = None) -> Any:
     """The shared tail of both generation routes: admission checks, grammar, then the stream
     (SSE) or the collected JSON body."""
     check_fits(rt, prompt_ids, params, "messages" if kind == "chatcmpl" else "prompt")
