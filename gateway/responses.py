@@ -114,6 +114,10 @@ class Formatter:
         (JSON value, tool call, ...) is unfinished; the response says so."""
         return finish_reason == "length" and self.gen.params.grammar is not None
 
+    def events(self) -> AsyncGenerator[bytes, None]:
+        """The streamed response as SSE frames (each formatter has its own)."""
+        raise NotImplementedError
+
     async def collect(self) -> dict[str, Any]:
         """The whole response as one JSON body (each formatter has its own)."""
         raise NotImplementedError
