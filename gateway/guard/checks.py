@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from jsonschema import validators  # type: ignore[import-untyped]
 
-from gateway.guard.facts import AssertionBuffer
+from gateway.guard.facts import AssertionBuffer, escape_token
 from gateway.guard.pointers import JsonPointerParser
 
 
@@ -62,7 +62,6 @@ class Check:
         return []
 
 
-CheckFactory = Callable[[Any, CheckContext], Check]
 CHECKS: dict[str, type[Check]] = {}
 
 
@@ -94,7 +93,7 @@ def _spans(text: str) -> dict[str, tuple[int, int]]:
 
 
 def _pointer(path: Any) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+    return "".join("/" + escape_token(str(p)) for p in path)
 
 
 def validate_json(text: str, schema: dict[str, Any], check: str, prefix: str = "",
