@@ -21,9 +21,7 @@ import statistics
 import time
 from typing import Any
 
-from gateway.checks import CheckContext, merge_policy, server_policy
-from gateway.consistency import AssertionBuffer
-from gateway.guard import Guard
+from gateway.guard import AssertionBuffer, CheckContext, Guard, merge_policy, server_policy
 
 STEP_BUDGET_S = 0.030
 PROSE = ("The invoice total is computed line by line. 17 * 3 = 51 units at 12.50 each, and "

@@ -24,8 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engine import DETERMINISTIC_KERNELS
-from gateway import protocol as p
-from gateway.routes import read_json, runtime
+from gateway.protocol import BadRequest, NotFound, NotSupported, Unauthorized, parse
+from gateway.requests import read_json, runtime
 from gateway.state import Runtime
 
 log = structlog.get_logger("plumbline.gateway")
@@ -124,14 +124,14 @@ def check_admin(rt: Runtime, request: Request) -> None:
     """404 when no admin key is configured; 401 unless the request carries it (as a Bearer
     token or in X-Admin-Key)."""
     if not rt.config.admin_key:
-        raise p.NotFound("admin endpoints are disabled; start the server with --admin-key "
-                         "(or PLUMBLINE_ADMIN_KEY) to enable them", code="admin_disabled")
+        raise NotFound("admin endpoints are disabled; start the server with --admin-key "
+                       "(or PLUMBLINE_ADMIN_KEY) to enable them", code="admin_disabled")
     auth = request.headers.get("authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
     token = request.headers.get("x-admin-key", token)
     if not hmac.compare_digest(token.encode(), rt.config.admin_key.encode()):
-        raise p.Unauthorized("missing or invalid admin key; send 'Authorization: Bearer "
-                             "<admin key>'", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("missing or invalid admin key; send 'Authorization: Bearer "
+                           "<admin key>'", headers={"WWW-Authenticate": "Bearer"})
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -157,16 +157,16 @@ async def update_weights(request: Request) -> Response:
     rt = runtime(request)
     check_admin(rt, request)
     engine, _ = rt.ready()
-    req = p.parse(WeightsUpdateRequest, await read_json(request, rt.config.max_body_bytes))
+    req = parse(WeightsUpdateRequest, await read_json(request, rt.config.max_body_bytes))
     update = getattr(engine, "update_weights", None)    # not part of EngineClient: fakes lack it
     if update is None:
-        raise p.NotSupported("this engine cannot update its weights", "path")
+        raise NotSupported("this engine cannot update its weights", "path")
     path = Path(req.path).expanduser()
     t0 = time.perf_counter()
     try:
         state = await anyio.to_thread.run_sync(load_weights, path)
     except ValueError as exc:
-        raise p.BadRequest(f"path: {exc}", "path", code="invalid_weights") from None
+        raise BadRequest(f"path: {exc}", "path", code="invalid_weights") from None
     try:
         version: int = await update(state, mode=req.mode, reset_cache=req.reset_cache)
     except (ValueError, KeyError, RuntimeError) as exc:
@@ -175,8 +175,8 @@ async def update_weights(request: Request) -> Response:
         message = (f"missing tensor {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args
                    else str(exc))
         log.warning("weights_update_refused", path=str(path), error=message)
-        raise p.BadRequest(f"path: the weights do not fit this model: {message}", "path",
-                           code="invalid_weights") from None
+        raise BadRequest(f"path: the weights do not fit this model: {message}", "path",
+                         code="invalid_weights") from None
     rt.weights_source = str(path.resolve())    # absolute: verify loads the same file
     duration = time.perf_counter() - t0
     log.info("weights_update_done", path=str(path), version=version, mode=req.mode,

@@ -23,19 +23,18 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import AsyncEngine, EngineConfig
-from gateway import protocol as p
 from gateway import admin, routes
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
-from gateway.consistency import InMemorySessionStore
+from gateway.guard import InMemorySessionStore, TraceRing, get_trace
 from gateway.logs import RequestContextMiddleware
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_schema
+from gateway.protocol import (APIError, BadRequest, MethodNotAllowed, NotFound, Unauthorized,
+                              internal_error)
 from gateway.sse import send_json
 from gateway.state import EngineClient, Runtime
 from gateway.tokens import TokenTable
-from gateway import traces
-from gateway.traces import TraceRing
 
 log = structlog.get_logger("plumbline.gateway")
 
@@ -62,7 +61,7 @@ class AuthMiddleware:
                 token = value[7:].strip()
         # compare with every key, always: the time taken says nothing about which key is close
         if not any([hmac.compare_digest(token, key) for key in self.api_keys]):
-            exc = p.Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+            exc = Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
             await send_json(send, exc.status, exc.body(), {"WWW-Authenticate": "Bearer"})
             return
         await self.app(scope, receive, send)
@@ -98,7 +97,7 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
             Route("/v1/models/{model:path}", routes.get_model, methods=["GET"]),
             Route("/v1/server_info", admin.server_info, methods=["GET"]),
             Route("/v1/admin/weights", admin.update_weights, methods=["POST"]),
-            Route("/v1/traces/{request_id}", traces.get_trace, methods=["GET"]),
+            Route("/v1/traces/{request_id}", get_trace, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/ready", routes.ready, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
@@ -106,7 +105,7 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
         ],
         middleware=[Middleware(RequestContextMiddleware, metrics=metrics),
                     Middleware(AuthMiddleware, api_keys=config.api_keys)],
-        exception_handlers={p.APIError: _api_error, HTTPException: _http_error,
+        exception_handlers={APIError: _api_error, HTTPException: _http_error,
                             Exception: _unexpected_error},
         lifespan=lifespan,
     )
@@ -155,24 +154,24 @@ async def _drain(rt: Runtime) -> None:
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, p.APIError)
+    assert isinstance(exc, APIError)
     return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    err: p.APIError
+    err: APIError
     if exc.status_code == 404:
-        err = p.NotFound(f"no route {request.url.path}")
+        err = NotFound(f"no route {request.url.path}")
     elif exc.status_code == 405:
-        err = p.MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
     else:
-        err = p.BadRequest(str(exc.detail))
+        err = BadRequest(str(exc.detail))
         err.status = exc.status_code
     return JSONResponse(err.body(), err.status)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled_exception", exc_info=exc)
-    err = p.internal_error()
+    err = internal_error()
     return JSONResponse(err.body(), err.status)

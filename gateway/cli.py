@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
+import importlib
 import os
 import sys
 import typing
@@ -182,19 +184,31 @@ def serve(args: argparse.Namespace) -> int:
     return 1 if runtime.load_error is not None else 0
 
 
-def _add_loadtest(sub: Any) -> None:
-    from loadtests.run import add_cli      # imported only when the CLI is built
-
-    add_cli(sub)
-
-
-def _add_verify(sub: Any) -> None:
-    from gateway.verify import add_cli
-
-    add_cli(sub)
+# Client programs of the server, not part of it: each module is imported only when its
+# subcommand runs, and its own `add_arguments` reads the rest of the command line (--help too).
+_PROGRAMS: dict[str, tuple[str, str]] = {
+    "loadtest": ("loadtests.run", "run the Locust load test headless and write a report"),
+    "verify": ("clients.verify", "check a server's logprobs, determinism and schemas"),
+}
 
 
-_COMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_loadtest, _add_verify]
+def _add_programs(sub: Any) -> None:
+    for name, (module, summary) in _PROGRAMS.items():
+        p = sub.add_parser(name, help=summary, add_help=False)
+        p.set_defaults(func=functools.partial(_run_program, name), forwards_args=True)
+
+
+def _run_program(name: str, args: argparse.Namespace) -> int:
+    module, summary = _PROGRAMS[name]
+    program = importlib.import_module(module)
+    parser = argparse.ArgumentParser(prog=f"plumbline {name}", description=summary,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    program.add_arguments(parser)
+    code: int = program.run(parser.parse_args(args.program_args))
+    return code
+
+
+_COMMANDS: list[Callable[[Any], None]] = [_add_serve, _add_programs]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,7 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "forwards_args", False):
+        args.program_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         code: int = args.func(args)
     except AssertionError as exc:      # a config check failed: say which, no traceback

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import EngineConfig
-from gateway.checks import Policy, PolicyError, server_policy
+from gateway.guard import Policy, PolicyError, server_policy
 
 
 @dataclass(frozen=True, slots=True)

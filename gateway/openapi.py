@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from gateway import protocol as p
 from gateway.admin import WeightsUpdateRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 _ERROR = {"description": "OpenAI-style error",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -35,7 +35,7 @@ def _get(summary: str) -> dict[str, Any]:
 @cache
 def openapi_schema(model_name: str) -> dict[str, Any]:
     _, defs = models_json_schema(
-        [(p.ChatCompletionRequest, "validation"), (p.CompletionRequest, "validation"),
+        [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation"),
          (WeightsUpdateRequest, "validation")],
         ref_template="#/components/schemas/{model}")
     schemas = {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA}

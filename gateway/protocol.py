@@ -1,5 +1,6 @@
-"""The OpenAI wire format: request models and their validation, sampling parameters, and the one
-place where errors become OpenAI error JSON with a status code and `FinishReason` becomes a string.
+"""The OpenAI wire format: request models and their validation, and the one place where errors
+become OpenAI error JSON with a status code and `FinishReason` becomes a string (what a request
+asks of the engine, grammar and sampling parameters, is mapped in `request_params.py`).
 
 Request models are strict (no "1" for 1, no true for 1) and forbid unknown fields, so a typo is a
 400 naming it instead of a silently ignored option. vLLM's extra-body names are accepted where they
@@ -8,15 +9,11 @@ mean the same thing; our own fields live in the `plumbline` object.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
-import jsonschema  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine import FinishReason, SamplingParams
-from grammars.spec import GrammarError, GrammarSpec
-from grammars.tools import ToolError, ToolsRequest, parse_tools_request
+from engine import FinishReason
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -156,6 +153,9 @@ class FunctionCall(_Strict):
     arguments: str
 
 
+# The wire models keep OpenAI's names (they name the /openapi.json schemas): ToolCall is a call
+# in an earlier assistant message (the parser's own is tool_calls.ParsedToolCall), Tool a tool
+# definition as sent (checked into grammars.tools.Tool by request_params.tools_request).
 class ToolCall(_Strict):
     id: str
     type: Literal["function"] = "function"
@@ -247,7 +247,7 @@ class PlumblineOptions(_Strict):
     """Our vendor extension: `"plumbline": {...}` in a request."""
 
     logprobs_mode: Literal["processed", "raw"] | None = None
-    # The guard (gateway/policy.py checks these and names the bad field in its 400):
+    # The guard (gateway/guard/plan.py checks these and names the bad field in its 400):
     guard: Any = None         # {"mode", "release", "checks"} over the server defaults
     assertions: Any = None    # {"/json/pointer": value}: facts the response must not contradict
     session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
@@ -331,132 +331,3 @@ class CompletionRequest(_GenerationRequest):
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None
     best_of: PosInt | None = None
-
-
-# --------------------------------------------------------------------- validation and mapping
-
-
-def check_unsupported(req: _GenerationRequest) -> None:
-    """Options we parse but cannot honour yet: a clear 400, never silently ignored."""
-    if req.logit_bias:
-        raise NotSupported("logit_bias is not supported yet", "logit_bias")
-    if req.min_tokens:
-        raise NotSupported("min_tokens is not supported yet", "min_tokens")
-    if isinstance(req, CompletionRequest):
-        if req.suffix:
-            raise NotSupported("suffix is not supported", "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise NotSupported("best_of other than n is not supported", "best_of")
-
-
-# Constrained decoding (response_format, structured_outputs, guided_*) is parsed, validated and
-# turned into a GrammarSpec either way; while this is False the request is refused with a clear
-# 400 instead of being served unconstrained. Flip it once the grammar issue is accepted.
-STRUCTURED_OUTPUTS_ENABLED = True
-
-
-def structured_output_spec(req: _GenerationRequest) -> GrammarSpec | None:
-    """Validate response_format / tools / tool_choice / structured_outputs / guided_*; return the
-    grammar the output must match, or None when nothing constrains it.
-
-    Tools are checked (and constrained) apart, by `tools_request`: a request asks for one or
-    the other.
-    """
-    asked: list[tuple[str, GrammarSpec]] = []
-    if isinstance(req, ChatCompletionRequest) and req.response_format is not None:
-        if isinstance(req.response_format, JsonSchemaFormat):
-            _check_schema(req.response_format.json_schema.schema_,
-                          "response_format.json_schema.schema")
-        spec = _grammar("response_format", GrammarSpec.from_response_format,
-                        req.response_format.model_dump(by_alias=True, exclude_none=True))
-        if spec is not None:
-            asked.append(("response_format", spec))
-    if req.structured_outputs is not None:
-        so = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
-        spec = _grammar("structured_outputs", GrammarSpec.from_structured_outputs, so)
-        if spec is None:
-            raise BadRequest("structured_outputs takes one of json, regex, choice, grammar, "
-                             "json_object", "structured_outputs")
-        asked.append(("structured_outputs", spec))
-    for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
-                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
-        value = getattr(req, name)
-        if value is not None:
-            spec = _grammar(name, GrammarSpec.from_structured_outputs, {key: value})
-            assert spec is not None
-            asked.append((name, spec))
-    if len(asked) > 1:
-        raise BadRequest(f"{asked[0][0]} and {asked[1][0]} both constrain the output; send one",
-                         asked[1][0])
-    if not asked:
-        return None
-    if not STRUCTURED_OUTPUTS_ENABLED:
-        raise NotSupported(f"{asked[0][0]} is not supported yet: constrained decoding is not "
-                           "enabled in this server", asked[0][0])
-    return asked[0][1]
-
-
-def tools_request(req: ChatCompletionRequest) -> ToolsRequest | None:
-    """The checked tools / tool_choice / parallel_tool_calls; None without tools. A bad one is a
-    400 naming the parameter (grammars.tools does the checking, so offline use agrees)."""
-    try:
-        tools = parse_tools_request(
-            None if req.tools is None else [t.model_dump(exclude_none=True) for t in req.tools],
-            req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice,
-            req.parallel_tool_calls)
-    except ToolError as exc:
-        raise BadRequest(str(exc), exc.param) from None
-    for i, tool in enumerate(req.tools or []):
-        _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
-    return tools
-
-
-def _grammar(param: str, build: Callable[[Any], GrammarSpec | None], value: Any) -> GrammarSpec | None:
-    try:
-        return build(value)
-    except GrammarError as exc:
-        raise BadRequest(f"{param}: {exc}", param) from None
-
-
-def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
-    if schema is None:
-        return
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise BadRequest(f"{param} is not a valid JSON schema: {exc.message}", param) from None
-
-
-def sampling_params(req: _GenerationRequest, *, max_tokens: int | None, num_logprobs: int | None,
-                    default_max_tokens: int,
-                    num_prompt_logprobs: int | None = None,
-                    grammar: GrammarSpec | None = None) -> SamplingParams:
-    """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
-    fields: dict[str, Any] = {
-        "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
-        "n": req.n, "stop": req.stop_strings, "ignore_eos": req.ignore_eos,
-        "stop_token_ids": tuple(req.stop_token_ids or ()),
-        "include_stop_str_in_output": req.include_stop_str_in_output,
-        "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),
-        "prompt_logprobs": num_prompt_logprobs, "grammar": grammar,
-        # any Python int is a valid seed; the engine wants 64 bits
-        "seed": None if req.seed is None else req.seed & ((1 << 64) - 1),
-    }
-    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty"):
-        value = getattr(req, name)
-        if value is not None:
-            fields[name] = value
-    try:
-        return SamplingParams(**fields)
-    except ValueError as exc:
-        message = str(exc)
-        raise BadRequest(message, message.split(" ", 1)[0]) from None
-
-
-def check_text(value: str, param: str) -> None:
-    """JSON may smuggle lone surrogates ("\\ud800") that are not valid UTF-8."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(f"{param} is not valid UTF-8 (lone surrogate)", param) from None

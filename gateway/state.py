@@ -8,13 +8,11 @@ from typing import Any, Protocol
 
 from engine import GenerateRequest, TokenDelta
 from gateway.admission import Admission
-from gateway.checks import Policy
-from gateway.consistency import InMemorySessionStore, SessionStore
 from gateway.config import GatewayConfig
+from gateway.guard import InMemorySessionStore, Policy, SessionStore, TraceRing
 from gateway.metrics import Metrics
 from gateway.protocol import Unavailable
 from gateway.tokens import TokenTable
-from gateway.traces import TraceRing
 
 
 class EngineStatsLike(Protocol):

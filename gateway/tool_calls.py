@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any, Callable, Union
 
+from grammars.json_lexer import CLOSE, STRING_CLOSE, WHITESPACE, JsonLexer
 from grammars.tools import CLOSE_TAG, OPEN_TAG
 
-_WS = " \t\r\n"
 _ARGUMENT_KEYS = ("arguments", "parameters")
 
 
@@ -57,7 +57,10 @@ Delta = Union[ContentDelta, ToolCallDelta]
 
 
 @dataclass(slots=True)
-class ToolCall:
+class ParsedToolCall:
+    """A call as the parser read it from generated text (the request's earlier calls are
+    `protocol.ToolCall`, the wire model)."""
+
     id: str
     name: str
     arguments: str = ""
@@ -84,47 +87,26 @@ class _State(Enum):
 
 
 @dataclass(slots=True)
-class _Scan:
-    """Where a JSON value ends: nesting depth and string state of the text seen so far."""
+class _ValueEnd:
+    """Where one JSON value ends, fed from its first character on."""
 
-    depth: int = 0
-    in_string: bool = False
-    escaped: bool = False
-    started: bool = False
-    scalar: bool = False
+    lexer: JsonLexer = field(default_factory=JsonLexer)
+    is_scalar: bool | None = None   # None before the first character
 
     def step(self, ch: str) -> tuple[bool, bool]:
         """Feed one character: (is it part of the value, does the value end with it)."""
-        if not self.started:
-            self.started = True
-            if ch in "{[":
-                self.depth = 1
-            elif ch == '"':
-                self.in_string = True
-            else:
-                self.scalar = True
+        if self.is_scalar is None:
+            self.is_scalar = ch not in '{["'
+            if not self.is_scalar:
+                self.lexer.step(ch)
             return True, False
-        if self.scalar:  # numbers, true, false, null end before a delimiter
-            if ch in ",}]" or ch in _WS:
+        if self.is_scalar:  # numbers, true, false, null (or junk) end before a delimiter
+            if ch in ",}]" or ch in WHITESPACE:
                 return False, True
             return True, False
-        if self.in_string:
-            if self.escaped:
-                self.escaped = False
-            elif ch == "\\":
-                self.escaped = True
-            elif ch == '"':
-                self.in_string = False
-                return True, self.depth == 0
-            return True, False
-        if ch == '"':
-            self.in_string = True
-        elif ch in "{[":
-            self.depth += 1
-        elif ch in "}]":
-            self.depth -= 1
-            return True, self.depth == 0
-        return True, False
+        lexeme = self.lexer.step(ch)
+        ends = lexeme is STRING_CLOSE or lexeme is CLOSE
+        return True, ends and self.lexer.depth == 0
 
 
 @dataclass
@@ -132,7 +114,7 @@ class ToolCallParser:
     """Feed generated text chunk by chunk; get content and tool-call deltas back."""
 
     id_factory: Callable[[], str] = new_call_id
-    tool_calls: list[ToolCall] = field(default_factory=list, init=False)
+    tool_calls: list[ParsedToolCall] = field(default_factory=list, init=False)
     _content: list[str] = field(default_factory=list, init=False)
     _state: _State = field(default=_State.TEXT, init=False)
     _held: str = field(default="", init=False)       # text not yet judged (tag prefixes, blanks)
@@ -141,7 +123,8 @@ class ToolCallParser:
     _name: str | None = field(default=None, init=False)
     _arguments: str = field(default="", init=False)  # of the current call, before it is announced
     _has_arguments: bool = field(default=False, init=False)
-    _scan: _Scan = field(default_factory=_Scan, init=False)
+    _value: _ValueEnd = field(default_factory=_ValueEnd, init=False)
+    _string: JsonLexer = field(default_factory=JsonLexer, init=False)   # the key or name string
     _out: list[Delta] = field(default_factory=list, init=False)
     _finished: bool = field(default=False, init=False)
 
@@ -195,19 +178,19 @@ class ToolCallParser:
     def _step_text(self) -> bool:
         at = self._held.find(OPEN_TAG)
         if at >= 0:
-            self._emit_content(self._held[:at].rstrip(_WS))
+            self._emit_content(self._held[:at].rstrip(WHITESPACE))
             self._held = self._held[at + len(OPEN_TAG):]
             self._open_call()
             return True
         keep = _partial_suffix(self._held, OPEN_TAG)
         body, tail = self._held[:len(self._held) - keep], self._held[len(self._held) - keep:]
-        stripped = body.rstrip(_WS)
+        stripped = body.rstrip(WHITESPACE)
         self._emit_content(stripped)
         self._held = body[len(stripped):] + tail
         return False
 
     def _step_close(self) -> bool:
-        stripped = self._held.lstrip(_WS)
+        stripped = self._held.lstrip(WHITESPACE)
         if len(stripped) < len(CLOSE_TAG):
             if CLOSE_TAG.startswith(stripped):
                 self._held = stripped
@@ -223,7 +206,7 @@ class ToolCallParser:
         return True
 
     def _step_after_call(self) -> bool:
-        self._held = self._held.lstrip(_WS)
+        self._held = self._held.lstrip(WHITESPACE)
         if not self._held:
             return False
         self._state = _State.TEXT
@@ -232,7 +215,7 @@ class ToolCallParser:
     def _step_json(self, ch: str) -> None:
         s = self._state
         if s is _State.ARGUMENTS or s is _State.SKIP_VALUE:
-            part_of, ends = self._scan.step(ch)
+            part_of, ends = self._value.step(ch)
             if part_of and s is _State.ARGUMENTS:
                 self._add_arguments(ch)
             if ends:
@@ -242,7 +225,7 @@ class ToolCallParser:
             return
         if s is _State.KEY_STRING or s is _State.NAME_STRING:
             self._token += ch
-            if ch == '"' and not _ends_escaped(self._token[:-1]):
+            if self._string.step(ch) is STRING_CLOSE:
                 try:
                     value = json.loads(self._token)
                 except json.JSONDecodeError:
@@ -254,21 +237,23 @@ class ToolCallParser:
                     self._name, self._state = value, _State.AFTER_VALUE
                     self._announce()
             return
-        if ch in _WS:
+        if ch in WHITESPACE:
             return
         if s is _State.OBJECT_OPEN and ch == "{":
             self._state = _State.KEY
         elif s is _State.KEY and ch == '"':
             self._token, self._state = ch, _State.KEY_STRING
+            self._string = JsonLexer(in_string=True)
         elif s is _State.COLON and ch == ":":
             self._state = _State.VALUE
         elif s is _State.VALUE and self._key == "name" and self._name is None:
             if ch == '"':
                 self._token, self._state = ch, _State.NAME_STRING
+                self._string = JsonLexer(in_string=True)
             else:
                 self._malformed(ch)
         elif s is _State.VALUE:
-            self._scan = _Scan()
+            self._value = _ValueEnd()
             if self._key in _ARGUMENT_KEYS and not self._has_arguments:
                 self._has_arguments, self._state = True, _State.ARGUMENTS
             else:
@@ -288,7 +273,7 @@ class ToolCallParser:
     def _announce(self) -> None:
         assert self._name is not None
         index = len(self.tool_calls)
-        call = ToolCall(self.id_factory(), self._name)
+        call = ParsedToolCall(self.id_factory(), self._name)
         self.tool_calls.append(call)
         self._out.append(ToolCallDelta(index, "", call.id, call.name))
         if self._arguments:
@@ -340,13 +325,8 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-def _ends_escaped(text: str) -> bool:
-    """Whether the character after text would be escaped (an odd run of backslashes)."""
-    run = len(text) - len(text.rstrip("\\"))
-    return run % 2 == 1
-
-
-def parse_tool_calls(text: str, id_factory: Callable[[], str] = new_call_id) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str, id_factory: Callable[[], str] = new_call_id
+                     ) -> tuple[str | None, list[ParsedToolCall]]:
     """The whole generated text -> (content, tool_calls): the streaming parser run once."""
     parser = ToolCallParser(id_factory=id_factory)
     parser.feed(text)

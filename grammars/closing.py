@@ -15,18 +15,19 @@ required key). The grammar still decides what is valid; this only prefers the sh
 Processed logprobs are those of the narrowed distribution (what was actually sampled from).
 
 Where the text stands (inside a string, how many brackets are open) is read from the generated
-text itself by a JSON scanner over the decoded tokens, restarted at each `<tool_call>` tag so
-free text before a call does not count. It is a heuristic: it shortens, it cannot promise to
-close within the budget (a schema may require more tokens than are left).
+text itself by the JSON lexer (json_lexer.py) over the decoded tokens, restarted at each
+`<tool_call>` tag so free text before a call does not count. It is a heuristic: it shortens,
+it cannot promise to close within the budget (a schema may require more tokens than are left).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from grammars.json_lexer import CLOSE, OPEN, JsonLexer
 from grammars.tools import OPEN_TAG
 
 _CLOSERS = ("}", "]", "</")
@@ -43,15 +44,23 @@ def _pack(allowed: torch.Tensor) -> torch.Tensor:
 
 @dataclass(slots=True)
 class JsonScan:
-    """Incremental JSON lexer state of one sequence's output (tokens are only ever appended)."""
+    """Where one sequence's output stands for closing (tokens are only ever appended): the
+    JSON lexer's state, restarted at each `<tool_call>` tag."""
 
     num_tokens: int = 0      # tokens scanned so far
-    in_string: bool = False
-    escaped: bool = False
-    depth: int = 0           # open brackets outside strings
     in_structure: bool = False  # a JSON value or a tool call has begun (free text before it
                                 # is never steered: closing would only cut an answer short)
     tail: str = ""           # the last few characters, to spot a `<tool_call>` tag
+    lexer: JsonLexer = field(default_factory=JsonLexer)
+
+    @property
+    def in_string(self) -> bool:
+        return self.lexer.in_string
+
+    @property
+    def depth(self) -> int:
+        """Open brackets outside strings."""
+        return self.lexer.depth
 
     def feed(self, text: str) -> None:
         for ch in text:
@@ -61,25 +70,14 @@ class JsonScan:
         """Advance one character; True when it closes a top-level JSON value."""
         self.tail = (self.tail + ch)[-len(OPEN_TAG):]
         if self.tail == OPEN_TAG:                  # a call starts: its JSON is what counts
-            self.in_string = self.escaped = False
-            self.depth = 0
+            self.lexer.reset()
             self.in_structure = True
-        elif self.escaped:
-            self.escaped = False
-        elif self.in_string:
-            if ch == "\\":
-                self.escaped = True
-            elif ch == '"':
-                self.in_string = False
-        elif ch == '"':
-            self.in_string = True
-        elif ch in "{[":
-            self.depth += 1
+            return False
+        depth = self.lexer.depth
+        lexeme = self.lexer.step(ch)
+        if lexeme is OPEN:
             self.in_structure = True
-        elif ch in "}]" and self.depth > 0:
-            self.depth -= 1
-            return self.depth == 0
-        return False
+        return lexeme is CLOSE and depth == 1
 
 
 class ClosingVocab:

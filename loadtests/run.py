@@ -440,14 +440,6 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def add_cli(sub: Any) -> None:
-    """Register `plumbline loadtest` on the gateway CLI's subparsers (see gateway/cli.py)."""
-    p = sub.add_parser("loadtest", help="run the Locust load test headless and write a report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtests.run",
                                      description=(__doc__ or "").split("\n\n")[0],

@@ -4,10 +4,13 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gateway.checks import CheckContext, merge_policy, server_policy
-from gateway.consistency import (Assertion, AssertionBuffer, InMemorySessionStore, JsonPointerParser,
-                                 iter_leaves, pin_schema, validate_assertions)
-from gateway.guard import Guard
+from gateway.guard.checks import CheckContext
+from gateway.guard.facts import Assertion, AssertionBuffer, iter_leaves, validate_assertions
+from gateway.guard.guard import Guard
+from gateway.guard.pinning import pin_schema
+from gateway.guard.pointers import JsonPointerParser
+from gateway.guard.policy import merge_policy, server_policy
+from gateway.guard.sessions import InMemorySessionStore
 
 CONVERSATION = [
     {"role": "user", "content": "Look up customer AB-0001"},

@@ -3,8 +3,9 @@ import re
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gateway.checks import CheckContext, server_policy, merge_policy
-from gateway.guard import Guard
+from gateway.guard.checks import CheckContext
+from gateway.guard.guard import Guard
+from gateway.guard.policy import merge_policy, server_policy
 
 DENY = r"SECRET-\d{4}"
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from gateway.checks import server_policy
-from gateway.consistency import InMemorySessionStore
+from gateway.guard.checks import CheckContext
+from gateway.guard.plan import GuardPlan
+from gateway.guard.policy import server_policy
+from gateway.guard.release import GuardedChoice
+from gateway.guard.sessions import InMemorySessionStore
 from gateway.metrics import Metrics
-from gateway.policy import GuardPlan
-from gateway.checks import CheckContext
-from gateway.release import GuardedChoice
 from gateway.tool_calls import ToolCallParser
 
 TOOLS = [{"type": "function", "function": {

@@ -7,7 +7,7 @@ import pytest
 
 from gateway.admission import Admission
 from gateway.protocol import QueueFull, Unavailable
-from gateway.stream import Detokenizer, StopMatcher
+from gateway.generation import Detokenizer, StopMatcher
 
 
 def stream_text(tokenizer, text: str, chunk: int = 1) -> list[str]:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from gateway.tool_calls import (
     ContentDelta,
     Delta,
-    ToolCall,
+    ParsedToolCall,
     ToolCallDelta,
     ToolCallParser,
     deltas_to_openai,
@@ -36,15 +36,15 @@ def stream(text: str, cuts: list[int]) -> tuple[list[Delta], ToolCallParser]:
     return deltas, parser
 
 
-def replay(deltas: list[Delta]) -> tuple[str | None, list[ToolCall]]:
+def replay(deltas: list[Delta]) -> tuple[str | None, list[ParsedToolCall]]:
     """Rebuild (content, calls) from deltas alone, as an OpenAI client would."""
     content = "".join(d.text for d in deltas if isinstance(d, ContentDelta)) or None
-    calls: list[ToolCall] = []
+    calls: list[ParsedToolCall] = []
     for d in deltas:
         if isinstance(d, ToolCallDelta):
             if d.id is not None:
                 assert d.index == len(calls) and d.name and d.arguments == ""
-                calls.append(ToolCall(d.id, d.name))
+                calls.append(ParsedToolCall(d.id, d.name))
             else:
                 calls[d.index].arguments += d.arguments
     return content, calls

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.traces import Trace, TraceRing, allowed_token_counts
+from gateway.guard.traces import Trace, TraceRing, allowed_token_counts
 
 
 def trace(i: int) -> Trace:

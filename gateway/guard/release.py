@@ -22,16 +22,18 @@ from engine import TopLogprob
 from gateway.tool_calls import ToolCallDelta, ToolCallParser
 
 if TYPE_CHECKING:
+    from gateway.guard.plan import GuardPlan
+    from gateway.guard.traces import Trace
     from gateway.metrics import Metrics
-    from gateway.policy import GuardPlan
     from gateway.state import Runtime
-    from gateway.traces import Trace
 
 _AT_FINISH = math.inf    # the held-token offset of tokens released only at the end
 
 
 @dataclass(slots=True)
-class Release:
+class ChoiceRelease:
+    """What one choice may send after an update: text, call deltas, tokens, the guard's news."""
+
     text: str = ""
     calls: tuple[ToolCallDelta, ...] = ()
     token_ids: tuple[int, ...] = ()
@@ -69,10 +71,10 @@ class GuardedChoice:
 
     def step(self, text: str, calls: Sequence[ToolCallDelta], token_ids: tuple[int, ...],
              logprobs: tuple[float, ...], top_logprobs: tuple[tuple[TopLogprob, ...], ...],
-             parser: ToolCallParser | None, finish_reason: str | None) -> Release:
+             parser: ToolCallParser | None, finish_reason: str | None) -> ChoiceRelease:
         """Feed one update's content and call deltas; what may be sent now."""
         g = self.guard
-        out = Release()
+        out = ChoiceRelease()
         new = []
         calls_made: list[dict[str, Any]] = []
         if text:
@@ -113,7 +115,7 @@ class GuardedChoice:
             self._end(out, calls_made)
         return out
 
-    def _release_held(self, out: Release, done: bool) -> None:
+    def _release_held(self, out: ChoiceRelease, done: bool) -> None:
         g = self.guard
         ids: list[int] = []
         lps: list[float] = []
@@ -133,7 +135,7 @@ class GuardedChoice:
             out.calls = tuple(self.pending_calls[:n])
             del self.pending_calls[:n]
 
-    def _end(self, out: Release, calls_made: list[dict[str, Any]]) -> None:
+    def _end(self, out: ChoiceRelease, calls_made: list[dict[str, Any]]) -> None:
         verdict = self.guard.verdict() if self.is_checking else None
         out.verdict = verdict
         if verdict is not None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from gateway import protocol as p
-from gateway.checks import CheckContext, Policy, PolicyError, merge_policy
-from gateway.consistency import (Assertion, AssertionBuffer, SessionStore, json_or_none,
-                                 pin_schema, validate_assertions)
-from gateway.guard import EventHook, Guard
+from gateway.guard.checks import CheckContext
+from gateway.guard.facts import Assertion, AssertionBuffer, json_or_none, validate_assertions
+from gateway.guard.guard import EventHook, Guard
+from gateway.guard.pinning import pin_schema
+from gateway.guard.policy import Policy, PolicyError, merge_policy
+from gateway.guard.sessions import SessionStore
+from gateway.protocol import BadRequest, ChatMessage, PlumblineOptions
 from grammars.spec import GrammarSpec
 
 if TYPE_CHECKING:
@@ -56,16 +58,16 @@ class GuardPlan:
         return [*buffer.facts.values(), *kept]
 
 
-def request_policy(server: Policy, options: p.PlumblineOptions | None) -> Policy:
+def request_policy(server: Policy, options: PlumblineOptions | None) -> Policy:
     """The server default under the request's `plumbline.guard`; a bad one is a 400."""
     try:
         return merge_policy(server, None if options is None else options.guard)
     except PolicyError as exc:
-        raise p.BadRequest(exc.message, exc.param) from None
+        raise BadRequest(exc.message, exc.param) from None
 
 
-def plan_guard(server: Policy, sessions: SessionStore, options: p.PlumblineOptions | None,
-               grammar: GrammarSpec | None, messages: Sequence[p.ChatMessage] = (),
+def plan_guard(server: Policy, sessions: SessionStore, options: PlumblineOptions | None,
+               grammar: GrammarSpec | None, messages: Sequence[ChatMessage] = (),
                tools: ToolsRequest | None = None) -> tuple[GuardPlan, GrammarSpec | None]:
     """The request's plan, and its grammar (pinned in enforce mode)."""
     policy = request_policy(server, options)
@@ -77,7 +79,7 @@ def plan_guard(server: Policy, sessions: SessionStore, options: p.PlumblineOptio
             try:
                 declared = validate_assertions(options.assertions)
             except ValueError as exc:
-                raise p.BadRequest(str(exc), "plumbline.assertions") from None
+                raise BadRequest(str(exc), "plumbline.assertions") from None
     if policy.mode == "off" and session_id is None:
         return GuardPlan(policy, CheckContext()), grammar    # nothing to judge or remember
     session = sessions.load(session_id) if session_id is not None else []
@@ -103,7 +105,7 @@ def plan_guard(server: Policy, sessions: SessionStore, options: p.PlumblineOptio
     return plan, grammar
 
 
-def _message_dict(m: p.ChatMessage) -> dict[str, Any]:
+def _message_dict(m: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": m.role, "content": m.content if isinstance(m.content, str)
                            else None}
     if m.content is not None and not isinstance(m.content, str):

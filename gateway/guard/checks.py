@@ -11,11 +11,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from jsonschema import validators  # type: ignore[import-untyped]
 
-from gateway.consistency import AssertionBuffer, JsonPointerParser
+from gateway.guard.facts import AssertionBuffer, escape_token
+from gateway.guard.pointers import JsonPointerParser
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,18 +62,15 @@ class Check:
         return []
 
 
-CheckFactory = Callable[[Any, CheckContext], Check]
 CHECKS: dict[str, type[Check]] = {}
-CHECK_SETTINGS: dict[str, Callable[[Any, str], Any]] = {}   # name -> validate(value, param)
 
 
-def register_check(name: str, validate: Callable[[Any, str], Any] | None = None
-                   ) -> Callable[[type[Check]], type[Check]]:
-    """Class decorator: `checks: {name: setting}` in a policy builds this check."""
+def register_check(name: str) -> Callable[[type[Check]], type[Check]]:
+    """Class decorator: `checks: {name: setting}` in a policy builds this check (the settings
+    a policy accepts for it are the policy module's business)."""
     def wrap(cls: type[Check]) -> type[Check]:
         cls.name = name
         CHECKS[name] = cls
-        CHECK_SETTINGS[name] = validate or (lambda v, param: v)
         return cls
     return wrap
 
@@ -88,12 +86,6 @@ def build_checks(config: dict[str, Any], context: CheckContext | None = None) ->
             if is_enabled(config.get(name))]
 
 
-def _bool(value: Any, param: str) -> bool:
-    if not isinstance(value, bool):
-        raise PolicyError(param, f"{param} must be true or false")
-    return value
-
-
 # -- schema -------------------------------------------------------------------------------------
 
 def _spans(text: str) -> dict[str, tuple[int, int]]:
@@ -101,7 +93,7 @@ def _spans(text: str) -> dict[str, tuple[int, int]]:
 
 
 def _pointer(path: Any) -> str:
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+    return "".join("/" + escape_token(str(p)) for p in path)
 
 
 def validate_json(text: str, schema: dict[str, Any], check: str, prefix: str = "",
@@ -124,7 +116,7 @@ def validate_json(text: str, schema: dict[str, Any], check: str, prefix: str = "
     return out
 
 
-@register_check("schema", _bool)
+@register_check("schema")
 class SchemaCheck(Check):
     @property
     def cleared(self) -> int:
@@ -138,7 +130,7 @@ class SchemaCheck(Check):
 
 # -- tool_args ----------------------------------------------------------------------------------
 
-@register_check("tool_args", _bool)
+@register_check("tool_args")
 class ToolArgsCheck(Check):
     """Tool calls are judged by the guard one call at a time (`check_call`) and again at finish."""
 
@@ -158,7 +150,7 @@ class ToolArgsCheck(Check):
 
 # -- truncation ---------------------------------------------------------------------------------
 
-@register_check("truncation", _bool)
+@register_check("truncation")
 class TruncationCheck(Check):
     @property
     def cleared(self) -> int:
@@ -178,19 +170,6 @@ class TruncationCheck(Check):
 
 # -- deny ---------------------------------------------------------------------------------------
 
-def _deny_setting(value: Any, param: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise PolicyError(param, f"{param} must be a list of regular expressions")
-    for p in value:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise PolicyError(param, f"{param}: invalid regular expression {p!r}: {e}") from None
-    return value
-
-
 def _max_width(pattern: str) -> int:
     # re's own parser knows a pattern's widest match; imported by name as it has no stubs.
     sre_parse: Any = importlib.import_module("re._parser")
@@ -201,7 +180,7 @@ def _max_width(pattern: str) -> int:
     return max(1, min(int(hi), DenyCheck.max_match))
 
 
-@register_check("deny", _deny_setting)
+@register_check("deny")
 class DenyCheck(Check):
     """Regexes over the output, found across chunk boundaries.
 
@@ -291,7 +270,7 @@ def _claim_holds(a: str, op: str, b: str, c: str) -> bool | None:
         else actual == claimed
 
 
-@register_check("arithmetic", _bool)
+@register_check("arithmetic")
 class ArithmeticCheck(Check):
     def __init__(self, setting: Any, context: CheckContext) -> None:
         super().__init__(setting, context)
@@ -337,17 +316,7 @@ class ArithmeticCheck(Check):
 
 # -- consistency --------------------------------------------------------------------------------
 
-def _consistency_setting(value: Any, param: str) -> str:
-    if value is True:
-        return "detect"
-    if value is False:
-        return "off"
-    if value not in ("off", "detect", "enforce"):
-        raise PolicyError(param, f"{param} must be one of 'off', 'detect', 'enforce'")
-    return str(value)
-
-
-@register_check("consistency", _consistency_setting)
+@register_check("consistency")
 class ConsistencyCheck(Check):
     """Every completed JSON leaf of the output against the assertion buffer."""
 
@@ -386,83 +355,3 @@ class ConsistencyCheck(Check):
                 if v:
                     out.append(v)
         return out
-
-
-# -- policy -------------------------------------------------------------------------------------
-
-Mode = Literal["off", "flag", "block"]
-Release = Literal["stream", "unit", "final"]
-
-
-class PolicyError(ValueError):
-    """A bad `plumbline.guard` object: `param` names the field, for the 400."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param, self.message = param, message
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    mode: Mode = "off"
-    release: Release = "unit"
-    checks: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("off", "flag", "block"):
-            raise PolicyError("guard.mode", "mode must be one of 'off', 'flag', 'block'")
-        if self.release not in ("stream", "unit", "final"):
-            raise PolicyError("guard.release", "release must be one of 'stream', 'unit', 'final'")
-
-    @property
-    def consistency_mode(self) -> str:
-        return str(self.checks.get("consistency") or "off")
-
-
-DEFAULT_CHECKS: dict[str, Any] = {"schema": True, "tool_args": True, "truncation": True,
-                                  "deny": [], "arithmetic": False, "consistency": "off"}
-
-
-def validate_checks(checks: Any, param: str) -> dict[str, Any]:
-    if not isinstance(checks, dict):
-        raise PolicyError(param, f"{param} must be an object from check names to settings")
-    out = {}
-    for name, value in checks.items():
-        if name not in CHECKS:
-            raise PolicyError(f"{param}.{name}",
-                              f"unknown check {name!r}; known: {', '.join(CHECKS)}")
-        out[name] = CHECK_SETTINGS[name](value, f"{param}.{name}")
-    return out
-
-
-def server_policy(mode: str = "off", release: str = "unit",
-                  checks: dict[str, Any] | None = None) -> Policy:
-    """The server default: `--guard-mode` and the checks config file, over `DEFAULT_CHECKS`."""
-    merged = {**DEFAULT_CHECKS, **validate_checks(checks or {}, "checks")}
-    return Policy(mode, release, merged)  # type: ignore[arg-type]
-
-
-def merge_policy(server: Policy, override: Any, param: str = "plumbline.guard") -> Policy:
-    """The request's `plumbline.guard` over the server default; PolicyError names the bad field."""
-    if override is None:
-        return server
-    if not isinstance(override, dict):
-        raise PolicyError(param, f"{param} must be an object")
-    unknown = set(override) - {"mode", "release", "checks"}
-    if unknown:
-        raise PolicyError(f"{param}.{sorted(unknown)[0]}",
-                          f"unknown field {sorted(unknown)[0]!r}; known: mode, release, checks")
-    mode = override.get("mode", server.mode)
-    if mode not in ("off", "flag", "block"):
-        raise PolicyError(f"{param}.mode", f"{param}.mode must be one of 'off', 'flag', 'block'")
-    release = override.get("release", server.release)
-    if release not in ("stream", "unit", "final"):
-        raise PolicyError(f"{param}.release",
-                          f"{param}.release must be one of 'stream', 'unit', 'final'")
-    checks = dict(server.checks)
-    for name, value in validate_checks(override.get("checks", {}), f"{param}.checks").items():
-        if name == "deny":   # server patterns always apply; the request adds its own
-            checks[name] = list(server.checks.get("deny") or []) + value
-        else:
-            checks[name] = value
-    return Policy(mode, release, checks)

@@ -1,4 +1,5 @@
-"""Per request: token deltas -> incremental detokenizer -> stop strings -> choice updates.
+"""One request's generation: token deltas -> incremental detokenizer -> stop strings -> tool-call
+parser -> guard -> choice updates (the SSE framing of those updates is `sse.py`).
 
 The detokenizer decodes a sliding window of a few tokens (the vLLM/TGI "prefix offset" scheme):
 text is released only when the window decodes to more than its prefix and does not end in an
@@ -16,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 from engine import FinishReason, GenerateRequest, RequestError, SamplingParams, TopLogprob
 from engine.types import PromptLogprob
 from gateway.protocol import BadRequest, InternalError, Unavailable, finish_reason_name
-from gateway.release import GuardedChoice
+from gateway.guard import GuardedChoice
 from gateway.tool_calls import ContentDelta, Delta, ToolCallDelta, ToolCallParser
 
 if TYPE_CHECKING:
     from gateway.admission import Ticket
-    from gateway.policy import GuardPlan
+    from gateway.guard import GuardPlan, Trace
     from gateway.state import Runtime
-    from gateway.traces import Trace
 
 _CONTEXT_TOKENS = 5   # prompt tokens that seed the window, so the first token decodes in context
 

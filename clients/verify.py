@@ -56,7 +56,9 @@ class VerifyError(Exception):
 
 
 @dataclass(slots=True)
-class Check:
+class Criterion:
+    """One pass/fail line of the report."""
+
     name: str
     ok: bool
     detail: str
@@ -87,7 +89,7 @@ class Report:
     logprobs: dict[str, Any] = field(default_factory=dict)
     determinism: dict[str, Any] = field(default_factory=dict)
     schemas: dict[str, Any] = field(default_factory=dict)
-    checks: list[Check] = field(default_factory=list)
+    checks: list[Criterion] = field(default_factory=list)
     duration_s: float = 0.0
 
     @property
@@ -326,12 +328,12 @@ async def check_logprobs(server: Server, ref: Reference, args: argparse.Namespac
     for mode, values in diffs.items():
         d = Diff.of(values)
         report.logprobs[mode] = asdict(d)
-        report.checks.append(Check(
+        report.checks.append(Criterion(
             f"logprobs_{mode}", d.num_tokens > 0 and d.max_abs_diff <= args.tol,
             f"{d.num_tokens} tokens, max |diff| {d.max_abs_diff:.2e} (tolerance {args.tol:.0e}), "
             f"{100 * d.clip_share:.1f}% beyond {CLIP}"))
     if len(modes) > 1:
-        report.checks.append(Check(
+        report.checks.append(Criterion(
             "seed_independent_of_logprobs_mode", num_mismatched == 0,
             f"{num_mismatched} of {args.num_rollouts} rollouts changed tokens with the mode"))
 
@@ -364,7 +366,7 @@ async def check_determinism(server: Server, ref: Reference, args: argparse.Names
                           "max_logprob_diff": max_diff, "expected": expected}
     detail = (f"{same_all}/{num_probes} bit-identical alone vs among {args.concurrency} "
               f"({same_text} same text, max logprob diff {max_diff:.1e})")
-    report.checks.append(Check("determinism", same_all == num_probes or not expected,
+    report.checks.append(Criterion("determinism", same_all == num_probes or not expected,
                                detail + ("" if expected else "; not promised by the server")))
 
 
@@ -415,7 +417,7 @@ async def check_schemas(server: Server, args: argparse.Namespace, model: str,
     counts = {k: sum(v.split(":")[0] == k for v in results.values())
               for k in ("valid", "invalid", "cut", "refused", "error")}
     report.schemas = {"results": results, **counts}
-    report.checks.append(Check(
+    report.checks.append(Criterion(
         "schema_compliance", counts["invalid"] == 0 and counts["error"] == 0,
         f"{counts['valid']} valid, {counts['invalid']} invalid, {counts['cut']} cut by "
         f"max_tokens, {counts['refused']} refused, {counts['error']} errors "
@@ -516,14 +518,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schema-max-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per HTTP request")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def add_cli(sub: Any) -> None:
-    """Register `plumbline verify` on the gateway CLI's subparsers."""
-    p = sub.add_parser("verify", help="check a server's logprobs, determinism and schemas",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

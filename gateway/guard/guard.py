@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from gateway.checks import Check, CheckContext, Policy, ToolArgsCheck, Violation, build_checks
+from gateway.guard.checks import Check, CheckContext, ToolArgsCheck, Violation, build_checks
+from gateway.guard.policy import Policy
 from grammars.closing import JsonScan
 
 # on_event(name, fields): the hook for traces and metrics ("check_violation", "guard_blocked",

@@ -14,7 +14,7 @@ from engine.loader import load_state_dict
 from engine.sampler import truncate
 from gateway.cli import main
 from gateway.config import GatewayConfig
-from gateway.verify import nucleus
+from clients.verify import nucleus
 from tests.gateway.conftest import serve
 
 FAST = ["--num-rollouts", "2", "--max-tokens", "8", "--schema-max-tokens", "24", "--json"]

@@ -26,7 +26,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway import protocol as p
+from gateway.protocol import NotFound
 
 if TYPE_CHECKING:
     from gateway.state import Runtime
@@ -156,8 +156,8 @@ async def get_trace(request: Request) -> Response:
     request_id = request.path_params["request_id"]
     trace = rt.traces.get(request_id)
     if trace is None:
-        raise p.NotFound(f"no trace for '{request_id}' (the last {rt.traces.max_traces} "
-                         "requests are kept)", "request_id", code="trace_not_found")
+        raise NotFound(f"no trace for '{request_id}' (the last {rt.traces.max_traces} "
+                       "requests are kept)", "request_id", code="trace_not_found")
     body = trace.to_dict()
     compiler = getattr(getattr(rt.engine, "core", None), "grammars", None)
     if trace.spec is not None and body["grammar"] is not None:

@@ -1,0 +1,146 @@
+"""What a parsed request asks of the engine: its grammar, its tools and its sampling parameters.
+
+Each mapping refuses what the engine cannot honour with a 400 naming the parameter, before the
+response starts.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jsonschema  # type: ignore[import-untyped]
+from pydantic import BaseModel
+
+from engine import SamplingParams
+from gateway.protocol import (BadRequest, ChatCompletionRequest, CompletionRequest,
+                              JsonSchemaFormat, NotSupported)
+from grammars.spec import GrammarError, GrammarSpec
+from grammars.tools import ToolError, ToolsRequest, parse_tools_request
+
+GenerationRequest = ChatCompletionRequest | CompletionRequest
+
+
+def check_unsupported(req: GenerationRequest) -> None:
+    """Options we parse but cannot honour yet: a clear 400, never silently ignored."""
+    if req.logit_bias:
+        raise NotSupported("logit_bias is not supported yet", "logit_bias")
+    if req.min_tokens:
+        raise NotSupported("min_tokens is not supported yet", "min_tokens")
+    if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise NotSupported("suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise NotSupported("best_of other than n is not supported", "best_of")
+
+
+# Constrained decoding (response_format, structured_outputs, guided_*) is parsed, validated and
+# turned into a GrammarSpec either way; while this is False the request is refused with a clear
+# 400 instead of being served unconstrained. Flip it once the grammar issue is accepted.
+STRUCTURED_OUTPUTS_ENABLED = True
+
+
+def structured_output_spec(req: GenerationRequest) -> GrammarSpec | None:
+    """Validate response_format / tools / tool_choice / structured_outputs / guided_*; return the
+    grammar the output must match, or None when nothing constrains it.
+
+    Tools are checked (and constrained) apart, by `tools_request`: a request asks for one or
+    the other.
+    """
+    asked: list[tuple[str, GrammarSpec]] = []
+    if isinstance(req, ChatCompletionRequest) and req.response_format is not None:
+        if isinstance(req.response_format, JsonSchemaFormat):
+            _check_schema(req.response_format.json_schema.schema_,
+                          "response_format.json_schema.schema")
+        spec = _grammar("response_format", GrammarSpec.from_response_format,
+                        req.response_format.model_dump(by_alias=True, exclude_none=True))
+        if spec is not None:
+            asked.append(("response_format", spec))
+    if req.structured_outputs is not None:
+        so = req.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        spec = _grammar("structured_outputs", GrammarSpec.from_structured_outputs, so)
+        if spec is None:
+            raise BadRequest("structured_outputs takes one of json, regex, choice, grammar, "
+                             "json_object", "structured_outputs")
+        asked.append(("structured_outputs", spec))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        value = getattr(req, name)
+        if value is not None:
+            spec = _grammar(name, GrammarSpec.from_structured_outputs, {key: value})
+            assert spec is not None
+            asked.append((name, spec))
+    if len(asked) > 1:
+        raise BadRequest(f"{asked[0][0]} and {asked[1][0]} both constrain the output; send one",
+                         asked[1][0])
+    if not asked:
+        return None
+    if not STRUCTURED_OUTPUTS_ENABLED:
+        raise NotSupported(f"{asked[0][0]} is not supported yet: constrained decoding is not "
+                           "enabled in this server", asked[0][0])
+    return asked[0][1]
+
+
+def tools_request(req: ChatCompletionRequest) -> ToolsRequest | None:
+    """The checked tools / tool_choice / parallel_tool_calls; None without tools. A bad one is a
+    400 naming the parameter (grammars.tools does the checking, so offline use agrees)."""
+    try:
+        tools = parse_tools_request(
+            None if req.tools is None else [t.model_dump(exclude_none=True) for t in req.tools],
+            req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice,
+            req.parallel_tool_calls)
+    except ToolError as exc:
+        raise BadRequest(str(exc), exc.param) from None
+    for i, tool in enumerate(req.tools or []):
+        _check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+    return tools
+
+
+def _grammar(param: str, build: Callable[[Any], GrammarSpec | None], value: Any) -> GrammarSpec | None:
+    try:
+        return build(value)
+    except GrammarError as exc:
+        raise BadRequest(f"{param}: {exc}", param) from None
+
+
+def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
+    if schema is None:
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise BadRequest(f"{param} is not a valid JSON schema: {exc.message}", param) from None
+
+
+def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logprobs: int | None,
+                    default_max_tokens: int,
+                    num_prompt_logprobs: int | None = None,
+                    grammar: GrammarSpec | None = None) -> SamplingParams:
+    """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
+    fields: dict[str, Any] = {
+        "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
+        "n": req.n, "stop": req.stop_strings, "ignore_eos": req.ignore_eos,
+        "stop_token_ids": tuple(req.stop_token_ids or ()),
+        "include_stop_str_in_output": req.include_stop_str_in_output,
+        "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),
+        "prompt_logprobs": num_prompt_logprobs, "grammar": grammar,
+        # any Python int is a valid seed; the engine wants 64 bits
+        "seed": None if req.seed is None else req.seed & ((1 << 64) - 1),
+    }
+    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            fields[name] = value
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        message = str(exc)
+        raise BadRequest(message, message.split(" ", 1)[0]) from None
+
+
+def check_text(value: str, param: str) -> None:
+    """JSON may smuggle lone surrogates ("\\ud800") that are not valid UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{param} is not valid UTF-8 (lone surrogate)", param) from None
