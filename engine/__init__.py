@@ -1,11 +1,15 @@
 """plumbline's inference engine: scheduler, paged KV cache, llama-family model, sampler."""
 from engine.config import DEFAULT_MODEL, EngineConfig
-from engine.engine import AsyncEngine, EngineCore, RequestStream
+from engine.engine import AsyncEngine, EngineCore
+from engine.interface import (EngineClient, EngineLimits, EngineStats, PreparedRequest,
+                              validate_request)
+from engine.request_stream import RequestStream
 from engine.llm import LLM
 from engine.model import DETERMINISTIC_KERNELS
 from engine.types import (CompletionOutput, FinishReason, GenerateRequest, RequestError,
                           RequestOutput, SamplingParams, TokenDelta, TopLogprob)
 
-__all__ = ["AsyncEngine", "CompletionOutput", "DEFAULT_MODEL", "DETERMINISTIC_KERNELS", "EngineConfig", "EngineCore",
+__all__ = ["AsyncEngine", "EngineClient", "EngineLimits", "EngineStats", "PreparedRequest",
+           "validate_request", "CompletionOutput", "DEFAULT_MODEL", "DETERMINISTIC_KERNELS", "EngineConfig", "EngineCore",
            "FinishReason", "GenerateRequest", "LLM", "RequestError", "RequestOutput",
            "RequestStream", "SamplingParams", "TokenDelta", "TopLogprob"]

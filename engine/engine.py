@@ -7,8 +7,7 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 from transformers import AutoTokenizer
@@ -17,28 +16,20 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.loader import resolve_model
 from engine.model_runner import ModelRunner
+from engine.request_stream import RequestStream
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.interface import (EngineLimits, EngineStats, PreparedRequest, UpdateMode,
+                              validate_request)
+from engine.model import DETERMINISTIC_KERNELS
 from engine.types import EMPTY_RESULT, Batch, GenerateRequest, RequestError, StepResult, TokenDelta
-from grammars import CompiledGrammar, GrammarCompiler, GrammarError
+from grammars import CompiledGrammar, GrammarCompiler, GrammarError, allowed_token_counts
+from grammars.spec import GrammarSpec
 from grammars.steering import Steering
 
 log = structlog.get_logger("plumbline.engine")
 
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_blocks: int
-    num_preemptions: int
-    num_forced_tokens: int = 0     # appended by grammar fast-forward, without a sampling step
-    # Prefix cache: prompt tokens of admitted sequences that looked it up, and of those found.
-    num_prefix_queried_tokens: int = 0
-    num_prefix_hit_tokens: int = 0
 
 
 class EngineCore:
@@ -80,13 +71,20 @@ class EngineCore:
     def vocab_size(self) -> int:
         return self.runner.vocab_size
 
-    def add_request(self, request: GenerateRequest,
-                    grammar: CompiledGrammar | None = None) -> list[Sequence]:
-        """Validate and enqueue; raises RequestError for what the engine cannot take.
+    @property
+    def limits(self) -> EngineLimits:
+        return EngineLimits(self.max_model_len, self.vocab_size, self.config.max_num_seqs,
+                            self.config.grammar_compile_timeout)
+
+    def add_request(self, request: GenerateRequest, grammar: CompiledGrammar | None = None, *,
+                    is_validated: bool = False) -> list[Sequence]:
+        """Validate (unless the caller has) and enqueue; raises RequestError for what the engine
+        cannot take.
 
         A request with a grammar spec and no compiled `grammar` compiles it here, blocking
         (the offline path); AsyncEngine compiles off the loop and passes the result."""
-        self.validate(request)
+        if not is_validated:
+            self.validate(request)
         spec = request.sampling.grammar
         if spec is not None and grammar is None:
             try:
@@ -108,21 +106,7 @@ class EngineCore:
 
     def validate(self, request: GenerateRequest) -> None:
         """Raise RequestError for a request the engine cannot take."""
-        prompt = request.prompt_token_ids
-        params = request.sampling
-        if not prompt:
-            raise RequestError("the prompt is empty", "prompt")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise RequestError(f"prompt token ids must lie in [0, {self.vocab_size})", "prompt")
-        if len(prompt) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(prompt)} tokens; this model's context is "
-                               f"{self.max_model_len} tokens", "messages")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt)} tokens) exceeds the "
-                f"context of {self.max_model_len} tokens", "max_tokens")
-        if params.n > self.config.max_num_seqs:
-            raise RequestError(f"n must be <= {self.config.max_num_seqs}", "n")
+        validate_request(request, self.limits)
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -161,58 +145,6 @@ class EngineCore:
                            b.num_hit_tokens)
 
 
-class RequestStream:
-    """The consumer side of one request: merges deltas per sequence while the client lags, so
-    the engine never waits on a slow consumer."""
-
-    def __init__(self, request_id: str, n: int, engine: AsyncEngine) -> None:
-        self.request_id = request_id
-        self._engine = engine
-        self._pending: dict[int, TokenDelta] = {}
-        self._ready = asyncio.Event()
-        self._num_unfinished = n
-        self.finished = False
-        self._ready_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._ready_future.set_result(None)
-
-    async def ready(self) -> None:
-        """Wait until the request is queued in the engine (its grammar compiled); raises
-        RequestError if it never will be (a grammar that fails to compile or times out)."""
-        await asyncio.shield(self._ready_future)
-
-    def _fail(self, error: RequestError) -> None:
-        self._ready_future.set_exception(error)
-        self._num_unfinished = 0
-        self._ready.set()
-
-    def put(self, delta: TokenDelta) -> None:
-        prev = self._pending.get(delta.index)
-        self._pending[delta.index] = prev.merge(delta) if prev else delta
-        self._ready.set()
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> TokenDelta:
-        while not self._pending:
-            if self._ready_future.done() and self._ready_future.exception() is not None:
-                raise self._ready_future.exception()  # type: ignore[misc]
-            if self._num_unfinished == 0:
-                self.finished = True
-                raise StopAsyncIteration
-            self._ready.clear()
-            await self._ready.wait()
-        index = next(iter(self._pending))
-        delta = self._pending.pop(index)
-        if delta.finish_reason is not None:
-            self._num_unfinished -= 1
-        return delta
-
-    async def aclose(self) -> None:
-        """Stop consuming; aborts the request if it is still running."""
-        self._engine.abort(self.request_id)
-
-
 class AsyncEngine:
     def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None) -> None:
         """Loads the model of `config`, or drives an already loaded `core`."""
@@ -230,8 +162,41 @@ class AsyncEngine:
         self._task: asyncio.Task[None] | None = None
         self.num_steps = 0
 
-    async def update_weights(self, state_dict: dict[str, Any],
-                             mode: Literal["pause", "drain", "abort"] = "pause",
+    @property
+    def limits(self) -> EngineLimits:
+        return self.core.limits
+
+    async def prepare(self, request: GenerateRequest) -> PreparedRequest:
+        """Validate and compile the request's grammar (off the loop), once, before its response
+        starts; raises RequestError. `add_request` takes the result as it is."""
+        self.core.validate(request)
+        spec = request.sampling.grammar
+        if spec is None:
+            return PreparedRequest(request)
+        compiler = self.core.grammars
+        try:
+            grammar = await compiler.compile_async(
+                spec, timeout=self.core.config.grammar_compile_timeout)
+        except GrammarError as exc:
+            raise RequestError(f"the grammar cannot be used: {exc}", "response_format") from None
+        return PreparedRequest(request, grammar, compiler.backend, compiler.compile_time(spec))
+
+    def server_info(self) -> dict[str, Any]:
+        """What the loaded engine knows of itself (the gateway's /v1/server_info adds settings)."""
+        runner = self.core.runner
+        return {"model_path": str(self.core.model_dir),
+                "architecture": runner.hf_config.model_type,
+                "vocab_size": self.core.vocab_size,
+                "lm_head_dtype": str(runner.model.lm_head.dtype).removeprefix("torch."),
+                "deterministic_kernels": (dict(DETERMINISTIC_KERNELS)
+                                          if self.core.config.deterministic else None)}
+
+    def allowed_token_counts(self, spec: GrammarSpec, token_ids: list[int]) -> list[int]:
+        """How many tokens the grammar allowed before each of token_ids, replayed (a cache hit:
+        the request compiled the grammar already)."""
+        return allowed_token_counts(self.core.grammars.compile(spec), token_ids)
+
+    async def update_weights(self, state_dict: dict[str, Any], mode: UpdateMode = "pause",
                              reset_cache: bool = False) -> int:
         """Swap in new weights while serving; returns the new weights version.
 
@@ -292,17 +257,21 @@ class AsyncEngine:
                 pass
             self._task = None
 
-    def add_request(self, request: GenerateRequest) -> RequestStream:
-        """Enqueue; raises RequestError at once for a bad request. Iterate the stream for deltas."""
+    def add_request(self, request: GenerateRequest | PreparedRequest) -> RequestStream:
+        """Enqueue; raises RequestError at once for a bad request. Iterate the stream for deltas.
+        A PreparedRequest (`prepare`) is taken as it is: validated, its grammar compiled."""
         if self._task is None or self._task.done():
             raise RuntimeError("the engine is not running")
+        prepared = request if isinstance(request, PreparedRequest) else None
+        request = request.request if isinstance(request, PreparedRequest) else request
         if request.request_id in self._streams:
             raise RequestError(f"request id {request.request_id!r} is already in use", "request_id")
-        self.core.validate(request)
+        if prepared is None:
+            self.core.validate(request)
         stream = RequestStream(request.request_id, request.sampling.n, self)
         self._streams[request.request_id] = stream
-        if request.sampling.grammar is None:
-            self._enqueue(request, None)
+        if prepared is not None or request.sampling.grammar is None:
+            self._enqueue(request, None if prepared is None else prepared.grammar)
         else:
             # The request waits for its grammar (WAITING_FOR_GRAMMAR) without blocking others.
             stream._ready_future = asyncio.get_running_loop().create_future()
@@ -311,7 +280,7 @@ class AsyncEngine:
         return stream
 
     def _enqueue(self, request: GenerateRequest, grammar: CompiledGrammar | None) -> None:
-        self.core.add_request(request, grammar)
+        self.core.add_request(request, grammar, is_validated=True)   # by add_request or prepare
         assert self._wakeup is not None
         self._wakeup.set()
 

@@ -23,8 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine import DETERMINISTIC_KERNELS
-from gateway.protocol import BadRequest, NotFound, NotSupported, Unauthorized, parse
+from gateway.protocol import BadRequest, NotFound, Unauthorized, parse
 from gateway.requests import read_json, runtime
 from gateway.state import Runtime
 
@@ -52,32 +51,27 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
     """The settings in force; fields only the loaded engine knows are None while it loads."""
     cfg = rt.config.engine
     engine = rt.engine
-    core = getattr(engine, "core", None)
-    runner = getattr(core, "runner", None)
     stats = engine.stats() if engine is not None else None
-    model_dir = getattr(core, "model_dir", None)
-    hf_config = getattr(runner, "hf_config", None)
-    lm_head = getattr(getattr(runner, "model", None), "lm_head", None)
-    head_dtype = "float32" if lm_head is None else str(lm_head.dtype).removeprefix("torch.")
+    loaded = engine.server_info() if engine is not None else {}
     return {
         "object": "server_info",
         "ready": rt.is_ready,
         "model": {
             "id": rt.config.model_name,
             "source": cfg.model,                      # the --model argument
-            "path": None if model_dir is None else str(model_dir),
-            "architecture": getattr(hf_config, "model_type", None),
-            "vocab_size": None if core is None else int(core.vocab_size),
-            "weights_version": getattr(engine, "weights_version", None),
+            "path": loaded.get("model_path"),
+            "architecture": loaded.get("architecture"),
+            "vocab_size": loaded.get("vocab_size"),
+            "weights_version": None if engine is None else engine.weights_version,
             "weights_source": rt.weights_source,      # None: the weights loaded at start
         },
         "numerics": {
             "dtype": cfg.dtype,
             # the final projection runs in fp32 whatever the body's dtype
-            "lm_head_dtype": head_dtype,
+            "lm_head_dtype": loaded.get("lm_head_dtype", "float32"),
             "deterministic": cfg.deterministic,
             # op -> the batch-invariant kernel it runs (kernels/invariant.py); None: mode off
-            "deterministic_kernels": dict(DETERMINISTIC_KERNELS) if cfg.deterministic else None,
+            "deterministic_kernels": loaded.get("deterministic_kernels"),
             "default_logprobs_mode": "processed",
             "prompt_logprobs_mode": "raw",
             "sampler_order": ["penalties", "grammar_mask", "temperature", "top_k", "top_p",
@@ -158,9 +152,6 @@ async def update_weights(request: Request) -> Response:
     check_admin(rt, request)
     engine, _ = rt.ready()
     req = parse(WeightsUpdateRequest, await read_json(request, rt.config.max_body_bytes))
-    update = getattr(engine, "update_weights", None)    # not part of EngineClient: fakes lack it
-    if update is None:
-        raise NotSupported("this engine cannot update its weights", "path")
     path = Path(req.path).expanduser()
     t0 = time.perf_counter()
     try:
@@ -168,7 +159,8 @@ async def update_weights(request: Request) -> Response:
     except ValueError as exc:
         raise BadRequest(f"path: {exc}", "path", code="invalid_weights") from None
     try:
-        version: int = await update(state, mode=req.mode, reset_cache=req.reset_cache)
+        version: int = await engine.update_weights(state, mode=req.mode,
+                                                   reset_cache=req.reset_cache)
     except (ValueError, KeyError, RuntimeError) as exc:
         # A missing tensor (KeyError), a shape mismatch (ValueError) or a bad dtype/size: the
         # weights do not fit this model; the engine never swapped, so serving goes on unchanged.

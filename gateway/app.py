@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine import AsyncEngine, EngineConfig
+from engine import AsyncEngine, EngineClient, EngineConfig
 from gateway import admin, routes
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
@@ -33,7 +33,7 @@ from gateway.openapi import openapi_schema
 from gateway.protocol import (APIError, BadRequest, MethodNotAllowed, NotFound, Unauthorized,
                               internal_error)
 from gateway.sse import send_json
-from gateway.state import EngineClient, Runtime
+from gateway.state import Runtime
 from gateway.tokens import TokenTable
 
 log = structlog.get_logger("plumbline.gateway")
@@ -122,7 +122,7 @@ async def _load(rt: Runtime, factory: EngineFactory) -> None:
         rt.load_error = f"{type(exc).__name__}: {exc}"
         log.exception("model_load_failed", model=rt.config.engine.model)
         return
-    rt.admission = Admission(int(engine.core.config.max_num_seqs), rt.config.max_queued_requests,
+    rt.admission = Admission(engine.limits.max_num_seqs, rt.config.max_queued_requests,
                              rt.config.retry_after_s)
     rt.token_table = TokenTable(engine.tokenizer)
     rt.engine = engine

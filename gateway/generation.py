@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine import FinishReason, GenerateRequest, RequestError, SamplingParams, TopLogprob
+from engine import FinishReason, PreparedRequest, RequestError, TopLogprob
 from engine.types import PromptLogprob
 from gateway.protocol import BadRequest, InternalError, Unavailable, finish_reason_name
 from gateway.guard import GuardedChoice
@@ -143,14 +143,15 @@ class Generation:
     and frees its slot in a `finally`.
     """
 
-    def __init__(self, runtime: Runtime, request_id: str, prompt_ids: Sequence[int],
-                 params: SamplingParams, ticket: Ticket, *, skip_special_tokens: bool = True,
+    def __init__(self, runtime: Runtime, prepared: PreparedRequest, ticket: Ticket, *,
+                 skip_special_tokens: bool = True,
                  parse_tool_calls: bool = False, plan: GuardPlan | None = None,
                  trace: Trace | None = None) -> None:
         self.runtime = runtime
-        self.request_id = request_id
-        self.prompt_ids = tuple(prompt_ids)
-        self.params = params
+        self.prepared = prepared                 # validated, grammar compiled (engine.prepare)
+        self.request_id = prepared.request.request_id
+        self.prompt_ids = prepared.request.prompt_token_ids
+        self.params = params = prepared.request.sampling
         self.ticket = ticket
         self.skip_special_tokens = skip_special_tokens
         self.parse_tool_calls = parse_tool_calls
@@ -185,16 +186,10 @@ class Generation:
             if trace is not None:
                 trace.admitted_at = time.time()
             try:
-                stream = engine.add_request(
-                    GenerateRequest(self.request_id, self.prompt_ids, self.params))
+                stream = engine.add_request(self.prepared)
             except RequestError as exc:
                 raise BadRequest(exc.message, exc.param) from None
             rt.active.add(self.request_id)
-            if self.params.grammar is not None:     # compiled off the loop; it may fail
-                try:
-                    await stream.ready()  # type: ignore[attr-defined]
-                except RequestError as exc:
-                    raise BadRequest(exc.message, exc.param or "response_format") from None
             async for delta in stream:
                 choice = choices[delta.index]
                 if delta.prompt_logprobs is not None and self.prompt_logprobs is None:

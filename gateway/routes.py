@@ -10,8 +10,8 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine import GenerateRequest, RequestError, SamplingParams
-from grammars import GrammarError, GrammarSpec
+from engine import GenerateRequest, PreparedRequest, RequestError, SamplingParams
+from grammars import GrammarError
 from grammars.tools import ToolsRequest, render_prompt, tool_call_grammar
 from gateway.generation import Generation
 from gateway.guard import GuardPlan, Trace, plan_guard
@@ -82,34 +82,23 @@ def check_model(rt: Runtime, model: str) -> None:
 # ------------------------------------------------------------------------------ shared pieces
 
 
-def check_fits(rt: Runtime, prompt_ids: Sequence[int], params: SamplingParams,
-               prompt_param: str) -> None:
-    """The engine's admission checks, made before the response starts so that they stay 400s
-    rather than error events."""
-    assert rt.engine is not None and rt.admission is not None
+async def prepare(rt: Runtime, kind: str, prompt_ids: Sequence[int], params: SamplingParams,
+                  has_tools: bool) -> PreparedRequest:
+    """The engine validates the request and compiles its grammar once, before the response
+    starts: a bad request stays a 400, never an error event mid-stream."""
+    engine, admission = rt.ready()
+    if params.n > admission.capacity:
+        raise BadRequest(f"n must be <= {admission.capacity}", "n")
+    request = GenerateRequest(f"{kind}-{uuid.uuid4().hex}", tuple(prompt_ids), params)
     try:
-        rt.engine.core.validate(GenerateRequest("validate", tuple(prompt_ids), params))
+        return await engine.prepare(request)
     except RequestError as exc:
-        param = prompt_param if exc.param in ("prompt", "messages") else exc.param
+        param = exc.param
+        if param in ("prompt", "messages"):
+            param = "messages" if kind == "chatcmpl" else "prompt"
+        elif param == "response_format" and has_tools:
+            param = "tools"
         raise BadRequest(exc.message, param) from None
-    if params.n > rt.admission.capacity:
-        raise BadRequest(f"n must be <= {rt.admission.capacity}", "n")
-    vocab_size = int(rt.engine.core.vocab_size)
-    if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
-        raise BadRequest(f"stop_token_ids must lie in [0, {vocab_size})", "stop_token_ids")
-
-
-async def precompile(rt: Runtime, spec: GrammarSpec | None, param: str = "response_format") -> None:
-    """Compile a request's grammar before the response starts, so a grammar that fails to compile
-    (or times out) is a 400, never an error event mid-stream; the engine then hits the cache."""
-    if spec is None:
-        return
-    assert rt.engine is not None
-    core = rt.engine.core
-    try:
-        await core.grammars.compile_async(spec, timeout=core.config.grammar_compile_timeout)
-    except GrammarError as exc:
-        raise BadRequest(f"the grammar cannot be used: {exc}", param) from None
 
 
 async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids: Sequence[int],
@@ -118,9 +107,8 @@ async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids
                   plan: GuardPlan, tools: ToolsRequest | None = None) -> Any:
     """The shared tail of both generation routes: admission checks, grammar, then the stream
     (SSE) or the collected JSON body."""
-    check_fits(rt, prompt_ids, params, "messages" if kind == "chatcmpl" else "prompt")
-    await precompile(rt, params.grammar, "tools" if tools is not None else "response_format")
-    gen = start(request, rt, kind, prompt_ids, params, req.skip_special_tokens, plan, tools)
+    prepared = await prepare(rt, kind, prompt_ids, params, tools is not None)
+    gen = start(request, rt, kind, prepared, req.skip_special_tokens, plan, tools)
     fmt = formatter(rt, gen, req)
     if req.stream:
         return EventStreamResponse(fmt.events(), ping_interval=rt.config.keepalive_interval_s,
@@ -128,12 +116,13 @@ async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids
     return DeferredJSONResponse(fmt.body, on_close=closer(request, gen))
 
 
-def start(request: Request, rt: Runtime, kind: str, prompt_ids: Sequence[int],
-          params: SamplingParams, skip_special_tokens: bool, plan: GuardPlan | None = None,
+def start(request: Request, rt: Runtime, kind: str, prepared: PreparedRequest,
+          skip_special_tokens: bool, plan: GuardPlan | None = None,
           tools: ToolsRequest | None = None) -> Generation:
-    engine, admission = rt.ready()
+    _, admission = rt.ready()
+    request_id, prompt_ids = prepared.request.request_id, prepared.request.prompt_token_ids
+    params = prepared.request.sampling
     ticket = admission.enter(params.n)
-    request_id = f"{kind}-{uuid.uuid4().hex}"
     trace = rt.traces.open(Trace(
         request_id, structlog.contextvars.get_contextvars().get("request_id"),
         "chat.completion" if kind == "chatcmpl" else "text_completion", list(prompt_ids),
@@ -141,11 +130,10 @@ def start(request: Request, rt: Runtime, kind: str, prompt_ids: Sequence[int],
         guard=None if plan is None else {"mode": plan.policy.mode, "release": plan.policy.release,
                                          "checks": plan.policy.checks, "pinned": plan.pinned}))
     if params.grammar is not None:
-        compiler = engine.core.grammars
-        compile_s = compiler.compile_time(params.grammar)
-        trace.grammar = {"kind": params.grammar.kind, "backend": compiler.backend,
+        compile_s = prepared.grammar_compile_s
+        trace.grammar = {"kind": params.grammar.kind, "backend": prepared.grammar_backend,
                          "compile_ms": None if compile_s is None else round(compile_s * 1000, 3)}
-    gen = Generation(rt, request_id, prompt_ids, params, ticket,
+    gen = Generation(rt, prepared, ticket,
                      skip_special_tokens=skip_special_tokens, parse_tool_calls=tools is not None,
                      plan=plan, trace=trace)
     log_fields(request.scope)["completion_id"] = gen.request_id

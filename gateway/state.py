@@ -1,46 +1,17 @@
 """What the lifespan shares with the routes: the engine (once loaded), metrics and the queue."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from engine import GenerateRequest, TokenDelta
+from engine import EngineClient
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.guard import InMemorySessionStore, Policy, SessionStore, TraceRing
 from gateway.metrics import Metrics
 from gateway.protocol import Unavailable
 from gateway.tokens import TokenTable
-
-
-class EngineStatsLike(Protocol):
-    @property
-    def num_running(self) -> int: ...
-    @property
-    def num_waiting(self) -> int: ...
-    @property
-    def num_free_blocks(self) -> int: ...
-    @property
-    def num_blocks(self) -> int: ...
-    @property
-    def num_preemptions(self) -> int: ...
-    @property
-    def num_forced_tokens(self) -> int: ...
-
-
-class EngineClient(Protocol):
-    """The part of `engine.AsyncEngine` the gateway uses (tests substitute a fake)."""
-
-    tokenizer: Any
-    core: Any           # max_model_len, vocab_size, config.max_num_seqs
-
-    async def start(self) -> None: ...
-    async def shutdown(self) -> None: ...
-    def add_request(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]: ...
-    def abort(self, request_id: str) -> None: ...
-    def stats(self) -> EngineStatsLike: ...
 
 
 @dataclass(slots=True)
@@ -67,7 +38,7 @@ class Runtime:
     @property
     def max_model_len(self) -> int:
         assert self.engine is not None
-        return int(self.engine.core.max_model_len)
+        return self.engine.limits.max_model_len
 
     @property
     def is_ready(self) -> bool:

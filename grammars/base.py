@@ -216,6 +216,25 @@ def take_forced(grammar: Grammar, limit: int, scratch: torch.Tensor) -> list[int
     return taken
 
 
+def allowed_token_counts(compiled: CompiledGrammar, token_ids: Sequence[int]) -> list[int]:
+    """How many tokens a fresh cursor of `compiled` allowed before each of token_ids (stops at
+    the end of the structure or at a token it refuses): a trace's replay of a request."""
+    import numpy as np
+
+    grammar = compiled.matcher()
+    bitmask = allocate_bitmask(1, compiled.vocab_size)
+    counts: list[int] = []
+    for token_id in token_ids:
+        if grammar.is_terminated():
+            break
+        bitmask.fill_(-1)
+        grammar.fill_bitmask(bitmask, 0)
+        counts.append(int(np.unpackbits(bitmask[0].numpy().view(np.uint8)).sum()))
+        if not grammar.accept_token(int(token_id)):
+            break
+    return counts
+
+
 def _allows_only(row: torch.Tensor, token: int) -> bool:
     word, bit = divmod(token, 32)
     if word >= row.shape[0]:

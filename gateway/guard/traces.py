@@ -159,36 +159,16 @@ async def get_trace(request: Request) -> Response:
         raise NotFound(f"no trace for '{request_id}' (the last {rt.traces.max_traces} "
                        "requests are kept)", "request_id", code="trace_not_found")
     body = trace.to_dict()
-    compiler = getattr(getattr(rt.engine, "core", None), "grammars", None)
-    if trace.spec is not None and body["grammar"] is not None:
+    engine = rt.engine
+    if trace.spec is not None and body["grammar"] is not None and engine is not None:
         counts = None
-        if hasattr(compiler, "compile"):
-            try:
-                counts = [await anyio.to_thread.run_sync(allowed_token_counts, compiler,
-                                                         trace.spec, c.completion_ids)
-                          for c in trace.choices]
-            except Exception:   # a diagnostic must not fail the trace (evicted, weights swapped)
-                log.warning("trace_replay_failed", trace_id=trace.request_id, exc_info=True)
+        try:
+            replays = [await anyio.to_thread.run_sync(engine.allowed_token_counts, trace.spec,
+                                                      c.completion_ids)
+                       for c in trace.choices]
+            # None: the engine cannot replay this grammar
+            counts = None if any(r is None for r in replays) else replays
+        except Exception:   # a diagnostic must not fail the trace (evicted, weights swapped)
+            log.warning("trace_replay_failed", trace_id=trace.request_id, exc_info=True)
         body["grammar"]["allowed_token_counts"] = counts
     return JSONResponse(body)
-
-
-def allowed_token_counts(compiler: Any, spec: Any, token_ids: Sequence[int]) -> list[int]:
-    """How many tokens the grammar allowed before each of `token_ids` (replayed; see above)."""
-    import numpy as np
-
-    from grammars.base import allocate_bitmask
-
-    compiled = compiler.compile(spec)        # a cache hit: the request compiled it already
-    grammar = compiled.matcher()
-    bitmask = allocate_bitmask(1, compiled.vocab_size)
-    counts: list[int] = []
-    for token_id in token_ids:
-        if grammar.is_terminated():
-            break
-        bitmask.fill_(-1)
-        grammar.fill_bitmask(bitmask, 0)
-        counts.append(int(np.unpackbits(bitmask[0].numpy().view(np.uint8)).sum()))
-        if not grammar.accept_token(int(token_id)):
-            break
-    return counts

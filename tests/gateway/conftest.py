@@ -11,14 +11,14 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
-from engine import FinishReason, GenerateRequest, RequestError, TokenDelta, TopLogprob
+from engine import (EngineLimits, EngineStats, FinishReason, GenerateRequest, PreparedRequest,
+                    TokenDelta, TopLogprob, validate_request)
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 
@@ -104,16 +104,17 @@ FAKE_TEXT = "Hello there! I am a fake engine, 日本語 too. The end."
 
 
 class FakeEngine:
-    """Plays FAKE_TEXT token by token. `hold` (a threading.Event) pauses every stream before
-    its first token until set; `fail_after` makes the engine fail a stream after that many
-    tokens, the way a failed model step does."""
+    """An `engine.EngineClient` that plays FAKE_TEXT token by token. Requests are checked by the
+    engine's own `validate_request`; grammars are accepted, not compiled (the text is fixed).
+    `hold` (a threading.Event) pauses every stream before its first token until set;
+    `fail_after` makes the engine fail a stream after that many tokens, the way a failed model
+    step does."""
 
     def __init__(self, tokenizer: Any, *, max_num_seqs: int = 4, max_model_len: int = 512,
                  hold: threading.Event | None = None, fail_after: int | None = None) -> None:
         self.tokenizer = tokenizer
-        self.core = SimpleNamespace(max_model_len=max_model_len, vocab_size=len(tokenizer),
-                                    config=SimpleNamespace(max_num_seqs=max_num_seqs),
-                                    validate=self.validate)
+        self.limits = EngineLimits(max_model_len, len(tokenizer), max_num_seqs, 10.0)
+        self.weights_version = 0
         self.text_ids = list(tokenizer(FAKE_TEXT, add_special_tokens=False).input_ids)
         self.hold = hold
         self.fail_after = fail_after
@@ -129,28 +130,32 @@ class FakeEngine:
         for request_id in list(self.requests):
             self.abort(request_id)
 
-    def stats(self) -> Any:
-        return SimpleNamespace(num_running=self.num_running, num_waiting=0, num_free_blocks=10,
-                               num_blocks=10, num_preemptions=0, num_forced_tokens=0,
-                               num_prefix_queried_tokens=0, num_prefix_hit_tokens=0)
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=self.num_running, num_waiting=0, num_free_blocks=10,
+                           num_blocks=10, num_preemptions=0)
+
+    def server_info(self) -> dict[str, Any]:
+        return {"model_path": None, "architecture": None, "vocab_size": self.limits.vocab_size,
+                "lm_head_dtype": "float32", "deterministic_kernels": None}
+
+    async def update_weights(self, state_dict: dict[str, Any], mode: str = "pause",
+                             reset_cache: bool = False) -> int:
+        raise ValueError("the fake engine has no weights")
+
+    def allowed_token_counts(self, spec: Any, token_ids: Any) -> list[int] | None:
+        return None                       # no compiler to replay a mask with
 
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)      # like the engine: a no-op once finished
 
-    def validate(self, request: GenerateRequest) -> None:
-        """The engine's checks, in short."""
-        prompt, limit = request.prompt_token_ids, self.core.max_model_len
-        if not prompt:
-            raise RequestError("the prompt is empty", "prompt")
-        if min(prompt) < 0 or max(prompt) >= self.core.vocab_size:
-            raise RequestError("prompt token ids out of range", "prompt")
-        if len(prompt) >= limit:
-            raise RequestError(f"the prompt exceeds the context of {limit} tokens", "messages")
-        if len(prompt) + request.sampling.max_tokens > limit:
-            raise RequestError(f"max_tokens exceeds the context of {limit} tokens", "max_tokens")
+    async def prepare(self, request: GenerateRequest) -> PreparedRequest:
+        validate_request(request, self.limits)
+        if request.sampling.grammar is None:
+            return PreparedRequest(request)
+        return PreparedRequest(request, None, "fake", 0.002)
 
-    def add_request(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
-        self.validate(request)
+    def add_request(self, prepared: PreparedRequest) -> AsyncIterator[TokenDelta]:
+        request = prepared.request
         self.requests[request.request_id] = request
         return self._play(request)
 

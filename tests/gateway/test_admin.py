@@ -105,12 +105,6 @@ def test_admin_is_disabled_without_an_admin_key(fake_server):
     assert httpx.get(server.url + "/v1/server_info").json()["admin"] == {"weights_update": False}
 
 
-def test_an_engine_without_weight_updates_says_so(fake_server, tiny_model_dir):
-    server = fake_server(GatewayConfig(admin_key="admin-secret"))
-    r = post_weights(server, {"path": str(tiny_model_dir)})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "not_supported"
-
-
 def test_bad_updates_are_400s_and_the_server_goes_on(server, tmp_path, tiny_model_dir):
     before = greedy(server)
     not_weights = tmp_path / "notes.txt"

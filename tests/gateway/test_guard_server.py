@@ -8,7 +8,6 @@ SSE bytes are read where the block guarantee (no failing byte ever sent) is the 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -25,37 +24,14 @@ SECRET = r"SECRET-\d{4}"
 ASK = [{"role": "user", "content": "Go."}]
 
 
-class _Stream:
-    """What `add_request` returns in the real engine: iterable, with `ready()`."""
-
-    def __init__(self, it: Any) -> None:
-        self._it = it
-
-    async def ready(self) -> None:
-        pass
-
-    def __aiter__(self) -> Any:
-        return self._it.__aiter__()
-
-
 class ScriptedEngine(FakeEngine):
     """FakeEngine playing `script(text)`; accepts grammars (not enforced: the text is fixed)."""
 
     def __init__(self, tokenizer: Any) -> None:
         super().__init__(tokenizer, max_num_seqs=8, max_model_len=4096)
-        self.core.grammars = SimpleNamespace(compile_async=self._compile,
-                                             compile_time=lambda spec: 0.002, backend="fake")
-        self.core.config.grammar_compile_timeout = 10.0
-        self.core.config.grammar_backend = "fake"
-
-    async def _compile(self, spec: Any, timeout: float | None = None) -> None:
-        return None
 
     def script(self, text: str) -> None:
         self.text_ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
-
-    def add_request(self, request: Any) -> Any:
-        return _Stream(super().add_request(request))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.guard.traces import Trace, TraceRing, allowed_token_counts
+from gateway.guard.traces import Trace, TraceRing
 
 
 def trace(i: int) -> Trace:
@@ -34,12 +34,12 @@ def test_ring_keeps_the_newest_and_finds_them_by_either_id(tmp_path):
 def test_allowed_token_counts_replays_the_grammar(default_model_dir):
     from transformers import AutoTokenizer
 
-    from grammars import GrammarCompiler, GrammarSpec
+    from grammars import GrammarCompiler, GrammarSpec, allowed_token_counts
 
     tok = AutoTokenizer.from_pretrained(str(default_model_dir))
     compiler = GrammarCompiler(tok)
     spec = GrammarSpec.choice(["yes", "no"])
     ids = tok("yes", add_special_tokens=False).input_ids
-    counts = allowed_token_counts(compiler, spec, ids + [tok.eos_token_id])
+    counts = allowed_token_counts(compiler.compile(spec), ids + [tok.eos_token_id])
     # one count per token up to where the grammar completes (the engine stops there)
     assert len(counts) == len(ids) and 1 <= counts[0] < 100
