@@ -27,10 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numba import njit, prange
-import triton
-import triton.language as tl
 
-from kernels.backend import jit, numba_threads, use_triton
+from kernels.backend import jit, numba_threads, tl, triton, use_triton
 from kernels.simd import (WIDTH, add8, as_f32, broadcast8, exp8, lane8, load8, max8, store8,
                           sub8, zeros8)
 

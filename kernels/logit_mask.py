@@ -20,11 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 from numba import njit, prange
 
-from kernels.backend import jit, numba_threads, use_triton
+from kernels.backend import jit, numba_threads, tl, triton, use_triton
 
 Rows = Sequence[int] | torch.Tensor | None
 

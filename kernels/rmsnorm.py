@@ -6,11 +6,9 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from numba import njit
 
-from kernels.backend import jit, use_triton
+from kernels.backend import jit, tl, triton, use_triton
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 from numba import njit
 
 from kernels.attention import store_kvcache
-from kernels.backend import jit, use_triton
+from kernels.backend import jit, tl, triton, use_triton
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------
