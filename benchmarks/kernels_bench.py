@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import AttentionMetadata, slots_for  # noqa: E402
 from kernels.linear import _median_ms  # noqa: E402
-from kernels import attention, linear, logit_mask, rmsnorm, rotary  # noqa: E402
+from kernels import attention, kv_store, linear, logit_mask, metadata, rmsnorm, rotary  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, BLOCK = 9, 3, 64, 576, 49152, 16
 
@@ -106,7 +106,7 @@ def bench_attention(device: str, repeats: int, dtypes: list[torch.dtype]) -> Non
     for dtype in dtypes:
         for num_seqs, context in ((1, 512), (8, 256), (32, 256), (64, 512)):
             q, kc, vc, meta, lens, _ = make_attention_case(num_seqs, context, 1, dtype, device)
-            attention.paged_view(meta, BLOCK)
+            metadata.paged_view(meta, BLOCK)
             max_len = meta.decode_slots.shape[1]
             # The same keys held contiguously: dense SDPA, the 1.5x target's yardstick.
             kd = torch.randn(num_seqs, KV_HEADS, max_len, HEAD_DIM, dtype=dtype, device=device)
@@ -126,7 +126,7 @@ def bench_attention(device: str, repeats: int, dtypes: list[torch.dtype]) -> Non
     for dtype in dtypes:
         for num_seqs, context, new in ((1, 0, 256), (4, 128, 64)):
             q, kc, vc, meta, lens, _ = make_attention_case(num_seqs, context, new, dtype, device)
-            attention.paged_view(meta, BLOCK)
+            metadata.paged_view(meta, BLOCK)
             fast = median_ms(lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
             ref = median_ms(lambda: attention.paged_attention_ref(
                 q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale),
@@ -143,8 +143,8 @@ def bench_store(device: str, repeats: int) -> None:
         key = torch.randn(num_tokens, KV_HEADS, HEAD_DIM, device=device)
         value = torch.randn_like(key)
         slots = torch.randperm(4096 * BLOCK)[:num_tokens].to(device)
-        fast = median_ms(lambda: attention.store_kvcache(key, value, kc, vc, slots), repeats, device)
-        naive = median_ms(lambda: attention.store_kvcache_ref(key, value, kc, vc, slots),
+        fast = median_ms(lambda: kv_store.store_kvcache(key, value, kc, vc, slots), repeats, device)
+        naive = median_ms(lambda: kv_store.store_kvcache_ref(key, value, kc, vc, slots),
                           max(3, repeats // 5), device)
         row(f"  tokens={num_tokens}", kernel=fast, naive_per_token=naive)
 
@@ -173,7 +173,7 @@ def bench_norm_rotary(device: str, repeats: int, dtypes: list[torch.dtype]) -> N
             def unfused() -> None:
                 _, kr = rotary.apply_rotary(q_.view(-1, HEADS, HEAD_DIM),
                                             k_.view(-1, KV_HEADS, HEAD_DIM), cos, sin)
-                attention.store_kvcache(kr, v_.view(-1, KV_HEADS, HEAD_DIM), kc, vc, slots)
+                kv_store.store_kvcache(kr, v_.view(-1, KV_HEADS, HEAD_DIM), kc, vc, slots)
             fused = median_ms(lambda: rotary.rotate_and_store(qkv, HEADS, KV_HEADS, cos, sin, kc, vc,
                                                               slots), repeats, device)
             row(f"  {str(dtype)[6:]} tokens={num_tokens}", rms=fast, rms_naive=ref,

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from kernels.attention import SPAN_KEYS, AttentionMetadata, _items, row_view
 from kernels.backend import numba_threads
+from kernels.decode_cpu import SPAN_KEYS, _items
 from kernels.linear import PANEL, LinearWeight, pack_panels, panel_gemm
+from kernels.metadata import AttentionMetadata, row_view
 from kernels.rmsnorm import _norm_rows
 from kernels.simd import (WIDTH, add8, as_f32, broadcast8, div8, exp8, lane8, load8, max8, mul8,
                           store8, sub8, zeros8)

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from numba import njit
 
-from kernels.attention import store_kvcache
 from kernels.backend import jit, tl, triton, use_triton
+from kernels.kv_store import store_kvcache
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------
@@ -174,7 +174,7 @@ def rotate_and_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: 
                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      slot_mapping: torch.Tensor) -> torch.Tensor:
     """The qkv projection's output [T, (h + 2 kvh) * d] -> rotated q [T, h, d]; the rotated keys
-    and the values go into the cache at slot_mapping (kernels.attention.store_kvcache).
+    and the values go into the cache at slot_mapping (kernels.kv_store.store_kvcache).
 
     fp32 on the CPU: one numba call reading qkv in place, instead of a rotary call, a store call
     and a key tensor in between (the same arithmetic, so the same bits; a test checks)."""

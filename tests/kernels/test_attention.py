@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import AttentionMetadata, attention, paged_attention, slots_for, store_kvcache
-from kernels.attention import (_paged_attention_triton, _store_kvcache_triton, paged_attention_ref,
-                               paged_view, store_kvcache_ref)
+from kernels import AttentionMetadata, decode_cpu, paged_attention, slots_for
+from kernels.attention import _paged_attention_triton, paged_attention_ref
+from kernels.metadata import paged_view
 
 # (cached tokens, new tokens) per sequence, decodes (one new token) first. Lengths 1, block
 # boundaries (16, 32) and one past them, a fresh prefill, chunked prefills of 1 and many tokens.
@@ -117,48 +117,6 @@ def test_triton_attention_ignores_nan_past_seq_len(interpret: None) -> None:
     torch.testing.assert_close(out, expected, **tol(torch.float32))
 
 
-def kv_case(dtype: torch.dtype, strided: bool):
-    g = torch.Generator().manual_seed(1)
-    kc = torch.zeros(4, 16, 3, 64, dtype=dtype)
-    vc = torch.zeros_like(kc)
-    qkv = torch.randn(6, 9, 64, generator=g).to(dtype)            # v as a strided view, as in the model
-    key = qkv[:, 3:6] if strided else qkv[:, 3:6].contiguous()
-    value = qkv[:, 6:9]
-    slots = torch.tensor([0, 15, 16, 17, 63, 40])
-    return key, value, kc, vc, slots
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kvcache_cpu_matches_reference(dtype: torch.dtype) -> None:
-    key, value, kc, vc, slots = kv_case(dtype, strided=True)
-    kr, vr = kc.clone(), vc.clone()
-    store_kvcache_ref(key, value, kr, vr, slots)
-    store_kvcache(key, value, kc, vc, slots)
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
-
-
-def test_store_kvcache_cpu_skips_padding_and_refuses_slots_past_the_cache() -> None:
-    key, value, kc, vc, slots = kv_case(torch.float32, strided=True)
-    slots[2] = -1                                                   # padding: not stored
-    kr, vr = kc.clone(), vc.clone()
-    store_kvcache_ref(key, value, kr, vr, slots)
-    store_kvcache(key, value, kc, vc, slots)                        # the numba path (fp32)
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
-    slots[2] = kc.shape[0] * kc.shape[1]                            # one past the last slot
-    with pytest.raises(IndexError):
-        store_kvcache(key, value, kc, vc, slots)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kvcache_triton_matches_reference(interpret: None, dtype: torch.dtype) -> None:
-    key, value, kc, vc, slots = kv_case(dtype, strided=True)
-    slots[2] = -1                                                   # padding: not stored
-    kr, vr = kc.clone(), vc.clone()
-    store_kvcache_ref(key, value, kr, vr, slots)
-    store_kvcache(key, value, kc, vc, slots)                       # Triton under the fixture
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("block_size,group,head_dim,dtype", TRITON_CASES)
 def test_triton_attention_cuda(cuda: torch.device, block_size: int, group: int, head_dim: int,
@@ -169,16 +127,6 @@ def test_triton_attention_cuda(cuda: torch.device, block_size: int, group: int, 
     args = [t.to(cuda) for t in (q, kc, vc, bt, lens, starts)]
     out = _paged_attention_triton(*args, max(n for _, n in seqs), head_dim ** -0.5)
     torch.testing.assert_close(out.cpu(), expected, **tol(dtype))
-
-
-@pytest.mark.cuda
-def test_store_kvcache_cuda(cuda: torch.device) -> None:
-    key, value, kc, vc, slots = kv_case(torch.bfloat16, strided=True)
-    kr, vr = kc.clone(), vc.clone()
-    store_kvcache_ref(key, value, kr, vr, slots)
-    kc, vc = kc.to(cuda), vc.to(cuda)
-    _store_kvcache_triton(key.to(cuda), value.to(cuda), kc, vc, slots.to(cuda))
-    assert torch.equal(kc.cpu(), kr) and torch.equal(vc.cpu(), vr)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -214,9 +162,9 @@ def test_cpu_decode_is_batch_invariant(dtype: torch.dtype) -> None:
     longer one: its spans on both threads) as in any batch."""
     seqs = DECODES
     q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, dtype)
-    assert attention.can_attend_in_place(q, kc, vc)
+    assert decode_cpu.can_attend_in_place(q, kc, vc)
     together = paged_attention(q, kc, vc, meta, 0.125)
-    assert attention.SPAN_KEYS == 128
+    assert decode_cpu.SPAN_KEYS == 128
     for i in range(len(seqs)):
         q1, kc1, vc1, meta1, _ = build([seqs[i]], 16, 3, 3, 64, dtype)
         # the same keys and query, in a cache of one sequence
@@ -245,7 +193,7 @@ def test_cpu_fallback_for_caches_the_kernel_does_not_take() -> None:
     on the same values, to fp16 rounding."""
     seqs = [(3, 1), (20, 1), (0, 7), (16, 5)]
     q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, torch.float16)
-    assert not attention.can_attend_in_place(q, kc, vc)
+    assert not decode_cpu.can_attend_in_place(q, kc, vc)
     out = paged_attention(q, kc, vc, meta, 0.125)
     assert out.dtype == torch.float16
     expected = paged_attention(q.float(), kc.float(), vc.float(), meta, 0.125)
