@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kernels.backend import jit, tl, triton, use_triton
 from kernels.decode_cpu import attend_rows_in_place, can_attend_in_place
-from kernels.metadata import AttentionMetadata, paged_view
+from kernels.metadata import AttentionMetadata, prefill_view
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------
@@ -50,7 +50,6 @@ def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """Decodes whose cache the in-place kernel does not take (a dtype other than fp32 / bf16, a
     non-contiguous cache; the engine makes neither): the reference, one query row each."""
     nd = q.shape[0]
-    assert meta.block_tables is not None and meta.seq_lens is not None
     starts = torch.arange(nd + 1, dtype=torch.int32)
     return paged_attention_ref(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
                                starts, scale)
@@ -59,7 +58,6 @@ def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Decodes, q [nd, h, d] -> [nd, h, d], reading the cache blocks in place (numba)."""
-    assert meta.block_tables is not None and meta.seq_lens is not None
     if meta.decode_arrays is None:          # once per step: numpy views of the decode rows
         nd = meta.num_decodes
         meta.decode_arrays = (meta.block_tables[:nd].numpy(), meta.seq_lens[:nd].numpy())
@@ -68,7 +66,8 @@ def decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n: int,
                  seq_len: int, slots: torch.Tensor, scale: float) -> torch.Tensor:
-    """One prefill sequence: q [n, h, d] -> [n, h, d], causal over its seq_len keys."""
+    """One prefill sequence: q [n, h, d] -> [n, h, d], causal over its seq_len keys, whose cache
+    slots [seq_len] come off its block table (kernels.metadata.prefill_view)."""
     # [1, heads, tokens, d] with enable_gqa: torch's CPU flash kernel takes this shape. Query
     # heads broadcast against a [kvh, 1, L, d] key instead sent SDPA to its math path, 2-3x
     # slower for 100-500-token prefills here (kernels_bench.py --only attention, prefill rows).
@@ -88,16 +87,17 @@ def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n:
 def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
     nd = meta.num_decodes
+    prefills = prefill_view(meta, k_cache.shape[1])     # made by the step's first layer
     decode = decode_in_place if can_attend_in_place(q, k_cache, v_cache) else _decode_reference
-    decodes = q[:nd] if meta.prefill_query_lens else q
+    decodes = q[:nd] if prefills else q
     outs = [decode(decodes, k_cache, v_cache, meta, scale)] if nd else []
-    if not meta.prefill_query_lens:
+    if not prefills:
         return outs[0]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     start = nd
-    for n, seq_len, slots in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots):
+    for n, seq_len, slots in prefills:
         outs.append(_prefill_cpu(q[start:start + n], k_flat, v_flat, n, seq_len, slots, scale))
         start += n
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
@@ -202,10 +202,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Decodes come first in q (one token each), then each prefill's new tokens; every query sees
     its sequence's keys up to and including its own position.
     """
-    paged_view(meta, k_cache.shape[1])
     if use_triton(q):
-        assert meta.block_tables is not None and meta.seq_lens is not None
-        assert meta.query_start_loc is not None
         return _paged_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, meta.max_query_len, scale)
     return _paged_attention_cpu(q, k_cache, v_cache, meta, scale)

@@ -240,7 +240,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("deterministic mode runs attention on the CPU, fp32 or bf16 caches only")
     bs = k_cache.shape[1]
-    meta = row_view(meta, bs)                                   # once per step, not per layer
+    meta = row_view(meta)                                       # once per step, not per layer
     assert meta.row_tables is not None and meta.row_lens is not None
     rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]

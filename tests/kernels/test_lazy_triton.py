@@ -29,8 +29,7 @@ SCRIPT = textwrap.dedent("""
         block_tables=torch.tensor([[0], [1]], dtype=torch.int32),
         seq_lens=torch.tensor([5, 3], dtype=torch.int32),
         query_start_loc=torch.tensor([0, 1, 4], dtype=torch.int32), max_query_len=3,
-        num_decodes=1, decode_slots=None, decode_mask=None, prefill_query_lens=[3],
-        prefill_seq_lens=[3], prefill_slots=[torch.tensor([16, 17, 18])])
+        num_decodes=1)
     q = rotate_and_store(qkv, h, kvh, cos, sin, k_cache, v_cache, meta.slot_mapping)
     apply_rotary(q, q[:, :kvh], cos, sin)
     out = paged_attention(q, k_cache, v_cache, meta, d ** -0.5)
