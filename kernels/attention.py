@@ -69,8 +69,8 @@ def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n:
     """One prefill sequence: q [n, h, d] -> [n, h, d], causal over its seq_len keys, whose cache
     slots [seq_len] come off its block table (kernels.metadata.prefill_view)."""
     # [1, heads, tokens, d] with enable_gqa: torch's CPU flash kernel takes this shape. Query
-    # heads broadcast against a [kvh, 1, L, d] key instead sent SDPA to its math path, 2-3x
-    # slower for 100-500-token prefills here (kernels_bench.py --only attention, prefill rows).
+    # heads broadcast against a [kvh, 1, L, d] key instead sent SDPA to its math path, slower
+    # (kernels_bench.py --only attention, prefill rows; docs/BENCHMARKS.md).
     qp = q.transpose(0, 1).unsqueeze(0)                                        # [1, h, n, d]
     k = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, kvh, L, d]
     v = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0).to(q.dtype)

@@ -63,7 +63,7 @@ def numba_threads() -> int:
     """Give numba's parallel loops as many threads as torch has (not more than numba started).
 
     numba's setting is per calling thread; it is set again only when torch's count changed,
-    since a kernel call at decode sizes is tens of microseconds and setting it costs three."""
+    since setting it costs a sizeable fraction of a decode-sized kernel call."""
     torch_threads = torch.get_num_threads()
     if getattr(_numba_set, "torch_threads", None) != torch_threads:
         import numba

@@ -3,10 +3,10 @@
 The fast CPU decode path, for an fp32 or bf16 cache, is a numba kernel that reads the blocks in
 place through the block table: each query row's keys cut into spans of SPAN_KEYS (work items,
 split across threads), all kv heads of a block together, fp32 softmax per span (its exp eight
-lanes at once, kernels.simd.exp8), the spans then combined in order. It runs at 0.4-0.7x the
-time of dense SDPA on the same keys held contiguously from 8 sequences on, and 0.7-1.5x for one
-512-key row (docs/BENCHMARKS.md); the gather it replaced was 1.5-2.2x. A row is cut and combined
-the same way whatever the batch, so its output is bitwise batch-invariant. numba has no
+lanes at once, kernels.simd.exp8), the spans then combined in order. Its timings against dense
+SDPA on the same keys and against the gather it replaced are in docs/BENCHMARKS.md
+(benchmarks/kernels_bench.py --only attention). A row is cut and combined the same way whatever
+the batch, so its output is bitwise batch-invariant. numba has no
 bfloat16: a bf16 cache goes in as its int16 bits and each value is widened exactly in the kernel
 (kernels.simd.as_f32). Other dtypes (which the engine never uses) take the torch reference
 (kernels.attention). numba's threads come from its own OpenMP runtime (the system libgomp, not
@@ -30,10 +30,9 @@ _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf m
 
 
 # Keys per work item of the in-place decode. A query row's keys are cut into spans of this many
-# (whole blocks), each span an item of its own, so one long row keeps both cores busy: one
-# 512-key row took 1.52-1.85x dense SDPA's time on one thread, 0.69-1.52x (five runs) as four
-# items (kernels_bench --only attention, docs/BENCHMARKS.md). The cut depends only on the row's own
-# length, never on the batch, so the output stays batch-invariant.
+# (whole blocks), each span an item of its own, so one long row keeps every core busy rather
+# than one (kernels_bench --only attention, docs/BENCHMARKS.md). The cut depends only on the
+# row's own length, never on the batch, so the output stays batch-invariant.
 SPAN_KEYS = 128
 
 

@@ -28,9 +28,9 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 # fp32: q and k rotated in one numba call, each head's halves read in place from strided views
 # (slices of a qkv output). The engine's model calls rotate_and_store instead (the same
 # per-head arithmetic, with the keys and values written to the cache in the same call). The
-# reference is ~10 torch ops (cat, neg, four muls, two adds, casts): 2-6x slower at 1-256
-# tokens (kernels_bench --only norm). No fastmath: each output is x1*c - x2*s rounded as the
-# reference rounds it, so the result equals the reference bit for bit.
+# reference is ~10 torch ops (cat, neg, four muls, two adds, casts), each a pass over the
+# tensors (timings: kernels_bench --only norm, docs/BENCHMARKS.md). No fastmath: each output is
+# x1*c - x2*s rounded as the reference rounds it, so the result equals the reference bit for bit.
 
 @njit(nogil=True, boundscheck=False, inline="always")
 def _rotate_head(src, at, c, s, dst, to, half):  # type: ignore[no-untyped-def]
