@@ -23,7 +23,7 @@ class AttentionMetadata:
     deterministic mode), and decode_in_place's numpy views of the decode rows.
     """
 
-    slot_mapping: torch.Tensor          # [num_tokens] int64: cache slot of each new token, -1 = padding
+    slot_mapping: torch.Tensor          # [num_tokens] int64: each new token's slot, -1 = padding
     num_decodes: int                    # the first num_decodes sequences are decodes
     block_tables: torch.Tensor          # [num_seqs, max_blocks] int32, padding 0
     seq_lens: torch.Tensor              # [num_seqs] int32: cached + new keys
