@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import AttentionMetadata, slots_for  # noqa: E402
 from kernels.linear import _median_ms  # noqa: E402
-from kernels import attention, linear, logit_mask, rmsnorm, rotary  # noqa: E402
+from kernels import attention, kv_store, linear, logit_mask, rmsnorm, rotary  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, BLOCK = 9, 3, 64, 576, 49152, 16
 
@@ -73,31 +73,36 @@ def make_attention_case(num_seqs: int, context: int, new_tokens: int, dtype: tor
     v_cache = torch.randn(shape, generator=g).to(dtype).to(device)
     q = torch.randn(num_seqs * new_tokens, HEADS, HEAD_DIM, generator=g).to(dtype).to(device)
     all_slots = [slots_for(t, c + new_tokens, BLOCK) for t, c in zip(tables, lens)]
-    if new_tokens == 1:
-        max_len = max(len(s) for s in all_slots)
-        mask = torch.zeros(num_seqs, 1, 1, max_len, dtype=torch.bool)
-        for b, s in enumerate(all_slots):
-            mask[b, 0, 0, :len(s)] = True
-        padded = [s + [0] * (max_len - len(s)) for s in all_slots]
-        meta = AttentionMetadata(torch.zeros(0, dtype=torch.long, device=device), num_seqs,
-                                 torch.tensor(padded), mask, [], [], [])
-    else:
-        meta = AttentionMetadata(torch.zeros(0, dtype=torch.long, device=device), 0,
-                                 torch.zeros(0, 0, dtype=torch.long),
-                                 torch.zeros(0, 1, 1, 0, dtype=torch.bool), [new_tokens] * num_seqs,
-                                 [c + new_tokens for c in lens], [torch.tensor(s) for s in all_slots])
+    width = max(need)
+    meta = AttentionMetadata(
+        torch.zeros(0, dtype=torch.long, device=device), num_seqs if new_tokens == 1 else 0,
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                  dtype=torch.int32).to(device),
+        seq_lens=torch.tensor([c + new_tokens for c in lens], dtype=torch.int32).to(device),
+        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32).mul(new_tokens).to(device),
+        max_query_len=new_tokens)
     return q, k_cache, v_cache, meta, lens, all_slots
 
 
-def naive_paged_attention(q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
+def padded_slots(all_slots: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode rows' key slots padded to the longest row (padding -> slot 0), and the mask
+    [rows, 1, 1, max_len] (True = attend) that the naive gather and dense SDPA take."""
+    max_len = max(len(s) for s in all_slots)
+    mask = torch.zeros(len(all_slots), 1, 1, max_len, dtype=torch.bool)
+    for b, s in enumerate(all_slots):
+        mask[b, 0, 0, :len(s)] = True
+    return torch.tensor([s + [0] * (max_len - len(s)) for s in all_slots]), mask
+
+
+def naive_paged_attention(q, k_cache, v_cache, slots, mask, scale):  # type: ignore[no-untyped-def]
     """The engine's first version: gather every key by slot, then SDPA."""
     kvh, d = k_cache.shape[2], k_cache.shape[3]
     k_flat, v_flat = k_cache.view(-1, kvh, d), v_cache.view(-1, kvh, d)
-    nd = meta.num_decodes
+    nd = slots.shape[0]
     qd = q[:nd].view(nd, kvh, -1, d)
-    k = k_flat[meta.decode_slots].transpose(1, 2)
-    v = v_flat[meta.decode_slots].transpose(1, 2)
-    return F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_mask, scale=scale)
+    k = k_flat[slots].transpose(1, 2)
+    v = v_flat[slots].transpose(1, 2)
+    return F.scaled_dot_product_attention(qd, k, v, attn_mask=mask, scale=scale)
 
 
 def bench_attention(device: str, repeats: int, dtypes: list[torch.dtype]) -> None:
@@ -105,28 +110,26 @@ def bench_attention(device: str, repeats: int, dtypes: list[torch.dtype]) -> Non
     print("# paged decode attention, 9 q / 3 kv heads, d=64, block 16 (ms)")
     for dtype in dtypes:
         for num_seqs, context in ((1, 512), (8, 256), (32, 256), (64, 512)):
-            q, kc, vc, meta, lens, _ = make_attention_case(num_seqs, context, 1, dtype, device)
-            attention.paged_view(meta, BLOCK)
-            max_len = meta.decode_slots.shape[1]
+            q, kc, vc, meta, lens, all_slots = make_attention_case(num_seqs, context, 1, dtype, device)
+            slots, mask = padded_slots(all_slots)
+            max_len = slots.shape[1]
             # The same keys held contiguously: dense SDPA, the 1.5x target's yardstick.
             kd = torch.randn(num_seqs, KV_HEADS, max_len, HEAD_DIM, dtype=dtype, device=device)
             vd = torch.randn_like(kd)
             qd = q.view(num_seqs, KV_HEADS, HEADS // KV_HEADS, HEAD_DIM)
-            mask = meta.decode_mask.to(device)
+            mask = mask.to(device)
             dense = median_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale),
                               repeats, device)
             fast = median_ms(lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
             cols: dict[str, float | str] = {"kernel": fast, "dense_sdpa": dense, "ratio": fast / dense}
-            meta.decode_slots = meta.decode_slots.to(device)
-            meta.decode_mask = mask
-            cols["naive_gather"] = median_ms(lambda: naive_paged_attention(q, kc, vc, meta, scale),
-                                             repeats, device)
+            slots = slots.to(device)
+            cols["naive_gather"] = median_ms(
+                lambda: naive_paged_attention(q, kc, vc, slots, mask, scale), repeats, device)
             row(f"  {str(dtype)[6:]} seqs={num_seqs} ctx~{context}", **cols)
     print("# paged prefill attention, causal over cached + new keys (ms)")
     for dtype in dtypes:
         for num_seqs, context, new in ((1, 0, 256), (4, 128, 64)):
             q, kc, vc, meta, lens, _ = make_attention_case(num_seqs, context, new, dtype, device)
-            attention.paged_view(meta, BLOCK)
             fast = median_ms(lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
             ref = median_ms(lambda: attention.paged_attention_ref(
                 q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale),
@@ -143,8 +146,8 @@ def bench_store(device: str, repeats: int) -> None:
         key = torch.randn(num_tokens, KV_HEADS, HEAD_DIM, device=device)
         value = torch.randn_like(key)
         slots = torch.randperm(4096 * BLOCK)[:num_tokens].to(device)
-        fast = median_ms(lambda: attention.store_kvcache(key, value, kc, vc, slots), repeats, device)
-        naive = median_ms(lambda: attention.store_kvcache_ref(key, value, kc, vc, slots),
+        fast = median_ms(lambda: kv_store.store_kvcache(key, value, kc, vc, slots), repeats, device)
+        naive = median_ms(lambda: kv_store.store_kvcache_ref(key, value, kc, vc, slots),
                           max(3, repeats // 5), device)
         row(f"  tokens={num_tokens}", kernel=fast, naive_per_token=naive)
 
@@ -173,7 +176,7 @@ def bench_norm_rotary(device: str, repeats: int, dtypes: list[torch.dtype]) -> N
             def unfused() -> None:
                 _, kr = rotary.apply_rotary(q_.view(-1, HEADS, HEAD_DIM),
                                             k_.view(-1, KV_HEADS, HEAD_DIM), cos, sin)
-                attention.store_kvcache(kr, v_.view(-1, KV_HEADS, HEAD_DIM), kc, vc, slots)
+                kv_store.store_kvcache(kr, v_.view(-1, KV_HEADS, HEAD_DIM), kc, vc, slots)
             fused = median_ms(lambda: rotary.rotate_and_store(qkv, HEADS, KV_HEADS, cos, sin, kc, vc,
                                                               slots), repeats, device)
             row(f"  {str(dtype)[6:]} tokens={num_tokens}", rms=fast, rms_naive=ref,

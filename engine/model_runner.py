@@ -75,9 +75,8 @@ class ModelRunner:
     def prepare(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Python lists for the step, each turned into a tensor once.
 
-        Attention gets block tables: a decode's cost here is its new tokens and its table (one
-        entry per block), not its whole context. Prefills also list every key's slot (their
-        attention gathers the keys)."""
+        Attention gets block tables: a sequence's cost here is its new tokens and its table (one
+        entry per block), not its whole context."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -86,7 +85,6 @@ class ModelRunner:
         tables: list[list[int]] = []      # per attention row (decode rows, then prefills)
         lens: list[int] = []              # keys each of those sees
         query_lens: list[int] = []
-        prefill_q, prefill_len, prefill_slots = [], [], []
         for i, seq in enumerate(batch.seqs):
             start, n = seq.num_computed_tokens, seq.num_scheduled_tokens
             end = start + n
@@ -104,9 +102,6 @@ class ModelRunner:
                     lens.append(p + 1)
                     query_lens.append(1)
             else:
-                prefill_q.append(n)
-                prefill_len.append(end)
-                prefill_slots.append(torch.tensor(slots_for(table, end, bs), dtype=torch.long))
                 tables.append(table)
                 lens.append(end)
                 query_lens.append(n)
@@ -114,10 +109,10 @@ class ModelRunner:
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
+        num_prefills = len(batch.seqs) - batch.num_decodes
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
-            num_decodes=len(tables) - len(prefill_q), decode_slots=None, decode_mask=None,
-            prefill_query_lens=prefill_q, prefill_seq_lens=prefill_len, prefill_slots=prefill_slots,
+            num_decodes=len(tables) - num_prefills,
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
                                       dtype=torch.int32).view(len(tables), width),
             seq_lens=torch.tensor(lens, dtype=torch.int32),

@@ -1,8 +1,11 @@
 """The engine's hot operations. The engine calls only these public functions."""
-from kernels import attention, invariant, linear, logit_mask, rmsnorm, rotary
+from kernels import (attention, decode_cpu, invariant, kv_store, linear, logit_mask, metadata,
+                     rmsnorm, rotary)
 from kernels.logit_mask import apply_token_bitmask
 from kernels.linear import LinearWeight, apply_linear, prepare_linear
-from kernels.attention import AttentionMetadata, paged_attention, slots_for, store_kvcache
+from kernels.metadata import AttentionMetadata, slots_for
+from kernels.attention import paged_attention
+from kernels.kv_store import store_kvcache
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary, rotate_and_store
 
@@ -13,7 +16,8 @@ __all__ = ["AttentionMetadata", "LinearWeight", "apply_linear", "apply_rotary", 
 
 def warm_up() -> None:
     """Compile the numba CPU kernels (or load them from numba's cache) before the first request."""
-    attention.warm_up()
+    decode_cpu.warm_up()
+    kv_store.warm_up()
     linear.warm_up()
     logit_mask.warm_up()
     rmsnorm.warm_up()

@@ -8,6 +8,11 @@ The one place in `kernels/` that reads environment variables:
   PLUMBLINE_KERNELS=onednn on oneDNN's prepacked weights instead of our panel GEMM, for A/B runs
   against the fast path.
 
+Triton is imported lazily: a CPU-only process never reaches a Triton kernel, so it never pays
+for the import. Kernel modules name `triton` and `tl` through `LazyModule`s from here, and a
+kernel's first launch puts the real modules in its globals (Triton's compiler and interpreter
+accept only real modules there).
+
 Triton decides between compiling and interpreting when `@triton.jit` decorates a function, that
 is at import. `jit` below defers that choice to each launch, so one process (a pytest run) can
 import the kernels once and still interpret them in the tests that set TRITON_INTERPRET=1.
@@ -18,8 +23,10 @@ interpreter call them for the duration of an interpreted launch.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
+import types
 from typing import Any, Callable, Iterator
 
 import torch
@@ -56,7 +63,7 @@ def numba_threads() -> int:
     """Give numba's parallel loops as many threads as torch has (not more than numba started).
 
     numba's setting is per calling thread; it is set again only when torch's count changed,
-    since a kernel call at decode sizes is tens of microseconds and setting it costs three."""
+    since setting it costs a sizeable fraction of a decode-sized kernel call."""
     torch_threads = torch.get_num_threads()
     if getattr(_numba_set, "torch_threads", None) != torch_threads:
         import numba
@@ -91,6 +98,30 @@ def _interpreting_helpers() -> Iterator[None]:
             JITFunction.__call__ = original  # type: ignore[method-assign]
 
 
+class LazyModule(types.ModuleType):
+    """A module imported on first attribute access (kernel modules' `triton` and `tl`)."""
+
+    def load(self) -> types.ModuleType:
+        return importlib.import_module(self.__name__)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):          # introspection (pytest, inspect) must not import it
+            raise AttributeError(attr)
+        return getattr(self.load(), attr)
+
+
+triton = LazyModule("triton")
+tl = LazyModule("triton.language")
+
+
+def _bind_modules(fn: Callable[..., Any]) -> None:
+    """Put the real modules in place of the lazy ones in fn's globals (its module's)."""
+    scope = fn.__globals__
+    for name, value in list(scope.items()):
+        if isinstance(value, LazyModule):
+            scope[name] = value.load()
+
+
 class _InterpretedLaunch:
     def __init__(self, launch: Any) -> None:
         self.launch = launch
@@ -111,6 +142,8 @@ class LazyKernel:
         self.__doc__ = fn.__doc__
 
     def __getitem__(self, grid: Any) -> Any:
+        if self._compiled is None and self._interpreted is None:
+            _bind_modules(self.fn)
         if interpreting():
             if self._interpreted is None:
                 from triton.runtime.interpreter import InterpretedFunction

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from kernels.attention import SPAN_KEYS, AttentionMetadata, _items, row_view
 from kernels.backend import numba_threads
+from kernels.decode_cpu import SPAN_KEYS, _items
 from kernels.linear import PANEL, LinearWeight, pack_panels, panel_gemm
+from kernels.metadata import AttentionMetadata, row_view
 from kernels.rmsnorm import _norm_rows
 from kernels.simd import (WIDTH, add8, as_f32, broadcast8, div8, exp8, lane8, load8, max8, mul8,
                           store8, sub8, zeros8)
@@ -239,7 +240,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("deterministic mode runs attention on the CPU, fp32 or bf16 caches only")
     bs = k_cache.shape[1]
-    meta = row_view(meta, bs)                                   # once per step, not per layer
+    meta = row_view(meta)                                       # once per step, not per layer
     assert meta.row_tables is not None and meta.row_lens is not None
     rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]

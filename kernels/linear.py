@@ -2,10 +2,10 @@
 
 fp32 on the CPU. torch's `F.linear` calls MKL's sgemm on the plain [out, in] weight (on AMD CPUs
 MKL takes a slow generic path); oneDNN on a weight reordered once into its blocked layout
-("prepacked", what torch.compile's CPU freezing does) was 1.2-3.3x faster for every SmolLM2
-shape from 2 rows on. Our own panel GEMM (below) is faster again at decode sizes: 1.1-1.8x
-oneDNN at 1-32 rows, about even at a 512-row prefill chunk (0.96-1.06x on the body, 0.88x on
-the lm_head, which the engine computes for sampled rows only). So a weight whose out_features
+("prepacked", what torch.compile's CPU freezing does) was faster for every SmolLM2 shape from
+2 rows on. Our own panel GEMM (below) is faster again at decode sizes and about even at a
+512-row prefill chunk (the lm_head is computed for sampled rows only, so decode sizes are what
+it sees). So a weight whose out_features
 divide into 24-column panels is packed into them; others fall back to oneDNN.
 `benchmarks/kernels_bench.py --only linear` measures all three; docs/BENCHMARKS.md has the
 figures. Deterministic mode packs every layer into panels (kernels.invariant pads out_features
@@ -22,8 +22,8 @@ partial sums are added to the output between chunks, which also keeps rounding e
 a blocked BLAS than one long chain would). Panels are split across numba's threads.
 
 bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU: with native bf16 (AVX512-BF16,
-AMX) it won from 2 rows on; on an AVX2-only CPU (this session's AMD EPYC) it ran at ~16 GFLOP/s
-against ~90 for fp32 at every row count. So a bf16 layer also keeps the same values in fp32
+AMX) it won from 2 rows on; on an AVX2-only CPU (this session's AMD EPYC) it lost to fp32 at
+every row count (docs/BENCHMARKS.md). So a bf16 layer also keeps the same values in fp32
 (exact: bf16 widens losslessly), prepacked, and `MIN_BF16_ROWS` says from how many rows bf16 is
 used; the engine re-measures it with `calibrate` when it loads a bf16 body. The fp32 branch
 rounds its output to bf16, so both branches agree to bf16 rounding (accumulation order aside).
@@ -199,7 +199,8 @@ def _panel_gemm(x, wp, out, threads):  # type: ignore[no-untyped-def]
 def panel_gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None,
                panel_data: np.ndarray | None = None) -> torch.Tensor:
     """fp32 x [T, in] @ the packed weight -> [T, out] (+ bias). panel_data: panels.view(-1)
-    as numpy, if the caller keeps it (a decode step makes ~120 of these calls, each tens of us)."""
+    as numpy, if the caller keeps it (a decode step makes ~120 of these calls, each short enough
+    that converting again would show)."""
     num_panels, in_features, width = panels.shape
     assert width == PANEL and x.shape[-1] == in_features and x.dtype == torch.float32
     if x.dim() != 2 or not x.is_contiguous():
@@ -236,7 +237,7 @@ def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 3
 
     The threshold is the smallest of `rows` from which bf16 wins at every larger count tried
     (largest first, up to a prefill chunk). Without native bf16, a one-row bf16 product can tie
-    fp32 while 8 rows already run 3x slower, so a first win from below would be misleading."""
+    fp32 while 8 rows already run far slower, so a first win from below would be misleading."""
     found = {}
     for in_features, out_features in shapes:
         layer = prepare_linear(torch.randn(out_features, in_features).bfloat16())

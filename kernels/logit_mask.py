@@ -7,9 +7,9 @@ The fast CPU path is a numba kernel over the logits' bits, one pass in place, ro
 across threads: for each word that is not all ones, each of its 32 logits keeps its bits or takes
 those of -inf through an and/or with an all-ones-or-zero mask made from the bit, branch-free
 (AVX2 shifts and blends once LLVM vectorizes it). `masked_fill_` with an unpacked boolean mask
-took 4.4 ms for [32, 49152] on the first box: a data-dependent branch per element. The previous
-fast path (numpy unpackbits widened to a 0 / -inf bias, then added) took 1.0-1.25 ms on the Zen 3
-box; this one takes ~0.23 with 2 threads, ~0.42 with one (docs/BENCHMARKS.md). Words that allow
+takes a data-dependent branch per element; the previous fast path (numpy unpackbits widened to
+a 0 / -inf bias, then added) made two passes over the logits. Timings: docs/BENCHMARKS.md
+(benchmarks/kernels_bench.py --only mask). Words that allow
 every token cost one compare. Disallowed logits become exactly -inf whatever they held (+inf
 and NaN too).
 """
@@ -20,11 +20,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 from numba import njit, prange
 
-from kernels.backend import jit, numba_threads, use_triton
+from kernels.backend import jit, numba_threads, tl, triton, use_triton
 
 Rows = Sequence[int] | torch.Tensor | None
 
@@ -64,7 +62,7 @@ def _mask_rows(bits, words, rows, neg_inf):  # type: ignore[no-untyped-def]
             if word == np.uint32(0xFFFFFFFF):        # every token of the word allowed
                 continue
             # One-dimensional views indexed by the loop counter: that is the shape LLVM turns
-            # into AVX2 shifts and blends (2-d indexing kept it scalar, 5-10x slower).
+            # into AVX2 shifts and blends (2-d indexing kept it scalar).
             seg = row[w * 32:w * 32 + 32]
             for j in range(32):
                 keep = np.uint32(0) - ((word >> np.uint32(j)) & np.uint32(1))   # 0 or all ones
@@ -75,7 +73,7 @@ def _mask_rows(bits, words, rows, neg_inf):  # type: ignore[no-untyped-def]
 
 
 def warm_up() -> None:
-    """Compile the fp32 bitmask kernel now (~0.5 s cold) rather than on a first request."""
+    """Compile the fp32 bitmask kernel now rather than on a first request."""
     _mask_rows(np.zeros((1, 32), np.uint32), np.zeros((1, 1), np.uint32), np.zeros(1, np.int64),
                np.uint32(_NEG_INF_BITS[torch.float32]))
 

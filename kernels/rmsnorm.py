@@ -6,11 +6,9 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from numba import njit
 
-from kernels.backend import jit, use_triton
+from kernels.backend import jit, tl, triton, use_triton
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------
@@ -28,7 +26,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # --- fast CPU path ----------------------------------------------------------------------------
 # fp32: one numba call per norm: residual add, sum of squares, scale, instead of the add and
 # torch's F.rms_norm, a composite on the CPU (pow, mean, add, rsqrt, mul, mul); 61 calls a step.
-# kernels_bench --only norm: 0.022 ms at 1-32 tokens, the reference formula 0.038.
+# Timings: kernels_bench --only norm (docs/BENCHMARKS.md).
 #
 # The result equals the reference bit for bit, because the sum of squares is added in the order
 # torch's CPU sum uses for a contiguous row: `lanes`-wide vectors, four vector accumulators,
@@ -38,7 +36,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # build), the numba path stays off. Any other order moved logprobs of the tiny test model by
 # ~1e-5.
 # Rows are independent and each runs the same loop, so the result does not depend on the batch
-# (kernels.invariant relies on that). Serial on purpose: at 1-512 rows this is microseconds.
+# (kernels.invariant relies on that). Serial on purpose: even 512 rows are too little work to
+# pay for a parallel launch.
 
 _ILP, _LEVELS = 4, 4      # torch's vector accumulators and cascade levels
 

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 from numba import njit
 
-from kernels.attention import store_kvcache
-from kernels.backend import jit, use_triton
+from kernels.backend import jit, tl, triton, use_triton
+from kernels.kv_store import store_kvcache
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------
@@ -30,9 +28,9 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 # fp32: q and k rotated in one numba call, each head's halves read in place from strided views
 # (slices of a qkv output). The engine's model calls rotate_and_store instead (the same
 # per-head arithmetic, with the keys and values written to the cache in the same call). The
-# reference is ~10 torch ops (cat, neg, four muls, two adds, casts): 2-6x slower at 1-256
-# tokens (kernels_bench --only norm). No fastmath: each output is x1*c - x2*s rounded as the
-# reference rounds it, so the result equals the reference bit for bit.
+# reference is ~10 torch ops (cat, neg, four muls, two adds, casts), each a pass over the
+# tensors (timings: kernels_bench --only norm, docs/BENCHMARKS.md). No fastmath: each output is
+# x1*c - x2*s rounded as the reference rounds it, so the result equals the reference bit for bit.
 
 @njit(nogil=True, boundscheck=False, inline="always")
 def _rotate_head(src, at, c, s, dst, to, half):  # type: ignore[no-untyped-def]
@@ -176,7 +174,7 @@ def rotate_and_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: 
                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      slot_mapping: torch.Tensor) -> torch.Tensor:
     """The qkv projection's output [T, (h + 2 kvh) * d] -> rotated q [T, h, d]; the rotated keys
-    and the values go into the cache at slot_mapping (kernels.attention.store_kvcache).
+    and the values go into the cache at slot_mapping (kernels.kv_store.store_kvcache).
 
     fp32 on the CPU: one numba call reading qkv in place, instead of a rotary call, a store call
     and a key tensor in between (the same arithmetic, so the same bits; a test checks)."""

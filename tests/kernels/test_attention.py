@@ -3,9 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import AttentionMetadata, attention, paged_attention, slots_for, store_kvcache
-from kernels.attention import (_paged_attention_triton, _store_kvcache_triton, paged_attention_ref,
-                               paged_view, store_kvcache_ref)
+from kernels import AttentionMetadata, decode_cpu, paged_attention, slots_for
+from kernels.attention import _paged_attention_triton, paged_attention_ref
 
 # (cached tokens, new tokens) per sequence, decodes (one new token) first. Lengths 1, block
 # boundaries (16, 32) and one past them, a fresh prefill, chunked prefills of 1 and many tokens.
@@ -14,7 +13,8 @@ RAGGED = [(0, 1), (15, 1), (16, 1), (32, 1), (0, 5), (16, 16), (40, 1), (3, 30)]
 
 def build(seqs: list[tuple[int, int]], block_size: int, num_kv_heads: int, group: int,
           head_dim: int, dtype: torch.dtype, seed: int = 0):
-    """Random cache, queries and metadata built the way engine/model_runner.py builds them."""
+    """Random cache, queries and block-table metadata built the way engine/model_runner.py
+    builds them (one row per sequence: these decodes have one new token each)."""
     g = torch.Generator().manual_seed(seed)
     need = [(c + n + block_size - 1) // block_size for c, n in seqs]
     num_blocks = sum(need) + 3
@@ -31,30 +31,24 @@ def build(seqs: list[tuple[int, int]], block_size: int, num_kv_heads: int, group
     num_decodes = 0
     while num_decodes < len(seqs) and seqs[num_decodes][1] == 1:
         num_decodes += 1
-    slot_mapping, decode_slots, pq, pl, ps = [], [], [], [], []
-    for i, ((c, n), table) in enumerate(zip(seqs, tables)):
-        s = slots_for(table, c + n, block_size)
-        slot_mapping += s[c:]
-        if i < num_decodes:
-            decode_slots.append(s)
-        else:
-            pq.append(n); pl.append(c + n); ps.append(torch.tensor(s, dtype=torch.long))
-    max_len = max((len(s) for s in decode_slots), default=0)
-    mask = torch.zeros(len(decode_slots), 1, 1, max_len, dtype=torch.bool)
-    for b, s in enumerate(decode_slots):
-        mask[b, 0, 0, :len(s)] = True
-    padded = [s + [0] * (max_len - len(s)) for s in decode_slots]
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long), num_decodes=num_decodes,
-        decode_slots=torch.tensor(padded, dtype=torch.long).view(len(padded), max_len),
-        decode_mask=mask, prefill_query_lens=pq, prefill_seq_lens=pl, prefill_slots=ps)
-    max_blocks = max(need)
-    block_tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-    for i, t in enumerate(tables):
-        block_tables[i, :len(t)] = torch.tensor(t)
+    slot_mapping = []
+    for (c, n), table in zip(seqs, tables):
+        slot_mapping += slots_for(table, c + n, block_size, c)
+    width = max(need)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     seq_lens = torch.tensor([c + n for c, n in seqs], dtype=torch.int32)
     starts = torch.tensor([0] + [n for _, n in seqs]).cumsum(0).to(torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long), num_decodes=num_decodes,
+        block_tables=block_tables, seq_lens=seq_lens, query_start_loc=starts,
+        max_query_len=max(n for _, n in seqs))
     return q, k_cache, v_cache, meta, (block_tables, seq_lens, starts)
+
+
+def key_slots(meta: AttentionMetadata, seq: int, block_size: int) -> torch.Tensor:
+    """The cache slots [seq_len] of sequence seq's keys, off its block table."""
+    table = meta.block_tables[seq].tolist()
+    return torch.tensor(slots_for(table, int(meta.seq_lens[seq]), block_size))
 
 
 # Decodes for the in-place kernel: short rows, block boundaries, and rows cut into several spans
@@ -65,14 +59,6 @@ DECODES = [(0, 1), (15, 1), (16, 1), (31, 1), (47, 1), (100, 1), (127, 1), (128,
 
 def tol(dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-
-
-def test_paged_view_derives_block_tables() -> None:
-    q, kc, vc, meta, (bt, lens, starts) = build(RAGGED, 16, 1, 1, 64, torch.float32)
-    paged_view(meta, 16)
-    assert torch.equal(meta.block_tables, bt)
-    assert torch.equal(meta.seq_lens, lens) and torch.equal(meta.query_start_loc, starts)
-    assert meta.max_query_len == 30
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -117,48 +103,6 @@ def test_triton_attention_ignores_nan_past_seq_len(interpret: None) -> None:
     torch.testing.assert_close(out, expected, **tol(torch.float32))
 
 
-def kv_case(dtype: torch.dtype, strided: bool):
-    g = torch.Generator().manual_seed(1)
-    kc = torch.zeros(4, 16, 3, 64, dtype=dtype)
-    vc = torch.zeros_like(kc)
-    qkv = torch.randn(6, 9, 64, generator=g).to(dtype)            # v as a strided view, as in the model
-    key = qkv[:, 3:6] if strided else qkv[:, 3:6].contiguous()
-    value = qkv[:, 6:9]
-    slots = torch.tensor([0, 15, 16, 17, 63, 40])
-    return key, value, kc, vc, slots
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kvcache_cpu_matches_reference(dtype: torch.dtype) -> None:
-    key, value, kc, vc, slots = kv_case(dtype, strided=True)
-    kr, vr = kc.clone(), vc.clone()
-    store_kvcache_ref(key, value, kr, vr, slots)
-    store_kvcache(key, value, kc, vc, slots)
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
-
-
-def test_store_kvcache_cpu_skips_padding_and_refuses_slots_past_the_cache() -> None:
-    key, value, kc, vc, slots = kv_case(torch.float32, strided=True)
-    slots[2] = -1                                                   # padding: not stored
-    kr, vr = kc.clone(), vc.clone()
-    store_kvcache_ref(key, value, kr, vr, slots)
-    store_kvcache(key, value, kc, vc, slots)                        # the numba path (fp32)
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
-    slots[2] = kc.shape[0] * kc.shape[1]                            # one past the last slot
-    with pytest.raises(IndexError):
-        store_kvcache(key, value, kc, vc, slots)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_kvcache_triton_matches_reference(interpret: None, dtype: torch.dtype) -> None:
-    key, value, kc, vc, slots = kv_case(dtype, strided=True)
-    slots[2] = -1                                                   # padding: not stored
-    kr, vr = kc.clone(), vc.clone()
-    store_kvcache_ref(key, value, kr, vr, slots)
-    store_kvcache(key, value, kc, vc, slots)                       # Triton under the fixture
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("block_size,group,head_dim,dtype", TRITON_CASES)
 def test_triton_attention_cuda(cuda: torch.device, block_size: int, group: int, head_dim: int,
@@ -171,16 +115,6 @@ def test_triton_attention_cuda(cuda: torch.device, block_size: int, group: int, 
     torch.testing.assert_close(out.cpu(), expected, **tol(dtype))
 
 
-@pytest.mark.cuda
-def test_store_kvcache_cuda(cuda: torch.device) -> None:
-    key, value, kc, vc, slots = kv_case(torch.bfloat16, strided=True)
-    kr, vr = kc.clone(), vc.clone()
-    store_kvcache_ref(key, value, kr, vr, slots)
-    kc, vc = kc.to(cuda), vc.to(cuda)
-    _store_kvcache_triton(key.to(cuda), value.to(cuda), kc, vc, slots.to(cuda))
-    assert torch.equal(kc.cpu(), kr) and torch.equal(vc.cpu(), vr)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_decode_matches_gather_by_slot(dtype: torch.dtype) -> None:
     """The fast decode (in place, numba) against SDPA over a plain per-slot gather (the engine's
@@ -191,12 +125,18 @@ def test_cpu_decode_matches_gather_by_slot(dtype: torch.dtype) -> None:
     seqs = DECODES
     q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, dtype)
     nd = len(seqs)
-    k = kc.view(-1, 3, 64)[meta.decode_slots].transpose(1, 2)
-    v = vc.view(-1, 3, 64)[meta.decode_slots].transpose(1, 2)
+    slots = [key_slots(meta, i, 16) for i in range(nd)]
+    max_len = max(len(s) for s in slots)
+    padded = torch.stack([F.pad(s, (0, max_len - len(s))) for s in slots])   # padding -> slot 0
+    mask = torch.zeros(nd, 1, 1, max_len, dtype=torch.bool)
+    for b, s in enumerate(slots):
+        mask[b, 0, 0, :len(s)] = True
+    k = kc.view(-1, 3, 64)[padded].transpose(1, 2)
+    v = vc.view(-1, 3, 64)[padded].transpose(1, 2)
 
     def sdpa(t: torch.dtype) -> torch.Tensor:
         return F.scaled_dot_product_attention(q.view(nd, 3, 3, 64).to(t), k.to(t), v.to(t),
-                                              attn_mask=meta.decode_mask, scale=0.125).reshape(nd, 9, 64)
+                                              attn_mask=mask, scale=0.125).reshape(nd, 9, 64)
     out = paged_attention(q, kc, vc, meta, 0.125)
     assert out.dtype == dtype
     if dtype == torch.float32:
@@ -214,15 +154,15 @@ def test_cpu_decode_is_batch_invariant(dtype: torch.dtype) -> None:
     longer one: its spans on both threads) as in any batch."""
     seqs = DECODES
     q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, dtype)
-    assert attention.can_attend_in_place(q, kc, vc)
+    assert decode_cpu.can_attend_in_place(q, kc, vc)
     together = paged_attention(q, kc, vc, meta, 0.125)
-    assert attention.SPAN_KEYS == 128
+    assert decode_cpu.SPAN_KEYS == 128
     for i in range(len(seqs)):
         q1, kc1, vc1, meta1, _ = build([seqs[i]], 16, 3, 3, 64, dtype)
         # the same keys and query, in a cache of one sequence
-        slots = meta.decode_slots[i, :seqs[i][0] + 1]
-        kc1.view(-1, 3, 64)[meta1.decode_slots[0]] = kc.view(-1, 3, 64)[slots]
-        vc1.view(-1, 3, 64)[meta1.decode_slots[0]] = vc.view(-1, 3, 64)[slots]
+        slots, slots1 = key_slots(meta, i, 16), key_slots(meta1, 0, 16)
+        kc1.view(-1, 3, 64)[slots1] = kc.view(-1, 3, 64)[slots]
+        vc1.view(-1, 3, 64)[slots1] = vc.view(-1, 3, 64)[slots]
         alone = paged_attention(q[i:i + 1].clone(), kc1, vc1, meta1, 0.125)
         assert torch.equal(alone[0], together[i])
 
@@ -245,31 +185,8 @@ def test_cpu_fallback_for_caches_the_kernel_does_not_take() -> None:
     on the same values, to fp16 rounding."""
     seqs = [(3, 1), (20, 1), (0, 7), (16, 5)]
     q, kc, vc, meta, _ = build(seqs, 16, 3, 3, 64, torch.float16)
-    assert not attention.can_attend_in_place(q, kc, vc)
+    assert not decode_cpu.can_attend_in_place(q, kc, vc)
     out = paged_attention(q, kc, vc, meta, 0.125)
     assert out.dtype == torch.float16
     expected = paged_attention(q.float(), kc.float(), vc.float(), meta, 0.125)
     torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
-
-
-def block_table_meta(meta: AttentionMetadata, tables: torch.Tensor, seq_lens: torch.Tensor,
-                     starts: torch.Tensor) -> AttentionMetadata:
-    """meta as the engine builds it: block tables and lengths, no slot lists for the decodes."""
-    return AttentionMetadata(meta.slot_mapping, meta.num_decodes, None, None,
-                             meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_slots,
-                             block_tables=tables, seq_lens=seq_lens, query_start_loc=starts,
-                             max_query_len=int((starts[1:] - starts[:-1]).max()))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_block_table_metadata_without_decode_slots(dtype: torch.dtype) -> None:
-    """The engine gives block tables only: the fast path (and, for fp32, deterministic mode)
-    give what they give from slot lists (fp16: the fast path's reference fallback)."""
-    from kernels import invariant
-    seqs = [(3, 1), (20, 1), (130, 1), (0, 7), (16, 5)]
-    q, kc, vc, meta, (tables, seq_lens, starts) = build(seqs, 16, 3, 3, 64, dtype, seed=5)
-    attends = [paged_attention] + ([invariant.paged_attention] if dtype == torch.float32 else [])
-    for attend in attends:
-        want = attend(q, kc, vc, meta, 0.125)
-        got = attend(q, kc, vc, block_table_meta(meta, tables, seq_lens, starts), 0.125)
-        assert torch.equal(got, want), attend

@@ -90,8 +90,7 @@ def test_vocabulary_reductions_rows_invariant(name: str) -> None:
 def decode_rows(tables: torch.Tensor, lens: torch.Tensor) -> AttentionMetadata:
     """Metadata for rows that each attend to the first lens[r] keys of table r."""
     n = lens.shape[0]
-    return AttentionMetadata(torch.zeros(0, dtype=torch.long), n, None, None, [], [], [],
-                             block_tables=tables, seq_lens=lens,
+    return AttentionMetadata(torch.zeros(0, dtype=torch.long), n, block_tables=tables, seq_lens=lens,
                              query_start_loc=torch.arange(n + 1, dtype=torch.int32), max_query_len=1)
 
 

@@ -1,0 +1,236 @@
+"""The fast CPU decode: numba kernels reading the paged cache in place through block tables.
+
+The fast CPU decode path, for an fp32 or bf16 cache, is a numba kernel that reads the blocks in
+place through the block table: each query row's keys cut into spans of SPAN_KEYS (work items,
+split across threads), all kv heads of a block together, fp32 softmax per span (its exp eight
+lanes at once, kernels.simd.exp8), the spans then combined in order. Its timings against dense
+SDPA on the same keys and against the gather it replaced are in docs/BENCHMARKS.md
+(benchmarks/kernels_bench.py --only attention). A row is cut and combined the same way whatever
+the batch, so its output is bitwise batch-invariant. numba has no
+bfloat16: a bf16 cache goes in as its int16 bits and each value is widened exactly in the kernel
+(kernels.simd.as_f32). Other dtypes (which the engine never uses) take the torch reference
+(kernels.attention). numba's threads come from its own OpenMP runtime (the system libgomp, not
+torch's copy); interleaved with torch's linear layers on the engine's compute thread, the two did
+not slow each other in a side-by-side check, and the engine's steps got faster
+(docs/BENCHMARKS.md). fastmath is limited to reassociation and contraction (what vectorizes the
+dot products and sums), so NaN and inf still propagate.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from kernels.backend import numba_threads
+from kernels.simd import (WIDTH, add8, as_f32, broadcast8, exp8, lane8, load8, max8, store8,
+                          sub8, zeros8)
+
+
+_FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
+
+
+# Keys per work item of the in-place decode. A query row's keys are cut into spans of this many
+# (whole blocks), each span an item of its own, so one long row keeps every core busy rather
+# than one (kernels_bench --only attention, docs/BENCHMARKS.md). The cut depends only on the
+# row's own length, never on the batch, so the output stays batch-invariant.
+SPAN_KEYS = 128
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc, ml):  # type: ignore[no-untyped-def]
+    """One item: query row q [kvh, group, d] over the keys in blocks [b0, b1) of its table
+    (clipped to seq_len) -> per head, the scores' max m and sum l of exp(score - m) in ml
+    [kvh, group, 2], and acc [kvh, group, d] = sum of exp(score - m) * value.
+
+    Blocks are read in place, once each for keys and once for values, all kv heads together
+    (a block's rows hold every head). scores [kvh, group, span rounded up to a multiple of
+    WIDTH] is scratch: the exp's last vector may run past n into it.
+    """
+    num_kv_heads, group, head_dim = q.shape
+    bs = k_cache.shape[1]
+    n = min(b1 * bs, seq_len) - b0 * bs
+    for b in range(b0, b1):
+        blk = k_cache[table[b]]                                  # [bs, kvh, d]
+        for o in range(min(bs, seq_len - b * bs)):
+            for h in range(num_kv_heads):
+                for g in range(group):
+                    s = np.float32(0.0)
+                    for x in range(head_dim):
+                        s += q[h, g, x] * as_f32(blk[o, h, x])
+                    scores[h, g, (b - b0) * bs + o] = s * scale
+    for h in range(num_kv_heads):                                # exp, fp32, 8 lanes at once
+        for g in range(group):
+            row = scores[h, g]
+            m = row[0]
+            p = 0
+            if n >= WIDTH:
+                mv = load8(row, 0)
+                while p + WIDTH <= n:
+                    mv = max8(mv, load8(row, p))
+                    p += WIDTH
+                for lane in range(WIDTH):
+                    m = max(m, lane8(mv, lane))
+            for i in range(p, n):
+                m = max(m, row[i])
+            mv = broadcast8(m)
+            sums = zeros8()
+            p = 0
+            while p + WIDTH <= n:
+                e = exp8(sub8(load8(row, p), mv))
+                store8(row, p, e)
+                sums = add8(sums, e)
+                p += WIDTH
+            total = np.float32(0.0)
+            for lane in range(WIDTH):
+                total += lane8(sums, lane)
+            if p < n:   # the tail: one more vector over the scratch's spare lanes, n - p counted
+                e = exp8(sub8(load8(row, p), mv))
+                store8(row, p, e)
+                for lane in range(n - p):
+                    total += lane8(e, lane)
+            ml[h, g, 0] = m
+            ml[h, g, 1] = total
+    acc[:] = 0
+    for b in range(b0, b1):
+        blk = v_cache[table[b]]
+        for o in range(min(bs, seq_len - b * bs)):
+            for h in range(num_kv_heads):
+                for g in range(group):
+                    w = scores[h, g, (b - b0) * bs + o]
+                    for x in range(head_dim):
+                        acc[h, g, x] += w * as_f32(blk[o, h, x])
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _combine(acc, ml, i0, i1, out):  # type: ignore[no-untyped-def]
+    """A row's items i0 .. i1 - 1 -> its softmax-weighted values out [kvh, group, d]: rescaled
+    to the row's max and added in item order (the same order whatever thread ran them)."""
+    num_kv_heads, group, head_dim = out.shape
+    for h in range(num_kv_heads):
+        for g in range(group):
+            m = ml[i0, h, g, 0]
+            for i in range(i0 + 1, i1):
+                m = max(m, ml[i, h, g, 0])
+            total = np.float32(0.0)
+            for i in range(i0, i1):
+                total += ml[i, h, g, 1] * np.exp(ml[i, h, g, 0] - m)
+            inv = np.float32(1.0) / total
+            o = out[h, g]
+            o[:] = 0
+            for i in range(i0, i1):
+                w = np.exp(ml[i, h, g, 0] - m) * inv
+                a = acc[i, h, g]
+                for x in range(head_dim):
+                    o[x] += w * a[x]
+
+
+@njit(nogil=True, boundscheck=False, inline="always")
+def _scores(q, bs, span_blocks):  # type: ignore[no-untyped-def]
+    """_attend_span's scratch: a span's keys per head, rounded up to whole vectors."""
+    span = (span_blocks * bs + WIDTH - 1) // WIDTH * WIDTH
+    return np.empty((q.shape[1], q.shape[2], span), np.float32)
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _items(seq_lens, bs, span_blocks):  # type: ignore[no-untyped-def]
+    """Row r's items are starts[r] .. starts[r + 1] - 1; item i covers blocks b0[i] .. +span."""
+    rows = seq_lens.shape[0]
+    starts = np.empty(rows + 1, np.int64)
+    starts[0] = 0
+    for r in range(rows):
+        blocks = (seq_lens[r] + bs - 1) // bs
+        starts[r + 1] = starts[r] + max(1, (blocks + span_blocks - 1) // span_blocks)
+    row_of = np.empty(starts[rows], np.int64)
+    b0 = np.empty(starts[rows], np.int64)
+    for r in range(rows):
+        for i in range(starts[r], starts[r + 1]):
+            row_of[i] = r
+            b0[i] = (i - starts[r]) * span_blocks
+    return starts, row_of, b0
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _workspace(q, seq_lens, bs, span_blocks):  # type: ignore[no-untyped-def]
+    """The items (_items) and each item's partial results: acc [items, kvh, group, d] and its
+    max and sum, ml [items, kvh, group, 2]."""
+    starts, row_of, b0 = _items(seq_lens, bs, span_blocks)
+    acc = np.empty((row_of.shape[0], q.shape[1], q.shape[2], q.shape[3]), np.float32)
+    ml = np.empty((row_of.shape[0], q.shape[1], q.shape[2], 2), np.float32)
+    return starts, row_of, b0, acc, ml
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)
+def _decode_parallel(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, out):  # type: ignore[no-untyped-def]
+    starts, row_of, b0, acc, ml = _workspace(q, seq_lens, k_cache.shape[1], span_blocks)
+    for i in prange(row_of.shape[0]):        # items split across threads
+        r = row_of[i]
+        scores = _scores(q, k_cache.shape[1], span_blocks)
+        _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
+                     seq_lens[r], scale, scores, acc[i], ml[i])
+    for r in prange(seq_lens.shape[0]):
+        _combine(acc, ml, starts[r], starts[r + 1], out[r])
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, out):  # type: ignore[no-untyped-def]
+    """_decode_parallel without a parallel launch, for a single item (the same functions, so
+    the same bits)."""
+    starts, row_of, b0, acc, ml = _workspace(q, seq_lens, k_cache.shape[1], span_blocks)
+    scores = _scores(q, k_cache.shape[1], span_blocks)
+    for i in range(row_of.shape[0]):
+        r = row_of[i]
+        _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
+                     seq_lens[r], scale, scores, acc[i], ml[i])
+    for r in range(seq_lens.shape[0]):
+        _combine(acc, ml, starts[r], starts[r + 1], out[r])
+
+
+def can_attend_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the in-place kernel takes these: fp32 or bf16 (read as its int16 bits and widened
+    in the kernel: numba has no bf16 type), on the CPU, contiguous caches."""
+    return (q.dtype == k_cache.dtype == v_cache.dtype
+            and q.dtype in (torch.float32, torch.bfloat16) and not q.is_cuda
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+def attend_rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         tables: torch.Tensor | np.ndarray, lens: torch.Tensor | np.ndarray,
+                         scale: float) -> torch.Tensor:
+    """q [R, h, d] -> [R, h, d]: query row r attends to the first lens[r] keys of the block table
+    tables[r], read in place (numba). A row's result depends only on its query, those keys and
+    lens[r], never on the other rows. Arithmetic is fp32; a bf16 result is rounded once, at the
+    end (as SDPA does). tables and lens may be given as numpy arrays already (see
+    decode_in_place: each layer would otherwise convert them again)."""
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    qd = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    if qd.dtype != torch.float32 or not qd.is_contiguous():
+        qd = qd.to(torch.float32).contiguous()
+    out = torch.empty_like(qd)
+    if k_cache.dtype == torch.bfloat16:
+        kc, vc = k_cache.view(torch.int16).numpy(), v_cache.view(torch.int16).numpy()
+    else:
+        kc, vc = k_cache.numpy(), v_cache.numpy()
+    tables = tables.numpy() if isinstance(tables, torch.Tensor) else tables
+    lens = lens.numpy() if isinstance(lens, torch.Tensor) else lens
+    bs = k_cache.shape[1]
+    span_blocks = max(1, SPAN_KEYS // bs)
+    args = (qd.numpy(), kc, vc, tables, lens, np.float32(scale), span_blocks, out.numpy())
+    if rows == 1 and lens[0] <= span_blocks * bs:
+        _decode_serial(*args)               # one item: a parallel launch would only cost
+    else:
+        numba_threads()
+        _decode_parallel(*args)
+    out = out.view(rows, num_heads, head_dim)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def warm_up() -> None:
+    """Compile the in-place decode (fp32 and bf16 caches, one row and many) now (or load it from
+    numba's on-disk cache)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = torch.zeros(1, 16, 1, 16, dtype=dtype)
+        for rows in (1, 2):
+            attend_rows_in_place(torch.zeros(rows, 1, 16, dtype=dtype), cache, cache,
+                                 torch.zeros(rows, 1, dtype=torch.int32),
+                                 torch.ones(rows, dtype=torch.int32), 1.0)
