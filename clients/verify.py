@@ -117,9 +117,9 @@ class Reference:
                                                                     dtype=torch.float32))
         self.model.eval()
         if weights is not None:
-            from gateway.admin import load_weights
+            from gateway.admin import read_weights_file
 
-            missing, unexpected = self.model.load_state_dict(load_weights(weights), strict=False)
+            missing, unexpected = self.model.load_state_dict(read_weights_file(weights), strict=False)
             if unexpected or any("lm_head" not in k for k in missing):
                 raise VerifyError(f"{weights} does not fit {model_dir}: missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]}")

@@ -128,7 +128,7 @@ def check_admin(rt: Runtime, request: Request) -> None:
                            "<admin key>'", headers={"WWW-Authenticate": "Bearer"})
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """The state dict in a .safetensors file or an HF directory; ValueError says what is wrong."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -155,7 +155,7 @@ async def update_weights(request: Request) -> Response:
     path = Path(req.path).expanduser()
     t0 = time.perf_counter()
     try:
-        state = await anyio.to_thread.run_sync(load_weights, path)
+        state = await anyio.to_thread.run_sync(read_weights_file, path)
     except ValueError as exc:
         raise BadRequest(f"path: {exc}", "path", code="invalid_weights") from None
     try:

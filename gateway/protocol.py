@@ -155,7 +155,7 @@ class FunctionCall(_Strict):
 
 # The wire models keep OpenAI's names (they name the /openapi.json schemas): ToolCall is a call
 # in an earlier assistant message (the parser's own is tool_calls.ParsedToolCall), Tool a tool
-# definition as sent (checked into grammars.tools.Tool by request_params.tools_request).
+# definition as sent (checked into grammars.tools.ToolSpec by request_params.tools_request).
 class ToolCall(_Strict):
     id: str
     type: Literal["function"] = "function"

@@ -48,7 +48,7 @@ class ToolError(GrammarError):
 
 
 @dataclass(frozen=True, slots=True)
-class Tool:
+class ToolSpec:
     name: str
     description: str
     parameters: Mapping[str, Any]  # a JSON schema for the arguments object
@@ -58,13 +58,13 @@ class Tool:
 class ToolsRequest:
     """The checked tool part of a chat request."""
 
-    tools: tuple[Tool, ...]
+    tools: tuple[ToolSpec, ...]
     mode: ToolChoiceMode
     name: str | None = None          # the forced tool when mode == "named"
     parallel: bool = True
 
     @property
-    def allowed(self) -> tuple[Tool, ...]:
+    def allowed(self) -> tuple[ToolSpec, ...]:
         """The tools a call may name."""
         if self.mode == "named":
             return tuple(t for t in self.tools if t.name == self.name)
@@ -96,13 +96,13 @@ def parse_tools_request(tools: Any, tool_choice: Any = None,
     return ToolsRequest(parsed, mode, name, parallel)
 
 
-def parse_tools(tools: Any) -> tuple[Tool, ...]:
+def parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
     """OpenAI `tools` -> Tools; raises ToolError naming the first problem."""
     if not isinstance(tools, list):
         raise ToolError("tools must be a list of tool definitions", "tools")
     if not tools:
         raise ToolError("tools must not be empty (omit it instead)", "tools")
-    parsed: list[Tool] = []
+    parsed: list[ToolSpec] = []
     seen: set[str] = set()
     for i, entry in enumerate(tools):
         where = f"tools[{i}]"
@@ -123,7 +123,7 @@ def parse_tools(tools: Any) -> tuple[Tool, ...]:
         description = fn.get("description") or ""
         if not isinstance(description, str):
             raise ToolError(f"{where}.function.description must be a string", f"{where}.function.description")
-        parsed.append(Tool(name, description, _check_parameters(fn.get("parameters"), f"{where}.function.parameters")))
+        parsed.append(ToolSpec(name, description, _check_parameters(fn.get("parameters"), f"{where}.function.parameters")))
     return tuple(parsed)
 
 
@@ -142,7 +142,7 @@ def _check_parameters(parameters: Any, where: str) -> Mapping[str, Any]:
     return parameters
 
 
-def parse_tool_choice(tool_choice: Any, tools: Sequence[Tool]) -> tuple[ToolChoiceMode, str | None]:
+def parse_tool_choice(tool_choice: Any, tools: Sequence[ToolSpec]) -> tuple[ToolChoiceMode, str | None]:
     """OpenAI `tool_choice` -> (mode, forced name); the default with tools is "auto"."""
     if tool_choice is None or tool_choice == "auto":
         return "auto", None

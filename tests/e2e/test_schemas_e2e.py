@@ -73,6 +73,8 @@ def test_dev_schemas_validate_when_finished(server):
             finished += 1
             jsonschema.validate(json.loads(choice.message.content), schema,
                                 format_checker=jsonschema.FormatChecker())
+        else:                                   # cut by max_tokens: marked incomplete
+            assert (choice.model_extra or {}).get("plumbline", {}).get("incomplete") is True, name
     print(f"\n{NUM_SCHEMAS} schemas: {finished} finished with stop and validate, "
           f"{NUM_SCHEMAS - finished - len(errors)} hit max_tokens, {len(errors)} refused with 400")
     assert len(errors) <= NUM_SCHEMAS // 10
