@@ -1,8 +1,8 @@
 """Our llama-family model: RMSNorm, RoPE (with the config's scaling), GQA, SwiGLU.
 
 It reads transformers' llama weights (q/k/v and gate/up fused at load), runs over a flat batch
-of tokens from many sequences (paged KV cache, see kernels.attention) and computes the final
-projection in fp32 whatever the body's dtype.
+of tokens from many sequences (paged KV cache: kernels.metadata, kernels.attention) and
+computes the final projection in fp32 whatever the body's dtype.
 """
 from __future__ import annotations
 

@@ -22,8 +22,7 @@ import torch
 from numba import njit, prange
 
 from kernels.backend import numba_threads
-from kernels.simd import (WIDTH, add8, as_f32, broadcast8, exp8, lane8, load8, max8, store8,
-                          sub8, zeros8)
+from kernels.simd import WIDTH, as_f32, exp_sum, row_max
 
 
 _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
@@ -44,7 +43,8 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
 
     Blocks are read in place, once each for keys and once for values, all kv heads together
     (a block's rows hold every head). scores [kvh, group, span rounded up to a multiple of
-    WIDTH] is scratch: the exp's last vector may run past n into it.
+    WIDTH] is scratch; the softmax's max and exps are kernels.simd's row helpers (eight lanes,
+    the tail through the same exp8).
     """
     num_kv_heads, group, head_dim = q.shape
     bs = k_cache.shape[1]
@@ -60,36 +60,10 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
                     scores[h, g, (b - b0) * bs + o] = s * scale
     for h in range(num_kv_heads):                                # exp, fp32, 8 lanes at once
         for g in range(group):
-            row = scores[h, g]
-            m = row[0]
-            p = 0
-            if n >= WIDTH:
-                mv = load8(row, 0)
-                while p + WIDTH <= n:
-                    mv = max8(mv, load8(row, p))
-                    p += WIDTH
-                for lane in range(WIDTH):
-                    m = max(m, lane8(mv, lane))
-            for i in range(p, n):
-                m = max(m, row[i])
-            mv = broadcast8(m)
-            sums = zeros8()
-            p = 0
-            while p + WIDTH <= n:
-                e = exp8(sub8(load8(row, p), mv))
-                store8(row, p, e)
-                sums = add8(sums, e)
-                p += WIDTH
-            total = np.float32(0.0)
-            for lane in range(WIDTH):
-                total += lane8(sums, lane)
-            if p < n:   # the tail: one more vector over the scratch's spare lanes, n - p counted
-                e = exp8(sub8(load8(row, p), mv))
-                store8(row, p, e)
-                for lane in range(n - p):
-                    total += lane8(e, lane)
+            row = scores[h, g, :n]
+            m = row_max(row)
             ml[h, g, 0] = m
-            ml[h, g, 1] = total
+            ml[h, g, 1] = exp_sum(row, m, row)
     acc[:] = 0
     for b in range(b0, b1):
         blk = v_cache[table[b]]

@@ -37,8 +37,8 @@ from kernels.decode_cpu import SPAN_KEYS, _items
 from kernels.linear import PANEL, LinearWeight, pack_panels, panel_gemm
 from kernels.metadata import AttentionMetadata, row_view
 from kernels.rmsnorm import _norm_rows
-from kernels.simd import (WIDTH, add8, as_f32, broadcast8, div8, exp8, lane8, load8, max8, mul8,
-                          store8, sub8, zeros8)
+from kernels.simd import (WIDTH, add8, as_f32, broadcast8, div8, exp8, exp_sum, lane8, load8,
+                          mul8, row_max, store8, sub8, zeros8)
 
 NORM_LANES = 8          # rms_norm's sum of squares: eight lanes on every CPU
 
@@ -178,9 +178,9 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
     for h in range(num_kv_heads):
         for g in range(group):
             row = scores[h, g, :n]
-            m = _row_max(row)
+            m = row_max(row)
             ml[h, g, 0] = m
-            ml[h, g, 1] = _exp_shifted(row, m, row)
+            ml[h, g, 1] = exp_sum(row, m, row)
     acc[:] = 0
     for b in range(b0, b1):
         blk = v_cache[table[b]]
@@ -259,52 +259,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 # --- reductions over the vocabulary (the sampler) ----------------------------------------------
 
-@njit(nogil=True, boundscheck=False, inline="always")
-def _row_max(row):  # type: ignore[no-untyped-def]
-    n = row.shape[0]
-    m = row[0]
-    p = 0
-    if n >= WIDTH:
-        mv = load8(row, 0)
-        while p + WIDTH <= n:
-            mv = max8(mv, load8(row, p))
-            p += WIDTH
-        for lane in range(WIDTH):
-            m = max(m, lane8(mv, lane))
-    for i in range(p, n):
-        m = max(m, row[i])
-    return m
-
-
-@njit(nogil=True, boundscheck=False, inline="always")
-def _exp_shifted(row, shift, out):  # type: ignore[no-untyped-def]
-    """out = exp(row - shift); returns their sum: eight lanes in order, then lane by lane,
-    then the tail in order."""
-    n = row.shape[0]
-    sv = broadcast8(shift)
-    sums = zeros8()
-    p = 0
-    while p + WIDTH <= n:
-        e = exp8(sub8(load8(row, p), sv))
-        store8(out, p, e)
-        sums = add8(sums, e)
-        p += WIDTH
-    total = np.float32(0.0)
-    for lane in range(WIDTH):
-        total += lane8(sums, lane)
-    for i in range(p, n):
-        e = lane8(exp8(broadcast8(row[i] - shift)), 0)
-        out[i] = e
-        total += e
-    return total
-
-
 @njit(nogil=True, boundscheck=False, parallel=True, cache=True)
 def _log_softmax_rows(x, out):  # type: ignore[no-untyped-def]
     for r in prange(x.shape[0]):
         row, o = x[r], out[r]
-        m = _row_max(row)
-        log_total = np.float32(math.log(np.float64(_exp_shifted(row, m, o))))
+        m = row_max(row)
+        log_total = np.float32(math.log(np.float64(exp_sum(row, m, o))))
         for i in range(row.shape[0]):
             o[i] = (row[i] - m) - log_total          # torch's order: (x - max) - log(sum)
 
@@ -313,7 +273,7 @@ def _log_softmax_rows(x, out):  # type: ignore[no-untyped-def]
 def _softmax_rows(x, out):  # type: ignore[no-untyped-def]
     for r in prange(x.shape[0]):
         row, o = x[r], out[r]
-        inv = np.float32(1.0) / _exp_shifted(row, _row_max(row), o)
+        inv = np.float32(1.0) / exp_sum(row, row_max(row), o)
         for i in range(row.shape[0]):
             o[i] *= inv
 
@@ -321,7 +281,7 @@ def _softmax_rows(x, out):  # type: ignore[no-untyped-def]
 @njit(nogil=True, boundscheck=False, parallel=True, cache=True)
 def _exp_rows(x, out):  # type: ignore[no-untyped-def]
     for r in prange(x.shape[0]):
-        _exp_shifted(x[r], np.float32(0.0), out[r])
+        exp_sum(x[r], np.float32(0.0), out[r])
 
 
 @njit(nogil=True, boundscheck=False, parallel=True, cache=True)

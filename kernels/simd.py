@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
 
@@ -237,3 +238,47 @@ def _as_f32(x):  # type: ignore[no-untyped-def]  # annotations would differ from
     if x == types.int16:
         return lambda x: bf16_to_f32(x)
     return None
+
+
+# --- row helpers: a softmax's max and sum of exps (attention and sampler kernels) -----------
+
+@njit(nogil=True, boundscheck=False, inline="always")
+def row_max(row):  # type: ignore[no-untyped-def]
+    """max(row) of a 1-d float32 row of at least one value: eight lanes, then the lanes and
+    the tail in order (NaN is passed over, as max8 does)."""
+    n = row.shape[0]
+    m = row[0]
+    p = 0
+    if n >= WIDTH:
+        mv = load8(row, 0)
+        while p + WIDTH <= n:
+            mv = max8(mv, load8(row, p))
+            p += WIDTH
+        for lane in range(WIDTH):
+            m = max(m, lane8(mv, lane))
+    for i in range(p, n):
+        m = max(m, row[i])
+    return m
+
+
+@njit(nogil=True, boundscheck=False, inline="always")
+def exp_sum(row, shift, out):  # type: ignore[no-untyped-def]
+    """out = exp(row - shift), returning their sum: eight lanes in order, then lane by lane,
+    then the tail in order. Every value goes through exp8, vector or tail alike."""
+    n = row.shape[0]
+    sv = broadcast8(shift)
+    sums = zeros8()
+    p = 0
+    while p + WIDTH <= n:
+        e = exp8(sub8(load8(row, p), sv))
+        store8(out, p, e)
+        sums = add8(sums, e)
+        p += WIDTH
+    total = np.float32(0.0)
+    for lane in range(WIDTH):
+        total += lane8(sums, lane)
+    for i in range(p, n):
+        e = lane8(exp8(broadcast8(row[i] - shift)), 0)
+        out[i] = e
+        total += e
+    return total
