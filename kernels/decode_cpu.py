@@ -10,9 +10,8 @@ the batch, so its output is bitwise batch-invariant. numba has no
 bfloat16: a bf16 cache goes in as its int16 bits and each value is widened exactly in the kernel
 (kernels.simd.as_f32). Other dtypes (which the engine never uses) take the torch reference
 (kernels.attention). numba's threads come from its own OpenMP runtime (the system libgomp, not
-torch's copy); interleaved with torch's linear layers on the engine's compute thread, the two did
-not slow each other in a side-by-side check, and the engine's steps got faster
-(docs/BENCHMARKS.md). fastmath is limited to reassociation and contraction (what vectorizes the
+torch's copy), called from the engine's one compute thread between torch's linear layers.
+fastmath is limited to reassociation and contraction (what vectorizes the
 dot products and sums), so NaN and inf still propagate.
 """
 from __future__ import annotations

@@ -21,11 +21,11 @@ in chunks of 256 (each chunk's panel slice, 24 KiB, stays in L1 across the row b
 partial sums are added to the output between chunks, which also keeps rounding error closer to
 a blocked BLAS than one long chain would). Panels are split across numba's threads.
 
-bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU: with native bf16 (AVX512-BF16,
-AMX) it won from 2 rows on; on an AVX2-only CPU (this session's AMD EPYC) it lost to fp32 at
-every row count (docs/BENCHMARKS.md). So a bf16 layer also keeps the same values in fp32
-(exact: bf16 widens losslessly), prepacked, and `MIN_BF16_ROWS` says from how many rows bf16 is
-used; the engine re-measures it with `calibrate` when it loads a bf16 body. The fp32 branch
+bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU (native bf16 dot products with
+AVX512-BF16 or AMX, or none with AVX2 only), so it is measured, not assumed: a bf16 layer also
+keeps the same values in fp32 (exact: bf16 widens losslessly), prepacked, and `MIN_BF16_ROWS`
+says from how many rows bf16 is used; the engine re-measures it with `calibrate` when it loads
+a bf16 body. The fp32 branch
 rounds its output to bf16, so both branches agree to bf16 rounding (accumulation order aside).
 """
 from __future__ import annotations
