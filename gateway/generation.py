@@ -38,6 +38,11 @@ class Detokenizer:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
 
+    @property
+    def is_holding(self) -> bool:
+        """Whether tokens pushed so far have text not returned yet (an incomplete character)."""
+        return len(self._ids) > self._read_offset
+
     def _decode(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
 
@@ -64,6 +69,11 @@ class StopMatcher:
         self._text = ""        # released + held
         self._num_released = 0
         self.stopped = False
+
+    @property
+    def is_holding(self) -> bool:
+        """Whether text fed so far waits (it may begin a stop string)."""
+        return not self.stopped and len(self._text) > self._num_released
 
     def feed(self, text: str, final: bool = False) -> str:
         """Append text; return what can be released now."""
@@ -258,7 +268,8 @@ class Generation:
         """What the guard lets out of this update; a block ends the choice "content_filter"."""
         assert choice.guard is not None
         r = choice.guard.step(u.text, u.tool_calls, u.token_ids, u.logprobs, u.top_logprobs,
-                              choice.calls, choice.finish_reason)
+                              choice.calls, choice.finish_reason,
+                              choice.detok.is_holding or choice.stops.is_holding)
         u.text, u.tool_calls = r.text, r.calls
         u.token_ids, u.logprobs, u.top_logprobs = r.token_ids, r.logprobs, r.top_logprobs
         u.violations, u.checks = tuple(r.violations), r.verdict

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from gateway.guard.checks import Check, CheckContext, ToolArgsCheck, Violation, build_checks
+from gateway.guard.checks import Check, CheckContext, Violation, build_checks
 from gateway.guard.policy import Policy
 from grammars.closing import JsonScan
 
@@ -77,6 +77,12 @@ class Guard:
     def is_holding(self) -> bool:
         return self.policy.mode == "block"
 
+    @property
+    def is_quoting(self) -> bool:
+        """Whether verdicts may quote what they found: in flag mode it was sent already; in
+        block mode a verdict names the rule and the offsets, never the withheld value."""
+        return self.policy.mode == "flag"
+
     def feed(self, chunk: str) -> GuardStep:
         assert not self.finished
         self.text += chunk
@@ -99,10 +105,7 @@ class Guard:
 
     def check_tool_call(self, call: dict[str, Any]) -> GuardStep:
         """A completed tool call ({"name", "arguments"}): in block mode send it only if this passes."""
-        new: list[Violation] = []
-        for c in self.checks:
-            if isinstance(c, ToolArgsCheck):
-                new += c.check_call(call, self.context)
+        new = [v for c in self.checks for v in c.check_call(call, self.context)]
         return self._release_to(self.num_released, new)
 
     def finish(self, finish_reason: str | None,
@@ -122,7 +125,7 @@ class Guard:
         # A violation already reported (a deny match seen by feed and again at finish) is not news.
         new = [v for v in new if v not in self.violations]
         for v in new:
-            self._emit("check_violation", v.to_dict())
+            self._emit("check_violation", v.to_dict(self.is_quoting))
         self.violations += new
         if new and self.policy.mode == "block" and not self.blocked:
             self.blocked = True
@@ -139,7 +142,7 @@ class Guard:
                 "passed": not self.violations,
                 "blocked": self.blocked,
                 "checks": [c.name for c in self.checks],
-                "violations": [v.to_dict() for v in self.violations]}
+                "violations": [v.to_dict(self.is_quoting) for v in self.violations]}
 
     def _emit(self, name: str, fields: dict[str, Any]) -> None:
         if self.on_event is not None:

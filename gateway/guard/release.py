@@ -4,10 +4,13 @@ Sits in `Generation.updates()` after the detokenizer, the stop strings and the t
 parser. Content text goes through `Guard.feed`; each tool call is judged when the parser sees
 it complete; `Guard.finish` judges the whole at the end.
 
-In block mode everything that could reveal held text is held with it: a token's logprob entry
-leaves only once all the text up to the end of that token has been released (a logprob entry
-names its token), and tool-call deltas leave only once the content before them has been
-released and their call has passed (at finish, all of them if nothing failed). Where tools are
+In block mode everything that could reveal held text is held with it: a token's id and logprob
+entry leave only once all the text up to the end of that token has been released (a logprob
+entry names its token); while the detokenizer or a stop-string prefix still holds part of a
+token's text, the token's end is not known yet and it waits for it. Every check judges a tool
+call (deny, tool_args, consistency) before any byte of it leaves; its deltas leave once the
+content before them has been released and the call has passed (with release "final", only at
+finish, all of them if nothing failed). Where tools are
 active, logprob entries are held to the end: the parser holds markup that is neither content
 nor yet a judged call, so no content offset tells when such a token's text is safe. After a
 violation nothing more leaves: the choice ends with "content_filter".
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from gateway.state import Runtime
 
 _AT_FINISH = math.inf    # the held-token offset of tokens released only at the end
+_UNKNOWN = -1.0          # ... of tokens whose text the detokenizer or stop matcher still holds
 
 
 @dataclass(slots=True)
@@ -71,8 +75,10 @@ class GuardedChoice:
 
     def step(self, text: str, calls: Sequence[ToolCallDelta], token_ids: tuple[int, ...],
              logprobs: tuple[float, ...], top_logprobs: tuple[tuple[TopLogprob, ...], ...],
-             parser: ToolCallParser | None, finish_reason: str | None) -> ChoiceRelease:
-        """Feed one update's content and call deltas; what may be sent now."""
+             parser: ToolCallParser | None, finish_reason: str | None,
+             is_text_pending: bool = False) -> ChoiceRelease:
+        """Feed one update's content and call deltas; what may be sent now. is_text_pending:
+        the detokenizer or the stop matcher still holds text of the tokens so far."""
         g = self.guard
         out = ChoiceRelease()
         new = []
@@ -95,7 +101,7 @@ class GuardedChoice:
             s = g.finish(finish_reason, calls_made)
             out.text += s.released
             new += s.violations
-        out.violations = [v.to_dict() for v in new]
+        out.violations = [v.to_dict(g.is_quoting) for v in new]
         if g.blocked:
             out.text, out.blocked = "", True
             self.pending_calls.clear()
@@ -106,9 +112,14 @@ class GuardedChoice:
             out.calls, out.token_ids, out.logprobs, out.top_logprobs = (
                 tuple(calls), token_ids, logprobs, top_logprobs)
         else:
+            if is_text_pending:            # where these tokens' text ends is not known yet
+                end = _UNKNOWN
+            else:                          # all their text is in the guard: settle the waiting
+                end = _AT_FINISH if parser is not None else len(g.text)
+                self.held_tokens = [(end if e == _UNKNOWN else e, t, lp, top)
+                                    for e, t, lp, top in self.held_tokens]
             if token_ids:
-                self.held_tokens.append((_AT_FINISH if parser is not None else len(g.text),
-                                         token_ids, logprobs, top_logprobs))
+                self.held_tokens.append((end, token_ids, logprobs, top_logprobs))
             self.pending_calls += calls
             self._release_held(out, done=finish_reason is not None)
         if finish_reason is not None:
@@ -120,13 +131,14 @@ class GuardedChoice:
         ids: list[int] = []
         lps: list[float] = []
         tops: list[tuple[TopLogprob, ...]] = []
-        while self.held_tokens and (done or self.held_tokens[0][0] <= g.num_released):
+        while self.held_tokens and (done or 0 <= self.held_tokens[0][0] <= g.num_released):
             _, t, lp, top = self.held_tokens.pop(0)
             ids += t
             lps += lp
             tops += top
         out.token_ids, out.logprobs, out.top_logprobs = tuple(ids), tuple(lps), tuple(tops)
-        if done or g.num_released == len(g.text):
+        # with release "final" nothing leaves before the end, calls included
+        if done or (g.num_released == len(g.text) and self.plan.policy.release != "final"):
             # deltas keep their order: stop at the first call still waiting for its verdict
             n = 0
             while n < len(self.pending_calls) and (
