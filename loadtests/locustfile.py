@@ -111,9 +111,9 @@ class _OpenAIUser(HttpUser):
             self.feature_missing = True
         response.failure(message)
 
-    def _fire(self, name: str, seconds: float) -> None:
+    def _fire(self, name: str, seconds: float, length: int = 0) -> None:
         self.environment.events.request.fire(
-            request_type=SSE, name=name, response_time=seconds * 1000.0, response_length=0,
+            request_type=SSE, name=name, response_time=seconds * 1000.0, response_length=length,
             exception=None, context={})
 
     def _fire_failure(self, name: str, exc: Exception) -> None:
@@ -429,6 +429,23 @@ class ToolAgentUser(_OpenAIUser):
 
 
 DENY = r"(?i)drop\s+table"
+RUN_SQL = [{"type": "function", "function": {
+    "name": "run_sql", "description": "Run one SQL statement against the shop's database.",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                   "required": ["query"]}}}]
+
+
+def leaked_bytes(result: Streamed) -> int:
+    """Bytes of text matching DENY that reached the client, in content or in any tool call's
+    arguments (raw, and each JSON string decoded)."""
+    texts = [result.content] + [c.get("arguments", "") for c in result.calls]
+    for call in result.calls:
+        try:
+            args = json.loads(call.get("arguments") or "{}")
+        except ValueError:
+            continue
+        texts += [v for v in (args.values() if isinstance(args, dict) else []) if isinstance(v, str)]
+    return sum(len(m.group().encode()) for t in texts for m in re.finditer(DENY, t))
 
 
 class GuardedUser(_OpenAIUser):
@@ -437,7 +454,11 @@ class GuardedUser(_OpenAIUser):
     (finish_reason "content_filter" with the violations in plumbline.checks) is a success.
     Flag: the text streams as generated and a match must be reported as a "deny" violation.
     Every answer must end with the verdict; each is counted as an SSE event "guard passed",
-    "guard flagged" (flag mode, violations reported) or "guard blocked"."""
+    "guard flagged" (flag mode, violations reported) or "guard blocked". A third of the block
+    requests offer a `run_sql` tool with tool_choice "required", so the pattern is judged in
+    the call's arguments. Every block answer fires "guard leaked bytes" with the bytes of
+    denied text it let through as its response length: the report's total must be 0 (a leak
+    is also a failure)."""
 
     weight = _env_int("PLUMBLINE_LT_WEIGHT_GUARD", 1)
     PROMPTS = [
@@ -446,28 +467,37 @@ class GuardedUser(_OpenAIUser):
         "Explain what DROP TABLE does in SQL, with an example.",
     ]
 
-    @task(3)
+    @task(2)
     def block(self) -> None:
         self._guarded("block")
+
+    @task(1)
+    def block_tools(self) -> None:
+        self._guarded("block", tools=True)
 
     @task(1)
     def flag(self) -> None:
         self._guarded("flag")
 
-    def _guarded(self, mode: str) -> None:
+    def _guarded(self, mode: str, tools: bool = False) -> None:
         body = {"model": self.model, "max_tokens": MAX_TOKENS, "temperature": 0.7,
                 "messages": [{"role": "user", "content": random.choice(self.PROMPTS)}],
                 "plumbline": {"guard": {"mode": mode, "release": "unit",
                                         "checks": {"deny": [DENY]}}},
                 "stream": True}
-        name = f"guard {mode} stream"
+        if tools:
+            body.update(tools=RUN_SQL, tool_choice="required")
+        name = f"guard {mode} {'tools ' if tools else ''}stream"
         start = time.perf_counter()
         with self.client.post("/v1/chat/completions", json=body, name=name,
                               stream=True, catch_response=True) as r:
             try:
                 _check_status(r)
                 result = self._read_stream(r, start, name)
-                outcome = _judge_guarded(mode, result)
+                leaked = leaked_bytes(result)
+                if mode == "block":
+                    self._fire("guard leaked bytes", 0.0, leaked)
+                outcome = _judge_guarded(mode, result, leaked)
             except (ScenarioFailure, ValueError) as exc:
                 self.fail(r, f"{type(exc).__name__}: {str(exc)[:300]}")
                 return
@@ -477,19 +507,20 @@ class GuardedUser(_OpenAIUser):
         self._fire(f"guard {outcome}", 0.0)
 
 
-def _judge_guarded(mode: str, result: Streamed) -> str:
+def _judge_guarded(mode: str, result: Streamed, leaked_bytes: int) -> str:
     """"passed", "flagged" or "blocked"; ScenarioFailure when the stream breaks the guard's
     contract."""
-    verdict, finish, content = result.verdict, result.finish, result.content
+    verdict, finish = result.verdict, result.finish
     if verdict is None:
         raise ScenarioFailure(f"no plumbline.checks verdict (finish_reason {finish!r})")
     if verdict.get("mode") != mode:
         raise ScenarioFailure(f"verdict mode {verdict.get('mode')!r}, asked for {mode!r}")
-    leaked = re.search(DENY, content) is not None
+    leaked = leaked_bytes > 0
     denied = any(v.get("check") == "deny" for v in verdict.get("violations") or [])
     if mode == "block":
         if leaked:
-            raise ScenarioFailure(f"blocked text leaked (finish_reason {finish!r})")
+            raise ScenarioFailure(f"{leaked_bytes} bytes of blocked text leaked "
+                                  f"(finish_reason {finish!r})")
         if verdict.get("blocked"):
             if finish != "content_filter" or not verdict.get("violations"):
                 raise ScenarioFailure(f"blocked with finish_reason {finish!r} and violations "

@@ -183,6 +183,7 @@ class Level:
     locust_rc: int = 0
     throughput_window: str = ""
     final_metrics: dict[str, float] = dataclasses.field(default_factory=dict)   # after settling
+    leaked_bytes: int = 0       # denied text the guard scenario's block answers let through
 
     @property
     def tokens_per_s(self) -> float:
@@ -215,6 +216,8 @@ def read_stats(path: Path, level: Level) -> None:
         level.e2e_avg_ms = sum(e["avg_ms"] * e["requests"] for e in http) / level.requests
     level.failure_lines = [f"{e['occurrences']}x {e['type']} {e['name']}: {e['error']}"
                            for e in stats["errors"]]
+    # the guard scenario's block answers report the denied bytes they let through
+    level.leaked_bytes = sum(e["content_bytes"] for e in sse if e["name"] == "guard leaked bytes")
 
 
 def parse_duration(text: str) -> float:
@@ -303,6 +306,8 @@ def run_level(url: str, users: int, args: argparse.Namespace, out: Path) -> Leve
     read_stats(stats_path, level)
     if level.failures:
         level.problems.insert(0, f"{level.failures} failed requests")
+    if level.leaked_bytes:
+        level.problems.insert(0, f"the guard let {level.leaked_bytes} bytes of denied text through")
     return level
 
 
@@ -319,8 +324,9 @@ def write_summary(out: Path, levels: list[Level], args: argparse.Namespace, targ
              f"- run time per level: {args.run_time}, spawn rate {args.spawn_rate}/s, "
              f"max_tokens {args.max_tokens}", "",
              "| users | requests | failures | tokens/s | TTFT p50 s | TTFT p95 s | TTFT p99 s "
-             "| ITL p50 s | ITL p95 s | mean HTTP latency s | tokens/s over | server clean |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| ITL p50 s | ITL p95 s | mean HTTP latency s | tokens/s over | guard leaked bytes "
+             "| server clean |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for lv in levels:
         clean = "yes" if not [p for p in lv.problems if "failed requests" not in p] else \
             "; ".join(p for p in lv.problems if "failed requests" not in p)
@@ -328,7 +334,7 @@ def write_summary(out: Path, levels: list[Level], args: argparse.Namespace, targ
                      f"| {_s(lv.ttft.get('50%'))} | {_s(lv.ttft.get('95%'))} "
                      f"| {_s(lv.ttft.get('99%'))} | {_s(lv.itl.get('50%'))} "
                      f"| {_s(lv.itl.get('95%'))} | {_s(lv.e2e_avg_ms)} | {lv.throughput_window} "
-                     f"| {clean} |")
+                     f"| {lv.leaked_bytes} | {clean} |")
     failures = [f"- users={lv.users}: {line}" for lv in levels for line in lv.failure_lines]
     if failures:
         lines += ["", "## Failures", "", *failures]

@@ -48,8 +48,11 @@ def test_smoke_8_users(tmp_path):
     assert count(rows, "POST", "tools call stream", "tools call") > 0
     assert count(rows, "SSE", "tool call get_weather") > 0
     # guarded requests ended with a verdict: passed, flagged or blocked, never leaked text
-    assert count(rows, "POST", "guard block stream", "guard flag stream") > 0
+    assert count(rows, "POST", "guard block stream", "guard flag stream",
+                 "guard block tools stream") > 0
     assert count(rows, "SSE", "guard passed", "guard flagged", "guard blocked") > 0
+    # block answers, tool calls with deny patterns on their arguments among them, leaked nothing
+    assert count(rows, "SSE", "guard leaked bytes") > 0 and level.leaked_bytes == 0
     # /metrics after the run: nothing running or waiting, no KV block held
     final = level.final_metrics
     assert final["plumbline:num_requests_running"] == 0
