@@ -4,7 +4,9 @@
     python -m benchmarks.checks_bench --server [--concurrency 32] [--new-tokens 128] [--rounds 3]
 
 Alone: microseconds per token for prose (deny + arithmetic) and JSON (deny + schema +
-consistency), text fed in ~4-character increments, and that as a share of a 30 ms decode step.
+consistency), text fed in ~4-character increments, in flag mode and in block mode (release
+"stream"), and 32 tokens of that (one per stream) as a share of a 32-stream decode step of the
+engine, measured in the same run (the default model, fp32, greedy).
 
 --server: through the gateway on the real engine, in one process (the setup of
 benchmarks/gateway_overhead.py): aggregate tokens/s at `--concurrency` streams with the guard
@@ -23,7 +25,6 @@ from typing import Any
 
 from gateway.guard import AssertionBuffer, CheckContext, Guard, merge_policy, server_policy
 
-STEP_BUDGET_S = 0.030
 PROSE = ("The invoice total is computed line by line. 17 * 3 = 51 units at 12.50 each, and "
          "12+5=17 items were returned on 2024-01-05 (see version 1.2.3 notes). Then 100 / 4 = 25 "
          "per box; nothing else changes. ") * 40
@@ -47,8 +48,30 @@ def bench(text: str, guard_of, rounds: int = 20) -> tuple[float, int]:
     return best / len(chunks), len(chunks)
 
 
-def standalone() -> None:
-    server = server_policy("flag", "unit", {"deny": [r"(?i)drop\s+table", r"sk-[A-Za-z0-9]{32}"]})
+def step_s_32(model: str) -> float:
+    """Seconds of one decode step at 32 streams: (32 x 17 tokens - 32 x 1 token) / 16 steps."""
+    from engine import LLM, SamplingParams
+    llm = LLM(model, enable_prefix_caching=False)
+    prompts = [[1 + i] + llm.tokenizer(PROSE[:400]).input_ids[:100] for i in range(32)]
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        return time.perf_counter() - t0
+    run(2)                                                  # warm
+    return statistics.median((run(17) - run(1)) / 16 for _ in range(3))
+
+
+def standalone(model: str) -> None:
+    from benchmarks.cpu import cpu_line
+    print(f"cpu: {cpu_line()}", flush=True)
+    step = step_s_32(model)
+    print(f"engine decode step at 32 streams: {step * 1e3:.1f} ms", flush=True)
+    for mode, release in (("flag", "unit"), ("block", "stream")):
+        _cases(mode, release, step)
+
+
+def _cases(mode: str, release: str, step: float) -> None:
+    server = server_policy(mode, release, {"deny": [r"(?i)drop\s{1,4}table", r"sk-[A-Za-z0-9]{32}"]})
     prose = merge_policy(server, {"checks": {"arithmetic": True}})
     structured = merge_policy(server, {"checks": {"consistency": "detect"}})
     buf = AssertionBuffer()
@@ -62,8 +85,8 @@ def standalone() -> None:
     }
     for name, (text, make) in cases.items():
         per_token, n = bench(text, make)
-        print(f"checks flag {name}: {n} tokens, {per_token * 1e6:.1f} us/token, "
-              f"{100 * per_token / STEP_BUDGET_S:.3f}% of a 30 ms step")
+        print(f"checks {mode} {name}: {n} tokens, {per_token * 1e6:.1f} us/token, "
+              f"32 tokens = {100 * 32 * per_token / step:.2f}% of a 32-stream step", flush=True)
 
 
 # -- through the server ---------------------------------------------------------------------
@@ -156,7 +179,7 @@ def main() -> None:
     if args.server:
         asyncio.run(through_server(args))
     else:
-        standalone()
+        standalone(args.model)
 
 
 if __name__ == "__main__":
