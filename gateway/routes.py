@@ -127,6 +127,7 @@ def start(request: Request, rt: Runtime, kind: str, prepared: PreparedRequest,
         request_id, structlog.contextvars.get_contextvars().get("request_id"),
         "chat.completion" if kind == "chatcmpl" else "text_completion", list(prompt_ids),
         params.logprobs_mode, spec=params.grammar,
+        owner=getattr(request.state, "trace_owner", None),
         guard=None if plan is None else {"mode": plan.policy.mode, "release": plan.policy.release,
                                          "checks": plan.policy.checks, "pinned": plan.pinned}))
     if params.grammar is not None:

@@ -374,7 +374,7 @@ def test_enforce_through_a_real_engine_and_the_allowed_token_counts(tiny_model_d
     from engine import EngineConfig
 
     config = GatewayConfig(engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=2,
-                                               kv_cache_memory_mb=16))
+                                               kv_cache_memory_mb=16), traces=True)
     live = LiveServer(create_app(config)).start()
     try:
         schema = {"type": "object", "properties": {
