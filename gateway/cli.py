@@ -46,7 +46,8 @@ def _add_serve(sub: Any) -> None:
                    help="seconds running requests get to finish after SIGTERM")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    _add_guard_options(s.add_argument_group("guard (requests override in plumbline.guard)"))
+    _add_guard_options(s.add_argument_group(
+        "guard (a floor that requests may tighten in plumbline.guard)"))
     _add_engine_options(s.add_argument_group("engine (EngineConfig fields)"))
     s.set_defaults(func=serve)
 

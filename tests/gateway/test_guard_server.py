@@ -126,10 +126,12 @@ def test_flag_non_streaming_returns_the_text_and_the_verdict(server, client):
     assert [v["check"] for v in ext(out)["checks"]["violations"]] == ["deny"]
 
 
-def test_off_runs_no_checks(server, client):
-    server.engine.script(LEAKY)
-    out = chat(client, {"mode": "off"})
-    assert out.choices[0].message.content == LEAKY and "checks" not in ext(out)
+def test_off_is_below_this_flag_server(server, client):
+    # the server's policy is a floor (tests/gateway/test_guard_floor.py); "off" runs no checks
+    # where the operator allows it
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, {"mode": "off"})
+    assert err.value.body["param"] == "plumbline.guard.mode"
 
 
 # -- block ----------------------------------------------------------------------------------------
