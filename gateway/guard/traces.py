@@ -8,8 +8,9 @@ A trace holds a prompt and a completion, so it belongs to the API key that made 
 the trace keeps an HMAC of that key (keyed by a secret of this process, so neither the ring
 nor a core dump gives the key back) and only that key or the admin key reads it; any other
 caller gets the same 404 as an unknown id. A withheld choice (`content_filter`: the guard
-blocked it) keeps its verdict, offsets and counts for everyone, its token ids and logprobs for
-the admin key only, and in the JSONL file only with `--trace-withheld`.
+blocked it; in block mode also one not yet cleared, whose tokens are still held) keeps its
+verdict, offsets and counts for everyone, its token ids and logprobs for the admin key only,
+and in the JSONL file only with `--trace-withheld`.
 
 The number of allowed tokens at each constrained step is not recorded while generating: the
 engine fills the bitmask for the whole batch in one call and counting bits per row on the hot
@@ -50,13 +51,7 @@ class ChoiceTrace:
     logprobs: list[float] = field(default_factory=list)   # the request's mode (processed default)
     finish_reason: str | None = None
 
-    @property
-    def is_withheld(self) -> bool:
-        """The guard blocked this choice: its tokens never reached the caller."""
-        return self.finish_reason == "content_filter"
-
-    def to_dict(self, index: int, redact_withheld: bool = False) -> dict[str, Any]:
-        redact = redact_withheld and self.is_withheld
+    def to_dict(self, index: int, redact: bool = False) -> dict[str, Any]:
         return {"index": index, "num_completion_tokens": len(self.completion_ids),
                 "completion_ids": None if redact else self.completion_ids,
                 "logprobs": None if redact else self.logprobs,
@@ -108,14 +103,27 @@ class Trace:
         self.choices[index].finish_reason = finish_reason
         self.verdicts[index] = verdict
 
+    def is_withheld(self, index: int) -> bool:
+        """Whether choice `index` may hold tokens the caller never received: blocked
+        (`content_filter`) or, in block mode, not (yet) cleared by a passing verdict (still
+        held, or cut off by an abort before the checks judged it)."""
+        choice = self.choices[index]
+        if choice.finish_reason == "content_filter":
+            return True
+        if self.guard is None or self.guard.get("mode") != "block":
+            return False        # off and flag send every token as it is generated
+        verdict = self.verdicts[index] if index < len(self.verdicts) else None
+        return verdict is None or bool(verdict.get("blocked", True))
+
     def to_dict(self, redact_withheld: bool = False) -> dict[str, Any]:
-        """The trace as served; `redact_withheld` drops the tokens of blocked choices."""
+        """The trace as served; `redact_withheld` drops the tokens of withheld choices."""
         return {"object": "plumbline.trace", "id": self.request_id,
                 "http_request_id": self.http_request_id, "endpoint": self.endpoint,
                 "timestamps": {"queued": self.queued_at, "admitted": self.admitted_at,
                                "first_token": self.first_token_at, "finished": self.finished_at},
                 "prompt_ids": self.prompt_ids, "logprobs_mode": self.logprobs_mode,
-                "choices": [c.to_dict(i, redact_withheld) for i, c in enumerate(self.choices)],
+                "choices": [c.to_dict(i, redact_withheld and self.is_withheld(i))
+                            for i, c in enumerate(self.choices)],
                 "grammar": self.grammar, "guard": self.guard,
                 "checks": self.verdicts, "events": self.events}
 

@@ -21,11 +21,8 @@ CHECKS = {"deny": [r"SECRET-\d{4}"], "arithmetic": True, "consistency": "detect"
 
 
 @pytest.fixture(scope="module")
-def servers(default_model_dir: Any) -> Iterator[dict[str, LiveServer]]:
+def servers(tokenizer: Any) -> Iterator[dict[str, LiveServer]]:
     """block: the floor; flag: a lower floor to tighten; open: block with client override."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
     configs = {"block": GatewayConfig(guard_mode="block", guard_checks=CHECKS),
                "flag": GatewayConfig(guard_mode="flag", guard_checks=CHECKS),
                "open": GatewayConfig(guard_mode="block", guard_checks=CHECKS,

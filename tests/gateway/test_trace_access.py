@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from gateway.app import create_app
 from gateway.config import GatewayConfig
 from tests.gateway.conftest import LiveServer
 from tests.gateway.test_guard_server import ScriptedEngine
@@ -25,29 +24,10 @@ BLOCKED = "Fine start. Then SECRET-0042 leaks out."
 GUARD = {"guard_mode": "block", "guard_checks": {"deny": [r"SECRET-\d{4}"]}}
 
 
-@pytest.fixture(scope="module")
-def tokenizer_m(default_model_dir: Any) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(default_model_dir))
-
-
 @pytest.fixture()
-def start(tokenizer_m: Any) -> Iterator[Any]:
+def start(fake_server: Any) -> Any:
     """start(**config) -> a live server on a ScriptedEngine (`server.engine`)."""
-    servers: list[LiveServer] = []
-
-    def make(**config: Any) -> LiveServer:
-        engine = ScriptedEngine(tokenizer_m)
-        live = LiveServer(create_app(GatewayConfig(**config),
-                                     engine_factory=lambda _: engine)).start()
-        live.engine = engine  # type: ignore[attr-defined]
-        servers.append(live)
-        return live
-
-    yield make
-    for s in servers:
-        s.stop()
+    return lambda **config: fake_server(GatewayConfig(**config), engine_cls=ScriptedEngine)
 
 
 def ask(server: LiveServer, key: str, text: str, **kwargs: Any) -> Any:

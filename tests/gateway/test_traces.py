@@ -47,6 +47,17 @@ def test_redaction_and_owner_ids(tmp_path):
     ring.close(t)
     got = json.loads((tmp_path / "traces.jsonl").read_text())
     assert got["choices"][0]["completion_ids"] == [7, 8] and not got["choices"][0]["redacted"]
+    # block mode: a choice the checks have not cleared yet is still held, so it is withheld too
+    held = Trace("chatcmpl-h", None, "chat.completion", [1], "processed", guard={"mode": "block"})
+    held.add_tokens(0, [5, 6], [-0.1, -0.2])
+    assert held.to_dict(redact_withheld=True)["choices"][0]["completion_ids"] is None
+    held.finish_choice(0, "abort", None)            # cut off before a verdict: still withheld
+    assert held.to_dict(redact_withheld=True)["choices"][0]["redacted"]
+    held.finish_choice(0, "stop", {"blocked": False, "passed": True})
+    assert held.to_dict(redact_withheld=True)["choices"][0]["completion_ids"] == [5, 6]
+    flag = Trace("chatcmpl-f", None, "chat.completion", [1], "processed", guard={"mode": "flag"})
+    flag.add_tokens(0, [5], [-0.1])                 # flag streams as generated: nothing held
+    assert flag.to_dict(redact_withheld=True)["choices"][0]["completion_ids"] == [5]
     # an owner id is stable per key within the ring's process, differs across keys and rings
     owner = ring.owner_of(b"key-a")
     assert owner == ring.owner_of(b"key-a") != ring.owner_of(b"key-b")
