@@ -40,18 +40,25 @@ log = structlog.get_logger("plumbline.gateway")
 
 EngineFactory = Callable[[EngineConfig], EngineClient]
 _OPEN_PATHS = ("/health", "/ready", "/metrics", "/openapi.json")
+_TRACES_PREFIX = "/v1/traces/"
 
 
 class AuthMiddleware:
     """Bearer API keys on everything but the probes, metrics and the schema; /v1/admin/ checks
-    its own key (gateway/admin.py)."""
+    its own key (gateway/admin.py). The caller's identity goes on the request state for the
+    traces: `trace_owner` (the matching key's owner id, None without keys) and `is_admin`
+    (the admin key, which also opens /v1/traces/ where API keys are required)."""
 
-    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], admin_key: str = "",
+                 owner_of: Callable[[bytes], str] | None = None) -> None:
         self.app = app
         self.api_keys = [k.encode() for k in api_keys]
+        self.admin_key = admin_key.encode()
+        # owner ids computed once: a request costs no HMAC, only the comparisons
+        self.owners = [owner_of(k) if owner_of is not None else "" for k in self.api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or not self.api_keys or scope["path"] in _OPEN_PATHS
+        if (scope["type"] != "http" or scope["path"] in _OPEN_PATHS
                 or scope["path"].startswith(admin.ADMIN_PREFIX)):
             await self.app(scope, receive, send)
             return
@@ -60,19 +67,29 @@ class AuthMiddleware:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 token = value[7:].strip()
         # compare with every key, always: the time taken says nothing about which key is close
-        if not any([hmac.compare_digest(token, key) for key in self.api_keys]):
+        matches = [hmac.compare_digest(token, key) for key in self.api_keys]
+        is_admin = bool(self.admin_key) and hmac.compare_digest(token, self.admin_key)
+        if self.api_keys and not any(matches) and not (
+                is_admin and scope["path"].startswith(_TRACES_PREFIX)):
             exc = Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
             await send_json(send, exc.status, exc.body(), {"WWW-Authenticate": "Bearer"})
             return
+        state = scope.setdefault("state", {})
+        state["trace_owner"] = self.owners[matches.index(True)] if any(matches) else None
+        state["is_admin"] = is_admin
         await self.app(scope, receive, send)
 
 
 def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = None) -> Starlette:
     factory: EngineFactory = engine_factory or AsyncEngine
     metrics = Metrics(config.model_name)
+    # Traces off (no API key, no --traces): the ring keeps nothing and writes no file.
+    traces = (TraceRing(config.max_traces, config.trace_dir, config.trace_withheld)
+              if config.traces_enabled else TraceRing(0))
+    if config.trace_dir is not None and not config.traces_enabled:
+        log.warning("traces_off", reason="no --api-key and no --traces", trace_dir=config.trace_dir)
     runtime = Runtime(config, metrics, policy=config.guard_policy(),
-                      sessions=InMemorySessionStore(ttl_s=config.session_ttl_s),
-                      traces=TraceRing(config.max_traces, config.trace_dir))
+                      sessions=InMemorySessionStore(ttl_s=config.session_ttl_s), traces=traces)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -104,7 +121,8 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
             Route("/openapi.json", openapi, methods=["GET"]),
         ],
         middleware=[Middleware(RequestContextMiddleware, metrics=metrics),
-                    Middleware(AuthMiddleware, api_keys=config.api_keys)],
+                    Middleware(AuthMiddleware, api_keys=config.api_keys,
+                               admin_key=config.admin_key, owner_of=traces.owner_of)],
         exception_handlers={APIError: _api_error, HTTPException: _http_error,
                             Exception: _unexpected_error},
         lifespan=lifespan,

@@ -46,7 +46,8 @@ def _add_serve(sub: Any) -> None:
                    help="seconds running requests get to finish after SIGTERM")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
-    _add_guard_options(s.add_argument_group("guard (requests override in plumbline.guard)"))
+    _add_guard_options(s.add_argument_group(
+        "guard (a floor that requests may tighten in plumbline.guard)"))
     _add_engine_options(s.add_argument_group("engine (EngineConfig fields)"))
     s.set_defaults(func=serve)
 
@@ -65,6 +66,15 @@ def _add_guard_options(g: Any) -> None:
     g.add_argument("--max-traces", type=int, default=1000,
                    help="diagnostic traces kept in memory (GET /v1/traces/{id})")
     g.add_argument("--trace-dir", default=None, help="also append every trace to DIR/traces.jsonl")
+    g.add_argument("--traces", action="store_true",
+                   help="keep traces even without --api-key: then anyone who can reach the "
+                        "port reads every prompt and completion (off: no traces without keys)")
+    g.add_argument("--trace-withheld", action="store_true",
+                   help="--trace-dir files keep the token ids and logprobs of blocked choices "
+                        "(otherwise redacted, as for every caller but the admin key)")
+    g.add_argument("--guard-client-override", action="store_true",
+                   help="let requests loosen the server's guard (lower the mode, turn checks "
+                        "off); otherwise it is a floor they may only tighten")
 
 
 def _guard_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,8 +91,10 @@ def _guard_config(args: argparse.Namespace) -> dict[str, Any]:
             raise AssertionError(f"--checks-config {path}: {exc}") from None
         assert isinstance(checks, dict), f"--checks-config {path}: must hold an object"
     return {"guard_mode": args.guard_mode, "guard_release": args.guard_release,
-            "guard_checks": checks, "session_ttl_s": args.session_ttl,
-            "max_traces": args.max_traces, "trace_dir": args.trace_dir}
+            "guard_checks": checks, "guard_client_override": args.guard_client_override,
+            "session_ttl_s": args.session_ttl, "max_traces": args.max_traces,
+            "trace_dir": args.trace_dir, "traces": args.traces,
+            "trace_withheld": args.trace_withheld}
 
 
 _ENGINE_HELP = {

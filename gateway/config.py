@@ -23,13 +23,16 @@ class GatewayConfig:
     retry_after_s: int = 1                 # the Retry-After header on 429
     log_json: bool | None = None           # None: JSON unless stderr is a terminal
     log_level: str = "info"
-    # The guard's server defaults (requests override them in `plumbline.guard`):
+    # The guard's server policy: a floor requests may tighten in `plumbline.guard`, never loosen
     guard_mode: str = "off"                # off | flag | block
     guard_release: str = "unit"            # stream | unit | final (how block mode holds text)
     guard_checks: dict[str, Any] = field(default_factory=dict)   # the checks config file
+    guard_client_override: bool = False    # requests may also loosen it (mode off, fewer checks)
     session_ttl_s: float = 3600.0          # `plumbline.session_id` facts live this long
     max_traces: int = 1000                 # diagnostic traces kept in memory
     trace_dir: str | None = None           # also append each trace to <dir>/traces.jsonl
+    traces: bool = False                   # record traces without API keys (readable by anyone)
+    trace_withheld: bool = False           # trace_dir files keep blocked choices' tokens too
 
     def __post_init__(self) -> None:
         assert 0 < self.port < 65536, "port must be in 1..65535"
@@ -47,6 +50,11 @@ class GatewayConfig:
     def guard_policy(self) -> Policy:
         """The server's default guard policy (checked at startup: a bad file stops the CLI)."""
         return server_policy(self.guard_mode, self.guard_release, self.guard_checks)
+
+    @property
+    def traces_enabled(self) -> bool:
+        """Traces are kept when each can belong to a key, or when the operator asked anyway."""
+        return bool(self.api_keys) or self.traces
 
     @property
     def model_name(self) -> str:

@@ -127,6 +127,7 @@ def start(request: Request, rt: Runtime, kind: str, prepared: PreparedRequest,
         request_id, structlog.contextvars.get_contextvars().get("request_id"),
         "chat.completion" if kind == "chatcmpl" else "text_completion", list(prompt_ids),
         params.logprobs_mode, spec=params.grammar,
+        owner=getattr(request.state, "trace_owner", None),
         guard=None if plan is None else {"mode": plan.policy.mode, "release": plan.policy.release,
                                          "checks": plan.policy.checks, "pinned": plan.pinned}))
     if params.grammar is not None:
@@ -171,7 +172,8 @@ async def chat_completions(request: Request) -> Any:
     tools = tools_request(req)
     # before the tool grammar: enforce mode pins response_format's schema, never a tool grammar
     plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar, req.messages,
-                               tools if tools is not None and tools.is_active else None)
+                               tools if tools is not None and tools.is_active else None,
+                               may_loosen=rt.config.guard_client_override)
     if tools is not None and tools.is_active:
         if grammar is not None:
             raise BadRequest("tools and a structured output format both constrain the output; "
@@ -231,7 +233,8 @@ async def completions(request: Request) -> Any:
     check_model(rt, req.model)
     check_unsupported(req)
     grammar = structured_output_spec(req)
-    plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar)
+    plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar,
+                               may_loosen=rt.config.guard_client_override)
     prompt_ids = tokenize_prompt(rt, req.prompt)
     params = sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
                              default_max_tokens=16,   # OpenAI's default for completions

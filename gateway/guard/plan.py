@@ -58,19 +58,23 @@ class GuardPlan:
         return [*buffer.facts.values(), *kept]
 
 
-def request_policy(server: Policy, options: PlumblineOptions | None) -> Policy:
-    """The server default under the request's `plumbline.guard`; a bad one is a 400."""
+def request_policy(server: Policy, options: PlumblineOptions | None,
+                   may_loosen: bool = False) -> Policy:
+    """The server default under the request's `plumbline.guard`; a bad one is a 400, and so is
+    one that loosens the server's policy unless `may_loosen` (`--guard-client-override`)."""
     try:
-        return merge_policy(server, None if options is None else options.guard)
+        return merge_policy(server, None if options is None else options.guard,
+                            may_loosen=may_loosen)
     except PolicyError as exc:
         raise BadRequest(exc.message, exc.param) from None
 
 
 def plan_guard(server: Policy, sessions: SessionStore, options: PlumblineOptions | None,
                grammar: GrammarSpec | None, messages: Sequence[ChatMessage] = (),
-               tools: ToolsRequest | None = None) -> tuple[GuardPlan, GrammarSpec | None]:
+               tools: ToolsRequest | None = None,
+               may_loosen: bool = False) -> tuple[GuardPlan, GrammarSpec | None]:
     """The request's plan, and its grammar (pinned in enforce mode)."""
-    policy = request_policy(server, options)
+    policy = request_policy(server, options, may_loosen)
     declared: dict[str, Any] = {}
     session_id = None
     if options is not None:

@@ -1,6 +1,10 @@
 """The guard's policy: its mode, how held text is released, and which checks run with what
 settings; the server default (`--guard-mode`, the checks file) and a request's override of it.
 
+The server's policy is a floor: a request may tighten it (a stricter mode, a later release,
+more checks or deny patterns), never loosen it, unless the operator lets clients choose freely
+(`--guard-client-override`). Otherwise any client could switch off the guard its operator set.
+
 Each check's accepted settings are validated here rather than next to the check, so that what
 a client may ask for is read in one place; a bad value is a `PolicyError` naming the field.
 """
@@ -14,6 +18,10 @@ from gateway.guard.checks import CHECKS
 
 GuardMode = Literal["off", "flag", "block"]
 ReleaseMode = Literal["stream", "unit", "final"]
+# Least to most strict: "unit" holds what "stream" would send, "final" holds everything.
+_MODE_ORDER: tuple[str, ...] = ("off", "flag", "block")
+_RELEASE_ORDER: tuple[str, ...] = ("stream", "unit", "final")
+_CONSISTENCY_ORDER: tuple[str, ...] = ("off", "detect", "enforce")
 
 
 class PolicyError(ValueError):
@@ -104,8 +112,10 @@ def server_policy(mode: str = "off", release: str = "unit",
     return Policy(mode, release, merged)  # type: ignore[arg-type]
 
 
-def merge_policy(server: Policy, override: Any, param: str = "plumbline.guard") -> Policy:
-    """The request's `plumbline.guard` over the server default; PolicyError names the bad field."""
+def merge_policy(server: Policy, override: Any, param: str = "plumbline.guard",
+                 may_loosen: bool = False) -> Policy:
+    """The request's `plumbline.guard` over the server default; PolicyError names the bad field,
+    including any attempt to loosen the server's policy unless `may_loosen`."""
     if override is None:
         return server
     if not isinstance(override, dict):
@@ -122,9 +132,54 @@ def merge_policy(server: Policy, override: Any, param: str = "plumbline.guard") 
         raise PolicyError(f"{param}.release",
                           f"{param}.release must be one of 'stream', 'unit', 'final'")
     checks = dict(server.checks)
-    for name, value in validate_checks(override.get("checks", {}), f"{param}.checks").items():
+    requested = override.get("checks", {})
+    deny = requested.get("deny", []) if isinstance(requested, dict) else []
+    if deny is False or deny is None:   # the check off, the server's patterns too (floor: 400)
+        requested = {k: v for k, v in requested.items() if k != "deny"}
+        checks["deny"] = []
+    for name, value in validate_checks(requested, f"{param}.checks").items():
         if name == "deny":   # server patterns always apply; the request adds its own
-            checks[name] = list(server.checks.get("deny") or []) + value
+            checks[name] = list(checks.get("deny") or []) + value
         else:
             checks[name] = value
-    return Policy(mode, release, checks)
+    policy = Policy(mode, release, checks)
+    if not may_loosen:
+        check_floor(server, policy, param)
+    return policy
+
+
+def check_floor(server: Policy, policy: Policy, param: str = "plumbline.guard") -> None:
+    """PolicyError unless `policy` is at least as strict as `server` on every setting that runs."""
+    if server.mode == "off":
+        return      # nothing runs: whatever a request asks for is tighter
+    if _MODE_ORDER.index(policy.mode) < _MODE_ORDER.index(server.mode):
+        raise PolicyError(f"{param}.mode", _floor_message(
+            f"{param}.mode", f"lower the mode from {server.mode!r} to {policy.mode!r}"))
+    # release only shapes block mode; a flag server sends everything as generated anyway
+    if (server.mode == "block"
+            and _RELEASE_ORDER.index(policy.release) < _RELEASE_ORDER.index(server.release)):
+        raise PolicyError(f"{param}.release", _floor_message(
+            f"{param}.release", f"release more eagerly ({policy.release!r}) than the server's "
+            f"{server.release!r}"))
+    for name, value in server.checks.items():
+        if name == "deny":
+            if not set(value or ()) <= set(policy.checks.get("deny") or ()):
+                raise PolicyError(f"{param}.checks.deny", _floor_message(
+                    f"{param}.checks.deny", "drop the server's deny patterns (a request may "
+                    "add its own)"))
+        elif _strictness(name, policy.checks.get(name)) < _strictness(name, value):
+            raise PolicyError(f"{param}.checks.{name}", _floor_message(
+                f"{param}.checks.{name}", f"set {name!r} to {policy.checks.get(name)!r} below "
+                f"the server's {value!r}"))
+
+
+def _strictness(name: str, value: Any) -> int:
+    if name == "consistency":
+        setting = _consistency_setting("off" if value is None else value, name)
+        return _CONSISTENCY_ORDER.index(setting)
+    return int(bool(value))      # booleans and registered checks' settings: on beats off
+
+
+def _floor_message(field: str, attempt: str) -> str:
+    return (f"{field}: a request may tighten this server's guard policy, not {attempt}; "
+            "the operator can let clients choose with --guard-client-override")

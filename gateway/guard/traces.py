@@ -4,6 +4,14 @@ A trace opens when a generation starts and closes when its response ends; it is 
 (and served at `GET /v1/traces/{id}`) from the start, so a stuck request can be inspected
 too. Closed traces are appended to `<trace_dir>/traces.jsonl` when a directory is configured.
 
+A trace holds a prompt and a completion, so it belongs to the API key that made the request:
+the trace keeps an HMAC of that key (keyed by a secret of this process, so neither the ring
+nor a core dump gives the key back) and only that key or the admin key reads it; any other
+caller gets the same 404 as an unknown id. A withheld choice (`content_filter`: the guard
+blocked it; in block mode also one not yet cleared, whose tokens are still held) keeps its
+verdict, offsets and counts for everyone, its token ids and logprobs for the admin key only,
+and in the JSONL file only with `--trace-withheld`.
+
 The number of allowed tokens at each constrained step is not recorded while generating: the
 engine fills the bitmask for the whole batch in one call and counting bits per row on the hot
 path would cost every constrained step. It is recomputed on retrieval instead, by replaying the
@@ -13,7 +21,10 @@ mask further (grammars/closing.py); the replay reports the grammar's count, not 
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -40,9 +51,11 @@ class ChoiceTrace:
     logprobs: list[float] = field(default_factory=list)   # the request's mode (processed default)
     finish_reason: str | None = None
 
-    def to_dict(self, index: int) -> dict[str, Any]:
-        return {"index": index, "completion_ids": self.completion_ids,
-                "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+    def to_dict(self, index: int, redact: bool = False) -> dict[str, Any]:
+        return {"index": index, "num_completion_tokens": len(self.completion_ids),
+                "completion_ids": None if redact else self.completion_ids,
+                "logprobs": None if redact else self.logprobs,
+                "finish_reason": self.finish_reason, "redacted": redact}
 
 
 @dataclass(slots=True)
@@ -65,6 +78,7 @@ class Trace:
     events: list[dict[str, Any]] = field(default_factory=list)   # check events, in order
     max_events: int = 1000
     spec: Any = None     # the GrammarSpec, for the allowed-token replay (not serialized)
+    owner: str | None = None   # TraceRing.owner_of(the request's API key); None: no keys
 
     def add_tokens(self, index: int, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
         while len(self.choices) <= index:
@@ -89,13 +103,27 @@ class Trace:
         self.choices[index].finish_reason = finish_reason
         self.verdicts[index] = verdict
 
-    def to_dict(self) -> dict[str, Any]:
+    def is_withheld(self, index: int) -> bool:
+        """Whether choice `index` may hold tokens the caller never received: blocked
+        (`content_filter`) or, in block mode, not (yet) cleared by a passing verdict (still
+        held, or cut off by an abort before the checks judged it)."""
+        choice = self.choices[index]
+        if choice.finish_reason == "content_filter":
+            return True
+        if self.guard is None or self.guard.get("mode") != "block":
+            return False        # off and flag send every token as it is generated
+        verdict = self.verdicts[index] if index < len(self.verdicts) else None
+        return verdict is None or bool(verdict.get("blocked", True))
+
+    def to_dict(self, redact_withheld: bool = False) -> dict[str, Any]:
+        """The trace as served; `redact_withheld` drops the tokens of withheld choices."""
         return {"object": "plumbline.trace", "id": self.request_id,
                 "http_request_id": self.http_request_id, "endpoint": self.endpoint,
                 "timestamps": {"queued": self.queued_at, "admitted": self.admitted_at,
                                "first_token": self.first_token_at, "finished": self.finished_at},
                 "prompt_ids": self.prompt_ids, "logprobs_mode": self.logprobs_mode,
-                "choices": [c.to_dict(i) for i, c in enumerate(self.choices)],
+                "choices": [c.to_dict(i, redact_withheld and self.is_withheld(i))
+                            for i, c in enumerate(self.choices)],
                 "grammar": self.grammar, "guard": self.guard,
                 "checks": self.verdicts, "events": self.events}
 
@@ -103,9 +131,12 @@ class Trace:
 class TraceRing:
     """The last `max_traces` traces by id; optionally appended to a JSONL file when closed."""
 
-    def __init__(self, max_traces: int = 1000, trace_dir: str | Path | None = None) -> None:
+    def __init__(self, max_traces: int = 1000, trace_dir: str | Path | None = None,
+                 keep_withheld: bool = False) -> None:
         assert max_traces >= 0
         self.max_traces = max_traces
+        self.keep_withheld = keep_withheld     # the file keeps blocked choices' tokens too
+        self._secret = os.urandom(32)          # owners are comparable within this process only
         self._traces: OrderedDict[str, Trace] = OrderedDict()
         self._aliases: dict[str, str] = {}     # http request id -> completion id
         self._path: Path | None = None
@@ -133,12 +164,17 @@ class TraceRing:
         if self._path is not None:
             # One short line per request, appended on the event loop: small next to the
             # response it describes. A file error loses the line, never the response.
-            line = json.dumps(trace.to_dict(), separators=(",", ":"))
+            body = trace.to_dict(redact_withheld=not self.keep_withheld)
+            line = json.dumps(body, separators=(",", ":"))
             try:
                 with self._lock, self._path.open("a", encoding="utf-8") as f:
                     f.write(line + "\n")
             except OSError:
                 pass
+
+    def owner_of(self, api_key: bytes) -> str:
+        """The identity a trace keeps of an API key: an HMAC, never the key itself."""
+        return hmac.new(self._secret, api_key, hashlib.sha256).hexdigest()
 
     def get(self, request_id: str) -> Trace | None:
         trace = self._traces.get(request_id)
@@ -151,24 +187,46 @@ class TraceRing:
 
 
 async def get_trace(request: Request) -> Response:
-    """`GET /v1/traces/{request_id}`: by completion id or X-Request-Id; behind the API key."""
+    """`GET /v1/traces/{request_id}`: by completion id or X-Request-Id, for the API key that
+    made the request or the admin key (AuthMiddleware puts both on the request state)."""
     rt: Runtime = request.state.runtime
+    if not rt.config.traces_enabled:
+        raise NotFound("traces are off: this server has no API key, so anyone who can reach it "
+                       "could read every prompt and completion; start it with --api-key (a "
+                       "trace is then read with the key that made the request) or --traces",
+                       code="traces_disabled")
     request_id = request.path_params["request_id"]
+    is_admin: bool = getattr(request.state, "is_admin", False)
     trace = rt.traces.get(request_id)
-    if trace is None:
+    # Another key's trace is as unknown as a missing one: a 403 would confirm that it exists.
+    if trace is None or not (is_admin or hmac.compare_digest(
+            trace.owner or "", getattr(request.state, "trace_owner", None) or "")):
         raise NotFound(f"no trace for '{request_id}' (the last {rt.traces.max_traces} "
                        "requests are kept)", "request_id", code="trace_not_found")
-    body = trace.to_dict()
+    body = trace.to_dict(redact_withheld=not is_admin)
     engine = rt.engine
     if trace.spec is not None and body["grammar"] is not None and engine is not None:
-        counts = None
-        try:
-            replays = [await anyio.to_thread.run_sync(engine.allowed_token_counts, trace.spec,
-                                                      c.completion_ids)
-                       for c in trace.choices]
-            # None: the engine cannot replay this grammar
-            counts = None if any(r is None for r in replays) else replays
-        except Exception:   # a diagnostic must not fail the trace (evicted, weights swapped)
-            log.warning("trace_replay_failed", trace_id=trace.request_id, exc_info=True)
-        body["grammar"]["allowed_token_counts"] = counts
+        body["grammar"]["allowed_token_counts"] = await _allowed_token_counts(
+            engine, trace, body["choices"])
     return JSONResponse(body)
+
+
+async def _allowed_token_counts(engine: Any, trace: Trace,
+                                shown: list[dict[str, Any]]) -> list[list[int] | None] | None:
+    """The grammar's allowed-token count at each step, per choice; None for a redacted choice
+    (the counts would retrace its tokens), None overall when the engine cannot replay."""
+    counts: list[list[int] | None] = []
+    try:
+        for choice, body in zip(trace.choices, shown):
+            if body["redacted"]:
+                counts.append(None)
+                continue
+            replay = await anyio.to_thread.run_sync(engine.allowed_token_counts, trace.spec,
+                                                    choice.completion_ids)
+            if replay is None:       # the engine cannot replay this grammar
+                return None
+            counts.append(replay)
+    except Exception:   # a diagnostic must not fail the trace (evicted, weights swapped)
+        log.warning("trace_replay_failed", trace_id=trace.request_id, exc_info=True)
+        return None
+    return counts

@@ -210,11 +210,13 @@ def tokenizer(default_model_dir: Any) -> Any:
 
 @pytest.fixture()
 def fake_server(tokenizer: Any) -> Iterator[Any]:
-    """A factory: fake_server(engine_kwargs..., config_kwargs...) -> started LiveServer."""
+    """A factory: fake_server(config, engine_kwargs...) -> started LiveServer; `engine_cls` a
+    FakeEngine subclass (test_guard_server.ScriptedEngine)."""
     servers: list[LiveServer] = []
 
-    def make(config: GatewayConfig | None = None, **engine_kwargs: Any) -> LiveServer:
-        engine = FakeEngine(tokenizer, **engine_kwargs)
+    def make(config: GatewayConfig | None = None, engine_cls: type[FakeEngine] = FakeEngine,
+             **engine_kwargs: Any) -> LiveServer:
+        engine = engine_cls(tokenizer, **engine_kwargs)
         app = create_app(config or GatewayConfig(), engine_factory=lambda _: engine)
         server = LiveServer(app).start()
         server.engine = engine  # type: ignore[attr-defined]

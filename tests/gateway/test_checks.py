@@ -145,6 +145,30 @@ def test_policy_merge_and_errors():
         assert e.value.param == param
 
 
+def test_policy_floor():
+    server = server_policy("block", "unit", {"deny": ["secret"], "consistency": "detect"})
+    for override, param in [({"mode": "off"}, "plumbline.guard.mode"),
+                            ({"mode": "flag"}, "plumbline.guard.mode"),
+                            ({"release": "stream"}, "plumbline.guard.release"),
+                            ({"checks": {"deny": False}}, "plumbline.guard.checks.deny"),
+                            ({"checks": {"truncation": False}}, "plumbline.guard.checks.truncation"),
+                            ({"checks": {"consistency": False}},
+                             "plumbline.guard.checks.consistency")]:
+        with pytest.raises(PolicyError) as e:
+            merge_policy(server, override)
+        assert e.value.param == param
+        merge_policy(server, override, may_loosen=True)      # the operator allows it
+    assert merge_policy(server, {"checks": {"deny": False}}, may_loosen=True).checks["deny"] == []
+    tight = merge_policy(server, {"release": "final", "checks": {"deny": ["x"], "arithmetic": True,
+                                                                  "consistency": "enforce"}})
+    assert tight.checks["deny"] == ["secret", "x"] and tight.release == "final"
+    # a server that runs nothing is no floor; a flag server's release shapes nothing
+    off = server_policy("off", "final", {"deny": ["secret"]})
+    assert merge_policy(off, {"mode": "flag", "checks": {"deny": False}}).checks["deny"] == []
+    flag = server_policy("flag", "final")
+    assert merge_policy(flag, {"mode": "block", "release": "stream"}).release == "stream"
+
+
 def test_schema_checks_date_time_format():
     schema = {"type": "object", "properties": {"at": {"type": "string", "format": "date-time"}}}
     assert run({"schema": True}, '{"at": "2024-05-01T10:00:00Z"}', schema=schema) == []

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gateway.guard.checks import CheckContext
 from gateway.guard.guard import Guard
-from gateway.guard.policy import merge_policy, server_policy
+from gateway.guard.policy import server_policy
 
 DENY = r"SECRET-\d{4}"
 
@@ -134,8 +134,7 @@ def test_block_guarantee_no_byte_of_a_failing_unit_is_released(prefix, suffix, d
     before = seps.join(prefix) + " "
     secret = f"SECRET-{digits}"
     text = before + secret + " " + seps.join(suffix)
-    g = Guard(merge_policy(server_policy("block"), {"release": release,
-                                                    "checks": {"deny": [DENY]}}), CheckContext())
+    g = Guard(server_policy("block", release, {"deny": [DENY]}), CheckContext())
     released, steps = drive(g, _chunks(text, cuts))
     first = re.search(DENY, text).start()
     assert g.blocked and steps[-1].blocked and min(v.start for v in g.violations) == first
@@ -153,7 +152,6 @@ def test_block_guarantee_no_byte_of_a_failing_unit_is_released(prefix, suffix, d
 @given(text=st.text(alphabet="ab .\n1234", max_size=120), cuts=st.lists(st.integers(0, 500), max_size=20),
        release=st.sampled_from(["stream", "unit", "final"]))
 def test_block_passing_text_is_released_whole_whatever_the_chunking(text, cuts, release):
-    g = Guard(merge_policy(server_policy("block"), {"release": release,
-                                                    "checks": {"deny": [DENY]}}), CheckContext())
+    g = Guard(server_policy("block", release, {"deny": [DENY]}), CheckContext())
     released, steps = drive(g, _chunks(text, cuts))
     assert released == text and not g.blocked

@@ -126,10 +126,12 @@ def test_flag_non_streaming_returns_the_text_and_the_verdict(server, client):
     assert [v["check"] for v in ext(out)["checks"]["violations"]] == ["deny"]
 
 
-def test_off_runs_no_checks(server, client):
-    server.engine.script(LEAKY)
-    out = chat(client, {"mode": "off"})
-    assert out.choices[0].message.content == LEAKY and "checks" not in ext(out)
+def test_off_is_below_this_flag_server(server, client):
+    # the server's policy is a floor (tests/gateway/test_guard_floor.py); "off" runs no checks
+    # where the operator allows it
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, {"mode": "off"})
+    assert err.value.body["param"] == "plumbline.guard.mode"
 
 
 # -- block ----------------------------------------------------------------------------------------
@@ -374,7 +376,7 @@ def test_enforce_through_a_real_engine_and_the_allowed_token_counts(tiny_model_d
     from engine import EngineConfig
 
     config = GatewayConfig(engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=2,
-                                               kv_cache_memory_mb=16))
+                                               kv_cache_memory_mb=16), traces=True)
     live = LiveServer(create_app(config)).start()
     try:
         schema = {"type": "object", "properties": {

@@ -24,11 +24,44 @@ def test_ring_keeps_the_newest_and_finds_them_by_either_id(tmp_path):
     ring.close(t)          # once only
     (line,) = (tmp_path / "traces.jsonl").read_text().splitlines()
     got = json.loads(line)
-    assert got["id"] == "chatcmpl-2" and got["choices"][0]["completion_ids"] == [7, 8]
+    # a blocked choice: its tokens stay out of the file (keep_withheld puts them in)
+    assert got["id"] == "chatcmpl-2" and got["choices"][0]["completion_ids"] is None
+    assert got["choices"][0]["num_completion_tokens"] == 2 and got["choices"][0]["redacted"]
     assert got["choices"][0]["finish_reason"] == "content_filter"
     assert got["events"][0]["event"] == "check_violation" and got["checks"] == [{"blocked": True}]
     ts = got["timestamps"]
     assert ts["queued"] <= ts["first_token"] <= ts["finished"]
+
+
+def test_redaction_and_owner_ids(tmp_path):
+    ring = TraceRing(max_traces=4, trace_dir=tmp_path, keep_withheld=True)
+    t = ring.open(trace(0))
+    t.add_tokens(0, [7, 8], [-0.5, -0.25])
+    t.add_tokens(1, [9], [-0.1])
+    t.finish_choice(0, "content_filter", {"blocked": True})
+    t.finish_choice(1, "stop", {"blocked": False})
+    shown = t.to_dict(redact_withheld=True)["choices"]
+    assert [c["completion_ids"] for c in shown] == [None, [9]]
+    assert [c["logprobs"] for c in shown] == [None, [-0.1]]
+    assert [c["redacted"] for c in shown] == [True, False]
+    ring.close(t)
+    got = json.loads((tmp_path / "traces.jsonl").read_text())
+    assert got["choices"][0]["completion_ids"] == [7, 8] and not got["choices"][0]["redacted"]
+    # block mode: a choice the checks have not cleared yet is still held, so it is withheld too
+    held = Trace("chatcmpl-h", None, "chat.completion", [1], "processed", guard={"mode": "block"})
+    held.add_tokens(0, [5, 6], [-0.1, -0.2])
+    assert held.to_dict(redact_withheld=True)["choices"][0]["completion_ids"] is None
+    held.finish_choice(0, "abort", None)            # cut off before a verdict: still withheld
+    assert held.to_dict(redact_withheld=True)["choices"][0]["redacted"]
+    held.finish_choice(0, "stop", {"blocked": False, "passed": True})
+    assert held.to_dict(redact_withheld=True)["choices"][0]["completion_ids"] == [5, 6]
+    flag = Trace("chatcmpl-f", None, "chat.completion", [1], "processed", guard={"mode": "flag"})
+    flag.add_tokens(0, [5], [-0.1])                 # flag streams as generated: nothing held
+    assert flag.to_dict(redact_withheld=True)["choices"][0]["completion_ids"] == [5]
+    # an owner id is stable per key within the ring's process, differs across keys and rings
+    owner = ring.owner_of(b"key-a")
+    assert owner == ring.owner_of(b"key-a") != ring.owner_of(b"key-b")
+    assert "key-a" not in owner and TraceRing(1).owner_of(b"key-a") != owner
 
 
 def test_allowed_token_counts_replays_the_grammar(default_model_dir):
