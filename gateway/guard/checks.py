@@ -10,13 +10,13 @@ import importlib
 import json
 import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
 from jsonschema import validators  # type: ignore[import-untyped]
 
-from gateway.guard.facts import AssertionBuffer, escape_token
-from gateway.guard.pointers import JsonPointerParser
+from gateway.guard.claims import CLAIM, MAX_CLAIM, NOT_CLAIM_TAIL, claim_holds
+from gateway.guard.facts import AssertionBuffer
+from gateway.guard.pointers import JsonPointerParser, leaf_spans, pointer_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,14 +102,6 @@ def build_checks(config: dict[str, Any], context: CheckContext | None = None) ->
 
 # -- schema -------------------------------------------------------------------------------------
 
-def _spans(text: str) -> dict[str, tuple[int, int]]:
-    return {ptr: (s, e) for ptr, _, s, e in JsonPointerParser().feed(text)}
-
-
-def _pointer(path: Any) -> str:
-    return "".join("/" + escape_token(str(p)) for p in path)
-
-
 def validate_json(text: str, schema: dict[str, Any], check: str, prefix: str = "",
                   base: int = 0, quote_prefix: str = "") -> list[Violation]:
     """jsonschema with formats; each error located at the offending value when we can."""
@@ -122,13 +114,13 @@ def validate_json(text: str, schema: dict[str, Any], check: str, prefix: str = "
     errors = list(cls(schema, format_checker=cls.FORMAT_CHECKER).iter_errors(value))
     if not errors:
         return []
-    spans = _spans(text)
+    spans = leaf_spans(text)
     out = []
     for err in errors:
-        ptr = _pointer(err.absolute_path)
+        ptr = pointer_of(err.absolute_path)
         lo, hi = spans.get(ptr, (0, len(text)))
         # jsonschema's message quotes the offending value: only flag mode shows it
-        rule = f"fails {err.validator!r} at schema {_pointer(err.absolute_schema_path) or '/'}"
+        rule = f"fails {err.validator!r} at schema {pointer_of(err.absolute_schema_path) or '/'}"
         out.append(Violation(check, f"{prefix}{ptr or '/'}: {rule}", base + lo, base + hi,
                              f"{quote_prefix}{err.message}"))
     return out
@@ -304,44 +296,6 @@ class DenyCheck(Check):
 
 # -- arithmetic ---------------------------------------------------------------------------------
 
-_NUM = r"-?\d{1,20}(?:\.\d{1,12})?"
-# Binary claims `a op b = c`. Not preceded by a word char, `.`, `-`, `/` or `=` (versions 1.2.3,
-# dates 2024-01-05 or 1/2/2024, chains x=3-1=2) nor followed by one (`= 12.5.1`, `= 51st`). `x` as times only
-# between spaces, so hex and dimensions like `3x4` stay out.
-_CLAIM = re.compile(
-    rf"(?<![\w.\-/^=])({_NUM})\s*([+\-*/×÷]|\s[x]\s)\s*({_NUM})\s*=\s*({_NUM})(?![\w\-/^]|\.\d|[*/+^])")
-# The last character no claim can contain: a claim in the making starts after it.
-_NOT_CLAIM_TAIL = re.compile(r"[^\d\s.+\-*/×÷x=][\d\s.+\-*/×÷x=]*\Z")
-_MAX_CLAIM = 3 * 34 + 16   # longest claim the pattern can match, with some spacing
-
-
-def _evaluate(a: Decimal, op: str, b: Decimal) -> Decimal | None:
-    op = op.strip()
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op in ("*", "×", "x"):
-        return a * b
-    if b == 0:
-        return None
-    return a / b
-
-
-def _claim_holds(a: str, op: str, b: str, c: str) -> bool | None:
-    try:
-        x, y, claimed = Decimal(a), Decimal(b), Decimal(c)
-        actual = _evaluate(x, op, y)
-    except InvalidOperation:
-        return None
-    if actual is None:
-        return None
-    places = max(len(c.partition(".")[2]), 0)
-    # A rounded claim passes: 10 / 3 = 3.33 is fine, 10 / 3 = 3.4 is not.
-    return abs(actual - claimed) <= Decimal(5) * Decimal(10) ** (-places - 1) if places or op.strip() in "/÷" \
-        else actual == claimed
-
-
 @register_check("arithmetic")
 class ArithmeticCheck(Check):
     def __init__(self, setting: Any, context: CheckContext) -> None:
@@ -356,22 +310,22 @@ class ArithmeticCheck(Check):
     def cleared(self) -> int:
         # Past the judged claims and any text no claim can reach, but never past the start of
         # a claim that is complete and not judged yet (`17 * 3 = 50,` waits for its verdict).
-        return min(max(self.scan_from, self.safe, self.length - _MAX_CLAIM), self.pending)
+        return min(max(self.scan_from, self.safe, self.length - MAX_CLAIM), self.pending)
 
     def feed(self, chunk: str) -> list[Violation]:
         self.text += chunk
         self.length += len(chunk)
-        m = _NOT_CLAIM_TAIL.search(chunk)
+        m = NOT_CLAIM_TAIL.search(chunk)
         if m is not None:
             self.safe = self.length - len(chunk) + m.end()
         # Only claims followed by two more characters are final: `= 5` may become `= 51`,
         # and `= 3.` may become `= 3.5`.
         out = self._scan(self.length - 2)
         base = self.length - len(self.text)
-        waiting = _CLAIM.search(self.text, max(0, self.scan_from - base))
+        waiting = CLAIM.search(self.text, max(0, self.scan_from - base))
         self.pending = self.length if waiting is None else base + waiting.start()
         # Keep the text bounded: nothing before the tail can start a claim any more.
-        cut = max(0, self.length - _MAX_CLAIM) - (self.length - len(self.text))
+        cut = max(0, self.length - MAX_CLAIM) - (self.length - len(self.text))
         if cut > 4096:
             self.text = self.text[cut:]
         return out
@@ -379,11 +333,11 @@ class ArithmeticCheck(Check):
     def _scan(self, limit: int) -> list[Violation]:
         base = self.length - len(self.text)
         out = []
-        for m in _CLAIM.finditer(self.text, max(0, self.scan_from - base)):
+        for m in CLAIM.finditer(self.text, max(0, self.scan_from - base)):
             if base + m.end() > limit:
                 break
             self.scan_from = base + m.end()
-            if _claim_holds(*m.groups()) is False:
+            if claim_holds(*m.groups()) is False:
                 out.append(Violation(self.name, "wrong arithmetic: the stated result does "
                                      "not follow from the operation", base + m.start(),
                                      base + m.end(), repr(m.group())))

@@ -174,3 +174,13 @@ def _find_open(text: str, start: int) -> int:
     if a < 0:
         return b
     return a if b < 0 else min(a, b)
+
+
+def leaf_spans(text: str) -> dict[str, tuple[int, int]]:
+    """JSON pointer -> [start, end) of that leaf in a whole document's text."""
+    return {ptr: (s, e) for ptr, _, s, e in JsonPointerParser().feed(text)}
+
+
+def pointer_of(path: Any) -> str:
+    """The JSON pointer of a path of keys and indices (jsonschema's absolute_path)."""
+    return "".join("/" + escape_token(str(p)) for p in path)
