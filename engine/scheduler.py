@@ -153,9 +153,11 @@ class Scheduler:
             reason = self._stop_reason(seq, token_id, verdict is TokenVerdict.COMPLETE)
             if reason is None and verdict is TokenVerdict.DEAD:
                 # Only a relaxed (fallback) grammar gets here: the complete document fails its
-                # schema and no token may follow. Never sample from an all-masked row.
-                seq.error = "the output cannot be completed to match its schema"
-                reason = FinishReason.ERROR
+                # schema and no token may follow. Never sample from an all-masked row. Like a
+                # budget that ran out, the output could not be completed: "length", which the
+                # gateway marks incomplete (and the guard's truncation check blocks in block
+                # mode); not an error, which would end a stream mid-way.
+                reason = FinishReason.LENGTH
             if reason is None and verdict is TokenVerdict.ACCEPTED:
                 reason = self._fast_forward(seq, result.weights_version)
             if reason is not None:

@@ -106,3 +106,37 @@ def test_max_num_seqs_bounds_running():
         add(sched, str(i), 3)
     batch, _ = step(sched)
     assert len(batch.seqs) == 2 and len(sched.waiting) == 3
+
+
+class _DeadAfter:
+    """A relaxed grammar stand-in: takes every token; after `n` tokens its document is complete
+    and fails its schema, so no token may follow (is_dead)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.taken = n, 0
+
+    def accept_token(self, token_id: int) -> bool:
+        self.taken += 1
+        return True
+
+    def is_terminated(self) -> bool:
+        return False
+
+    def is_dead(self) -> bool:
+        return self.taken >= self.n
+
+    def forced_tokens(self) -> list[int]:
+        return []
+
+
+def test_a_dead_grammar_ends_length_not_error_and_frees_its_blocks():
+    """A fallback schema that cannot be completed validly ends like a budget that ran out
+    ("length", which the gateway marks incomplete), never as an error mid-stream."""
+    bm, sched = make()
+    free = bm.num_free_blocks
+    s = add(sched, "a", 6, max_tokens=50)
+    s.grammar = _DeadAfter(3)
+    for _ in range(3):
+        step(sched)
+    assert s.finish_reason is FinishReason.LENGTH and s.error is None
+    assert s.num_completion_tokens == 3 and bm.num_free_blocks == free
