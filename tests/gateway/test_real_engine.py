@@ -259,3 +259,26 @@ def test_a_shared_system_prompt_is_served_from_the_prefix_cache(client, server):
     metrics = httpx.get(server.url + "/metrics").text
     hits = [line for line in metrics.splitlines() if line.startswith("plumbline:prefix_cache_hits{")]
     assert hits and float(hits[0].rsplit(" ", 1)[1]) >= cached
+
+
+@pytest.mark.parametrize("release", ["stream", "unit", "final"])
+def test_block_mode_on_the_real_model_sends_no_denied_byte(client, release):
+    """A sample of issue 20's property through the real model: a deny pattern the answer is
+    bound to trip (the prompt asks about the sea), n = 2, logprobs on; whatever each choice's
+    fate, the pattern matches nothing the client reads: content, or the tokens of the logprobs."""
+    import re
+    deny = r"(?i)\bthe\b|sea"
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=40, temperature=0.8, seed=3, n=2, stream=True,
+        logprobs=True, extra_body={"plumbline": {"guard": {
+            "mode": "block", "release": release, "checks": {"deny": [deny]}}}}))
+    content, tokens, reasons = ["", ""], ["", ""], [None, None]
+    for c in chunks:
+        for ch in c.choices:
+            content[ch.index] += ch.delta.content or ""
+            tokens[ch.index] += "".join(t.token for t in (ch.logprobs.content if ch.logprobs else []) or [])
+            reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+    assert "content_filter" in reasons                     # the pattern did come up
+    for i in range(2):
+        assert re.search(deny, content[i]) is None and re.search(deny, tokens[i]) is None
+        assert content[i].startswith(tokens[i]) or tokens[i].startswith(content[i])
