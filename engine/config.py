@@ -10,7 +10,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str = DEFAULT_MODEL
-    dtype: Literal["float32", "bfloat16"] = "float32"   # the body; lm_head always runs in fp32
+    # The body's dtype; the lm_head always runs in fp32. "auto" (the server's default): bf16
+    # where the CPU computes bf16 natively (AMX or AVX512-BF16), fp32 elsewhere and in
+    # deterministic mode (engine/model_runner.py: choose_dtype). The library's default stays fp32:
+    # the same numbers on every CPU unless asked.
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     block_size: int = 16
     num_kv_blocks: int = 0            # 0: derive from kv_cache_memory_mb
     kv_cache_memory_mb: int = 1024
@@ -38,7 +42,7 @@ class EngineConfig:
     grammar_fast_forward: bool = True
 
     def __post_init__(self) -> None:
-        assert self.dtype in ("float32", "bfloat16"), f"unsupported dtype {self.dtype}"
+        assert self.dtype in ("auto", "float32", "bfloat16"), f"unsupported dtype {self.dtype}"
         assert self.block_size in (8, 16, 32, 64), "block_size must be 8, 16, 32 or 64"
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
         assert self.num_kv_blocks >= 0 and self.kv_cache_memory_mb >= 1

@@ -185,6 +185,7 @@ class AsyncEngine:
         """What the loaded engine knows of itself (the gateway's /v1/server_info adds settings)."""
         runner = self.core.runner
         return {"model_path": str(self.core.model_dir),
+                "dtype": runner.dtype_name, "dtype_reason": runner.dtype_reason,
                 "architecture": runner.hf_config.model_type,
                 "vocab_size": self.core.vocab_size,
                 "lm_head_dtype": str(runner.model.lm_head.dtype).removeprefix("torch."),

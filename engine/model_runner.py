@@ -18,11 +18,24 @@ from engine.types import EMPTY_RESULT, Batch, PromptLogprob, StepResult, TopLogp
 from grammars import fill_bitmasks
 from grammars.steering import Steering
 from kernels import AttentionMetadata, LinearWeight, slots_for, warm_up
+from kernels.backend import native_bf16
 from kernels.linear import NEVER, calibrate
 
 log = structlog.get_logger("plumbline.engine")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def choose_dtype(config: EngineConfig) -> tuple[str, str]:
+    """The body's dtype for config.dtype, and why."""
+    if config.dtype != "auto":
+        return config.dtype, "asked for"
+    if config.deterministic:
+        return "float32", "deterministic mode computes every op in fp32 (a bf16 body only adds roundings)"
+    native = native_bf16()
+    if native:
+        return "bfloat16", f"the CPU computes bf16 natively ({', '.join(native)})"
+    return "float32", "the CPU has no native bf16 (no AMX, no AVX512-BF16): fp32 is faster"
 
 
 class ModelRunner:
@@ -33,7 +46,9 @@ class ModelRunner:
         self.hf_config = AutoConfig.from_pretrained(str(model_dir))
         if self.hf_config.model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"model type {self.hf_config.model_type!r} is not llama-family")
-        self.dtype = _DTYPES[config.dtype]
+        self.dtype_name, self.dtype_reason = choose_dtype(config)
+        self.dtype = _DTYPES[self.dtype_name]
+        log.info("dtype_chosen", dtype=self.dtype_name, asked=config.dtype, reason=self.dtype_reason)
         self.model = LlamaModel(self.hf_config, load_state_dict(model_dir), self.dtype,
                                 config.deterministic)
         if self.dtype == torch.bfloat16 and not config.deterministic:

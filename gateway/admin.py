@@ -66,7 +66,9 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
             "weights_source": rt.weights_source,      # None: the weights loaded at start
         },
         "numerics": {
-            "dtype": cfg.dtype,
+            "dtype": loaded.get("dtype", cfg.dtype),          # as chosen ("auto" resolved)
+            "dtype_asked": cfg.dtype,
+            "dtype_reason": loaded.get("dtype_reason"),
             # the final projection runs in fp32 whatever the body's dtype
             "lm_head_dtype": loaded.get("lm_head_dtype", "float32"),
             "deterministic": cfg.deterministic,

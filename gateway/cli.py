@@ -98,13 +98,19 @@ def _guard_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 _ENGINE_HELP = {
-    "dtype": "the model body's dtype (lm_head always runs in fp32)",
+    "dtype": "the model body's dtype (lm_head always runs in fp32); auto: bf16 where the CPU "
+             "computes bf16 natively (AMX, AVX512-BF16), else fp32",
     "max_num_seqs": "sequences running at once (also the gateway's slot count)",
     "max_model_len": "0: the model's own context length",
     "kv_cache_memory_mb": "KV cache size when --num-kv-blocks is 0",
     "num_threads": "torch threads; 0: torch's default",
     "enable_prefix_caching": "compute every prompt in full (no KV reuse across requests)",
 }
+
+
+# Where the server's default differs from the library's (EngineConfig): the server picks the
+# fastest body for its CPU, an embedding program keeps fp32 unless it asks.
+_SERVE_DEFAULTS = {"dtype": "auto"}
 
 
 def _add_engine_options(group: Any) -> None:
@@ -122,7 +128,7 @@ def _add_engine_options(group: Any) -> None:
             group.add_argument(flag, dest=f.name, action="store_true", help=help_text)
         elif typing.get_origin(hints[f.name]) is typing.Literal:
             group.add_argument(flag, dest=f.name, choices=typing.get_args(hints[f.name]),
-                               default=f.default, help=help_text)
+                               default=_SERVE_DEFAULTS.get(f.name, f.default), help=help_text)
         else:
             group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
                                help=help_text)

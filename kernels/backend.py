@@ -23,6 +23,7 @@ interpreter call them for the duration of an interpreted launch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -30,6 +31,24 @@ import types
 from typing import Any, Callable, Iterator
 
 import torch
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> list[str]:
+    """The CPU's native bf16 matrix instructions (AMX, AVX512-BF16); [] where it has none."""
+    return sorted({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def interpreting() -> bool:

@@ -68,3 +68,25 @@ def test_update_weights_offline(wide):
         llm.update_weights(bad)
     again = llm.generate(PROMPTS, RAW)
     assert [o.token_ids for o in again] == [o.token_ids for o in after]
+
+
+@pytest.mark.parametrize("native, deterministic, want", [
+    (["avx512_bf16"], False, "bfloat16"), (["amx_bf16", "avx512_bf16"], False, "bfloat16"),
+    ([], False, "float32"), (["amx_bf16"], True, "float32")])
+def test_dtype_auto_follows_the_cpu(monkeypatch, native, deterministic, want):
+    from engine import EngineConfig
+    from engine import model_runner
+    monkeypatch.setattr(model_runner, "native_bf16", lambda: native)
+    dtype, reason = model_runner.choose_dtype(EngineConfig(dtype="auto", deterministic=deterministic))
+    assert dtype == want and reason
+    assert all(flag in reason for flag in native) or deterministic
+    assert model_runner.choose_dtype(EngineConfig(dtype="float32")) == ("float32", "asked for")
+
+
+def test_dtype_auto_loads_and_reports_its_choice(wide):
+    from engine import AsyncEngine, EngineConfig
+    from kernels.backend import native_bf16
+    engine = AsyncEngine(EngineConfig(model=str(wide), dtype="auto"))
+    info = engine.server_info()
+    assert info["dtype"] == ("bfloat16" if native_bf16() else "float32") and info["dtype_reason"]
+    assert info["lm_head_dtype"] == "float32"                     # the head stays fp32

@@ -1,0 +1,71 @@
+"""Two engine settings side by side: the default engine (A) and one with EngineConfig fields
+changed (B, `--b KEY=VALUE ...`; default: deterministic mode), in one process, timed round by
+round in alternation, so that whatever else the machine does falls on both.
+
+    python -m benchmarks.engine_ab [--concurrency 1 8 32] [--rounds 3] [--b deterministic=true]
+    python -m benchmarks.engine_ab --b dtype=bfloat16          # the bf16 body against fp32
+
+Each round is N greedy requests of ~100 prompt tokens and --new-tokens new tokens (ignore_eos)
+through the offline `LLM` wrapper (the same engine core the server drives). Reports generated
+tokens/s per mode (median of the rounds) and the median of the per-round ratios, with the CPU
+line: a figure holds only for the CPU it came from.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from benchmarks.cpu import cpu_line
+from benchmarks.engine_throughput import prompt_ids
+from engine import LLM, SamplingParams
+
+
+def tokens_per_s(llm: LLM, prompts: list[list[int]], new_tokens: int) -> float:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--b", nargs="+", default=["deterministic=true"], metavar="KEY=VALUE",
+                    help="EngineConfig fields of engine B (A is the default fp32 engine)")
+    args = ap.parse_args()
+    print(f"cpu: {cpu_line()}", flush=True)
+    b_fields = dict(_field(item) for item in args.b)
+    # No prefix cache in either: every round would otherwise reuse the last round's prompts.
+    common = {"enable_prefix_caching": False, "max_num_batched_tokens": 512}
+    engines = {"A": LLM(**common), "B": LLM(**{**common, **b_fields})}
+    tok = engines["A"].tokenizer
+    for llm in engines.values():                            # compile and warm both
+        tokens_per_s(llm, [prompt_ids(tok, 100, 0)], 4)
+    b_name = " ".join(args.b)
+    print(f"A: default (fp32)   B: {b_name}")
+    print(f"{'streams':>7}  {'A tok/s':>9}  {'B tok/s':>9}  {'B / A':>6}")
+    for n in args.concurrency:
+        prompts = [prompt_ids(tok, 100, i) for i in range(n)]
+        rates: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(args.rounds):
+            for name, llm in engines.items():
+                rates[name].append(tokens_per_s(llm, prompts, args.new_tokens))
+        ratio = statistics.median(b / a for a, b in zip(rates["A"], rates["B"]))
+        print(f"{n:>7}  {statistics.median(rates['A']):>9.1f}  "
+              f"{statistics.median(rates['B']):>9.1f}  {ratio:>6.2f}", flush=True)
+
+
+def _field(item: str) -> tuple[str, object]:
+    """KEY=VALUE -> an EngineConfig field: true/false as booleans, digits as ints."""
+    key, _, value = item.partition("=")
+    if value in ("true", "false"):
+        return key, value == "true"
+    return key, int(value) if value.isdigit() else value
+
+
+if __name__ == "__main__":
+    main()
