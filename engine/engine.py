@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import structlog
@@ -192,7 +192,7 @@ class AsyncEngine:
                 "deterministic_kernels": (dict(DETERMINISTIC_KERNELS)
                                           if self.core.config.deterministic else None)}
 
-    def allowed_token_counts(self, spec: GrammarSpec, token_ids: list[int]) -> list[int]:
+    def allowed_token_counts(self, spec: GrammarSpec, token_ids: Sequence[int]) -> list[int]:
         """How many tokens the grammar allowed before each of token_ids, replayed (a cache hit:
         the request compiled the grammar already)."""
         return allowed_token_counts(self.core.grammars.compile(spec), token_ids)

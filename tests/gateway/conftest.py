@@ -154,8 +154,8 @@ class FakeEngine:
             return PreparedRequest(request)
         return PreparedRequest(request, None, "fake", 0.002)
 
-    def add_request(self, prepared: PreparedRequest) -> AsyncIterator[TokenDelta]:
-        request = prepared.request
+    def add_request(self, request: PreparedRequest) -> AsyncIterator[TokenDelta]:
+        prepared, request = request, request.request
         self.requests[request.request_id] = request
         return self._play(request)
 
