@@ -155,9 +155,9 @@ class FakeEngine:
         return PreparedRequest(request, None, "fake", 0.002)
 
     def add_request(self, request: PreparedRequest) -> AsyncIterator[TokenDelta]:
-        prepared, request = request, request.request
-        self.requests[request.request_id] = request
-        return self._play(request)
+        generate = request.request
+        self.requests[generate.request_id] = generate
+        return self._play(generate)
 
     async def _play(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         self.num_running += 1
