@@ -73,8 +73,11 @@ def validate_request(request: GenerateRequest, limits: EngineLimits) -> None:
             f"context of {max_len} tokens", "max_tokens")
     if params.n > limits.max_num_seqs:
         raise RequestError(f"n must be <= {limits.max_num_seqs}", "n")
-    if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
-        raise RequestError(f"stop_token_ids must lie in [0, {vocab_size})", "stop_token_ids")
+    for name, ids in (("stop_token_ids", params.stop_token_ids),
+                      ("logit_bias", [t for t, _ in params.logit_bias]),
+                      ("allowed_token_ids", params.allowed_token_ids or ())):
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise RequestError(f"{name} token ids must lie in [0, {vocab_size})", name)
 
 
 class EngineClient(Protocol):

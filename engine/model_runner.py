@@ -163,8 +163,8 @@ class ModelRunner:
         for seq in seqs:
             if seq.rng is None and not seq.sampling.is_greedy:
                 seq.rng = torch.Generator().manual_seed(seq.seed)
-        result = sample(logits, SamplingBatch.from_seqs(seqs), self.bitmask, masked_rows,
-                        self.reductions)
+        result = sample(logits, SamplingBatch.from_seqs(seqs, self.steering.eos_token_ids),
+                        self.bitmask, masked_rows, self.reductions)
         return result._replace(prompt_logprobs=prompt_logprobs, weights_version=self.weights_version)
 
     def _fill_masks(self, seqs: list[Sequence], rows: list[int]) -> None:

@@ -1,4 +1,5 @@
-"""penalties -> (grammar mask) -> temperature -> top-k / top-p / min-p -> log_softmax -> sample.
+"""penalties -> logit rules -> (grammar mask) -> temperature -> top-k / top-p / min-p ->
+log_softmax -> sample. Logit rules: logit_bias, allowed_token_ids, min_tokens.
 
 The processed distribution is computed once; the token is drawn from it and its logprob read from
 the same tensor, so a reported logprob is by construction that of the distribution sampled from.
@@ -13,6 +14,7 @@ CDF of its row, so its random stream never depends on what else is in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Callable, NamedTuple
 
 import torch
@@ -50,12 +52,14 @@ class SamplingBatch:
     top_p: list[float]
     min_p: list[float]
     penalized_rows: list[int]
+    ruled_rows: list[int]         # rows with logit_bias, min_tokens or allowed_token_ids
+    stop_ids: list[int]           # EOS ids, which min_tokens holds off (with the stop_token_ids)
     num_top: list[int]            # top-N alternatives wanted per row (0 = none)
     raw_rows: list[int]           # rows reporting raw logprobs
     seqs: list[Sequence]
 
     @classmethod
-    def from_seqs(cls, seqs: list[Sequence]) -> SamplingBatch:
+    def from_seqs(cls, seqs: list[Sequence], eos_token_ids: Iterable[int] = ()) -> SamplingBatch:
         ps = [s.sampling for s in seqs]
         return cls(
             temperatures=torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in ps],
@@ -63,6 +67,8 @@ class SamplingBatch:
             is_greedy=[p.is_greedy for p in ps],
             top_k=[p.top_k for p in ps], top_p=[p.top_p for p in ps], min_p=[p.min_p for p in ps],
             penalized_rows=[i for i, p in enumerate(ps) if p.has_penalties],
+            ruled_rows=[i for i, p in enumerate(ps) if p.has_logit_rules],
+            stop_ids=sorted(eos_token_ids),
             num_top=[p.logprobs or 0 for p in ps],
             raw_rows=[i for i, p in enumerate(ps) if p.logprobs_mode == "raw"],
             seqs=seqs,
@@ -86,6 +92,23 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], seqs: list[Sequence])
             counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=vocab)
             counts = counts[:vocab].to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def apply_logit_rules(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """In place on logits [S, vocab]: logit_bias added, tokens outside allowed_token_ids masked,
+    EOS and stop_token_ids masked while a row is short of min_tokens."""
+    for r in batch.ruled_rows:
+        seq, p = batch.seqs[r], batch.seqs[r].sampling
+        row = logits[r]                                                     # [vocab]
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            row[list(ids)] += torch.tensor(bias, dtype=row.dtype)
+        if p.allowed_token_ids is not None:
+            keep = torch.full_like(row, float("-inf"))
+            keep[list(p.allowed_token_ids)] = 0.0
+            row += keep
+        if seq.num_completion_tokens < p.min_tokens:
+            row[batch.stop_ids + list(p.stop_token_ids)] = float("-inf")
 
 
 def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float,
@@ -125,8 +148,26 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | N
     raw_logprobs = ops.log_softmax(logits[batch.raw_rows]) if batch.raw_rows else None
     if batch.penalized_rows:
         apply_penalties(logits, batch.penalized_rows, batch.seqs)
+    saved = None
+    if batch.ruled_rows:
+        if masked_rows:
+            saved = logits[batch.ruled_rows].clone()                        # before the rules
+        apply_logit_rules(logits, batch)
     if masked_rows:
         apply_token_bitmask(logits, bitmask, masked_rows)                 # one batched apply
+        if saved is not None:
+            # rules first, then the grammar. Where both leave nothing (min_tokens holds off EOS
+            # and the grammar allows only EOS), the grammar decides: the bias stays, the
+            # min_tokens mask goes (allowed_token_ids never meets a grammar: validation).
+            redo = [r for r in batch.ruled_rows if bool(torch.isneginf(logits[r]).all())]
+            if redo:
+                logits[redo] = saved[[batch.ruled_rows.index(r) for r in redo]]
+                for r in redo:      # only the rules that cannot empty a row: the bias
+                    p = batch.seqs[r].sampling
+                    if p.logit_bias:
+                        ids, bias = zip(*p.logit_bias)
+                        logits[r, list(ids)] += torch.tensor(bias, dtype=logits.dtype)
+                apply_token_bitmask(logits, bitmask, redo)
     logits.div_(batch.temperatures.unsqueeze(1))                            # [S, vocab]
     for r, seq in enumerate(batch.seqs):
         if not batch.is_greedy[r] and (batch.top_k[r] or batch.top_p[r] < 1.0 or batch.min_p[r]):

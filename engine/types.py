@@ -45,6 +45,14 @@ class SamplingParams:
     # Budget-aware closing of a constrained output: None takes the engine's default
     # (EngineConfig.grammar_close_reserve), 0 turns it off.
     close_reserve: int | None = None
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) added to the logits after penalties
+    # and before the grammar mask, so processed logprobs include it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's min_tokens: EOS and stop_token_ids cannot end the output before this many tokens
+    # (where the grammar allows another token: a grammar that allows only EOS ends the output).
+    min_tokens: int = 0
+    # vLLM's allowed_token_ids: every other token is masked out.
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +61,10 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.stop_token_ids, tuple):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
+        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, tuple):
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
@@ -70,6 +82,13 @@ class SamplingParams:
              "must be in [0, 20]"),
             (self.logprobs_mode in ("processed", "raw"), "logprobs_mode", "must be 'processed' or 'raw'"),
             (self.close_reserve is None or self.close_reserve >= 0, "close_reserve", "must be >= 0"),
+            (all(-100.0 <= b <= 100.0 for _, b in self.logit_bias), "logit_bias",
+             "values must be in [-100, 100]"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
+             "must not be empty"),
+            (self.allowed_token_ids is None or self.grammar is None, "allowed_token_ids",
+             "cannot be combined with a grammar (response_format, structured outputs, tools)"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -83,6 +102,11 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
+
+    @property
+    def has_logit_rules(self) -> bool:
+        """logit_bias, min_tokens or allowed_token_ids: the sampler edits this row's logits."""
+        return bool(self.logit_bias) or self.min_tokens > 0 or self.allowed_token_ids is not None
 
 
 @dataclass(frozen=True, slots=True)

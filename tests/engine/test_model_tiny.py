@@ -114,3 +114,81 @@ def test_prompt_logprobs_match_transformers_across_chunks(tiny):
         entry = out.prompt_logprobs[t]
         assert abs(entry.logprob - ref[t - 1, ids[t]].item()) <= 1e-5
         assert [x.token_id for x in entry.top] == torch.topk(ref[t - 1], 2).indices.tolist()
+
+
+def test_logit_bias_min_tokens_and_allowed_token_ids(tiny):
+    """logit_bias moves the processed distribution (+100 forces a token, -100 bans one);
+    min_tokens holds EOS off; allowed_token_ids confines the output."""
+    llm, hf = tiny
+    eos = llm.core.steering.eos_token_ids
+    (eos_id,) = sorted(eos)[:1]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, logprobs=1)
+    plain = llm.generate(PROMPTS[:1], greedy)[0].outputs[0]
+    forced = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=6, temperature=0.0, logprobs=1,
+                                                      logit_bias={17: 100.0}))[0].outputs[0]
+    assert forced.token_ids == [17] * 6 and all(lp > -1e-3 for lp in forced.logprobs)
+    banned = llm.generate(PROMPTS[:1], SamplingParams(
+        max_tokens=6, temperature=0.0, logit_bias={plain.token_ids[0]: -100.0}))[0].outputs[0]
+    assert banned.token_ids[0] != plain.token_ids[0]
+    # EOS forced by a bias, held off for min_tokens tokens, then the output ends on it
+    ends = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=20, temperature=0.0, min_tokens=5,
+                                                    logit_bias={eos_id: 100.0}))[0].outputs[0]
+    assert len(ends.token_ids) == 6 and ends.token_ids[-1] == eos_id
+    assert eos_id not in ends.token_ids[:5] and ends.finish_reason == "stop"
+    allowed = (100, 200, 300)
+    out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=8, temperature=1.0, seed=1,
+                                                   allowed_token_ids=allowed))[0].outputs[0]
+    assert set(out.token_ids) <= set(allowed)
+
+
+def test_logit_rules_are_checked(tiny):
+    from engine import GenerateRequest, RequestError
+    from grammars import GrammarSpec
+    llm, _ = tiny
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={3: 101.0})
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=2, min_tokens=3)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=(1,), grammar=GrammarSpec("regex", "a"))
+    with pytest.raises(RequestError, match="logit_bias"):
+        llm.core.validate(GenerateRequest("r", (1, 2), SamplingParams(logit_bias={10**7: 1.0})))
+
+
+def test_min_tokens_yields_to_a_grammar_that_can_only_end(tiny):
+    """min_tokens holds EOS off only where the grammar allows another token: a structure that
+    is complete ends, never samples from an empty row."""
+    import json
+    from grammars import GrammarSpec
+    llm, _ = tiny
+    empty = GrammarSpec("json_schema", json.dumps({"type": "object", "properties": {},
+                                                   "additionalProperties": False}))
+    # raw logprobs: no fast-forward, so the EOS after "{}" is sampled, from a row where the
+    # grammar allows EOS alone and min_tokens would mask it
+    out = llm.generate(PROMPTS[:1], SamplingParams(
+        max_tokens=10, temperature=0.0, min_tokens=8, logprobs_mode="raw",
+        grammar=empty))[0].outputs[0]
+    assert json.loads(out.text) == {} and out.finish_reason == "stop"
+    assert len(out.token_ids) < 8 and all(lp == lp for lp in out.logprobs)     # no NaN
+
+
+def test_min_tokens_never_empties_a_masked_row():
+    """Where the grammar's mask allows EOS alone, min_tokens gives way: the row keeps EOS and
+    its logprob is finite (sampling from an all -inf row would give NaN)."""
+    from engine.sampler import SamplingBatch, sample
+    from engine.sequence import Sequence
+    from grammars import allocate_bitmask
+    eos, vocab = 2, 64
+    seq = Sequence("r", 0, [5, 6], 2, SamplingParams(max_tokens=9, min_tokens=5, temperature=0.0,
+                                                     logit_bias={7: 3.0}), 0)
+    bitmask = allocate_bitmask(1, vocab)
+    bitmask.zero_()
+    bitmask[0, 0] = 1 << eos                                  # only EOS allowed
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0))
+    result = sample(logits, SamplingBatch.from_seqs([seq], [eos]), bitmask, [0])
+    assert result.token_ids == [eos] and result.logprobs[0] == 0.0
+    bitmask.fill_(-1)                                         # everything allowed: EOS held off
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0))
+    logits[0, eos] = 50.0
+    result = sample(logits, SamplingBatch.from_seqs([seq], [eos]), bitmask, [0])
+    assert result.token_ids[0] != eos
