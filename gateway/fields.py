@@ -71,11 +71,15 @@ _CHAT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     name: ((None,), f"{name} is a chat completions field; /v1/completions does not take it")
     for name in ("messages", "response_format", "tools", "tool_choice", "parallel_tool_calls",
                  "max_completion_tokens", "top_logprobs", "add_generation_prompt")}
+# vLLM's add_special_tokens (BOS and the like): our default is vLLM's for each endpoint
+_CHAT_ONLY["add_special_tokens"] = ((None, True), "add_special_tokens false is not supported yet")
 _COMPLETIONS_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "prompt": ((None,), "prompt is a completions field; send messages"),
     "suffix": ((None,), "suffix is not supported"),
     "best_of": ((None, 1), "best_of is not supported on chat completions"),
     "echo": ((None, False), "echo is not supported on chat completions"),
+    "add_special_tokens": ((None, False), "add_special_tokens true is not supported on chat "
+                                          "completions yet (the template writes its own)"),
 }
 _TOKENIZE: dict[str, tuple[tuple[Any, ...], str]] = {
     "tools": (_NONE, "tools are not supported on /tokenize yet"),

@@ -83,6 +83,12 @@ def test_continuous_usage_stats_is_accepted(server):
      "response_format"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "tools": []}, "tools"),
     ("/v1/completions", {"model": MODEL, "prompt": "a", "cache_salt": "s"}, "cache_salt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "add_special_tokens": False},
+     "add_special_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 2,
+                         "add_special_tokens": True}, None),
+    ("/v1/chat/completions", chat(add_special_tokens=True), "add_special_tokens"),
+    ("/v1/chat/completions", chat(add_special_tokens=False), None),
 ])
 def test_fields_that_would_change_the_output_are_refused(server, path, body, param):
     r = httpx.post(server.url + path, json=body)
@@ -120,6 +126,13 @@ def test_odd_field_names_cannot_break_the_header(server):
     assert r.status_code == 200, r.text
     assert r.headers["x-plumbline-ignored"] == "a%0D%0Ax-evil%3A%201,%C3%A9"
     assert "x-evil" not in r.headers
+    # names of the model's own attributes are plain unknown fields
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json=chat(stop_strings=1, model_config=2, __class__=3))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-plumbline-ignored"] == "stop_strings,model_config,__class__"
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat(**{f"f{i}": i for i in range(500)}))
+    assert r.status_code == 200 and r.headers["x-plumbline-ignored"].count(",") == 31
 
 
 def test_known_fields_set_no_header(server):
