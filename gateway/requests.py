@@ -17,7 +17,8 @@ from gateway.state import Runtime
 
 log = structlog.get_logger("plumbline.gateway")
 _M = TypeVar("_M", bound=BaseModel)
-_MAX_HEADER_NAMES = 32     # a body may hold thousands of junk keys; the header stays short
+_MAX_HEADER_NAMES = 32     # unknown fields named in the header and the log
+_MAX_NAME_CHARS = 64       # each name cut to this many characters there
 
 
 def runtime(request: Request) -> Runtime:
@@ -64,9 +65,12 @@ def note_fields(request: Request, rt: Runtime, req: BaseModel) -> None:
     """Judge the fields `req`'s model does not declare (gateway/fields.py)."""
     unknown = judge_fields(req, strict=rt.config.strict_fields)
     if unknown:
-        log.warning("request_fields_ignored", fields=unknown[:_MAX_HEADER_NAMES],
-                    num_fields=len(unknown))
-        log_fields(request.scope)["ignored_fields"] = ",".join(unknown[:_MAX_HEADER_NAMES])
+        # a body may hold thousands of keys, or one of megabytes: the log line and the header
+        # stay short
+        shown = [name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS - 3] + "..."
+                 for name in unknown[:_MAX_HEADER_NAMES]]
+        log.warning("request_fields_ignored", fields=shown, num_fields=len(unknown))
+        log_fields(request.scope)["ignored_fields"] = ",".join(shown)
         # a JSON key may hold any character; percent-encoding keeps the header one ASCII line
         response_headers(request.scope)["x-plumbline-ignored"] = ",".join(
-            quote(name, safe="") for name in unknown[:_MAX_HEADER_NAMES])
+            quote(name, safe="") for name in shown)

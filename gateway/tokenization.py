@@ -12,7 +12,6 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.protocol import (BadRequest, DetokenizeRequest, TokenizeChatRequest,
                               TokenizeCompletionRequest, parse)
-from gateway.request_params import check_text
 from gateway.requests import note_fields, parse_request, read_json, runtime
 from gateway.routes import check_model, render_chat, tokenize_prompt
 
@@ -22,9 +21,11 @@ async def tokenize(request: Request) -> Response:
     rt.ready()
     # vLLM tells the two forms apart by their fields: `messages` means the chat form
     body = await read_json(request, rt.config.max_body_bytes)
-    form = (TokenizeChatRequest if isinstance(body, dict) and "messages" in body
-            else TokenizeCompletionRequest)
-    req: TokenizeChatRequest | TokenizeCompletionRequest = parse(form, body)
+    req: TokenizeChatRequest | TokenizeCompletionRequest
+    if isinstance(body, dict) and "messages" in body:
+        req = parse(TokenizeChatRequest, body)
+    else:
+        req = parse(TokenizeCompletionRequest, body)
     note_fields(request, rt, req)
     if req.model is not None:
         check_model(rt, req.model)
@@ -32,7 +33,6 @@ async def tokenize(request: Request) -> Response:
         token_ids = render_chat(rt, req.messages, None, req.add_generation_prompt,
                                 req.add_special_tokens)
     else:
-        check_text(req.prompt, "prompt")
         token_ids = tokenize_prompt(rt, req.prompt, req.add_special_tokens)
     body_out: dict[str, Any] = {
         "count": len(token_ids), "max_model_len": rt.max_model_len, "tokens": token_ids,

@@ -10,13 +10,7 @@ from structlog.testing import capture_logs
 from gateway.config import GatewayConfig
 from gateway.fields import IGNORED, REFUSED
 from tests.gateway.conftest import sdk_client
-
-MODEL = "smollm2-135m-instruct"
-USER = [{"role": "user", "content": "hi"}]
-
-
-def chat(**kw):
-    return {"model": MODEL, "messages": USER, "max_tokens": 4, **kw}
+from tests.gateway.test_errors import MODEL, USER, chat
 
 
 @pytest.fixture()
@@ -133,6 +127,8 @@ def test_odd_field_names_cannot_break_the_header(server):
     assert r.headers["x-plumbline-ignored"] == "stop_strings,model_config,__class__"
     r = httpx.post(server.url + "/v1/chat/completions", json=chat(**{f"f{i}": i for i in range(500)}))
     assert r.status_code == 200 and r.headers["x-plumbline-ignored"].count(",") == 31
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat(**{"k" * 100_000: 1}))
+    assert r.status_code == 200 and r.headers["x-plumbline-ignored"] == "k" * 61 + "..."
 
 
 def test_known_fields_set_no_header(server):
