@@ -23,7 +23,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import AsyncEngine, EngineClient, EngineConfig
-from gateway import admin, routes
+from gateway import admin, routes, tokenization
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.guard import InMemorySessionStore, TraceRing, get_trace
@@ -112,6 +112,8 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
             Route("/v1/completions", routes.completions, methods=["POST"]),
             Route("/v1/models", routes.list_models, methods=["GET"]),
             Route("/v1/models/{model:path}", routes.get_model, methods=["GET"]),
+            Route("/tokenize", tokenization.tokenize, methods=["POST"]),
+            Route("/detokenize", tokenization.detokenize, methods=["POST"]),
             Route("/v1/server_info", admin.server_info, methods=["GET"]),
             Route("/v1/admin/weights", admin.update_weights, methods=["POST"]),
             Route("/v1/traces/{request_id}", get_trace, methods=["GET"]),

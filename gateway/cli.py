@@ -44,6 +44,9 @@ def _add_serve(sub: Any) -> None:
                    help="seconds between SSE keep-alive pings while a stream is quiet")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
+    s.add_argument("--strict-fields", action="store_true",
+                   help="refuse request fields outside OpenAI's and vLLM's APIs with a 400 "
+                        "(default: ignore them with a warning and an x-plumbline-ignored header)")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     _add_guard_options(s.add_argument_group(
@@ -148,7 +151,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         keepalive_interval_s=args.keepalive_interval,
         drain_timeout_s=args.drain_timeout,
         log_json={"auto": None, "json": True, "console": False}[args.log_format],
-        log_level=args.log_level, **_guard_config(args))
+        log_level=args.log_level, strict_fields=args.strict_fields, **_guard_config(args))
 
 
 def _admin_key(args: argparse.Namespace) -> str:

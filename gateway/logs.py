@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("plumbline.gateway")
 
 LOG_FIELDS = "plumbline.log"      # scope key: dict of fields for the summary line
+RESPONSE_HEADERS = "plumbline.headers"   # scope key: extra response headers (response_headers)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _QUIET_PATHS = {"/health", "/ready", "/metrics"}   # logged at debug: probes run every few seconds
 
@@ -52,6 +53,13 @@ def log_fields(scope: Scope) -> dict[str, Any]:
     return fields
 
 
+def response_headers(scope: Scope) -> dict[str, str]:
+    """Headers a route wants on its response, whichever response class sends it (the SSE and
+    deferred JSON responses start long after the route returns); ASCII values only."""
+    headers: dict[str, str] = scope.setdefault(RESPONSE_HEADERS, {})
+    return headers
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -76,7 +84,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []),
-                                      (b"x-request-id", request_id.encode())]
+                                      (b"x-request-id", request_id.encode()),
+                                      *[(k.encode(), v.encode("ascii")) for k, v in
+                                        scope.get(RESPONSE_HEADERS, {}).items()]]
             await send(message)
 
         structlog.contextvars.clear_contextvars()
@@ -93,5 +103,6 @@ class RequestContextMiddleware:
             structlog.contextvars.clear_contextvars()
 
 
-_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready",
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
+           "/health", "/ready",
            "/metrics", "/openapi.json"}

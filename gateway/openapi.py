@@ -1,4 +1,7 @@
-"""/openapi.json: the paths by hand, the request schemas from the pydantic models."""
+"""/openapi.json: the paths by hand, the request schemas from the pydantic models.
+
+Path parameters are declared so that schema-driven clients and fuzzers can call those routes.
+"""
 from __future__ import annotations
 
 from functools import cache
@@ -7,7 +10,8 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from gateway.admin import WeightsUpdateRequest
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                              TokenizeChatRequest, TokenizeCompletionRequest)
 
 _ERROR = {"description": "OpenAI-style error",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -32,13 +36,47 @@ def _get(summary: str) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
 
 
+def _get_by(summary: str, name: str, description: str) -> dict[str, Any]:
+    """A GET whose last path segment names the resource; 404 when there is none."""
+    op = _get(summary)
+    op["get"]["parameters"] = [{"name": name, "in": "path", "required": True,
+                                "description": description, "schema": {"type": "string"}}]
+    op["get"]["responses"].update({code: _ERROR for code in ("401", "404")})
+    return op
+
+
+def _post(summary: str, request: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+        "responses": {"200": {"description": "OK", "content": {"application/json": {
+            "schema": response}}},
+            **{code: _ERROR for code in ("400", "401", "404", "413", "503")}}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_TOKENIZE_RESPONSE = {"type": "object", "required": ["count", "max_model_len", "tokens"],
+                      "properties": {
+                          "count": {"type": "integer"}, "max_model_len": {"type": "integer"},
+                          "tokens": {"type": "array", "items": {"type": "integer"}},
+                          "token_strs": {"type": ["array", "null"], "items": {"type": "string"},
+                                         "description": "with return_token_strs"}}}
+_DETOKENIZE_RESPONSE = {"type": "object", "required": ["prompt"],
+                        "properties": {"prompt": {"type": "string"}}}
+
+
 @cache
 def openapi_schema(model_name: str) -> dict[str, Any]:
     _, defs = models_json_schema(
         [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation"),
-         (WeightsUpdateRequest, "validation")],
+         (WeightsUpdateRequest, "validation"), (TokenizeCompletionRequest, "validation"),
+         (TokenizeChatRequest, "validation"), (DetokenizeRequest, "validation")],
         ref_template="#/components/schemas/{model}")
-    schemas = {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA}
+    schemas = {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA,
+               "TokenizeResponse": _TOKENIZE_RESPONSE, "DetokenizeResponse": _DETOKENIZE_RESPONSE}
     return {
         "openapi": "3.1.0",
         "info": {"title": "plumbline", "version": "0.1.0",
@@ -47,7 +85,8 @@ def openapi_schema(model_name: str) -> dict[str, Any]:
             "/v1/chat/completions": _generation("Create a chat completion", "ChatCompletionRequest"),
             "/v1/completions": _generation("Create a text completion", "CompletionRequest"),
             "/v1/models": _get("List the served model"),
-            "/v1/models/{model}": _get("Describe the served model"),
+            "/v1/models/{model}": _get_by("Describe the served model", "model",
+                                          "the served model's id (or the --model argument)"),
             "/v1/server_info": _get("Every setting that changes numerics or scheduling, the "
                                     "weights version and library versions"),
             "/v1/admin/weights": {"post": {
@@ -56,8 +95,15 @@ def openapi_schema(model_name: str) -> dict[str, Any]:
                     "schema": {"$ref": "#/components/schemas/WeightsUpdateRequest"}}}},
                 "responses": {"200": {"description": "The new weights version"},
                               **{code: _ERROR for code in ("400", "401", "404", "503")}}}},
-            "/v1/traces/{request_id}": _get("The diagnostic trace of a recent request, by "
-                                            "completion id or X-Request-Id (404 once evicted)"),
+            "/v1/traces/{request_id}": _get_by(
+                "The diagnostic trace of a recent request (404 once evicted)", "request_id",
+                "a completion id (chatcmpl-..., cmpl-...) or the request's X-Request-Id"),
+            "/tokenize": _post(
+                "vLLM's tokenize: a prompt, or messages through the chat template",
+                {"oneOf": [_ref("TokenizeCompletionRequest"), _ref("TokenizeChatRequest")]},
+                _ref("TokenizeResponse")),
+            "/detokenize": _post("vLLM's detokenize: token ids to text",
+                                 _ref("DetokenizeRequest"), _ref("DetokenizeResponse")),
             "/health": _get("Liveness"),
             "/ready": _get("Readiness: 503 until the model is loaded and while draining"),
             "/metrics": _get("Prometheus metrics"),

@@ -2,9 +2,11 @@
 become OpenAI error JSON with a status code and `FinishReason` becomes a string (what a request
 asks of the engine, grammar and sampling parameters, is mapped in `request_params.py`).
 
-Request models are strict (no "1" for 1, no true for 1) and forbid unknown fields, so a typo is a
-400 naming it instead of a silently ignored option. vLLM's extra-body names are accepted where they
-mean the same thing; our own fields live in the `plumbline` object.
+Request models are strict (no "1" for 1, no true for 1). Nested objects forbid unknown fields (a
+typo inside a message is a 400 naming it); the top level of a request allows them, and
+`gateway/fields.py` sorts them into ignored, refused and unknown (a warning and a header, or a
+400 with --strict-fields), as vLLM does. vLLM's extra-body names are accepted where they mean the
+same thing; our own fields live in the `plumbline` object.
 """
 from __future__ import annotations
 
@@ -140,6 +142,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 
 
+class _TopLevel(_Strict):
+    """A request body: extra fields are kept in `model_extra` for gateway/fields.py to judge."""
+
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+
+
 class ContentPart(_Strict):
     type: str
     text: str | None = None
@@ -241,6 +249,8 @@ class StructuredOutputs(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False   # vLLM: accepted, ignored (usage comes once, at the end)
+    include_obfuscation: bool = True       # OpenAI: accepted, ignored (no padding is sent)
 
 
 class PlumblineOptions(_Strict):
@@ -257,7 +267,7 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PosInt = Annotated[int, Field(ge=1)]
 
 
-class _GenerationRequest(_Strict):
+class _GenerationRequest(_TopLevel):
     model: str
     max_tokens: PosInt | None = None
     temperature: Annotated[float, Field(ge=0.0)] | None = None
@@ -323,6 +333,31 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    add_generation_prompt: bool = True    # vLLM: False leaves the assistant header out
+
+
+class TokenizeCompletionRequest(_TopLevel):
+    """vLLM's POST /tokenize, completions form."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True       # as /v1/completions tokenizes a prompt
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_TopLevel):
+    """vLLM's POST /tokenize, chat form: the messages through the chat route's rendering."""
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False      # the template writes its own special tokens
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_TopLevel):
+    model: str | None = None
+    tokens: list[NonNegInt]
 
 
 class CompletionRequest(_GenerationRequest):

@@ -1,13 +1,24 @@
-"""What every endpoint does with the incoming request: find the runtime, read the JSON body."""
+"""What every endpoint does with the incoming request: find the runtime, read the JSON body,
+parse it and judge the fields the models do not declare."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
+import structlog
+from pydantic import BaseModel
 from starlette.requests import Request
 
-from gateway.protocol import BadRequest, PayloadTooLarge
+from gateway.fields import judge_fields
+from gateway.logs import log_fields, response_headers
+from gateway.protocol import BadRequest, PayloadTooLarge, parse
 from gateway.state import Runtime
+
+log = structlog.get_logger("plumbline.gateway")
+_M = TypeVar("_M", bound=BaseModel)
+_MAX_HEADER_NAMES = 32     # unknown fields named in the header and the log
+_MAX_NAME_CHARS = 64       # each name cut to this many characters there
 
 
 def runtime(request: Request) -> Runtime:
@@ -40,3 +51,26 @@ async def read_json(request: Request, max_bytes: int) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise BadRequest(f"{name} is not valid JSON")
+
+
+async def parse_request(request: Request, rt: Runtime, model: type[_M]) -> _M:
+    """The body parsed into `model`; unknown fields are logged and listed in the
+    x-plumbline-ignored header (a 400 with --strict-fields), refused ones are a 400."""
+    req = parse(model, await read_json(request, rt.config.max_body_bytes))
+    note_fields(request, rt, req)
+    return req
+
+
+def note_fields(request: Request, rt: Runtime, req: BaseModel) -> None:
+    """Judge the fields `req`'s model does not declare (gateway/fields.py)."""
+    unknown = judge_fields(req, strict=rt.config.strict_fields)
+    if unknown:
+        # a body may hold thousands of keys, or one of megabytes: the log line and the header
+        # stay short
+        shown = [name if len(name) <= _MAX_NAME_CHARS else name[:_MAX_NAME_CHARS - 3] + "..."
+                 for name in unknown[:_MAX_HEADER_NAMES]]
+        log.warning("request_fields_ignored", fields=shown, num_fields=len(unknown))
+        log_fields(request.scope)["ignored_fields"] = ",".join(shown)
+        # a JSON key may hold any character; percent-encoding keeps the header one ASCII line
+        response_headers(request.scope)["x-plumbline-ignored"] = ",".join(
+            quote(name, safe="") for name in shown)

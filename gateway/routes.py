@@ -17,10 +17,10 @@ from gateway.generation import Generation
 from gateway.guard import GuardPlan, Trace, plan_guard
 from gateway.logs import log_fields
 from gateway.protocol import (APIError, BadRequest, ChatCompletionRequest, ChatMessage,
-                              CompletionRequest, NotFound, NotSupported, parse)
+                              CompletionRequest, NotFound, NotSupported)
 from gateway.request_params import (check_text, check_unsupported, sampling_params,
                                     structured_output_spec, tools_request)
-from gateway.requests import read_json, runtime
+from gateway.requests import parse_request, runtime
 from gateway.responses import ChatFormatter, CompletionFormatter, Formatter
 from gateway.sse import DeferredJSONResponse, EventStreamResponse
 from gateway.state import Runtime
@@ -165,7 +165,7 @@ def closer(request: Request, gen: Generation) -> Callable[[], None]:
 async def chat_completions(request: Request) -> Any:
     rt = runtime(request)
     rt.ready()
-    req = parse(ChatCompletionRequest, await read_json(request, rt.config.max_body_bytes))
+    req = await parse_request(request, rt, ChatCompletionRequest)
     check_model(rt, req.model)
     check_unsupported(req)
     grammar = structured_output_spec(req)
@@ -187,7 +187,7 @@ async def chat_completions(request: Request) -> Any:
         tools = None
     if req.top_logprobs is not None and not req.logprobs:
         raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
-    prompt_ids = render_chat(rt, req.messages, tools)
+    prompt_ids = render_chat(rt, req.messages, tools, req.add_generation_prompt)
     params = sampling_params(
         req, max_tokens=req.max_completion_tokens or req.max_tokens,
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
@@ -196,9 +196,11 @@ async def chat_completions(request: Request) -> Any:
                          plan, tools=tools)
 
 
-def render_chat(rt: Runtime, messages: list[ChatMessage], tools: ToolsRequest | None) -> list[int]:
+def render_chat(rt: Runtime, messages: list[ChatMessage], tools: ToolsRequest | None,
+                add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
     """The prompt: messages (with earlier tool calls and results) and the tools, through the
-    model's chat template, or our own tool section when the template knows no tools."""
+    model's chat template, or our own tool section when the template knows no tools. /tokenize
+    renders through here too, so its counts are the chat route's."""
     tokenizer = rt.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise NotSupported("this model has no chat template; use /v1/completions", "messages")
@@ -217,10 +219,10 @@ def render_chat(rt: Runtime, messages: list[ChatMessage], tools: ToolsRequest | 
             message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         conversation.append(message)
     try:
-        prompt = render_prompt(tokenizer, conversation, tools)
+        prompt = render_prompt(tokenizer, conversation, tools, add_generation_prompt)
     except Exception as exc:  # a template may refuse a conversation (e.g. role order)
         raise BadRequest(f"the chat template rejected these messages: {exc}", "messages") from None
-    return list(tokenizer(prompt, add_special_tokens=False).input_ids)
+    return list(tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
 
 
 # ------------------------------------------------------------------------------- completions
@@ -229,7 +231,7 @@ def render_chat(rt: Runtime, messages: list[ChatMessage], tools: ToolsRequest | 
 async def completions(request: Request) -> Any:
     rt = runtime(request)
     rt.ready()
-    req = parse(CompletionRequest, await read_json(request, rt.config.max_body_bytes))
+    req = await parse_request(request, rt, CompletionRequest)
     check_model(rt, req.model)
     check_unsupported(req)
     grammar = structured_output_spec(req)
@@ -243,7 +245,8 @@ async def completions(request: Request) -> Any:
     return await respond(request, rt, req, "cmpl", prompt_ids, params, CompletionFormatter, plan)
 
 
-def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
+def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list[int]],
+                    add_special_tokens: bool = True) -> list[int]:
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         if len(prompt) != 1:
             raise NotSupported("a list of several prompts is not supported yet; send one "
@@ -251,7 +254,7 @@ def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list
         prompt = prompt[0]
     if isinstance(prompt, str):
         check_text(prompt, "prompt")
-        return list(rt.tokenizer(prompt).input_ids)
+        return list(rt.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
     return list(prompt)        # type: ignore[arg-type]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 
 import httpx
@@ -236,3 +237,28 @@ def test_openapi_lists_the_new_endpoints(fake_server):
     paths = httpx.get(server.url + "/openapi.json").json()["paths"]
     assert "/v1/server_info" in paths and "/v1/admin/weights" in paths
     assert json.dumps(paths["/v1/admin/weights"]).count("WeightsUpdateRequest") == 1
+
+
+def test_openapi_declares_path_parameters_and_the_tokenizer_routes(fake_server):
+    server = fake_server()
+    spec = httpx.get(server.url + "/openapi.json").json()
+    paths = spec["paths"]
+    for path, name in (("/v1/models/{model}", "model"), ("/v1/traces/{request_id}", "request_id")):
+        (param,) = paths[path]["get"]["parameters"]
+        assert param["name"] == name and param["in"] == "path" and param["required"] is True
+        assert param["schema"] == {"type": "string"}
+        assert "404" in paths[path]["get"]["responses"]
+    # every {template} in a path is a declared parameter, and every declared one is in the path
+    for path, item in paths.items():
+        for op in item.values():
+            declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert declared == set(re.findall(r"{(\w+)}", path)), path
+    tokenize = paths["/tokenize"]["post"]
+    refs = json.dumps(tokenize["requestBody"])
+    assert "TokenizeCompletionRequest" in refs and "TokenizeChatRequest" in refs
+    assert "TokenizeResponse" in json.dumps(tokenize["responses"]["200"])
+    assert "DetokenizeRequest" in json.dumps(paths["/detokenize"]["post"]["requestBody"])
+    schemas = spec["components"]["schemas"]
+    for name in ("TokenizeResponse", "DetokenizeResponse", "TokenizeChatRequest"):
+        assert name in schemas
+    assert {"count", "max_model_len", "tokens"} <= set(schemas["TokenizeResponse"]["properties"])

@@ -33,12 +33,15 @@ def test_cli_builds_the_config(tmp_path):
     from gateway.cli import _add_serve
     _add_serve(sub)
     args = parser.parse_args(["serve", "--port", "9001", "--api-key", "k0", "--api-key-file",
-                              str(keys), "--max-num-seqs", "8", "--max-queued-requests", "3"])
+                              str(keys), "--max-num-seqs", "8", "--max-queued-requests", "3",
+                              "--strict-fields"])
     config = config_from_args(args)
     assert config.port == 9001 and config.api_keys == ("k0", "k1", "k2")
     assert config.engine.max_num_seqs == 8 and config.max_queued_requests == 3
     assert config.engine.dtype == "auto"           # the server picks the body for its CPU
     assert config_from_args(parser.parse_args(["serve", "--dtype", "float32"])).engine.dtype == "float32"
+    assert config.strict_fields and not config_from_args(
+        parser.parse_args(["serve"])).strict_fields
     assert main(["serve", "--port", "0"]) == 2          # a bad value: message, no traceback
 
 

@@ -282,3 +282,17 @@ def test_block_mode_on_the_real_model_sends_no_denied_byte(client, release):
     for i in range(2):
         assert re.search(deny, content[i]) is None and re.search(deny, tokens[i]) is None
         assert content[i].startswith(tokens[i]) or tokens[i].startswith(content[i])
+
+
+def test_tokenize_counts_what_the_real_engine_is_prompted(server, client):
+    # token counters and RL trainers rely on it: /tokenize's count is the prompt the engine saw
+    out = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, temperature=0,
+                                         extra_body={"reasoning_effort": "low"})
+    body = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": ASK}).json()
+    assert body["count"] == out.usage.prompt_tokens and body["max_model_len"] > body["count"]
+    done = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=2,
+                                     temperature=0, extra_body={"return_token_ids": True})
+    body = httpx.post(server.url + "/tokenize", json={"prompt": "The sea is"}).json()
+    assert body["count"] == done.usage.prompt_tokens
+    text = httpx.post(server.url + "/detokenize", json={"tokens": body["tokens"]}).json()
+    assert text == {"prompt": "The sea is"}
