@@ -54,7 +54,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_beam_search": ((None, False), "beam search is not supported"),
     "prompt_logprobs": ((None,), "prompt_logprobs is not supported yet (on /v1/completions, "
                                  "echo with logprobs reports the prompt's)"),
-    "allowed_token_ids": ((None,), "allowed_token_ids is not supported yet"),
     "bad_words": (_NONE, "bad_words is not supported yet"),
     "truncate_prompt_tokens": ((None,), "truncate_prompt_tokens is not supported yet"),
     "logits_processors": (_NONE, "logits_processors is not supported"),

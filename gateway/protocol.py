@@ -294,6 +294,7 @@ class _GenerationRequest(_TopLevel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     min_tokens: NonNegInt = 0
+    allowed_token_ids: Annotated[list[NonNegInt], Field(min_length=1)] | None = None
     logprobs_mode: Literal["processed", "raw", "processed_logprobs", "raw_logprobs"] | None = None
     return_token_ids: bool = False    # prompt_token_ids and each choice's token_ids
     # structured output, vLLM's names

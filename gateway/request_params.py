@@ -22,10 +22,6 @@ GenerationRequest = ChatCompletionRequest | CompletionRequest
 
 def check_unsupported(req: GenerationRequest) -> None:
     """Options we parse but cannot honour yet: a clear 400, never silently ignored."""
-    if req.logit_bias:
-        raise NotSupported("logit_bias is not supported yet", "logit_bias")
-    if req.min_tokens:
-        raise NotSupported("min_tokens is not supported yet", "min_tokens")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise NotSupported("suffix is not supported", "suffix")
@@ -123,6 +119,9 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),
         "prompt_logprobs": num_prompt_logprobs, "grammar": grammar,
+        "logit_bias": _logit_bias(req.logit_bias), "min_tokens": req.min_tokens,
+        "allowed_token_ids": (None if req.allowed_token_ids is None
+                              else tuple(req.allowed_token_ids)),
         # any Python int is a valid seed; the engine wants 64 bits
         "seed": None if req.seed is None else req.seed & ((1 << 64) - 1),
     }
@@ -136,6 +135,16 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
     except ValueError as exc:
         message = str(exc)
         raise BadRequest(message, message.split(" ", 1)[0]) from None
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: token ids as JSON object keys (strings) -> bias."""
+    out = []
+    for key, value in (bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise BadRequest(f"logit_bias keys must be token ids, got {key[:32]!r}", "logit_bias")
+        out.append((int(key), value))
+    return tuple(sorted(out))
 
 
 def check_text(value: str, param: str) -> None:

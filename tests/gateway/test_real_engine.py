@@ -296,3 +296,23 @@ def test_tokenize_counts_what_the_real_engine_is_prompted(server, client):
     assert body["count"] == done.usage.prompt_tokens
     text = httpx.post(server.url + "/detokenize", json={"tokens": body["tokens"]}).json()
     assert text == {"prompt": "The sea is"}
+
+
+def test_logit_bias_min_tokens_and_allowed_token_ids_through_the_sdk(client, server):
+    """OpenAI's logit_bias and vLLM's min_tokens / allowed_token_ids on the real model."""
+    tok = server.runtime.tokenizer
+    word = tok(" sea", add_special_tokens=False).input_ids[0]
+    out = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0,
+                                         logit_bias={str(word): 100}, logprobs=True)
+    assert [t.token for t in out.choices[0].logprobs.content] == [tok.decode([word])] * 4
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    out = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=20, temperature=0,
+                                         logit_bias={str(eos): 100},
+                                         extra_body={"min_tokens": 3, "return_token_ids": True})
+    choice = out.choices[0]
+    assert out.usage.completion_tokens == 4 and choice.finish_reason == "stop"
+    allowed = tok(" a b c", add_special_tokens=False).input_ids
+    out = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=6, temperature=1,
+                                         seed=2, extra_body={"allowed_token_ids": allowed,
+                                                             "return_token_ids": True})
+    assert set(out.choices[0].model_extra["token_ids"]) <= set(allowed)
