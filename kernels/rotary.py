@@ -106,7 +106,7 @@ def _fused_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cach
             and sin.is_contiguous() and cos.shape == sin.shape == (qkv.shape[0], k_cache.shape[3])
             and k_cache.is_contiguous() and v_cache.is_contiguous() and not qkv.is_cuda
             and slot_mapping.dtype == torch.long and slot_mapping.shape == qkv.shape[:1]
-            and not qkv.requires_grad)
+            and not qkv.requires_grad and not use_triton(qkv))   # Triton: its rotary + store
 
 
 def warm_up() -> None:
