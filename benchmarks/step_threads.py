@@ -1,6 +1,6 @@
 """A decode step's time depending on which thread runs it (why AsyncEngine has one compute thread).
 
-    python -m benchmarks.step_threads [--seqs 32] [--repeats 10] [--profile] [--ops]
+    python -m benchmarks.step_threads [--seqs 32] [--repeats 10] [--profile] [--ops] [--dtype D]
 
 Each thread that enters an OpenMP region gets its own team of workers. The script fills a batch
 of decoding sequences, then times the same step on the main thread, on one worker thread, on
@@ -31,8 +31,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="where a step's time goes, by op")
     ap.add_argument("--ops", action="store_true", help="wall-clock ms per step in each model call")
+    ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--deterministic", action="store_true")
     args = ap.parse_args()
-    core = EngineCore(EngineConfig())
+    from benchmarks.cpu import cpu_line
+    print(f"cpu: {cpu_line()}", flush=True)
+    core = EngineCore(EngineConfig(dtype=args.dtype, deterministic=args.deterministic))
+    print(f"body dtype: {core.runner.dtype_name} ({core.runner.dtype_reason})", flush=True)
     params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
     for i in range(args.seqs):
         core.add_request(GenerateRequest(f"s{i}", tuple(prompt_ids(core.tokenizer, 100, i)), params))
@@ -75,16 +80,17 @@ def op_times(core: EngineCore, steps: int) -> None:
         return call
 
     runner, model = core.runner, core.runner.model
-    linear, attention = model.linear, model.attention         # set per instance in __init__
-    # apply_rotary and store_kvcache: what the model called before rotate_and_store (older commits)
-    patches = [(model_module, name) for name in ("rms_norm", "rotate_and_store", "apply_rotary",
-                                                 "store_kvcache") if hasattr(model_module, name)]
+    # set per instance in __init__ (deterministic mode swaps them)
+    linear, attention, norm, silu_mul = model.linear, model.attention, model.rms_norm, model.silu_mul
+    patches = [(model_module, "rotate_and_store")]
     patches.append((runner_module, "sample"))
     originals = [(obj, name, getattr(obj, name)) for obj, name in patches]
     for obj, name, fn in originals:
         setattr(obj, name, timed(name, fn))
     model.linear = timed("linear (with logits)", linear)
     model.attention = timed("attention", attention)
+    model.rms_norm = timed("rms_norm", norm)
+    model.silu_mul = timed("silu * up", silu_mul)
     model.compute_logits = timed("logits", model.compute_logits)    # shadows the method
     runner.prepare = timed("prepare", runner.prepare)
     try:
@@ -97,7 +103,8 @@ def op_times(core: EngineCore, steps: int) -> None:
     finally:
         for obj, name, fn in originals:
             setattr(obj, name, fn)
-        model.linear, model.attention = linear, attention
+        model.linear, model.attention, model.rms_norm, model.silu_mul = (linear, attention, norm,
+                                                                         silu_mul)
         del model.compute_logits, runner.prepare
     for name, total in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"{name:<22} {total / steps * 1e3:7.2f} ms per step", flush=True)
