@@ -116,8 +116,12 @@ class GuardedChoice:
                 end = _UNKNOWN
             else:                          # all their text is in the guard: settle the waiting
                 end = _AT_FINISH if parser is not None else len(g.text)
-                self.held_tokens = [(end if e == _UNKNOWN else e, t, lp, top)
-                                    for e, t, lp, top in self.held_tokens]
+                held = self.held_tokens    # waiting entries are the newest: walk back to them
+                i = len(held)
+                while i and held[i - 1][0] == _UNKNOWN:
+                    i -= 1
+                    _, ids, lps, tops = held[i]
+                    held[i] = (end, ids, lps, tops)
             if token_ids:
                 self.held_tokens.append((end, token_ids, logprobs, top_logprobs))
             self.pending_calls += calls
