@@ -95,10 +95,10 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], seqs: list[Sequence])
 
 
 def apply_logit_rules(logits: torch.Tensor, batch: SamplingBatch) -> None:
-    """In place on logits [S, vocab]: logit_bias added, tokens outside allowed_token_ids masked,
-    EOS and stop_token_ids masked while a row is short of min_tokens."""
+    """In place on logits [S, vocab], before the grammar mask: logit_bias added, tokens outside
+    allowed_token_ids masked."""
     for r in batch.ruled_rows:
-        seq, p = batch.seqs[r], batch.seqs[r].sampling
+        p = batch.seqs[r].sampling
         row = logits[r]                                                     # [vocab]
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias)
@@ -107,8 +107,20 @@ def apply_logit_rules(logits: torch.Tensor, batch: SamplingBatch) -> None:
             keep = torch.full_like(row, float("-inf"))
             keep[list(p.allowed_token_ids)] = 0.0
             row += keep
-        if seq.num_completion_tokens < p.min_tokens:
-            row[batch.stop_ids + list(p.stop_token_ids)] = float("-inf")
+
+
+def hold_stops(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """In place, after every mask: EOS and stop_token_ids masked while a row is short of
+    min_tokens, unless nothing else is left (a grammar that allows only EOS still ends)."""
+    for r in batch.ruled_rows:
+        seq, p = batch.seqs[r], batch.seqs[r].sampling
+        if seq.num_completion_tokens >= p.min_tokens:
+            continue
+        row, stops = logits[r], batch.stop_ids + list(p.stop_token_ids)   # [vocab]
+        kept = row[stops].clone()
+        row[stops] = float("-inf")
+        if bool(torch.isneginf(row).all()):
+            row[stops] = kept
 
 
 def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float,
@@ -148,26 +160,12 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | N
     raw_logprobs = ops.log_softmax(logits[batch.raw_rows]) if batch.raw_rows else None
     if batch.penalized_rows:
         apply_penalties(logits, batch.penalized_rows, batch.seqs)
-    saved = None
     if batch.ruled_rows:
-        if masked_rows:
-            saved = logits[batch.ruled_rows].clone()                        # before the rules
         apply_logit_rules(logits, batch)
     if masked_rows:
         apply_token_bitmask(logits, bitmask, masked_rows)                 # one batched apply
-        if saved is not None:
-            # rules first, then the grammar. Where both leave nothing (min_tokens holds off EOS
-            # and the grammar allows only EOS), the grammar decides: the bias stays, the
-            # min_tokens mask goes (allowed_token_ids never meets a grammar: validation).
-            redo = [r for r in batch.ruled_rows if bool(torch.isneginf(logits[r]).all())]
-            if redo:
-                logits[redo] = saved[[batch.ruled_rows.index(r) for r in redo]]
-                for r in redo:      # only the rules that cannot empty a row: the bias
-                    p = batch.seqs[r].sampling
-                    if p.logit_bias:
-                        ids, bias = zip(*p.logit_bias)
-                        logits[r, list(ids)] += torch.tensor(bias, dtype=logits.dtype)
-                apply_token_bitmask(logits, bitmask, redo)
+    if batch.ruled_rows:
+        hold_stops(logits, batch)
     logits.div_(batch.temperatures.unsqueeze(1))                            # [S, vocab]
     for r, seq in enumerate(batch.seqs):
         if not batch.is_greedy[r] and (batch.top_k[r] or batch.top_p[r] < 1.0 or batch.min_p[r]):
