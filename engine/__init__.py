@@ -5,11 +5,10 @@ from engine.interface import (EngineClient, EngineLimits, EngineStats, PreparedR
                               validate_request)
 from engine.request_stream import RequestStream
 from engine.llm import LLM
-from engine.model import DETERMINISTIC_KERNELS
 from engine.types import (CompletionOutput, FinishReason, GenerateRequest, RequestError,
                           RequestOutput, SamplingParams, TokenDelta, TopLogprob)
 
 __all__ = ["AsyncEngine", "EngineClient", "EngineLimits", "EngineStats", "PreparedRequest",
-           "validate_request", "CompletionOutput", "DEFAULT_MODEL", "DETERMINISTIC_KERNELS", "EngineConfig", "EngineCore",
+           "validate_request", "CompletionOutput", "DEFAULT_MODEL", "EngineConfig", "EngineCore",
            "FinishReason", "GenerateRequest", "LLM", "RequestError", "RequestOutput",
            "RequestStream", "SamplingParams", "TokenDelta", "TopLogprob"]

@@ -21,11 +21,11 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.interface import (EngineLimits, EngineStats, PreparedRequest, UpdateMode,
                               validate_request)
-from engine.model import DETERMINISTIC_KERNELS
 from engine.types import EMPTY_RESULT, Batch, GenerateRequest, RequestError, StepResult, TokenDelta
 from grammars import CompiledGrammar, GrammarCompiler, GrammarError, allowed_token_counts
 from grammars.spec import GrammarSpec
 from grammars.steering import Steering
+from kernels import invariant
 
 log = structlog.get_logger("plumbline.engine")
 
@@ -189,7 +189,7 @@ class AsyncEngine:
                 "architecture": runner.hf_config.model_type,
                 "vocab_size": self.core.vocab_size,
                 "lm_head_dtype": str(runner.model.lm_head.dtype).removeprefix("torch."),
-                "deterministic_kernels": (dict(DETERMINISTIC_KERNELS)
+                "deterministic_kernels": (dict(invariant.KERNELS)
                                           if self.core.config.deterministic else None)}
 
     def allowed_token_counts(self, spec: GrammarSpec, token_ids: Sequence[int]) -> list[int]:

@@ -16,10 +16,6 @@ from kernels import (AttentionMetadata, apply_linear, invariant, paged_attention
                      prepare_linear, rms_norm, rotate_and_store)
 
 
-# The kernel each op runs in deterministic mode (server_info reports it).
-DETERMINISTIC_KERNELS: dict[str, str] = dict(invariant.KERNELS)
-
-
 def rope_inv_freq(cfg: Any) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [head_dim/2] and the attention scaling factor from the config."""
     head_dim = cfg.head_dim

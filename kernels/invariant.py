@@ -100,11 +100,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 # --- silu(gate) * up --------------------------------------------------------------------------
 
+@njit(nogil=True, boundscheck=False, inline="always")
+def _exp1(v):  # type: ignore[no-untyped-def]
+    """exp8 on a splat, lane 0: a lone value gets the same arithmetic as a vector lane."""
+    return lane8(exp8(broadcast8(v)), 0)
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _silu_one(g):  # type: ignore[no-untyped-def]
-    # exp8 on a splat, lane 0: a tail element gets the same arithmetic as a vector lane
-    e = lane8(exp8(broadcast8(-g)), 0)
-    return g / (np.float32(1.0) + e)
+    return g / (np.float32(1.0) + _exp1(-g))
 
 
 @njit(nogil=True, boundscheck=False, parallel=True, cache=True)
@@ -155,11 +159,6 @@ def _dot(a, b, n):  # type: ignore[no-untyped-def]
     for i in range(x, n):
         s += a[i] * as_f32(b[i])
     return s
-
-
-@njit(nogil=True, boundscheck=False, inline="always")
-def _exp1(v):  # type: ignore[no-untyped-def]
-    return lane8(exp8(broadcast8(v)), 0)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
