@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from numba import njit
 
 from kernels.backend import jit, tl, triton, use_triton
+from kernels.bf16_bits import narrow, round_in_place, widen
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------
@@ -116,19 +117,57 @@ def _norm_rows(x, residual, weight, eps, lanes, out, summed):  # type: ignore[no
             o[i] = weight[i] * (h[i] * inv)
 
 
+@njit(nogil=True, boundscheck=False, cache=True)
+def _norm_rows_bf16(x, residual, weight, eps, lanes, out, summed):  # type: ignore[no-untyped-def]
+    """_norm_rows for a bf16 body, on int16 bits (kernels/bf16_bits.py), rounding where the
+    reference's bf16 ops round: the residual add, the cast back, the weight's product. The
+    squares are summed in fp32 in _sum_squares' order, as the reference sums h.float()."""
+    rows, hidden = x.shape
+    acc = np.empty((_LEVELS, _ILP * lanes), np.float32)
+    h_bits, t_bits = np.empty(hidden, np.uint32), np.empty(hidden, np.uint32)
+    w_bits = np.empty(hidden, np.uint32)
+    h, tmp, w = h_bits.view(np.float32), t_bits.view(np.float32), w_bits.view(np.float32)
+    widen(weight, w_bits)
+    for t in range(rows):
+        widen(x[t], h_bits)
+        if residual is not None:
+            widen(residual[t], t_bits)
+            for i in range(hidden):
+                h[i] += tmp[i]
+            round_in_place(h_bits)
+            narrow(h_bits, summed[t])
+        mean = _sum_squares(h, lanes, acc) / np.float32(hidden)
+        inv = np.float32(1.0) / np.sqrt(mean + eps)
+        for i in range(hidden):
+            tmp[i] = h[i] * inv
+        round_in_place(t_bits)
+        for i in range(hidden):
+            tmp[i] = w[i] * tmp[i]
+        narrow(t_bits, out[t])
+
+
 def _numba_takes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    return (x.dtype == weight.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()
+    return (x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dim() == 2 and x.is_contiguous() and weight.is_contiguous()
             and weight.shape == x.shape[1:] and not x.requires_grad and not weight.requires_grad
-            and (residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()
+            and (residual is None or (residual.dtype == x.dtype and residual.is_contiguous()
                                       and residual.shape == x.shape and not residual.requires_grad)))
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy()
 
 
 def _norm_numba(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
                 lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty_like(x)
     summed = x if residual is None else torch.empty_like(x)
-    _norm_rows(x.numpy(), None if residual is None else residual.numpy(), weight.numpy(),
-               np.float32(eps), lanes, out.numpy(), summed.numpy())
+    if x.dtype == torch.bfloat16:
+        _norm_rows_bf16(_bits(x), None if residual is None else _bits(residual), _bits(weight),
+                        np.float32(eps), lanes, _bits(out), _bits(summed))
+    else:
+        _norm_rows(x.numpy(), None if residual is None else residual.numpy(), weight.numpy(),
+                   np.float32(eps), lanes, out.numpy(), summed.numpy())
     return out, summed
 
 
@@ -161,8 +200,12 @@ def _rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def warm_up() -> None:
-    """Compile the numba path now (or load it from numba's on-disk cache)."""
-    _torch_lanes()       # compiles both variants (with and without the residual) as it checks
+    """Compile the numba paths now (or load them from numba's on-disk cache)."""
+    lanes = _torch_lanes()   # compiles the fp32 variants (with and without residual) as it checks
+    if lanes:
+        x = torch.ones(1, 8, dtype=torch.bfloat16)
+        for residual in (x, None):
+            _norm_numba(x, x[0], 1e-5, residual, lanes)
 
 
 

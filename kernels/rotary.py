@@ -6,6 +6,7 @@ import torch
 from numba import njit
 
 from kernels.backend import jit, tl, triton, use_triton
+from kernels.bf16_bits import narrow, round_in_place, widen
 from kernels.kv_store import store_kvcache
 
 
@@ -99,10 +100,62 @@ def _rotate_store(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat,
             v_row[i] = row[values + i]
 
 
+@njit(nogil=True, boundscheck=False, inline="always")
+def _rotate_head_bf16(row, at, c, s, a_bits, b_bits, dst, to, half):  # type: ignore[no-untyped-def]
+    """One head of a widened bf16 row -> its bf16 bits in dst[to:], rounded where the
+    reference's bf16 ops round: each product, then the sum (c, s: bf16-rounded already)."""
+    a, b = a_bits.view(np.float32), b_bits.view(np.float32)
+    x1, x2 = row[at:at + half], row[at + half:at + 2 * half]
+    for i in range(half):
+        a[i] = x1[i] * c[i]
+        a[half + i] = x2[i] * c[half + i]
+        b[i] = x2[i] * s[i]
+        b[half + i] = x1[i] * s[half + i]
+    round_in_place(a_bits)
+    round_in_place(b_bits)
+    for i in range(half):
+        a[i] = a[i] - b[i]
+        a[half + i] = a[half + i] + b[half + i]
+    narrow(a_bits, dst[to:to + 2 * half])
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots):  # type: ignore[no-untyped-def]
+    """_rotate_store for a bf16 body: qkv, q_out, k_flat and v_flat are int16 bf16 bits
+    (kernels/bf16_bits.py); cos and sin fp32, rounded to bf16 first as the reference casts them."""
+    dim = cos.shape[1]
+    half = dim // 2
+    num_slots = k_flat.shape[0]
+    values = (num_heads + num_kv_heads) * dim
+    row_bits = np.empty(qkv.shape[1], np.uint32)
+    c_bits, s_bits = np.empty(dim, np.uint32), np.empty(dim, np.uint32)
+    a_bits, b_bits = np.empty(dim, np.uint32), np.empty(dim, np.uint32)
+    row, c, s = row_bits.view(np.float32), c_bits.view(np.float32), s_bits.view(np.float32)
+    for t in range(qkv.shape[0]):
+        widen(qkv[t, :values], row_bits)
+        c[:] = cos[t]
+        s[:] = sin[t]
+        round_in_place(c_bits)
+        round_in_place(s_bits)
+        for h in range(num_heads):
+            _rotate_head_bf16(row, h * dim, c, s, a_bits, b_bits, q_out[t], h * dim, half)
+        slot = slots[t]
+        if slot < 0:
+            continue                      # -1: a padding token, not stored (as in the reference)
+        if slot >= num_slots:
+            raise IndexError("slot_mapping points outside the KV cache")
+        k_row, v_row = k_flat[slot], v_flat[slot]
+        for h in range(num_kv_heads):
+            _rotate_head_bf16(row, (num_heads + h) * dim, c, s, a_bits, b_bits, k_row, h * dim,
+                              half)
+        v_row[:] = qkv[t, values:values + num_kv_heads * dim]
+
+
 def _fused_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
-    return (qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == torch.float32
-            and qkv.dim() == 2 and qkv.is_contiguous() and cos.is_contiguous()
+    return (qkv.dtype == k_cache.dtype == v_cache.dtype
+            and qkv.dtype in (torch.float32, torch.bfloat16)
+            and cos.dtype == sin.dtype == torch.float32 and qkv.dim() == 2 and qkv.is_contiguous() and cos.is_contiguous()
             and sin.is_contiguous() and cos.shape == sin.shape == (qkv.shape[0], k_cache.shape[3])
             and k_cache.is_contiguous() and v_cache.is_contiguous() and not qkv.is_cuda
             and slot_mapping.dtype == torch.long and slot_mapping.shape == qkv.shape[:1]
@@ -114,9 +167,10 @@ def warm_up() -> None:
     for tokens in (1, 2):      # one token's views are contiguous to numba, more tokens' strided
         qkv = torch.ones(tokens, 3, 4)
         _rotary_cpu(qkv[:, :2], qkv[:, 2:], torch.ones(tokens, 4), torch.ones(tokens, 4))
-    cache = torch.zeros(1, 2, 1, 4)
-    rotate_and_store(torch.ones(1, 12), 1, 1, torch.ones(1, 4), torch.ones(1, 4), cache,
-                     cache.clone(), torch.zeros(1, dtype=torch.long))
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = torch.zeros(1, 2, 1, 4, dtype=dtype)
+        rotate_and_store(torch.ones(1, 12, dtype=dtype), 1, 1, torch.ones(1, 4), torch.ones(1, 4),
+                         cache, cache.clone(), torch.zeros(1, dtype=torch.long))
 
 
 # --- Triton kernel ----------------------------------------------------------------------------
@@ -176,9 +230,17 @@ def rotate_and_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: 
     """The qkv projection's output [T, (h + 2 kvh) * d] -> rotated q [T, h, d]; the rotated keys
     and the values go into the cache at slot_mapping (kernels.kv_store.store_kvcache).
 
-    fp32 on the CPU: one numba call reading qkv in place, instead of a rotary call, a store call
-    and a key tensor in between (the same arithmetic, so the same bits; a test checks)."""
+    fp32 or bf16 on the CPU: one numba call reading qkv in place, instead of a rotary call, a
+    store call and a key tensor in between (the same arithmetic and roundings, so the same bits;
+    a test checks)."""
     head_dim = k_cache.shape[3]
+    if _fused_takes(qkv, cos, sin, k_cache, v_cache, slot_mapping) and qkv.dtype != torch.float32:
+        q = torch.empty(qkv.shape[0], num_heads * head_dim, dtype=qkv.dtype)
+        bits = lambda t: t.view(torch.int16).numpy()  # noqa: E731
+        _rotate_store_bf16(bits(qkv), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), bits(q),
+                           bits(k_cache.view(-1, num_kv_heads * head_dim)),
+                           bits(v_cache.view(-1, num_kv_heads * head_dim)), slot_mapping.numpy())
+        return q.view(-1, num_heads, head_dim)
     if _fused_takes(qkv, cos, sin, k_cache, v_cache, slot_mapping):
         q = torch.empty(qkv.shape[0], num_heads * head_dim)
         _rotate_store(qkv.numpy(), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), q.numpy(),

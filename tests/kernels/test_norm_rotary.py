@@ -52,14 +52,16 @@ def test_rms_norm_cpu_equals_reference(dtype: torch.dtype, with_residual: bool,
     assert torch.equal(new_residual, ref_residual)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [1, 5, 8, 100, 576, 1536, 2049])
-def test_rms_norm_numba_equals_reference_bit_for_bit(hidden: int) -> None:
-    # The numba path adds the squares in torch's order; any other order moves logprobs.
+def test_rms_norm_numba_equals_reference_bit_for_bit(hidden: int, dtype: torch.dtype) -> None:
+    # The numba path adds the squares in torch's order; any other order moves logprobs. bf16:
+    # int16 bits widened, rounded where the reference's bf16 ops round (kernels/bf16_bits.py).
     lanes = rmsnorm._torch_lanes()
     if not lanes:
         pytest.skip("this torch build sums in an order the numba path does not reproduce")
     for num_tokens in (1, 3, 33):
-        x, residual, weight = norm_inputs(num_tokens, hidden, torch.float32)
+        x, residual, weight = norm_inputs(num_tokens, hidden, dtype)
         for r in (residual, None):
             out, summed = rmsnorm._norm_numba(x * 7, weight, 1e-6, r, lanes)
             ref_out, ref_summed = rms_norm_ref(x * 7, weight, 1e-6, r)
@@ -115,23 +117,27 @@ def test_norm_rotary_cuda(cuda: torch.device, dtype: torch.dtype) -> None:
     torch.testing.assert_close(_rotate_triton(q.to(cuda), cos.to(cuda), sin.to(cuda)).cpu(), ref_q, **tol)
 
 
-def test_rotate_and_store_equals_rotary_then_store() -> None:
-    """The fused fp32 CPU path (rotate q and k, store k and v, one numba call) gives the bits of
-    apply_rotary followed by store_kvcache, skips -1 slots, and refuses a slot past the cache."""
-    from kernels import rotate_and_store, store_kvcache
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotate_and_store_equals_rotary_then_store(dtype: torch.dtype) -> None:
+    """The fused CPU path (rotate q and k, store k and v, one numba call) gives the bits of the
+    reference rotary followed by the store, skips -1 slots, and refuses a slot past the cache;
+    in fp32 and in bf16 (int16 bits, rounded where the reference's bf16 ops round)."""
+    from kernels import rotate_and_store
     g = torch.Generator().manual_seed(4)
     tokens, h, kvh, d = 6, 9, 3, 64
-    qkv = torch.randn(tokens, (h + 2 * kvh) * d, generator=g)
+    qkv = (5 * torch.randn(tokens, (h + 2 * kvh) * d, generator=g)).to(dtype)
     pos = torch.tensor([0, 5, 17, 300, 2, 9])
     cos, sin = torch.randn(400, d, generator=g)[pos], torch.randn(400, d, generator=g)[pos]
     slots = torch.tensor([3, 17, -1, 40, 0, 63])
-    caches = [torch.randn(4, 16, kvh, d, generator=g) for _ in range(2)]
+    caches = [torch.randn(4, 16, kvh, d, generator=g).to(dtype) for _ in range(2)]
     kc, vc = caches[0].clone(), caches[1].clone()
     q = rotate_and_store(qkv, h, kvh, cos, sin, kc, vc, slots)
     qr, kr, vr = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
-    want_q, want_k = apply_rotary(qr.reshape(-1, h, d), kr.reshape(-1, kvh, d), cos, sin)
+    want_q, want_k = apply_rotary_ref(qr.reshape(-1, h, d), kr.reshape(-1, kvh, d), cos, sin)
     kw, vw = caches[0].clone(), caches[1].clone()
-    store_kvcache(want_k, vr.reshape(-1, kvh, d), kw, vw, slots)
+    stored = slots >= 0
+    kw.view(-1, kvh, d)[slots[stored]] = want_k[stored]
+    vw.view(-1, kvh, d)[slots[stored]] = vr.reshape(-1, kvh, d)[stored]
     assert torch.equal(q, want_q) and torch.equal(kc, kw) and torch.equal(vc, vw)
     assert torch.equal(kc.view(-1, kvh, d)[2], caches[0].view(-1, kvh, d)[2])  # untouched slot
     with pytest.raises(IndexError):
