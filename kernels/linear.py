@@ -22,11 +22,13 @@ partial sums are added to the output between chunks, which also keeps rounding e
 a blocked BLAS than one long chain would). Panels are split across numba's threads.
 
 bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU (native bf16 dot products with
-AVX512-BF16 or AMX, or none with AVX2 only), so it is measured, not assumed: a bf16 layer also
-keeps the same values in fp32 (exact: bf16 widens losslessly), prepacked, and `MIN_BF16_ROWS`
-says from how many rows bf16 is used; the engine re-measures it with `calibrate` when it loads
-a bf16 body. The fp32 branch
-rounds its output to bf16, so both branches agree to bf16 rounding (accumulation order aside).
+AVX512-BF16 or AMX, or none with AVX2 only), so it is measured, not assumed: `MIN_BF16_ROWS`
+says from how many rows torch's bf16 matmul is used; the engine re-measures it with `calibrate`
+when it loads a bf16 body. Below that, the product runs in fp32 on the same values: through the
+panel GEMM on panels kept in bf16 (the microkernel widens each weight exactly as it loads it,
+so a decode step reads half the bytes of fp32 panels, and nothing is stored twice), or through
+oneDNN on an fp32 prepacked copy where the shape has no panels. The fp32 branch rounds its
+output to bf16, so both branches agree to bf16 rounding (accumulation order aside).
 """
 from __future__ import annotations
 
@@ -85,13 +87,18 @@ def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Li
     bf16 branch reads it."""
     packed = panels = None
     if not weight.is_cuda and panel_linear() and weight.shape[0] % PANEL == 0:
-        panels = pack_panels(weight)
+        panels = pack_panels(weight, weight.dtype if weight.dtype == torch.bfloat16 else None)
     elif not weight.is_cuda and prepack_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous(), PACK_ROWS_HINT)
     if (packed is not None or panels is not None) and weight.dtype == torch.float32:
         weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
-    panel_data = None if panels is None else panels.view(-1).numpy()
-    return LinearWeight(weight, bias, packed, panels, panel_data)
+    return LinearWeight(weight, bias, packed, panels, None if panels is None else _flat(panels))
+
+
+def _flat(panels: torch.Tensor) -> np.ndarray:
+    """The panels' memory as the numba kernel takes it: fp32, or bf16 as its int16 bits."""
+    flat = panels.view(-1)
+    return (flat.view(torch.int16) if panels.dtype == torch.bfloat16 else flat).numpy()
 
 
 def use_bf16(num_rows: int, in_features: int, out_features: int) -> bool:
@@ -130,11 +137,12 @@ _ROWS = 4       # rows per microkernel call: 4 x 3 accumulators + 3 weights + 1 
 _CHUNK = 256    # input features summed in registers before the partial sum goes to the output
 
 
-def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> fp32 [out / PANEL, in, PANEL]: panel p, row k holds W[24p : 24p + 24, k]."""
+def pack_panels(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[out, in] -> [out / PANEL, in, PANEL] in `dtype` (fp32 unless bf16 is asked for): panel
+    p, row k holds W[24p : 24p + 24, k]."""
     out_features, in_features = weight.shape
     assert out_features % PANEL == 0, "out_features must be a multiple of PANEL"
-    return (weight.float().reshape(out_features // PANEL, PANEL, in_features)
+    return (weight.to(dtype or torch.float32).reshape(out_features // PANEL, PANEL, in_features)
             .transpose(1, 2).contiguous())
 
 
@@ -198,23 +206,24 @@ def _panel_gemm(x, wp, out, threads):  # type: ignore[no-untyped-def]
 
 def panel_gemm(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None = None,
                panel_data: np.ndarray | None = None) -> torch.Tensor:
-    """fp32 x [T, in] @ the packed weight -> [T, out] (+ bias). panel_data: panels.view(-1)
-    as numpy, if the caller keeps it (a decode step makes ~120 of these calls, each short enough
-    that converting again would show)."""
+    """fp32 x [T, in] @ the packed weight (fp32 or bf16 panels) -> fp32 [T, out] (+ bias).
+    panel_data: `_flat(panels)`, if the caller keeps it (a decode step makes ~120 of these
+    calls, each short enough that converting again would show)."""
     num_panels, in_features, width = panels.shape
     assert width == PANEL and x.shape[-1] == in_features and x.dtype == torch.float32
     if x.dim() != 2 or not x.is_contiguous():
         x = x.reshape(-1, in_features).contiguous()
     out = torch.empty(x.shape[0], num_panels * PANEL)
     if x.shape[0]:
-        data = panels.view(-1).numpy() if panel_data is None else panel_data
+        data = _flat(panels) if panel_data is None else panel_data
         _panel_gemm(x.numpy(), data, out.numpy(), numba_threads())
     return out if bias is None else out.add_(bias)
 
 
 def warm_up() -> None:
-    """Compile the panel GEMM now (or load it from numba's on-disk cache)."""
-    panel_gemm(torch.ones(5, 3), pack_panels(torch.ones(PANEL, 3)))
+    """Compile the panel GEMM, fp32 and bf16 panels, now (or load it from numba's disk cache)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        panel_gemm(torch.ones(5, 3), pack_panels(torch.ones(PANEL, 3), dtype))
 
 
 def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]

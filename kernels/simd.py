@@ -59,13 +59,22 @@ def _is_f32_vector(arr: Any) -> bool:
 
 @intrinsic
 def load8(typingctx: Any, arr: Any, index: Any) -> Any:
-    """arr[index:index + 8] of a contiguous 1-d float32 array, as one vector (unaligned)."""
-    if not _is_f32_vector(arr):
+    """arr[index:index + 8] of a contiguous 1-d float32 array, as one vector (unaligned). An
+    int16 array holds bfloat16 bits: the eight are widened exactly (a shift into the top half),
+    so a kernel reading bf16 weights moves half the bytes of fp32 and computes the same."""
+    bf16 = (isinstance(arr, types.Array) and arr.dtype == types.int16 and arr.ndim == 1
+            and arr.layout == "C")
+    if not (_is_f32_vector(arr) or bf16):
         return None
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(ptr, _VEC.as_pointer()), align=4)
+        if not bf16:
+            return builder.load(builder.bitcast(ptr, _VEC.as_pointer()), align=4)
+        i16x8, i32x8 = ir.VectorType(ir.IntType(16), WIDTH), ir.VectorType(ir.IntType(32), WIDTH)
+        bits = builder.zext(builder.load(builder.bitcast(ptr, i16x8.as_pointer()), align=2),
+                            i32x8)
+        return builder.bitcast(builder.shl(bits, ir.Constant(i32x8, [16] * WIDTH)), _VEC)
     return float32x8(arr, index), codegen
 
 

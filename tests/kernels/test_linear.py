@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import kernels.linear as linear_mod
 from kernels.backend import prepack_linear
-from kernels.linear import apply_linear, prepare_linear, use_bf16
+from kernels.linear import apply_linear, linear_fp32, prepare_linear, use_bf16
 
 needs_prepack = pytest.mark.skipif(not prepack_linear(), reason="torch has no oneDNN prepacking")
 
@@ -68,6 +68,23 @@ def test_bf16_layers_keep_their_plain_weight() -> None:
     g = torch.Generator().manual_seed(1)
     w16 = torch.randn(96, 48, generator=g).bfloat16()
     assert torch.equal(prepare_linear(w16).weight, w16)             # the bf16 branch reads it
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 33])
+def test_bf16_panels_compute_what_fp32_panels_of_the_same_values_do(rows: int) -> None:
+    """A bf16 layer's panels stay bf16 (half the bytes; no fp32 copy): the microkernel widens
+    each weight exactly as it loads it, so the product has the bits of fp32 panels holding the
+    widened values."""
+    g = torch.Generator().manual_seed(rows)
+    w16 = torch.randn(5 * linear_mod.PANEL, 600, generator=g).bfloat16()
+    layer = prepare_linear(w16)
+    assert layer.panels is not None and layer.panels.dtype == torch.bfloat16
+    x = torch.randn(rows, 600, generator=g)
+    want = linear_mod.panel_gemm(x, linear_mod.pack_panels(w16.float()))
+    assert torch.equal(linear_fp32(x.bfloat16(), layer),
+                       linear_mod.panel_gemm(x.bfloat16().float(),
+                                             linear_mod.pack_panels(w16.float())))
+    torch.testing.assert_close(linear_mod.panel_gemm(x, layer.panels), want, rtol=0, atol=0)
 
 
 def test_without_prepacking_is_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
