@@ -55,6 +55,10 @@ class Transfer:
         """A Python list -> a tensor on the device (copied without blocking the host)."""
         return torch.tensor(data, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=True)
 
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor -> the device without blocking (through pinned memory on cuda)."""
+        return tensor.pin_memory().to(self.device, non_blocking=True) if self.pin else tensor
+
     def read_back(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
         """Device tensors -> host tensors, with one synchronisation for all of them; on the CPU,
         the tensors themselves. The step calls it once, for the sampled tokens and logprobs."""

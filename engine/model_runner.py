@@ -193,8 +193,10 @@ class ModelRunner:
         for seq in seqs:
             if seq.rng is None and not seq.sampling.is_greedy:
                 seq.rng = torch.Generator(self.device).manual_seed(seq.seed)
-        result = sample(logits, SamplingBatch.from_seqs(seqs, self.steering.eos_token_ids),
-                        self.device_bitmask, masked_rows, self.reductions, self.transfer.read_back)
+        sampling = SamplingBatch.from_seqs(seqs, self.steering.eos_token_ids)
+        sampling.temperatures = self.transfer.put(sampling.temperatures)          # [S]
+        result = sample(logits, sampling, self.device_bitmask, masked_rows, self.reductions,
+                        self.transfer.read_back)
         return result._replace(prompt_logprobs=prompt_logprobs, weights_version=self.weights_version)
 
     def _fill_masks(self, seqs: list[Sequence], rows: list[int]) -> None:
