@@ -140,8 +140,9 @@ def test_a_step_reads_the_device_once(tiny_runs):
 @pytest.mark.slow
 def test_default_model_through_the_triton_kernels(default_llm, hf_default_model, monkeypatch):
     prompts = ["The capital of France is", "def add(a, b):"]
-    params = [SamplingParams(max_tokens=3, temperature=0.0, logprobs=1),
-              SamplingParams(max_tokens=3, temperature=0.7, seed=3)]
+    # two tokens each: a prefill step and a decode step, 30 layers interpreted (about a minute)
+    params = [SamplingParams(max_tokens=2, temperature=0.0, logprobs=1),
+              SamplingParams(max_tokens=2, temperature=0.7, seed=3)]
     default = run(default_llm, prompts, params)
     monkeypatch.setenv("PLUMBLINE_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -149,7 +150,7 @@ def test_default_model_through_the_triton_kernels(default_llm, hf_default_model,
     triton = run(llm, prompts, params)
     assert_same(triton, default)
     ids = torch.tensor([llm.tokenizer(prompts[0]).input_ids])
-    ref = hf_default_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+    ref = hf_default_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
                                     do_sample=False, pad_token_id=llm.tokenizer.eos_token_id)
     assert triton[0][0][0] == ref[0, ids.shape[1]:].tolist()
     assert_same(run(llm, prompts[1:], params[1:]), triton[1:], tol=1e-5)   # batch invariance
