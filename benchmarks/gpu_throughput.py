@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(names):
         share = (deadline - time.monotonic()) / (len(names) - i)
         rows[name] = run_system(name, args) if args.dry_run else in_fresh_process(name, args, share)
+    _CACHE.clear()                      # a dry run's models, in this process
     text = table(args, rows, device_name, bandwidth_bound(args))
     print(text)
     if args.out is not None:

@@ -15,9 +15,11 @@ class EngineConfig:
     # deterministic mode (engine/model_runner.py: choose_dtype). The library's default stays fp32:
     # the same numbers on every CPU unless asked.
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
-    # Where the model runs. "auto": cuda when torch sees a GPU (and deterministic mode is off:
-    # its batch-invariant kernels are CPU kernels), else cpu (engine/device.py: choose_device).
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Where the model runs. "auto" (the server's default): cuda when torch sees a GPU (and
+    # deterministic mode is off: its batch-invariant kernels are CPU kernels), else cpu
+    # (engine/device.py: choose_device). The library's default stays the CPU, as its dtype stays
+    # fp32: the same numbers on every machine unless asked.
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
     # Decode-only steps replayed from CUDA graphs captured at start-up for common batch sizes
     # (engine/cuda_graphs.py); cuda only, ignored on the CPU.
     enable_cuda_graphs: bool = True

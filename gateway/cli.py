@@ -114,8 +114,9 @@ _ENGINE_HELP = {
 
 
 # Where the server's default differs from the library's (EngineConfig): the server picks the
-# fastest body for its CPU, an embedding program keeps fp32 unless it asks.
-_SERVE_DEFAULTS = {"dtype": "auto"}
+# GPU when there is one and the fastest body for its device, an embedding program keeps the CPU
+# and fp32 unless it asks.
+_SERVE_DEFAULTS = {"dtype": "auto", "device": "auto"}
 
 
 def _add_engine_options(group: Any) -> None:

@@ -26,16 +26,18 @@ def a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_auto_is_the_cpu_without_a_gpu_and_cuda_asked_for_is_refused(no_gpu):
-    assert choose_device(EngineConfig()) == ("cpu", "no CUDA device is available")
+    assert EngineConfig().device == "cpu"          # the library's default; the server's is auto
+    assert choose_device(EngineConfig(device="auto")) == ("cpu", "no CUDA device is available")
     assert choose_device(EngineConfig(device="cpu")) == ("cpu", "asked for")
     with pytest.raises(DeviceUnavailable, match=r"--device cuda: no CUDA device is available"):
         choose_device(EngineConfig(device="cuda"))
 
 
 def test_auto_is_cuda_with_a_gpu_except_in_deterministic_mode(a_gpu):
-    assert choose_device(EngineConfig()) == ("cuda", "a CUDA device is available (Test GPU)")
+    assert choose_device(EngineConfig(device="auto")) == (
+        "cuda", "a CUDA device is available (Test GPU)")
     assert choose_device(EngineConfig(device="cpu")) == ("cpu", "asked for")
-    device, reason = choose_device(EngineConfig(deterministic=True))
+    device, reason = choose_device(EngineConfig(device="auto", deterministic=True))
     assert device == "cpu" and "batch-invariant kernels run on the CPU" in reason
     assert choose_dtype(EngineConfig(dtype="auto"), "cuda") == (
         "bfloat16", "the GPU computes bf16 natively")
