@@ -15,6 +15,14 @@ class EngineConfig:
     # deterministic mode (engine/model_runner.py: choose_dtype). The library's default stays fp32:
     # the same numbers on every CPU unless asked.
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    # Where the model runs. "auto" (the server's default): cuda when torch sees a GPU (and
+    # deterministic mode is off: its batch-invariant kernels are CPU kernels), else cpu
+    # (engine/device.py: choose_device). The library's default stays the CPU, as its dtype stays
+    # fp32: the same numbers on every machine unless asked.
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    # Decode-only steps replayed from CUDA graphs captured at start-up for common batch sizes
+    # (engine/cuda_graphs.py); cuda only, ignored on the CPU.
+    enable_cuda_graphs: bool = True
     block_size: int = 16
     num_kv_blocks: int = 0            # 0: derive from kv_cache_memory_mb
     kv_cache_memory_mb: int = 1024
@@ -43,6 +51,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         assert self.dtype in ("auto", "float32", "bfloat16"), f"unsupported dtype {self.dtype}"
+        assert self.device in ("auto", "cpu", "cuda"), f"unsupported device {self.device}"
+        # Not a silent fallback to the CPU: whoever asked for cuda is told (engine/device.py).
+        assert not (self.deterministic and self.device == "cuda"), (
+            "deterministic mode is not supported on cuda: its batch-invariant kernels "
+            "(kernels/invariant.py: linear, lm_head, rms_norm, silu_mul, attention, sampler) are "
+            "CPU kernels; use --device cpu (or auto) with --deterministic")
         assert self.block_size in (8, 16, 32, 64), "block_size must be 8, 16, 32 or 64"
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
         assert self.num_kv_blocks >= 0 and self.kv_cache_memory_mb >= 1

@@ -186,6 +186,8 @@ class AsyncEngine:
         runner = self.core.runner
         return {"model_path": str(self.core.model_dir),
                 "dtype": runner.dtype_name, "dtype_reason": runner.dtype_reason,
+                "device": runner.device_name, "device_reason": runner.device_reason,
+                "cuda_graphs": None if runner.graphs is None else runner.graphs.sizes,
                 "architecture": runner.hf_config.model_type,
                 "vocab_size": self.core.vocab_size,
                 "lm_head_dtype": str(runner.model.lm_head.dtype).removeprefix("torch."),

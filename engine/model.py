@@ -44,9 +44,10 @@ class LlamaModel:
     """Weights as plain tensors; `forward` is a loop over layers. No nn.Module: nothing to train."""
 
     def __init__(self, cfg: Any, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 deterministic: bool = False) -> None:
+                 deterministic: bool = False, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.dtype = dtype
+        self.device = device = torch.device(device)
         # Deterministic mode swaps in the batch-invariant ops (kernels.invariant): every op with
         # a reduction computes a row the same way whatever else is in the step.
         self.deterministic = deterministic
@@ -63,14 +64,16 @@ class LlamaModel:
         self.scale = self.head_dim ** -0.5
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"activation {cfg.hidden_act!r} is not supported")
-        self.embed = state["model.embed_tokens.weight"].to(dtype)          # [vocab, hidden]
+        # Every weight goes to the device before prepare_linear: a CUDA weight is not packed
+        # for the CPU GEMMs (kernels/linear.py), and the state dict's CPU copy can be freed.
+        self.embed = state["model.embed_tokens.weight"].to(device, dtype)  # [vocab, hidden]
         head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-        self.lm_head = prepare(head.float().contiguous())                   # [vocab, hidden] fp32
-        self.norm = state["model.norm.weight"].to(dtype)
+        self.lm_head = prepare(head.to(device, torch.float32).contiguous())  # [vocab, hidden] fp32
+        self.norm = state["model.norm.weight"].to(device, dtype)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
-            get = lambda name: state[p + name].to(dtype)  # noqa: E731
+            get = lambda name: state[p + name].to(device, dtype)  # noqa: E731
             qkv = torch.cat([get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"),
                              get("self_attn.v_proj.weight")]).contiguous()
             qkv_bias = None
@@ -90,8 +93,8 @@ class LlamaModel:
         max_pos = cfg.max_position_embeddings
         freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)                             # [max_pos, head_dim]
-        self.cos = emb.cos() * self.rope_scale
-        self.sin = emb.sin() * self.rope_scale
+        self.cos = (emb.cos() * self.rope_scale).to(device)
+        self.sin = (emb.sin() * self.rope_scale).to(device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

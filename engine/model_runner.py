@@ -10,6 +10,8 @@ import torch
 from transformers import AutoConfig
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import CudaGraphs
+from engine.device import Transfer, choose_device, cuda_bf16
 from engine.loader import load_state_dict
 from engine.model import LlamaModel
 from engine.sampler import INVARIANT, TORCH, SamplingBatch, sample
@@ -26,10 +28,14 @@ log = structlog.get_logger("plumbline.engine")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def choose_dtype(config: EngineConfig) -> tuple[str, str]:
-    """The body's dtype for config.dtype, and why."""
+def choose_dtype(config: EngineConfig, device: str = "cpu") -> tuple[str, str]:
+    """The body's dtype for config.dtype on the device, and why."""
     if config.dtype != "auto":
         return config.dtype, "asked for"
+    if device == "cuda":
+        if cuda_bf16():
+            return "bfloat16", "the GPU computes bf16 natively"
+        return "float32", "the GPU has no native bf16 (before Ampere)"
     if config.deterministic:
         return "float32", "deterministic mode computes every op in fp32 (a bf16 body only adds roundings)"
     native = native_bf16()
@@ -46,12 +52,18 @@ class ModelRunner:
         self.hf_config = AutoConfig.from_pretrained(str(model_dir))
         if self.hf_config.model_type not in ("llama", "mistral", "qwen2"):
             raise ValueError(f"model type {self.hf_config.model_type!r} is not llama-family")
-        self.dtype_name, self.dtype_reason = choose_dtype(config)
+        self.device_name, self.device_reason = choose_device(config)
+        self.device = torch.device(self.device_name)
+        self.transfer = Transfer(self.device)
+        log.info("device_chosen", device=self.device_name, asked=config.device,
+                 reason=self.device_reason)
+        self.dtype_name, self.dtype_reason = choose_dtype(config, self.device_name)
         self.dtype = _DTYPES[self.dtype_name]
         log.info("dtype_chosen", dtype=self.dtype_name, asked=config.dtype, reason=self.dtype_reason)
         self.model = LlamaModel(self.hf_config, load_state_dict(model_dir), self.dtype,
-                                config.deterministic)
-        if self.dtype == torch.bfloat16 and not config.deterministic:
+                                config.deterministic, self.device)
+        on_cpu = self.device.type == "cpu"
+        if on_cpu and self.dtype == torch.bfloat16 and not config.deterministic:
             # Whether a bf16 matmul beats fp32 depends on the CPU (kernels/linear.py): measure
             # this model's shapes here, about a second.
             shapes = sorted({(w.shape[1], w.shape[0]) for w in self.model.layers[0].values()
@@ -59,7 +71,8 @@ class ModelRunner:
             found = calibrate(shapes)
             log.info("bf16_crossover", rows={f"{i}x{o}": "never" if n == NEVER else n
                                              for (i, o), n in found.items()})
-        warm_up()                    # numba compiles on first call: not on a first request
+        if on_cpu:
+            warm_up()                # numba compiles on first call: not on a first request
         self.weights_version = 0
         self.vocab_size = self.model.lm_head.shape[0]
         self.block_size = config.block_size
@@ -69,12 +82,16 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or max(
             1, config.kv_cache_memory_mb * (1 << 20) // bytes_per_block)
         shape = (self.num_blocks, config.block_size, cfg.num_key_value_heads, self.model.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(cfg.num_hidden_layers)]
         self._seed_rng = random.Random(config.seed)
-        # One grammar bitmask for the whole engine, sliced per step: int32 [max_num_seqs, words].
+        # One grammar bitmask for the whole engine, sliced per step: int32 [max_num_seqs, words],
+        # filled on the host (pinned on cuda) and copied once per step to its device twin (on
+        # the CPU the same tensor).
         self.bitmask = torch.full((config.max_num_seqs, (self.vocab_size + 31) // 32), -1,
-                                  dtype=torch.int32)
+                                  dtype=torch.int32, pin_memory=not on_cpu)
+        self.device_bitmask = self.bitmask.to(self.device)
         # Fast-forward and budget-aware closing (grammars/steering.py); the engine core sets the
         # one that knows the tokenizer.
         self.steering = Steering(self.vocab_size, fast_forward=config.grammar_fast_forward,
@@ -82,6 +99,10 @@ class ModelRunner:
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plumbline-mask")
         # The sampler's reductions over the vocabulary: batch-invariant ones in deterministic mode.
         self.reductions = INVARIANT if config.deterministic else TORCH
+        # Decode steps replayed from CUDA graphs (engine/cuda_graphs.py); None: every step eager.
+        self.graphs: CudaGraphs | None = None
+        if self.device.type == "cuda" and config.enable_cuda_graphs:
+            self.graphs = CudaGraphs.capture(self)
 
     @property
     def max_position_embeddings(self) -> int:
@@ -125,17 +146,17 @@ class ModelRunner:
         for n in query_lens:
             starts.append(starts[-1] + n)
         num_prefills = len(batch.seqs) - batch.num_decodes
+        up = self.transfer.up                   # on cuda: pinned, copied without blocking
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long),
+            slot_mapping=up(slot_mapping, torch.long),
             num_decodes=len(tables) - num_prefills,
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                      dtype=torch.int32).view(len(tables), width),
-            seq_lens=torch.tensor(lens, dtype=torch.int32),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            block_tables=up([t + [0] * (width - len(t)) for t in tables],
+                            torch.int32).view(len(tables), width),
+            seq_lens=up(lens, torch.int32),
+            query_start_loc=up(starts, torch.int32),
             max_query_len=max(query_lens, default=0),
         )
-        return (torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                meta, sample_rows)
+        return up(input_ids, torch.long), up(positions, torch.long), meta, sample_rows
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> StepResult:
@@ -151,20 +172,31 @@ class ModelRunner:
         # grammar libraries release the GIL), and wait for them just before sampling.
         masks = self._mask_pool.submit(self._fill_masks, seqs, masked_rows) if masked_rows else None
         try:
-            hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)   # [T, hidden]
+            replayed = (self.graphs.run(input_ids, positions, meta, len(sample_rows))
+                        if self.graphs is not None else None)
+            if replayed is not None:                    # a decode step: every row samples
+                hidden, logits = replayed
+            else:
+                hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)  # [T, hidden]
+                logits = (self.model.compute_logits(
+                    hidden[self.transfer.up(sample_rows, torch.long)]) if sample_rows else None)
             prompt_logprobs = self.prompt_logprobs(batch, hidden)
-            logits = self.model.compute_logits(hidden[sample_rows]) if sample_rows else None
         finally:
             if masks is not None:
                 masks.result()          # never leave a fill running into the next step
         if logits is None:
             return EMPTY_RESULT._replace(prompt_logprobs=prompt_logprobs,
                                          weights_version=self.weights_version)
+        if masked_rows and self.device_bitmask is not self.bitmask:
+            # once per step, after the fill and before the mask kernel (stream order)
+            self.device_bitmask[:len(seqs)].copy_(self.bitmask[:len(seqs)], non_blocking=True)
         for seq in seqs:
             if seq.rng is None and not seq.sampling.is_greedy:
-                seq.rng = torch.Generator().manual_seed(seq.seed)
-        result = sample(logits, SamplingBatch.from_seqs(seqs, self.steering.eos_token_ids),
-                        self.bitmask, masked_rows, self.reductions)
+                seq.rng = torch.Generator(self.device).manual_seed(seq.seed)
+        sampling = SamplingBatch.from_seqs(seqs, self.steering.eos_token_ids)
+        sampling.temperatures = self.transfer.put(sampling.temperatures)          # [S]
+        result = sample(logits, sampling, self.device_bitmask, masked_rows, self.reductions,
+                        self.transfer.read_back)
         return result._replace(prompt_logprobs=prompt_logprobs, weights_version=self.weights_version)
 
     def _fill_masks(self, seqs: list[Sequence], rows: list[int]) -> None:
@@ -178,7 +210,8 @@ class ModelRunner:
 
     def build_model(self, state: dict[str, torch.Tensor]) -> LlamaModel:
         """A model of the same architecture from new weights; refuses mismatched shapes."""
-        model = LlamaModel(self.hf_config, state, self.dtype, self.config.deterministic)
+        model = LlamaModel(self.hf_config, state, self.dtype, self.config.deterministic,
+                           self.device)
         old, new = self.model, model
         pairs = [(old.embed, new.embed, "embed_tokens"), (old.lm_head, new.lm_head, "lm_head")]
         pairs += [(a[k], b[k], f"layers.{i}.{k}") for i, (a, b) in enumerate(zip(old.layers, new.layers))
@@ -192,6 +225,8 @@ class ModelRunner:
         """Install a model built by build_model (between steps only); returns the new version."""
         self.model = model
         self.weights_version += 1
+        if self.graphs is not None:             # the graphs read the old weights' memory
+            self.graphs = CudaGraphs.capture(self)
         return self.weights_version
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> int:
@@ -218,10 +253,15 @@ class ModelRunner:
             offset += n
         if not rows:
             return None
-        logprobs = self.reductions.log_softmax(self.model.compute_logits(hidden[rows]))  # [R, vocab]
-        chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1).tolist()
+        up = self.transfer.up
+        logprobs = self.reductions.log_softmax(
+            self.model.compute_logits(hidden[up(rows, torch.long)]))                  # [R, vocab]
+        chosen_t = logprobs.gather(1, up(targets, torch.long).unsqueeze(1)).squeeze(1)  # [R]
         max_top = max(s.sampling.prompt_logprobs or 0 for s in batch.seqs)
         top_vals, top_ids = (torch.topk(logprobs, max_top, -1) if max_top else (None, None))
+        # A second synchronisation, in steps that compute prompt logprobs only.
+        chosen_t, top_vals, top_ids = self.transfer.read_back(chosen_t, top_vals, top_ids)
+        chosen = chosen_t.tolist()
         out: dict[int, list[PromptLogprob]] = {}
         by_id = {s.seq_id: s for s in batch.seqs}
         for seq_id, first, count in owners:

@@ -83,13 +83,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], seqs: list[Sequence])
         seq, p = seqs[r], seqs[r].sampling
         row = logits[r]                                                     # [vocab]
         if p.repetition_penalty != 1.0 and seq.token_ids:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=row.device)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
                                     vals * p.repetition_penalty)
         out = seq.completion_token_ids
         if out and (p.frequency_penalty or p.presence_penalty):
-            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=vocab)
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long, device=row.device),
+                                    minlength=vocab)
             counts = counts[:vocab].to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
@@ -102,7 +103,7 @@ def apply_logit_rules(logits: torch.Tensor, batch: SamplingBatch) -> None:
         row = logits[r]                                                     # [vocab]
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias)
-            row[list(ids)] += torch.tensor(bias, dtype=row.dtype)
+            row[list(ids)] += torch.tensor(bias, dtype=row.dtype, device=row.device)
         if p.allowed_token_ids is not None:
             keep = torch.full_like(row, float("-inf"))
             keep[list(p.allowed_token_ids)] = 0.0
@@ -119,8 +120,8 @@ def hold_stops(logits: torch.Tensor, batch: SamplingBatch) -> None:
         row, stops = logits[r], batch.stop_ids + list(p.stop_token_ids)   # [vocab]
         kept = row[stops].clone()
         row[stops] = float("-inf")
-        if bool(torch.isneginf(row).all()):
-            row[stops] = kept
+        # no bool(): reading a device tensor on the host would synchronise the step
+        row[stops] = torch.where(torch.isneginf(row).all(), kept, row[stops])
 
 
 def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float,
@@ -147,16 +148,23 @@ def truncate(logits: torch.Tensor, top_k: int, top_p: float, min_p: float,
 def _draw(seq: Sequence) -> torch.Tensor:
     """seq's next uniform, after the ones it owes for fast-forwarded tokens."""
     for _ in range(seq.num_skipped_draws):
-        torch.rand((), generator=seq.rng)
+        torch.rand((), generator=seq.rng, device=seq.rng.device)
     seq.num_skipped_draws = 0
-    return torch.rand((), generator=seq.rng)
+    return torch.rand((), generator=seq.rng, device=seq.rng.device)
+
+
+def _as_is(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return list(tensors)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | None = None,
-           masked_rows: list[int] | None = None, ops: Reductions = TORCH) -> StepResult:
+           masked_rows: list[int] | None = None, ops: Reductions = TORCH,
+           read_back: Callable[..., list[torch.Tensor | None]] = _as_is) -> StepResult:
     """logits [S, vocab] fp32 (modified in place) -> one token, logprob and top-N per row.
 
-    bitmask [>= S, ceil(vocab/32)] int32: grammar masks for masked_rows (others untouched)."""
+    bitmask [>= S, ceil(vocab/32)] int32 on logits' device: grammar masks for masked_rows
+    (others untouched). read_back brings the results to the host with one synchronisation
+    (engine/device.py: Transfer.read_back)."""
     raw_logprobs = ops.log_softmax(logits[batch.raw_rows]) if batch.raw_rows else None
     if batch.penalized_rows:
         apply_penalties(logits, batch.penalized_rows, batch.seqs)
@@ -166,7 +174,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | N
         apply_token_bitmask(logits, bitmask, masked_rows)                 # one batched apply
     if batch.ruled_rows:
         hold_stops(logits, batch)
-    logits.div_(batch.temperatures.unsqueeze(1))                            # [S, vocab]
+    logits.div_(batch.temperatures.to(logits.device).unsqueeze(1))          # [S, vocab]
     for r, seq in enumerate(batch.seqs):
         if not batch.is_greedy[r] and (batch.top_k[r] or batch.top_p[r] < 1.0 or batch.min_p[r]):
             logits[r] = truncate(logits[r], batch.top_k[r], batch.top_p[r], batch.min_p[r], ops)
@@ -176,22 +184,27 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, bitmask: torch.Tensor | N
     token_ids = torch.argmax(logits, dim=-1)                                # [S] greedy choice
     sampled_rows = [r for r, g in enumerate(batch.is_greedy) if not g]
     if sampled_rows:
+        # A device index from pinned memory: indexing with a list would copy it up blocking,
+        # which synchronises a CUDA stream.
+        rows = torch.tensor(sampled_rows, pin_memory=logits.is_cuda).to(logits.device,
+                                                                          non_blocking=True)
         # Inverse CDF with one uniform in (0, 1] per row: a zero-probability token is never hit.
         u = torch.stack([1.0 - _draw(batch.seqs[r]) for r in sampled_rows])
-        probs = ops.exp(logprobs[sampled_rows])                             # [R, vocab]
+        probs = ops.exp(logprobs[rows])                                     # [R, vocab]
         cdf = ops.cumsum(probs)
         picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
-        token_ids[sampled_rows] = picks.clamp_(max=logits.shape[1] - 1)
+        token_ids[rows] = picks.clamp_(max=logits.shape[1] - 1)
     report = logprobs
     if raw_logprobs is not None:
         report = logprobs.clone()
         report[batch.raw_rows] = raw_logprobs
     chosen = report.gather(1, token_ids.unsqueeze(1)).squeeze(1)            # [S]
     max_top = max(batch.num_top)
+    top_vals, top_ids = torch.topk(report, max_top, dim=-1) if max_top else (None, None)
+    token_ids, chosen, top_vals, top_ids = read_back(token_ids, chosen, top_vals, top_ids)
     tops: list[tuple[TopLogprob, ...]] = [()] * len(batch.seqs)
     if max_top:
-        top_vals, top_ids = torch.topk(report, max_top, dim=-1)             # [S, max_top]
-        vals, ids = top_vals.tolist(), top_ids.tolist()
+        vals, ids = top_vals.tolist(), top_ids.tolist()                     # [S, max_top]
         tops = [tuple(TopLogprob(t, v) for t, v in zip(ids[r][:n], vals[r][:n]))
                 for r, n in enumerate(batch.num_top)]
     return StepResult(token_ids.tolist(), chosen.tolist(), tops)

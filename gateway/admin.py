@@ -80,7 +80,11 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
                               "min_p", "log_softmax"],
             "seed": cfg.seed,
             "num_threads": torch.get_num_threads(),
-            "device": "cpu",
+            "device": loaded.get("device"),                   # as chosen ("auto" resolved)
+            "device_asked": cfg.device,
+            "device_reason": loaded.get("device_reason"),
+            # decode batch sizes replayed from CUDA graphs; None: none (CPU, or turned off)
+            "cuda_graphs": loaded.get("cuda_graphs"),
         },
         "scheduling": {
             "max_num_seqs": cfg.max_num_seqs,

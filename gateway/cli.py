@@ -101,8 +101,10 @@ def _guard_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 _ENGINE_HELP = {
-    "dtype": "the model body's dtype (lm_head always runs in fp32); auto: bf16 where the CPU "
-             "computes bf16 natively (AMX, AVX512-BF16), else fp32",
+    "dtype": "the model body's dtype (lm_head always runs in fp32); auto: bf16 on a GPU and where "
+             "the CPU computes bf16 natively (AMX, AVX512-BF16), else fp32",
+    "device": "where the model runs; auto: cuda when torch sees a GPU (cpu in deterministic mode)",
+    "enable_cuda_graphs": "run every decode step eagerly on cuda (no CUDA graphs)",
     "max_num_seqs": "sequences running at once (also the gateway's slot count)",
     "max_model_len": "0: the model's own context length",
     "kv_cache_memory_mb": "KV cache size when --num-kv-blocks is 0",
@@ -112,8 +114,9 @@ _ENGINE_HELP = {
 
 
 # Where the server's default differs from the library's (EngineConfig): the server picks the
-# fastest body for its CPU, an embedding program keeps fp32 unless it asks.
-_SERVE_DEFAULTS = {"dtype": "auto"}
+# GPU when there is one and the fastest body for its device, an embedding program keeps the CPU
+# and fp32 unless it asks.
+_SERVE_DEFAULTS = {"dtype": "auto", "device": "auto"}
 
 
 def _add_engine_options(group: Any) -> None:
@@ -144,6 +147,12 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
                  if line.strip() and not line.startswith("#")]
     engine = EngineConfig(model=args.model, **{
         f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if f.name != "model"})
+    from engine.device import DeviceUnavailable, choose_device   # torch: only when serving
+
+    try:
+        choose_device(engine)          # --device cuda without a GPU: say so now, not after loading
+    except DeviceUnavailable as exc:
+        raise AssertionError(str(exc)) from None
     return GatewayConfig(
         engine=engine, host=args.host, port=args.port, served_model_name=args.served_model_name,
         api_keys=tuple(keys), admin_key=_admin_key(args),

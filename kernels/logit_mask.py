@@ -120,7 +120,9 @@ def _apply_triton(logits: torch.Tensor, bitmask: torch.Tensor, rows: Rows) -> No
     elif isinstance(rows, torch.Tensor):
         row_ids = rows.to(device=logits.device, dtype=torch.int32)
     else:
-        row_ids = torch.tensor(list(rows), dtype=torch.int32, device=logits.device)
+        # up from pinned memory without blocking: a blocking copy would synchronise the stream
+        row_ids = torch.tensor(list(rows), dtype=torch.int32, pin_memory=logits.is_cuda).to(
+            logits.device, non_blocking=True)
     if row_ids.numel() == 0:
         return
     block = 1024 if logits.is_cuda else 4096        # the interpreter pays per program

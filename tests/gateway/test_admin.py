@@ -75,6 +75,8 @@ def test_server_info_reports_the_settings_in_force(server, tiny_model_dir):
     assert set(kernels) == {"linear", "lm_head", "rms_norm", "silu_mul", "attention", "sampler"}
     assert "panel_gemm" in kernels["linear"] and "no fastmath" in kernels["attention"]
     assert n["default_logprobs_mode"] == "processed"
+    assert n["device"] == "cpu" and n["device_asked"] == "cpu" and n["cuda_graphs"] is None
+    assert n["device_reason"] == "asked for"      # EngineConfig's default: the CPU
     s = body["scheduling"]
     assert (s["block_size"], s["max_num_seqs"], s["max_num_batched_tokens"]) == (8, 4, 96)
     assert s["max_model_len"] == 256 and s["enable_chunked_prefill"] is True
