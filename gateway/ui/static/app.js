@@ -19,6 +19,7 @@ function route() {
 }
 
 const key = document.getElementById("api-key");
+key.addEventListener("input", () => setKey(key.value));
 key.addEventListener("change", () => { setKey(key.value); loadModels(); });
 initPlayground();
 initTrace();

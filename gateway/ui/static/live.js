@@ -9,7 +9,7 @@ let timer = null, last = null;
 function card(id, label, value, detail = "") {
   return el("div", { class: "card", id: `lv-${id}` },
     el("div", { class: "label", text: label }),
-    el("div", { class: "value", text: String(value) }),
+    el("div", { class: "value", "data-value": typeof value === "number" ? value : null, text: String(value) }),
     el("div", { class: "detail", text: detail }));
 }
 
@@ -29,14 +29,13 @@ async function tick() {
     last = s;
     history.push(rate);
     if (history.length > 60) history.shift();
-    const kv = s.num_kv_blocks ? `${s.num_kv_blocks_used} / ${s.num_kv_blocks}` : "–";
     const hit = s.prefix_cache_queried_tokens
       ? `${((100 * s.prefix_cache_hit_tokens) / s.prefix_cache_queried_tokens).toFixed(0)}% of ${s.prefix_cache_queried_tokens} prompt tokens` : "";
     $("lv-cards").replaceChildren(
       card("running", "running", s.num_running ?? "–"),
       card("waiting", "waiting", s.num_waiting ?? "–"),
-      card("kv", "KV blocks used", kv),
-      card("rate", "tokens/s", rate.toFixed(1), `${s.streamed_tokens} tokens since start`),
+      card("kv", "KV blocks used", s.num_kv_blocks_used ?? "–", s.num_kv_blocks ? `of ${s.num_kv_blocks}` : ""),
+      card("rate", "tokens/s", Number(rate.toFixed(1)), `${s.streamed_tokens} tokens since start`),
       card("prefix", "prefix-cache hit tokens", s.prefix_cache_hit_tokens ?? "–", hit),
       card("failed", "checks failed", s.checks_failed, `of ${s.checks_run} run; ${s.guard_blocked} blocked`),
       card("forced", "forced tokens", s.num_forced_tokens ?? "–"),
