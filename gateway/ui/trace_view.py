@@ -8,6 +8,7 @@ a tool call has begun), from the max_tokens and reserve the trace recorded: "due
 mask was narrowed to closing tokens where the grammar allowed any."""
 from __future__ import annotations
 
+import codecs
 from typing import Any
 
 from starlette.requests import Request
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.guard.traces import read_trace
 from gateway.requests import runtime
+from gateway.tokens import TokenTable
 from grammars.closing import JsonScan
 
 
@@ -33,19 +35,25 @@ def closing_steps(texts: list[str], max_tokens: int | None, reserve: int | None)
     return steps
 
 
+def token_texts(table: TokenTable | None, ids: list[int]) -> list[str]:
+    """Each token's text such that they join into the completion's text: a token holding the
+    first bytes of a UTF-8 character shows "" and the one that completes it the character."""
+    assert table is not None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [decoder.decode(bytes(table.get(t)[1])) for t in ids]
+
+
 async def trace_tokens(request: Request) -> Response:
     body = await read_trace(request)
     rt = runtime(request)
-    engine, _ = rt.ready()
+    rt.ready()
     views: list[dict[str, Any] | None] = []
     for choice in body["choices"]:
         ids = choice["completion_ids"]
         if ids is None:           # withheld from this caller: no texts either
             views.append(None)
             continue
-        # one decode per token, as closing's vocabulary does (a half UTF-8 character shows as
-        # a replacement character here, whole in the response text)
-        texts = [engine.tokenizer.decode([t]) for t in ids]
+        texts = token_texts(rt.token_table, ids)
         steps = (closing_steps(texts, body["max_tokens"], body["close_reserve"])
                  if body["grammar"] is not None else [])
         views.append({"texts": texts, "closing_steps": steps})

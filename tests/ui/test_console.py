@@ -120,7 +120,7 @@ def test_playground_streams_an_answer(page: Any, server: LiveServer, shots: Path
 
 def test_json_schema_request_shows_a_valid_document_and_its_trace(
         page: Any, server: LiveServer, shots: Path) -> None:
-    ask(page, "Give me a person as JSON.", max_tokens=48)
+    ask(page, "Give me a person as JSON.", max_tokens=40)
     page.select_option("select[name=format]", "json_schema")
     page.fill("textarea[name=schema]", '{"type": "object",')
     assert page.inner_text("#pg-schema-status").startswith("✗")
@@ -146,7 +146,7 @@ def test_json_schema_request_shows_a_valid_document_and_its_trace(
 
 
 def test_tool_call_request_shows_the_call(page: Any) -> None:
-    ask(page, "What is the weather in Paris?", max_tokens=48)
+    ask(page, "What is the weather in Paris?", max_tokens=40)
     page.fill("textarea[name=tools]", json.dumps(WEATHER))
     page.select_option("select[name=tool_choice]", "required")
     assert page.inner_text("#pg-tools-status").startswith("✓ 1 tool(s): get_weather")

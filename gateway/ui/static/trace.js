@@ -11,6 +11,9 @@ function colour(logprob) {
   return `hsl(${Math.round(120 * p)}, 70%, ${Math.round(88 - 10 * (1 - p))}%)`;
 }
 
+// Line breaks and tabs drawn, so every token keeps a visible cell of its own.
+function visible(text) { return text.replace(/\n/g, "↵").replace(/\t/g, "⇥") || "∅"; }
+
 function fmt(x, digits = 3) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
 
 // Raw logprobs of a processed-mode trace: the model's own distribution, recomputed by scoring
@@ -51,7 +54,9 @@ function timeline(trace, choices) {
       ...ticks,
       ...marks.map(([name, t], k) => svg("g", { class: "mark" },
         svg("line", { x1: x(t), x2: x(t), y1: 10, y2: 48 }),
-        svg("text", { x: x(t) + 3, y: 10 + 10 * (k % 2), }, `${name} ${(t * 1000).toFixed(0)} ms`)))));
+        // labels on the right half end at their mark, so the last one stays inside
+        svg("text", { x: x(t) + (x(t) > W / 2 ? -3 : 3), y: 10 + 10 * (k % 2),
+          "text-anchor": x(t) > W / 2 ? "end" : "start" }, `${name} ${(t * 1000).toFixed(0)} ms`)))));
 }
 
 function allowedChart(counts, vocab) {
@@ -88,7 +93,7 @@ function tokenCells(view, choice, counts, raw, violations) {
         ...hit.map((v) => `${v.check}: ${v.message || ""} [${v.start}, ${v.end})`),
       ].filter(Boolean).join("\n");
       return el("span", { class: classes, title, style: `background:${colour(choice.logprobs[i])}`,
-        "data-raw": raw.values ? raw.values[i] : null, text: JSON.stringify(text).slice(1, -1) });
+        "data-raw": raw.values ? raw.values[i] : null, text: visible(text) });
     }));
 }
 
