@@ -8,7 +8,10 @@ Against a running server, alternates, one request at a time, the same chat reque
 console's playground. curl: from spawning `curl -sN` to the first SSE line with non-empty
 content (the spawn included, so curl is measured a little slow). Console: the page's own
 figure (performance.now() when Send is clicked to the first content delta in the DOM,
-`#pg-meta[data-ttft-ms]`). Prints one summary line with the medians and their ratio.
+`#pg-meta[data-ttft-ms]`). Each request's trace gives the server's own figure (queued to first
+token; traces need --api-key or --traces), so the client's share shows apart from the
+server's: on a busy machine the browser's own CPU use slows the server too. Prints one
+summary line with the medians and their ratio.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 PROMPT = "Name three fruits."
 
 
-def curl_ttft(url: str, key: str, model: str, max_tokens: int) -> float:
+def curl_ttft(url: str, key: str, model: str, max_tokens: int) -> tuple[float, str]:
     body = json.dumps({"model": model, "stream": True, "temperature": 0,
                        "max_tokens": max_tokens,
                        "messages": [{"role": "user", "content": PROMPT}]})
@@ -37,23 +40,36 @@ def curl_ttft(url: str, key: str, model: str, max_tokens: int) -> float:
                              "Content-Type: application/json", "-d", body],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    first = None
+    first, completion_id = None, ""
     for line in proc.stdout:
         if first is None and line.startswith("data: {"):
-            delta = json.loads(line[6:])["choices"][0]["delta"]
-            if delta.get("content"):
+            chunk = json.loads(line[6:])
+            completion_id = chunk["id"]
+            if chunk["choices"][0]["delta"].get("content"):
                 first = time.perf_counter() - t0
     proc.wait()
     assert first is not None, "no content streamed"
-    return first * 1000
+    return first * 1000, completion_id
 
 
-def console_ttft(page: Any, max_tokens: int) -> float:
+def console_ttft(page: Any, max_tokens: int) -> tuple[float, str]:
     page.fill("input[name=max_tokens]", str(max_tokens))
     page.fill("input[name=temperature]", "0")
     page.click("#pg-send")
     page.wait_for_selector("#pg-finish")
-    return float(page.get_attribute("#pg-meta", "data-ttft-ms"))
+    completion_id = page.get_attribute("#pg-trace-link", "href").removeprefix("#trace/")
+    return float(page.get_attribute("#pg-meta", "data-ttft-ms")), completion_id
+
+
+def server_ttft(url: str, headers: dict[str, str], completion_id: str) -> float:
+    """Queued to first token, as the server's trace has it (nan without traces)."""
+    import httpx
+
+    r = httpx.get(f"{url}/v1/traces/{completion_id}", headers=headers)
+    if r.status_code != 200:
+        return float("nan")
+    ts = r.json()["timestamps"]
+    return (ts["first_token"] - ts["queued"]) * 1000
 
 
 def main() -> None:
@@ -78,14 +94,18 @@ def main() -> None:
         page.fill("#pg-messages .message .content", PROMPT)
         curl_ttft(args.url, args.api_key, model, args.max_tokens)      # warm-up, both
         console_ttft(page, args.max_tokens)
-        curl, console = [], []
+        runs: dict[str, list[tuple[float, str]]] = {"curl": [], "console": []}
         for _ in range(args.rounds):
-            curl.append(curl_ttft(args.url, args.api_key, model, args.max_tokens))
-            console.append(console_ttft(page, args.max_tokens))
+            runs["curl"].append(curl_ttft(args.url, args.api_key, model, args.max_tokens))
+            runs["console"].append(console_ttft(page, args.max_tokens))
         browser.close()
-    c, b = statistics.median(curl), statistics.median(console)
-    print(f"first token, median of {args.rounds}: curl {c:.1f} ms, console {b:.1f} ms "
-          f"(console/curl {b / c:.2f}x)")
+    med = {name: (statistics.median(t for t, _ in r),
+                  statistics.median(server_ttft(args.url, headers, i) for _, i in r))
+           for name, r in runs.items()}
+    (c, cs), (b, bs) = med["curl"], med["console"]
+    print(f"first token, median of {args.rounds}: curl {c:.1f} ms (server {cs:.1f}), console "
+          f"{b:.1f} ms (server {bs:.1f}); console/curl {b / c:.2f}x, client share "
+          f"{c - cs:.1f} vs {b - bs:.1f} ms")
 
 
 if __name__ == "__main__":
