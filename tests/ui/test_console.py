@@ -3,7 +3,6 @@ against one live server on the real default model. Screenshots of each view go t
 output folder (`console-screenshots` under pytest's tmp path)."""
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -17,7 +16,6 @@ import jsonschema
 import pytest
 
 from gateway.config import GatewayConfig
-from gateway.ui import STATIC_DIR
 from tests.gateway.conftest import LiveServer, serve
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -94,15 +92,21 @@ def trace(server: LiveServer, trace_id: str, key: str = KEY) -> Any:
     return r.json()
 
 
-def test_playground_streams_an_answer(page: Any, server: LiveServer, shots: Path) -> None:
+TEXT_NODES = """[...document.getElementById('pg-answer').childNodes]
+    .filter((n) => n.nodeType === Node.TEXT_NODE).map((n) => n.textContent).join('')"""
+
+
+def test_playground_streams_an_answer_with_flags_inline(page: Any, server: LiveServer,
+                                                       shots: Path) -> None:
     ask(page, "Name three fruits.", max_tokens=16)
+    page.select_option("select[name=guard_mode]", "flag")
+    page.fill("textarea[name=deny]", r"(?i)\b[a-z]{5,12}\b")     # every word of 5+ letters
     # count the pieces of text as they land in the answer: a stream, not one body at the end
     page.evaluate("""() => { window.pieces = 0; new MutationObserver((ms) => {
         for (const m of ms) window.pieces += m.addedNodes.length; })
         .observe(document.getElementById('pg-answer'), {childList: true}); }""")
     trace_id = send_and_wait(page)
-    answer = page.inner_text("#pg-answer")
-    assert answer.strip() and page.evaluate("window.pieces") >= 2
+    assert page.evaluate("window.pieces") >= 2
     assert float(page.get_attribute("#pg-meta", "data-ttft-ms")) > 0
     got = trace(server, trace_id)
     (choice,) = got["choices"]
@@ -110,7 +114,17 @@ def test_playground_streams_an_answer(page: Any, server: LiveServer, shots: Path
         choice["completion_ids"])
     r = httpx.post(server.url + "/detokenize", json={"tokens": choice["completion_ids"]},
                    headers={"Authorization": f"Bearer {KEY}"})
-    assert r.json()["prompt"].startswith(answer.rstrip())
+    # flag mode sends every token: the whole text, with a flag where each violation was found
+    text = page.evaluate(TEXT_NODES)
+    assert text.strip() and r.json()["prompt"].startswith(text)
+    # each flag right after the text it flags: as many characters before it as its end offset
+    ends = page.evaluate("""() => { let n = 0; const out = [];
+        for (const node of document.getElementById('pg-answer').childNodes) {
+            if (node.nodeType === Node.TEXT_NODE) n += node.length; else out.push(n); }
+        return out; }""")
+    violations = got["checks"][0]["violations"]
+    assert ends == [v["end"] for v in violations] and len(violations) > 0
+    assert page.inner_text("#pg-outcome .verdict").startswith("guard: flagged")
     # the key lives in the page's memory only; every request went to the server itself
     assert page.evaluate("[localStorage.length, sessionStorage.length, document.cookie]") == [
         0, 0, ""]
@@ -174,9 +188,7 @@ def test_blocked_response_shows_the_block_and_none_of_its_text(
     (violation,) = full["checks"][0]["violations"]
     withheld = text[violation["start"]:]
     assert len(withheld) >= 5
-    # the released text: the answer's text nodes (the flags and the banner are elements)
-    shown = page.evaluate("""[...document.getElementById('pg-answer').childNodes]
-        .filter((n) => n.nodeType === Node.TEXT_NODE).map((n) => n.textContent).join('')""")
+    shown = page.evaluate(TEXT_NODES)      # the released text (flags and banner are elements)
     assert text.startswith(shown) and len(shown) <= violation["start"]
     for dom in (page.content(), page.inner_text("body")):
         assert withheld not in dom and text[violation["start"]:violation["end"]] not in dom
@@ -219,23 +231,3 @@ def test_live_view_counters_move_during_a_request(page: Any, server: LiveServer,
     page.wait_for_function(f"Number(document.querySelector('#lv-finished .value').dataset.value)"
                            f" > {before}")
     page.wait_for_function("document.querySelector('#lv-running .value').dataset.value === '0'")
-
-
-def test_page_weight_and_no_ui() -> None:
-    from starlette.testclient import TestClient
-
-    from gateway.app import create_app
-    from gateway.cli import _add_serve, config_from_args
-
-    weight = sum(p.stat().st_size for p in STATIC_DIR.rglob("*") if p.is_file())
-    assert 0 < weight < 200_000
-    parser = argparse.ArgumentParser()
-    _add_serve(parser.add_subparsers())
-    config = config_from_args(parser.parse_args(["serve", "--no-ui", "--api-key", KEY]))
-    assert not config.ui and config_from_args(parser.parse_args(["serve"])).ui
-    for ui, status in ((False, 404), (True, 200)):
-        # no lifespan: nothing loads, the routes are what is tested
-        client = TestClient(create_app(GatewayConfig(ui=ui, api_keys=(KEY,))))
-        assert client.get("/ui/").status_code == status
-        assert client.get("/ui/app.js").status_code == status
-        assert client.get("/ui").status_code == status

@@ -1,7 +1,8 @@
-"""The console's JSON endpoints without a browser: `GET /v1/stats` and
-`GET /v1/traces/{id}/tokens` on the fake engine, and the closing-step replay."""
+"""The console without a browser: `GET /v1/stats` and `GET /v1/traces/{id}/tokens` on the fake
+engine, the closing-step replay, the page's weight and `--no-ui`."""
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.ui import STATIC_DIR
 from gateway.ui.trace_view import closing_steps
 from tests.gateway.conftest import FAKE_TEXT, FakeEngine, LiveServer
 
@@ -67,3 +69,22 @@ def test_stats_and_trace_tokens(server: LiveServer) -> None:
     # the trace's access rules: another key sees nothing, not even that it exists
     assert get(server, f"/v1/traces/{out['id']}/tokens", OTHER).status_code == 404
     assert get(server, f"/v1/traces/{out['id']}/tokens", None).status_code == 401
+
+
+def test_page_weight_and_no_ui() -> None:
+    from starlette.testclient import TestClient
+
+    from gateway.app import create_app
+    from gateway.cli import _add_serve, config_from_args
+
+    weight = sum(p.stat().st_size for p in STATIC_DIR.rglob("*") if p.is_file())
+    assert 0 < weight < 200_000
+    parser = argparse.ArgumentParser()
+    _add_serve(parser.add_subparsers())
+    assert config_from_args(parser.parse_args(["serve"])).ui
+    for flags, status in ((["--no-ui"], 404), ([], 200)):
+        config = config_from_args(parser.parse_args(["serve", "--api-key", KEY, *flags]))
+        # no lifespan: nothing loads, the routes are what is tested
+        client = TestClient(create_app(config))
+        for path in ("/ui", "/ui/", "/ui/app.js"):
+            assert client.get(path).status_code == status, path

@@ -84,12 +84,31 @@ function flag(v) {
     text: `⚑ ${v.check}` });
 }
 
+// A flag goes right after the text it flags (its `end` offset in the content) when that text
+// is on the page already, else where the stream stands.
+function placeFlag(answer, v) {
+  let left = v.end;
+  if (left !== undefined) {
+    for (const node of answer.childNodes) {
+      if (node.nodeType !== Node.TEXT_NODE) continue;
+      if (left <= node.length) {
+        const rest = left < node.length ? node.splitText(left) : node.nextSibling;
+        answer.insertBefore(flag(v), rest);
+        return;
+      }
+      left -= node.length;
+    }
+  }
+  answer.append(flag(v));
+}
+
 function show(form) {
   const answer = $("pg-answer"), calls = $("pg-calls"), meta = $("pg-meta");
   const outcome = $("pg-outcome"), jsonStatus = $("pg-json");
   for (const node of [answer, calls, meta, outcome, jsonStatus]) node.replaceChildren();
   answer.className = "answer";
   const callNodes = new Map();
+  const pendingFlags = [];
   const started = performance.now();
   let text = "", id = null, firstAt = null, lastAt = null, usage = null, finish = null;
   let verdict = null, incomplete = false;
@@ -100,9 +119,9 @@ function show(form) {
       meta.append(el("span", { text: id, class: "mono" }), " ",
         el("a", { href: `#trace/${encodeURIComponent(id)}`, id: "pg-trace-link", text: "trace →" }));
     }
-    for (const v of chunk.plumbline?.violations || []) answer.append(flag(v));
     if (chunk.plumbline?.checks) verdict = chunk.plumbline.checks;
     if (chunk.usage) usage = chunk.usage;
+    pendingFlags.push(...(chunk.plumbline?.violations || []));
     for (const choice of chunk.choices || []) {
       const delta = choice.delta || {};
       if (delta.content) {
@@ -129,6 +148,7 @@ function show(form) {
       if (choice.plumbline?.incomplete) incomplete = true;
       if (choice.finish_reason) finish = choice.finish_reason;
     }
+    for (const v of pendingFlags.splice(0)) placeFlag(answer, v);
   };
 
   const done = () => {
