@@ -35,6 +35,8 @@ from gateway.protocol import (APIError, BadRequest, MethodNotAllowed, NotFound, 
 from gateway.sse import send_json
 from gateway.state import Runtime
 from gateway.tokens import TokenTable
+from gateway.ui import PREFIX as UI_PREFIX
+from gateway.ui import console_routes
 
 log = structlog.get_logger("plumbline.gateway")
 
@@ -58,8 +60,9 @@ class AuthMiddleware:
         self.owners = [owner_of(k) if owner_of is not None else "" for k in self.api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["path"] in _OPEN_PATHS
-                or scope["path"].startswith(admin.ADMIN_PREFIX)):
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or path in _OPEN_PATHS or path.startswith(admin.ADMIN_PREFIX)
+                or path == UI_PREFIX or path.startswith(UI_PREFIX + "/")):  # pages hold no data
             await self.app(scope, receive, send)
             return
         token = b""
@@ -121,6 +124,7 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
             Route("/ready", routes.ready, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"]),
+            *console_routes(with_pages=config.ui),
         ],
         middleware=[Middleware(RequestContextMiddleware, metrics=metrics),
                     Middleware(AuthMiddleware, api_keys=config.api_keys,

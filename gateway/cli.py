@@ -47,6 +47,7 @@ def _add_serve(sub: Any) -> None:
     s.add_argument("--strict-fields", action="store_true",
                    help="refuse request fields outside OpenAI's and vLLM's APIs with a 400 "
                         "(default: ignore them with a warning and an x-plumbline-ignored header)")
+    s.add_argument("--no-ui", dest="ui", action="store_false", help="no web console at /ui")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     _add_guard_options(s.add_argument_group(
@@ -160,7 +161,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         keepalive_interval_s=args.keepalive_interval,
         drain_timeout_s=args.drain_timeout,
         log_json={"auto": None, "json": True, "console": False}[args.log_format],
-        log_level=args.log_level, strict_fields=args.strict_fields, **_guard_config(args))
+        log_level=args.log_level, strict_fields=args.strict_fields, ui=args.ui,
+        **_guard_config(args))
 
 
 def _admin_key(args: argparse.Namespace) -> str:

@@ -24,6 +24,7 @@ class GatewayConfig:
     log_json: bool | None = None           # None: JSON unless stderr is a terminal
     log_level: str = "info"
     strict_fields: bool = False            # unknown request fields: 400 instead of ignored
+    ui: bool = True                        # the web console at /ui (--no-ui: 404)
     # The guard's server policy: a floor requests may tighten in `plumbline.guard`, never loosen
     guard_mode: str = "off"                # off | flag | block
     guard_release: str = "unit"            # stream | unit | final (how block mode holds text)

@@ -167,6 +167,10 @@ class Generation:
         self.parse_tool_calls = parse_tool_calls
         self.plan = plan
         self.trace = trace
+        if trace is not None:
+            trace.max_tokens = params.max_tokens
+            trace.close_reserve = (runtime.config.engine.grammar_close_reserve
+                                   if params.close_reserve is None else params.close_reserve)
         self.arrival = time.monotonic()
         self.outcome = Outcome(num_prompt_tokens=len(self.prompt_ids))
         self.prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None   # when asked
@@ -208,9 +212,12 @@ class Generation:
                     continue      # it ended on a stop string; the engine runs it out (n > 1)
                 self.weights_versions[delta.index] += delta.weights_versions
                 if trace is not None:
-                    trace.add_tokens(delta.index, delta.token_ids, delta.logprobs)
+                    trace.add_tokens(delta.index, delta.token_ids, delta.logprobs,
+                                     delta.weights_versions)
                 now = time.monotonic()
                 if delta.token_ids:
+                    rt.metrics.streamed_tokens.labels(rt.metrics.model_name).inc(
+                        len(delta.token_ids))
                     if self.outcome.ttft_s is None:
                         self.outcome.ttft_s = now - self.arrival
                         rt.metrics.ttft.observe(self.outcome.ttft_s)

@@ -34,6 +34,11 @@ class Metrics:
                                      labels, registry=r)
         self.generation_tokens = Counter("plumbline:generation_tokens", "Tokens generated",
                                          labels, registry=r)
+        # generation_tokens counts a request's tokens when it finishes; this one as they stream,
+        # so a rate over it (the console's tokens/s) moves while requests run
+        self.streamed_tokens = Counter("plumbline:streamed_tokens",
+                                       "Tokens generated, counted as they reach the gateway",
+                                       labels, registry=r)
         self.ttft_hist = Histogram("plumbline:time_to_first_token_seconds",
                                    "Arrival to first token", labels, buckets=_LATENCY_BUCKETS,
                                    registry=r)

@@ -49,12 +49,17 @@ log = structlog.get_logger("plumbline.gateway")
 class ChoiceTrace:
     completion_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)   # the request's mode (processed default)
+    token_times: list[float] = field(default_factory=list)   # s after queued (one per token)
+    weights_versions: list[int] = field(default_factory=list)   # one per token, when reported
     finish_reason: str | None = None
 
     def to_dict(self, index: int, redact: bool = False) -> dict[str, Any]:
+        # A withheld choice's arrival times go too: they would retrace its token boundaries.
         return {"index": index, "num_completion_tokens": len(self.completion_ids),
                 "completion_ids": None if redact else self.completion_ids,
                 "logprobs": None if redact else self.logprobs,
+                "token_times": None if redact else [round(t, 6) for t in self.token_times],
+                "weights_versions": sorted(set(self.weights_versions)),
                 "finish_reason": self.finish_reason, "redacted": redact}
 
 
@@ -79,15 +84,23 @@ class Trace:
     max_events: int = 1000
     spec: Any = None     # the GrammarSpec, for the allowed-token replay (not serialized)
     owner: str | None = None   # TraceRing.owner_of(the request's API key); None: no keys
+    # The token budget and the budget-aware closing reserve in force (grammars/closing.py), so
+    # a viewer can tell which steps were steered to close: None when not recorded.
+    max_tokens: int | None = None
+    close_reserve: int | None = None
 
-    def add_tokens(self, index: int, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
+    def add_tokens(self, index: int, token_ids: Sequence[int], logprobs: Sequence[float],
+                   weights_versions: Sequence[int] = ()) -> None:
         while len(self.choices) <= index:
             self.choices.append(ChoiceTrace())
+        now = time.time()
         if token_ids and self.first_token_at is None:
-            self.first_token_at = time.time()
+            self.first_token_at = now
         choice = self.choices[index]
         choice.completion_ids.extend(token_ids)
         choice.logprobs.extend(logprobs)
+        choice.token_times.extend([now - self.queued_at] * len(token_ids))
+        choice.weights_versions.extend(weights_versions)
 
     def event(self, name: str, index: int, fields: dict[str, Any]) -> None:
         """A check event of choice `index` (a violation, a block, the final verdict)."""
@@ -125,6 +138,7 @@ class Trace:
                 "choices": [c.to_dict(i, redact_withheld and self.is_withheld(i))
                             for i, c in enumerate(self.choices)],
                 "grammar": self.grammar, "guard": self.guard,
+                "max_tokens": self.max_tokens, "close_reserve": self.close_reserve,
                 "checks": self.verdicts, "events": self.events}
 
 
@@ -189,6 +203,11 @@ class TraceRing:
 async def get_trace(request: Request) -> Response:
     """`GET /v1/traces/{request_id}`: by completion id or X-Request-Id, for the API key that
     made the request or the admin key (AuthMiddleware puts both on the request state)."""
+    return JSONResponse(await read_trace(request))
+
+
+async def read_trace(request: Request) -> dict[str, Any]:
+    """The body of `GET /v1/traces/{request_id}` under its access rules (404 otherwise)."""
     rt: Runtime = request.state.runtime
     if not rt.config.traces_enabled:
         raise NotFound("traces are off: this server has no API key, so anyone who can reach it "
@@ -208,7 +227,7 @@ async def get_trace(request: Request) -> Response:
     if trace.spec is not None and body["grammar"] is not None and engine is not None:
         body["grammar"]["allowed_token_counts"] = await _allowed_token_counts(
             engine, trace, body["choices"])
-    return JSONResponse(body)
+    return body
 
 
 async def _allowed_token_counts(engine: Any, trace: Trace,
