@@ -175,11 +175,8 @@ async def chat_completions(request: Request) -> Any:
                                tools if tools is not None and tools.is_active else None,
                                may_loosen=rt.config.guard_client_override)
     if tools is not None and tools.is_active:
-        if grammar is not None:
-            raise BadRequest("tools and a structured output format both constrain the output; "
-                             "send one (or tool_choice 'none')", "tools")
-        try:
-            grammar = tool_call_grammar(tools, rt.tokenizer)
+        try:    # with a response format: a call or a document in that format
+            grammar = tool_call_grammar(tools, rt.tokenizer, grammar)
         except GrammarError as exc:
             raise NotSupported(f"tool calls cannot be served with this model: {exc}",
                                "tools") from None

@@ -72,7 +72,7 @@ def compile_json_schema(spec: GrammarSpec, options: CompilerOptions, backend: st
     validator = schema_validator(schema)
     grammar_schema = _with_draft7_refs(schema)
     try:
-        compiled = compile_schema(spec, grammar_schema, {})
+        compiled = compile_schema(spec, inline_one_of_refs(grammar_schema), {})
     except GrammarError as e:
         first_error = str(e)
     else:
@@ -166,6 +166,41 @@ def _with_draft7_refs(schema: Any) -> Any:
         return node
 
     return _subschemas_mapped(copy.deepcopy(schema), drop_siblings)
+
+
+def inline_one_of_refs(schema: Any) -> Any:
+    """The schema with each oneOf branch that is only a local `{"$ref": "#/..."}` replaced by a
+    copy of its target, where that target holds no `$ref` of its own.
+
+    Exact: the same documents validate. It lets llguidance see the branches: it compiles a
+    oneOf exactly where it can prove the branches exclusive (distinct types, const or enum
+    discriminators), but does not look through a $ref to do so. Targets with refs of their own
+    stay (inlining a recursive schema would never end); so do schemas with a nested `$id`,
+    under which a copied subschema could resolve its refs differently.
+    """
+    if not isinstance(schema, dict) or '"$id"' in json.dumps(schema)[1:]:
+        return schema
+
+    def target(branch: Any) -> Any:
+        ref = branch.get("$ref") if isinstance(branch, dict) and len(branch) == 1 else None
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            return branch
+        node: Any = schema
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                return branch
+            node = node[part]
+        if not isinstance(node, dict) or '"$ref"' in json.dumps(node):
+            return branch
+        return copy.deepcopy(node)
+
+    def inline(node: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(node.get("oneOf"), list):
+            node["oneOf"] = [target(b) for b in node["oneOf"]]
+        return node
+
+    return _subschemas_mapped(copy.deepcopy(schema), inline)
 
 
 def _one_of_as_any_of(schema: Any) -> Any:
@@ -262,14 +297,14 @@ class ValidatedGrammar:
 
     @property
     def ll_matcher(self) -> Any:
-        """The inner llguidance matcher, for batched mask fills (then gate_eos per row)."""
+        """The inner llguidance matcher, for batched mask fills (then gate_row per row)."""
         return getattr(self._inner, "ll_matcher", None)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self._inner.fill_bitmask(bitmask, row)
-        self.gate_eos(bitmask, row)
+        self.gate_row(bitmask, row)
 
-    def gate_eos(self, bitmask: torch.Tensor, row: int) -> None:
+    def gate_row(self, bitmask: torch.Tensor, row: int) -> None:
         """Clear the EOS bit of a row the inner grammar filled, unless the document validates."""
         if not self._gate_mask:
             return
