@@ -238,7 +238,8 @@ def schema_validator(schema: Any) -> Any:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook that refuses a key given twice."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         raise ValueError("duplicate key")  # ambiguous documents are never accepted
@@ -269,7 +270,7 @@ class ValidatedGrammar:
         if self._verdict is not None and self._verdict[0] == n:
             return self._verdict[1]
         try:
-            doc = json.loads(self._decode(self._token_ids).decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+            doc = json.loads(self._decode(self._token_ids).decode("utf-8"), object_pairs_hook=no_duplicate_keys)
             valid = bool(self._validator.is_valid(doc))
         except Exception:  # not JSON, bad UTF-8, an unresolvable $ref: fail closed
             valid = False

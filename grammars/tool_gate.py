@@ -24,7 +24,7 @@ import json
 import re
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from grammars.fallback import _no_duplicate_keys, schema_validator
+from grammars.fallback import no_duplicate_keys, schema_validator
 from grammars.json_lexer import CLOSE, JsonLexer
 from grammars.spec import GrammarSpec
 from grammars.tools import OPEN_TAG
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from grammars.base import CompiledGrammar, Grammar
 
 _CALL_PREFIX = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')
+_CALL_NAME = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*")')
 
 
 def closer_tokens(decode_bytes: Callable[[list[int]], bytes], vocab_size: int) -> list[tuple[int, str]]:
@@ -45,6 +46,12 @@ def closer_tokens(decode_bytes: Callable[[list[int]], bytes], vocab_size: int) -
         if b"}" in data or b"]" in data:
             out.append((token_id, data.decode("latin-1")))
     return out
+
+
+def _ids_array(closers: list[tuple[int, str]]) -> Any:
+    import numpy as np
+
+    return np.array([t for t, _ in closers], dtype=np.int64)
 
 
 class _Validators:
@@ -61,7 +68,7 @@ class _Validators:
         if verdict is None:
             validator = self.document if name is None else self.tools[name]
             try:
-                doc = json.loads(text.encode("latin-1").decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+                doc = json.loads(text.encode("latin-1").decode("utf-8"), object_pairs_hook=no_duplicate_keys)
                 verdict = bool(validator.is_valid(doc))
             except Exception:   # not JSON, bad UTF-8: fail closed
                 verdict = False
@@ -74,7 +81,8 @@ class _Position:
     """Where the output stands: in a call (since its tag) or outside, and the lexer there."""
 
     in_call: bool = False
-    gated: str | None = None     # the called tool, where its arguments are gated
+    gated: str | None = None     # in a call: its tool where gated, "" where not, None before
+                                 # its name is read (until then every closing is checked)
     text: str = ""               # the call since its tag, or the document so far (latin-1)
     tail: str = ""               # outside calls: the last characters, to spot a tag
     lexer: JsonLexer = dataclasses.field(default_factory=JsonLexer)
@@ -96,7 +104,7 @@ class _Position:
             depth = self.lexer.depth
             lexeme = self.lexer.step(ch)
             self.text += ch
-            if self.in_call and self.gated is None and (m := _CALL_PREFIX.match(self.text)):
+            if self.in_call and self.gated is None and (m := _CALL_NAME.match(self.text)):
                 name = json.loads(m.group(1))
                 self.gated = name if name in gate.tools else ""
             if lexeme is not CLOSE:
@@ -114,7 +122,7 @@ class _Position:
             self.in_call, self.text = False, ""
             self.lexer.reset()
             return ok
-        if depth == 2 and self.gated:            # its arguments closed
+        if depth == 2 and self.gated:            # its arguments closed (a name read by now)
             return gate.is_valid(self.gated, self._arguments())
         return True
 
@@ -124,7 +132,7 @@ class _Position:
 
     def is_gated(self, gate: _Validators) -> bool:
         """Whether the next token could close a gated value."""
-        return bool(self.gated) if self.in_call else gate.document is not None
+        return self.gated != "" if self.in_call else gate.document is not None
 
 
 class ToolGatedCompiled:
@@ -139,32 +147,32 @@ class ToolGatedCompiled:
         self._inner = inner
         self._decode = decode_bytes
         self._closers = closers
+        self._closer_ids = _ids_array(closers)
         self._gates = json.loads(inner.spec.gates)
         self._eos = eos_token_id
 
     def matcher(self) -> ToolGatedGrammar:
         return ToolGatedGrammar(self._inner.matcher(), _Validators(self._gates), self._decode,
-                                self._closers, self.vocab_size, self._eos)
+                                self._closers, self._closer_ids, self.vocab_size, self._eos)
 
 
 class ToolGatedGrammar:
     """A cursor over a tool grammar; gated values close only where jsonschema accepts them."""
 
     def __init__(self, inner: Grammar, validators: _Validators, decode_bytes: Callable[[list[int]], bytes],
-                 closers: list[tuple[int, str]], vocab_size: int, eos_token_id: int) -> None:
-        import numpy as np
-
+                 closers: list[tuple[int, str]], closer_ids: Any, vocab_size: int, eos_token_id: int) -> None:
         self._inner = inner
         self._gate = validators
         self._decode = decode_bytes
         self._closers = closers
-        self._closer_ids = np.array([t for t, _ in closers], dtype=np.int64)
+        self._closer_ids = closer_ids      # int64 [len(closers)]
         self._vocab_size = vocab_size
         self._eos = eos_token_id
         self._ended = False                # EOS accepted
         self._texts: list[str] = []        # accepted tokens' bytes as latin-1, EOS excluded
         self._position = _Position()
         self._gated_row: tuple[int, Any] | None = None   # (len(texts), gated row) from is_dead
+        self._scratch: torch.Tensor | None = None         # one bitmask row for is_dead
 
     @property
     def ll_matcher(self) -> Any:
@@ -175,6 +183,8 @@ class ToolGatedGrammar:
         return self._decode([token_id]).decode("latin-1")
 
     def accept_token(self, token_id: int) -> bool:
+        if self._ended:
+            return False
         if token_id == self._eos:       # every gated value closed before; the grammar decides
             self._ended = self._inner.accept_token(token_id)
             return self._ended
@@ -235,9 +245,10 @@ class ToolGatedGrammar:
             return True
         if not self._position.is_gated(self._gate) or self._inner.is_terminated():
             return False
-        from grammars.base import allocate_bitmask
-
-        scratch = allocate_bitmask(1, self._vocab_size)
+        if self._scratch is None:
+            from grammars.base import allocate_bitmask
+            self._scratch = allocate_bitmask(1, self._vocab_size)
+        scratch = self._scratch
         self._gated_row = None
         self.fill_bitmask(scratch, 0)
         self._gated_row = (len(self._texts), scratch[0].clone())
