@@ -114,14 +114,14 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
                     num_prompt_logprobs: int | None = None,
                     grammar: GrammarSpec | None = None) -> SamplingParams:
     """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
-    stop = req.stop_strings
+    stop, stop_ids = req.stop_strings, tuple(req.stop_token_ids or ())
+    if grammar is not None and not grammar.free_text:
+        # Stops apply outside constrained structures only, i.e. to free text (tools with
+        # "auto"): an output a grammar constrains whole (JSON, calls) is never cut invalid.
+        stop, stop_ids = (), ()
     fields: dict[str, Any] = {
         "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
-        # Stop strings apply outside constrained structures only: to free text (tools with
-        # "auto"); an output a grammar constrains whole (JSON, calls) is never cut into invalid.
-        "n": req.n, "stop": stop if grammar is None or grammar.free_text else (),
-        "ignore_eos": req.ignore_eos,
-        "stop_token_ids": tuple(req.stop_token_ids or ()),
+        "n": req.n, "stop": stop, "ignore_eos": req.ignore_eos, "stop_token_ids": stop_ids,
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),
         "prompt_logprobs": num_prompt_logprobs, "grammar": grammar_options(req, grammar),

@@ -297,9 +297,12 @@ def test_grammar_backend_per_request(client):
 
 # --- stop strings apply outside constrained structures ----------------------------------------
 
-def test_a_stop_string_never_cuts_a_json_document(client):
+def test_a_stop_string_never_cuts_a_json_document(server, client):
+    tok = server.runtime.tokenizer
+    stop_ids = [i for piece in ('{"', '":', ' "', '"') for i in tok.encode(piece, add_special_tokens=False)]
     out = client.chat.completions.create(model=MODEL, messages=ADD_Q, response_format=ANSWER,
-                                         temperature=0, max_tokens=48, stop=['"', ":"])
+                                         temperature=0, max_tokens=48, stop=['"', ":"],
+                                         extra_body={"stop_token_ids": stop_ids})
     choice = out.choices[0]
     assert choice.finish_reason == "stop" and _ext(choice) == {}
     jsonschema.validate(json.loads(choice.message.content), ANSWER_SCHEMA)
