@@ -86,9 +86,11 @@ class _Position:
     text: str = ""               # the call since its tag, or the document so far (latin-1)
     tail: str = ""               # outside calls: the last characters, to spot a tag
     lexer: JsonLexer = dataclasses.field(default_factory=JsonLexer)
+    saw_call: bool = False       # a call began: the output is calls, not a document
 
     def copy(self) -> _Position:
-        return _Position(self.in_call, self.gated, self.text, self.tail, dataclasses.replace(self.lexer))
+        return _Position(self.in_call, self.gated, self.text, self.tail, dataclasses.replace(self.lexer),
+                         self.saw_call)
 
     def feed(self, text: str, gate: _Validators) -> bool:
         """Advance over text; False at a character that closes a gated value that fails."""
@@ -97,10 +99,11 @@ class _Position:
                 self.tail = (self.tail + ch)[-len(OPEN_TAG):]
                 if self.tail == OPEN_TAG:
                     self.in_call, self.gated, self.text, self.tail = True, None, "", ""
+                    self.saw_call = True
                     self.lexer.reset()
                     continue
-                if gate.document is None:
-                    continue             # free text, and nothing outside calls is gated
+                if gate.document is None or self.saw_call:
+                    continue             # nothing outside calls is gated
             depth = self.lexer.depth
             lexeme = self.lexer.step(ch)
             self.text += ch
@@ -132,7 +135,13 @@ class _Position:
 
     def is_gated(self, gate: _Validators) -> bool:
         """Whether the next token could close a gated value."""
-        return self.gated != "" if self.in_call else gate.document is not None
+        return self.gated != "" if self.in_call else gate.document is not None and not self.saw_call
+
+    def document_fails(self, gate: _Validators) -> bool:
+        """A gated document has begun and is not (yet) one its schema accepts: no EOS here.
+        (Objects and arrays are judged as they close too; this covers a scalar document.)"""
+        return (gate.document is not None and not self.saw_call and not self.in_call
+                and bool(self.text.strip()) and not gate.is_valid(None, self.text.strip()))
 
 
 class ToolGatedCompiled:
@@ -185,7 +194,9 @@ class ToolGatedGrammar:
     def accept_token(self, token_id: int) -> bool:
         if self._ended:
             return False
-        if token_id == self._eos:       # every gated value closed before; the grammar decides
+        if token_id == self._eos:       # gated calls closed valid before; a document is judged now
+            if self._position.document_fails(self._gate):
+                return False
             self._ended = self._inner.accept_token(token_id)
             return self._ended
         if not 0 <= token_id < self._vocab_size:
@@ -216,6 +227,8 @@ class ToolGatedGrammar:
         import numpy as np
 
         words = bitmask[row].numpy().view(np.uint32)        # [ceil(vocab/32)], shares memory
+        if self._position.document_fails(self._gate):
+            words[self._eos >> 5] &= np.uint32(~(1 << (self._eos & 31)) & 0xFFFFFFFF)
         ids = self._closer_ids
         allowed = np.flatnonzero((words[ids >> 5] >> (ids & 31).astype(np.uint32)) & 1)
         for k in allowed.tolist():
@@ -237,14 +250,16 @@ class ToolGatedGrammar:
         self._gated_row = None
 
     def is_terminated(self) -> bool:
-        return self._inner.is_terminated()
+        return self._ended or (self._inner.is_terminated() and not self._position.document_fails(self._gate))
 
     def is_dead(self) -> bool:
         """True where nothing can follow: the relaxed grammar allows only closings that fail."""
         if self._inner.is_dead():
             return True
-        if not self._position.is_gated(self._gate) or self._inner.is_terminated():
+        if self._ended or not self._position.is_gated(self._gate):
             return False
+        if self._inner.is_terminated():
+            return self._position.document_fails(self._gate)
         if self._scratch is None:
             from grammars.base import allocate_bitmask
             self._scratch = allocate_bitmask(1, self._vocab_size)

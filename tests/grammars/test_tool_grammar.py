@@ -126,6 +126,15 @@ def test_a_gated_document_beside_tools(compiler: Any, tokenizer: Any) -> None:
     assert spec is not None and "document" in json.loads(spec.gates)
     assert accepts(compiler, tokenizer, spec, '{"v": 4}') and accepts(compiler, tokenizer, spec, CALL)
     assert not accepts(compiler, tokenizer, spec, '{"v": 3}')
+    # A scalar document has no bracket to close: it is judged where it could end.
+    scalar = tool_call_grammar(parse_tools_request([ADD], "auto"), tokenizer,
+                               GrammarSpec.json_schema({"type": "string", "not": {"const": "no"}}))
+    assert scalar is not None and "document" in json.loads(scalar.gates)
+    assert accepts(compiler, tokenizer, scalar, '"yes"') and accepts(compiler, tokenizer, scalar, CALL)
+    assert not accepts(compiler, tokenizer, scalar, '"no"')
+    g = compiler.compile(scalar).matcher()
+    assert g.accept(encode(tokenizer, '"no"'))
+    assert not g.is_terminated() and g.is_dead()
 
 
 REF_BRANCHES = {"$defs": {"Cat": {"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer"}},
