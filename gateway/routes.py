@@ -2,6 +2,7 @@
 `responses.py` -> SSE chunks or one JSON body."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -176,7 +177,8 @@ async def chat_completions(request: Request) -> Any:
                                may_loosen=rt.config.guard_client_override)
     if tools is not None and tools.is_active:
         try:    # with a response format: a call or a document in that format
-            grammar = tool_call_grammar(tools, rt.tokenizer, grammar)
+            tools = dataclasses.replace(tools, answer_format=grammar)
+            grammar = tool_call_grammar(tools, rt.tokenizer)
         except GrammarError as exc:
             raise NotSupported(f"tool calls cannot be served with this model: {exc}",
                                "tools") from None

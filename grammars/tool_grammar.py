@@ -33,13 +33,12 @@ from grammars.tools import CALL_SEPARATOR, CLOSE_TAG, MAX_PARALLEL_CALLS, OPEN_T
 _JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def tool_call_grammar(request: ToolsRequest | None, tokenizer: Any = None,
-                      response_format: GrammarSpec | None = None) -> GrammarSpec | None:
+def tool_call_grammar(request: ToolsRequest | None, tokenizer: Any = None) -> GrammarSpec | None:
     """The grammar a response with tools must match; None when tools do not constrain it.
 
     required/named: one call, or 1..MAX_PARALLEL_CALLS when parallel. auto: free text, then
-    optionally calls; with `response_format` (json_schema or json_object) a document in that
-    format instead of the free text. Raises GrammarError for what cannot be served.
+    optionally calls; with `request.answer_format` (json_schema or json_object) a document in
+    that format instead of the free text. Raises GrammarError for what cannot be served.
     """
     if request is None or not request.is_active:
         return None
@@ -51,7 +50,7 @@ def tool_call_grammar(request: ToolsRequest | None, tokenizer: Any = None,
              f"call: {_lit(OPEN_TAG)} body {_lit(CLOSE_TAG)}",
              "body: " + " | ".join(f"fn_{i}" for i in range(len(request.allowed)))]
     gates: dict[str, Any] = {}
-    document = None if request.mode != "auto" else _document_schema(response_format)
+    document = None if request.mode != "auto" else _document_schema(request.answer_format)
     if document is not None:
         doc_schema, exact = _json_rule(document)
         rules = ["start: doc | calls", f"doc: %json {doc_schema}"] + rules

@@ -59,6 +59,9 @@ class ToolsRequest:
     mode: ToolChoiceMode
     name: str | None = None          # the forced tool when mode == "named"
     parallel: bool = True
+    # A response format beside the tools: with "auto", the answer that is not a call is one
+    # document in it (the prompt says so, the grammar enforces it).
+    answer_format: GrammarSpec | None = None
 
     @property
     def allowed(self) -> tuple[ToolSpec, ...]:
@@ -174,7 +177,9 @@ def tools_system_prompt(request: ToolsRequest) -> str:
     if request.parallel:
         lines.append("To call several functions, write one such line per call.")
     if request.mode == "auto":
-        lines.append("Call a function only when it helps answer; otherwise answer in plain text.")
+        lines.append("Call a function only when it helps answer; otherwise answer " + (
+            "with one JSON document in the requested format." if request.answer_format is not None
+            else "in plain text."))
     else:
         lines.append("You must call a function now.")
     return "\n".join(lines)
@@ -298,10 +303,9 @@ def _native_message(message: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- grammar ------------------------------------------------------------------------------
 
-def tool_call_grammar(request: ToolsRequest | None, tokenizer: Any = None,
-                      response_format: GrammarSpec | None = None) -> GrammarSpec | None:
+def tool_call_grammar(request: ToolsRequest | None, tokenizer: Any = None) -> GrammarSpec | None:
     """The grammar of a response with tools (grammars/tool_grammar.py); None when unconstrained."""
     # Built apart: this module shows tools to the model, that one constrains what it writes.
     from grammars.tool_grammar import tool_call_grammar as build
 
-    return build(request, tokenizer, response_format)
+    return build(request, tokenizer)

@@ -2,19 +2,25 @@
 (relaxed, with the per-call jsonschema gate of grammars/tool_gate.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
 
 from grammars import GrammarError, GrammarSpec, allocate_bitmask
-from grammars.tools import parse_tools_request, tool_call_grammar
+from grammars.tools import parse_tools_request, tool_call_grammar, tools_system_prompt
 from tests.grammars.conftest import allowed_ids, encode
 from tests.grammars.test_tools import ADD, TOOLS, WEATHER, fn
 
 FORMAT = GrammarSpec.json_schema({"type": "object", "properties": {"answer": {"type": "string"}},
                                   "required": ["answer"], "additionalProperties": False})
 CALL = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+
+
+def _answering(request: Any, answer_format: GrammarSpec) -> Any:
+    """The tools request with a response format beside it (as routes.chat_completions sets it)."""
+    return dataclasses.replace(request, answer_format=answer_format)
 
 
 def accepts(compiler: Any, tokenizer: Any, spec: GrammarSpec, text: str) -> bool:
@@ -24,7 +30,7 @@ def accepts(compiler: Any, tokenizer: Any, spec: GrammarSpec, text: str) -> bool
 
 
 def test_auto_with_a_format_allows_a_document_or_calls_only(compiler: Any, tokenizer: Any) -> None:
-    spec = tool_call_grammar(parse_tools_request(TOOLS, "auto"), tokenizer, FORMAT)
+    spec = tool_call_grammar(_answering(parse_tools_request(TOOLS, "auto"), FORMAT), tokenizer)
     assert spec is not None and not spec.free_text and not spec.gates
     spec.validate()
     assert accepts(compiler, tokenizer, spec, '{"answer": "Paris"}')
@@ -35,14 +41,22 @@ def test_auto_with_a_format_allows_a_document_or_calls_only(compiler: Any, token
     assert not accepts(compiler, tokenizer, spec, '{"answer": "x", "more": 1}')
     assert not accepts(compiler, tokenizer, spec, '{"answer": "x"}' + CALL)       # not both
     assert not accepts(compiler, tokenizer, spec, "Sure. " + CALL)
-    obj = tool_call_grammar(parse_tools_request(TOOLS, "auto"), tokenizer, GrammarSpec("json_object"))
+    obj = tool_call_grammar(_answering(parse_tools_request(TOOLS, "auto"), GrammarSpec("json_object")),
+                            tokenizer)
     assert obj is not None
     assert accepts(compiler, tokenizer, obj, '{"anything": [1, 2]}') and accepts(compiler, tokenizer, obj, CALL)
     assert not accepts(compiler, tokenizer, obj, "[1, 2]")
 
 
+def test_the_prompt_asks_for_what_the_grammar_allows() -> None:
+    auto = parse_tools_request(TOOLS, "auto")
+    assert "otherwise answer in plain text." in tools_system_prompt(auto)
+    assert "otherwise answer with one JSON document in the requested format." in tools_system_prompt(
+        _answering(auto, FORMAT))
+
+
 def test_required_with_a_format_asks_for_a_call(compiler: Any, tokenizer: Any) -> None:
-    spec = tool_call_grammar(parse_tools_request(TOOLS, "required"), tokenizer, FORMAT)
+    spec = tool_call_grammar(_answering(parse_tools_request(TOOLS, "required"), FORMAT), tokenizer)
     assert spec is not None
     assert accepts(compiler, tokenizer, spec, CALL)
     assert not accepts(compiler, tokenizer, spec, '{"answer": "Paris"}')
@@ -50,7 +64,7 @@ def test_required_with_a_format_asks_for_a_call(compiler: Any, tokenizer: Any) -
 
 def test_a_format_that_is_not_json_is_refused_beside_tools(tokenizer: Any) -> None:
     with pytest.raises(GrammarError, match="JSON response format only"):
-        tool_call_grammar(parse_tools_request(TOOLS, "auto"), tokenizer, GrammarSpec("regex", "a+"))
+        tool_call_grammar(_answering(parse_tools_request(TOOLS, "auto"), GrammarSpec("regex", "a+")), tokenizer)
 
 
 def test_free_text_is_marked_only_for_auto_without_a_format(tokenizer: Any) -> None:
@@ -122,13 +136,14 @@ def test_a_gated_dead_end_is_dead(compiler: Any, tokenizer: Any) -> None:
 
 def test_a_gated_document_beside_tools(compiler: Any, tokenizer: Any) -> None:
     fmt = GrammarSpec.json_schema(_prop({"type": "integer", "not": {"const": 3}}))
-    spec = tool_call_grammar(parse_tools_request([ADD], "auto"), tokenizer, fmt)
+    spec = tool_call_grammar(_answering(parse_tools_request([ADD], "auto"), fmt), tokenizer)
     assert spec is not None and "document" in json.loads(spec.gates)
     assert accepts(compiler, tokenizer, spec, '{"v": 4}') and accepts(compiler, tokenizer, spec, CALL)
     assert not accepts(compiler, tokenizer, spec, '{"v": 3}')
     # A scalar document has no bracket to close: it is judged where it could end.
-    scalar = tool_call_grammar(parse_tools_request([ADD], "auto"), tokenizer,
-                               GrammarSpec.json_schema({"type": "string", "not": {"const": "no"}}))
+    scalar = tool_call_grammar(_answering(parse_tools_request([ADD], "auto"),
+                                          GrammarSpec.json_schema({"type": "string", "not": {"const": "no"}})),
+                               tokenizer)
     assert scalar is not None and "document" in json.loads(scalar.gates)
     assert accepts(compiler, tokenizer, scalar, '"yes"') and accepts(compiler, tokenizer, scalar, CALL)
     assert not accepts(compiler, tokenizer, scalar, '"no"')
