@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 from grammars.registry import BACKENDS, available_backends, backend_name, register_backend, register_builtin
 from grammars.spec import GrammarError, GrammarSpec
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Grammar", "CompiledGrammar", "Backend", "CompilerOptions", "GrammarCompiler", "GrammarError",
-    "register_backend", "available_backends", "backend_name", "allocate_bitmask", "bitmask_width", "check_bitmask_row",
-    "fill_bitmasks", "take_forced",
+    "register_backend", "available_backends", "backend_name", "allocate_bitmask", "bitmask_width",
+    "check_bitmask_row", "fill_bitmasks", "take_forced",
 ]
 
 
