@@ -134,7 +134,8 @@ class EngineCore:
                 tuple(seq.logprobs[start:]), tuple(seq.top_logprobs[start:]),
                 seq.finish_reason, seq.num_prompt_tokens, seq.num_completion_tokens, seq.error,
                 tuple(seq.prompt_logprobs or [None]) if first else None,
-                tuple(seq.weights_versions[start:]), seq.num_cached_tokens))
+                tuple(seq.weights_versions[start:]), seq.num_cached_tokens,
+                closed_early=seq.json_scan is not None and seq.json_scan.steered))
         return out
 
     def stats(self) -> EngineStats:
@@ -179,7 +180,7 @@ class AsyncEngine:
                 spec, timeout=self.core.config.grammar_compile_timeout)
         except GrammarError as exc:
             raise RequestError(f"the grammar cannot be used: {exc}", "response_format") from None
-        return PreparedRequest(request, grammar, compiler.backend, compiler.compile_time(spec))
+        return PreparedRequest(request, grammar, grammar.backend, compiler.compile_time(spec))
 
     def server_info(self) -> dict[str, Any]:
         """What the loaded engine knows of itself (the gateway's /v1/server_info adds settings)."""

@@ -206,7 +206,7 @@ class ModelRunner:
             seq = seqs[row]
             seq.json_scan = self.steering.close_if_due(
                 seq.json_scan, self.bitmask, row, seq.completion_token_ids,
-                seq.sampling.max_tokens, seq.sampling.close_reserve)
+                seq.sampling.max_tokens, seq.sampling.close_reserve, seq.sampling.grammar)
 
     def build_model(self, state: dict[str, torch.Tensor]) -> LlamaModel:
         """A model of the same architecture from new weights; refuses mismatched shapes."""

@@ -147,6 +147,7 @@ class TokenDelta:
     prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None
     weights_versions: tuple[int, ...] = ()            # weights version of each token
     num_cached_tokens: int = 0      # prompt tokens whose KV came from the prefix cache
+    closed_early: bool = False      # budget-aware closing narrowed this sequence's mask
 
     def merge(self, later: TokenDelta) -> TokenDelta:
         """Concatenate a later delta of the same sequence (used when a consumer falls behind)."""
@@ -157,6 +158,7 @@ class TokenDelta:
             later.finish_reason, later.num_prompt_tokens, later.num_completion_tokens,
             later.error, self.prompt_logprobs or later.prompt_logprobs,
             self.weights_versions + later.weights_versions, later.num_cached_tokens,
+            self.closed_early or later.closed_early,
         )
 
 

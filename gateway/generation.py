@@ -122,6 +122,8 @@ class ChoiceUpdate:
     # verdict on a choice's last update when checks ran.
     violations: tuple[dict[str, Any], ...] = ()
     checks: dict[str, Any] | None = None
+    closed_early: bool = False     # budget-aware closing steered this choice (so far)
+    incomplete: bool = False       # it ended inside a tool call (a stop string cut it)
 
 
 @dataclass(slots=True)
@@ -246,13 +248,16 @@ class Generation:
                     assert delta.finish_reason is not None
                     choice.finish_reason = finish_reason_name(delta.finish_reason)
                 calls: tuple[ToolCallDelta, ...] = ()
+                is_cut = False
                 if choice.calls is not None:
                     text, calls = _split(choice.calls.feed(text) + (
                         choice.calls.finish() if choice.finish_reason is not None else []))
                     if choice.finish_reason is not None:
                         choice.finish_reason = choice.calls.finish_reason(choice.finish_reason)
+                        is_cut = choice.calls.is_cut
                 update = ChoiceUpdate(delta.index, text, delta.token_ids, delta.logprobs,
-                                      delta.top_logprobs, choice.finish_reason, calls)
+                                      delta.top_logprobs, choice.finish_reason, calls,
+                                      closed_early=delta.closed_early, incomplete=is_cut)
                 if choice.guard is not None:
                     self._guard(choice, update)
                 if choice.finish_reason is not None:

@@ -261,6 +261,10 @@ class PlumblineOptions(_Strict):
     guard: Any = None         # {"mode", "release", "checks"} over the server defaults
     assertions: Any = None    # {"/json/pointer": value}: facts the response must not contradict
     session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    # Constrained decoding (grammars/): budget-aware closing's reserve in tokens (0: off; None:
+    # the server's), and the grammar library ("llguidance", "outlines", "xgrammar").
+    close_reserve: Annotated[int, Field(ge=0, le=1 << 20, strict=True)] | None = None
+    grammar_backend: str | None = None
 
 
 NonNegInt = Annotated[int, Field(ge=0)]

@@ -5,6 +5,7 @@ response starts.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from engine import SamplingParams
 from gateway.protocol import (BadRequest, ChatCompletionRequest, CompletionRequest,
                               JsonSchemaFormat, NotSupported)
+from grammars import backend_name
 from grammars.spec import GrammarError, GrammarSpec
 from grammars.tools import ToolError, ToolsRequest, parse_tools_request
 
@@ -112,13 +114,18 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
                     num_prompt_logprobs: int | None = None,
                     grammar: GrammarSpec | None = None) -> SamplingParams:
     """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
+    stop, stop_ids = req.stop_strings, tuple(req.stop_token_ids or ())
+    if grammar is not None and not grammar.free_text:
+        # Stops apply outside constrained structures only, i.e. to free text (tools with
+        # "auto"): an output a grammar constrains whole (JSON, calls) is never cut invalid.
+        stop, stop_ids = (), ()
     fields: dict[str, Any] = {
         "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
-        "n": req.n, "stop": req.stop_strings, "ignore_eos": req.ignore_eos,
-        "stop_token_ids": tuple(req.stop_token_ids or ()),
+        "n": req.n, "stop": stop, "ignore_eos": req.ignore_eos, "stop_token_ids": stop_ids,
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),
-        "prompt_logprobs": num_prompt_logprobs, "grammar": grammar,
+        "prompt_logprobs": num_prompt_logprobs, "grammar": grammar_options(req, grammar),
+        "close_reserve": None if req.plumbline is None else req.plumbline.close_reserve,
         "logit_bias": _logit_bias(req.logit_bias), "min_tokens": req.min_tokens,
         "allowed_token_ids": (None if req.allowed_token_ids is None
                               else tuple(req.allowed_token_ids)),
@@ -135,6 +142,19 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
     except ValueError as exc:
         message = str(exc)
         raise BadRequest(message, message.split(" ", 1)[0]) from None
+
+
+def grammar_options(req: GenerationRequest, grammar: GrammarSpec | None) -> GrammarSpec | None:
+    """The grammar with the request's `plumbline.grammar_backend`; an unknown backend, or one
+    not installed here, is a 400 naming the field (with a grammar to compile or without)."""
+    name = None if req.plumbline is None else req.plumbline.grammar_backend
+    if name is None:
+        return grammar
+    try:
+        backend = backend_name(name)
+    except GrammarError as exc:
+        raise BadRequest(str(exc), "plumbline.grammar_backend") from None
+    return None if grammar is None else dataclasses.replace(grammar, backend=backend)
 
 
 def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

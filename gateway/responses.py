@@ -27,13 +27,14 @@ def plumbline_extension(*, logprobs_mode: str | None = None,
                         violations: Sequence[dict[str, Any]] = (),
                         checks: Verdict | list[Verdict | None] | None = None,
                         weights_versions: Sequence[list[int]] | None = None,
-                        incomplete: bool = False) -> dict[str, Any]:
+                        incomplete: bool = False, closed_early: bool = False) -> dict[str, Any]:
     """`{"plumbline": {...}}` for a body, a chunk or a choice, or `{}` when there is nothing to
     say. Its fields, each only when it applies: `logprobs_mode` (logprobs were asked for);
     `violations` (found since the last chunk); `checks` (the guard's verdict, a list when
     n > 1); `weights_version`, the newest version the tokens were sampled with, and
     `weights_versions` (one list per choice, one entry per token) only when the weights changed
-    mid-way; `incomplete` (max_tokens cut a constrained output before its grammar could end)."""
+    mid-way; `incomplete` (max_tokens cut a constrained output before its grammar could end);
+    `closed_early` (budget-aware closing narrowed the choice's masks to close its structure)."""
     ext: dict[str, Any] = {}
     if logprobs_mode is not None:
         ext["logprobs_mode"] = logprobs_mode
@@ -48,6 +49,8 @@ def plumbline_extension(*, logprobs_mode: str | None = None,
             ext["weights_versions"] = weights_versions
     if incomplete:
         ext["incomplete"] = True
+    if closed_early:
+        ext["closed_early"] = True
     return {"plumbline": ext} if ext else {}
 
 
@@ -77,6 +80,8 @@ class Formatter:
         self.token_ids: list[list[int]] = [[] for _ in range(gen.params.n)]
         self.pending_ids: list[list[int]] = [[] for _ in range(gen.params.n)]
         self.verdicts: list[Verdict | None] = [None] * gen.params.n   # the guard's, per choice
+        self.closed_early = [False] * gen.params.n
+        self.cut = [False] * gen.params.n          # ended inside a tool call
 
     async def updates(self) -> AsyncGenerator[ChoiceUpdate, None]:
         """The generation's updates, with the token ids they release and the guard's verdicts
@@ -87,6 +92,8 @@ class Formatter:
                 self.token_ids[u.index] += u.token_ids
                 self.pending_ids[u.index] += u.token_ids
                 self.verdicts[u.index] = u.checks or self.verdicts[u.index]
+                self.closed_early[u.index] |= u.closed_early
+                self.cut[u.index] |= u.incomplete
                 yield u
 
     def _choice_fields(self, u: ChoiceUpdate, is_first: bool, is_last: bool) -> dict[str, Any]:
@@ -106,13 +113,15 @@ class Formatter:
                     out["prompt_token_ids"] = list(self.gen.prompt_ids)  # vLLM: on the choice, once
         out.update(plumbline_extension(
             weights_versions=[versions] if versions else None,
-            incomplete=is_last and self._is_incomplete(u.finish_reason)))
+            incomplete=is_last and self._is_incomplete(u.index, u.finish_reason),
+            closed_early=is_last and u.finish_reason is not None and self.closed_early[u.index]))
         return out
 
-    def _is_incomplete(self, finish_reason: str | None) -> bool:
-        """max_tokens cut a constrained output before its grammar could end: the structure
-        (JSON value, tool call, ...) is unfinished; the response says so."""
-        return finish_reason == "length" and self.gen.params.grammar is not None
+    def _is_incomplete(self, index: int, finish_reason: str | None) -> bool:
+        """max_tokens cut a constrained output before its grammar could end, or a stop string
+        cut a tool call: the structure (JSON value, tool call, ...) is unfinished; the
+        response says so."""
+        return self.cut[index] or (finish_reason == "length" and self.gen.params.grammar is not None)
 
     def events(self) -> AsyncGenerator[bytes, None]:
         """The streamed response as SSE frames (each formatter has its own)."""
@@ -134,7 +143,8 @@ class Formatter:
                     choice["prompt_token_ids"] = list(self.gen.prompt_ids)
                 choice["token_ids"] = self.token_ids[choice["index"]]
             choice.update(plumbline_extension(
-                incomplete=self._is_incomplete(choice["finish_reason"])))
+                incomplete=self._is_incomplete(choice["index"], choice["finish_reason"]),
+                closed_early=self.closed_early[choice["index"]]))
         versions = [v[:len(ids)] for v, ids in zip(self.gen.weights_versions, self.token_ids)]
         out.update(plumbline_extension(logprobs_mode=_logprobs_mode(self.gen.params),
                                        checks=_checks(self.verdicts), weights_versions=versions))

@@ -2,6 +2,7 @@
 `responses.py` -> SSE chunks or one JSON body."""
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -175,10 +176,8 @@ async def chat_completions(request: Request) -> Any:
                                tools if tools is not None and tools.is_active else None,
                                may_loosen=rt.config.guard_client_override)
     if tools is not None and tools.is_active:
-        if grammar is not None:
-            raise BadRequest("tools and a structured output format both constrain the output; "
-                             "send one (or tool_choice 'none')", "tools")
-        try:
+        try:    # with a response format: a call or a document in that format
+            tools = dataclasses.replace(tools, answer_format=grammar)
             grammar = tool_call_grammar(tools, rt.tokenizer)
         except GrammarError as exc:
             raise NotSupported(f"tool calls cannot be served with this model: {exc}",

@@ -134,6 +134,13 @@ class ToolCallParser:
         text = "".join(self._content)
         return text or None
 
+    @property
+    def is_cut(self) -> bool:
+        """Whether the text ended inside a call: its tag written, the call never closed (a stop
+        string or max_tokens cut it; the response marks the choice incomplete)."""
+        return (self._state not in (_State.TEXT, _State.AFTER_CALL)
+                or any(not c.is_complete for c in self.tool_calls))
+
     def finish_reason(self, engine_reason: str) -> str:
         """OpenAI finish_reason: "tool_calls" when a response that stopped made calls."""
         return "tool_calls" if engine_reason == "stop" and self.tool_calls else engine_reason

@@ -28,8 +28,9 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
+from grammars.registry import BACKENDS, available_backends, backend_name, register_backend, register_builtin
 from grammars.spec import GrammarError, GrammarSpec
 
 if TYPE_CHECKING:
@@ -37,8 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Grammar", "CompiledGrammar", "Backend", "CompilerOptions", "GrammarCompiler", "GrammarError",
-    "register_backend", "available_backends", "allocate_bitmask", "bitmask_width", "check_bitmask_row",
-    "fill_bitmasks", "take_forced",
+    "register_backend", "available_backends", "backend_name", "allocate_bitmask", "bitmask_width",
+    "check_bitmask_row", "fill_bitmasks", "take_forced",
 ]
 
 
@@ -122,42 +123,6 @@ class CompilerOptions:
     def __post_init__(self) -> None:
         if self.max_whitespace < 0:
             raise ValueError("max_whitespace must be >= 0")
-
-
-BackendFactory = Callable[[Any, int, CompilerOptions], Backend]
-_BACKENDS: dict[str, BackendFactory] = {}
-
-
-def register_backend(name: str, factory: BackendFactory) -> None:
-    """Make a backend selectable by name; factory(tokenizer, vocab_size, options) -> Backend."""
-    _BACKENDS[name] = factory
-
-
-def available_backends() -> list[str]:
-    _register_builtin()
-    return sorted(_BACKENDS)
-
-
-def _register_builtin() -> None:
-    # Factories import their library lazily: a backend that is not installed only fails when used.
-    if "llguidance" in _BACKENDS:
-        return
-
-    def llguidance_factory(tok: Any, vocab_size: int, opts: CompilerOptions) -> Backend:
-        from grammars.llguidance import LLGuidanceBackend
-        return LLGuidanceBackend(tok, vocab_size, opts)
-
-    def outlines_factory(tok: Any, vocab_size: int, opts: CompilerOptions) -> Backend:
-        from grammars.outlines_core import OutlinesCoreBackend
-        return OutlinesCoreBackend(tok, vocab_size, opts)
-
-    def xgrammar_factory(tok: Any, vocab_size: int, opts: CompilerOptions) -> Backend:
-        from grammars.xgrammar import XGrammarBackend
-        return XGrammarBackend(tok, vocab_size, opts)
-
-    _BACKENDS.setdefault("llguidance", llguidance_factory)
-    _BACKENDS.setdefault("outlines_core", outlines_factory)
-    _BACKENDS.setdefault("xgrammar", xgrammar_factory)
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -283,9 +248,9 @@ class GrammarCompiler:
     _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _register_builtin()
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"unknown grammar backend {self.backend!r}; have {sorted(_BACKENDS)}")
+        register_builtin()
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown grammar backend {self.backend!r}; have {sorted(BACKENDS)}")
         if self.vocab_size is None:
             self.vocab_size = len(self.tokenizer)
         assert self.vocab_size >= len(self.tokenizer), "vocab_size must cover the tokenizer"
@@ -294,18 +259,21 @@ class GrammarCompiler:
     # --- public ---------------------------------------------------------------------------
 
     def compile(self, spec: GrammarSpec, backend: str | None = None) -> CompiledGrammar:
-        """Compile (or fetch from cache) on the calling thread; raises GrammarError."""
+        """Compile (or fetch from cache) on the calling thread; raises GrammarError.
+        The backend: `backend`, else the spec's own, else the compiler's."""
+        backend = self._backend_for(spec, backend)
         entry, is_new = self._claim(spec, backend)
         if is_new:
-            self._run(entry, spec, backend or self.backend)
+            self._run(entry, spec, backend)
         return entry.future.result()
 
     def compile_future(self, spec: GrammarSpec,
                        backend: str | None = None) -> concurrent.futures.Future[CompiledGrammar]:
         """Start a compile in the worker pool; the future raises GrammarError on failure."""
+        backend = self._backend_for(spec, backend)
         entry, is_new = self._claim(spec, backend)
         if is_new:
-            self._executor().submit(self._run, entry, spec, backend or self.backend)
+            self._executor().submit(self._run, entry, spec, backend)
         return entry.future
 
     async def compile_async(self, spec: GrammarSpec, timeout: float | None = None,
@@ -323,8 +291,12 @@ class GrammarCompiler:
 
     def compile_time(self, spec: GrammarSpec, backend: str | None = None) -> float | None:
         """Seconds the cached compile of spec took, if it is cached and done."""
+        try:
+            key = (spec, self._backend_for(spec, backend), self.options)
+        except GrammarError:
+            return None
         with self._lock:
-            entry = self._cache.get((spec, backend or self.backend, self.options))
+            entry = self._cache.get(key)
         return entry.compile_s if entry is not None and entry.future.done() else None
 
     def cache_size(self) -> int:
@@ -342,9 +314,14 @@ class GrammarCompiler:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _claim(self, spec: GrammarSpec, backend: str | None) -> tuple[_Entry, bool]:
+    def _backend_for(self, spec: GrammarSpec, backend: str | None) -> str:
+        if backend is None and spec.backend is not None:
+            return backend_name(spec.backend)    # a request's choice: checked, aliases resolved
+        return backend or self.backend
+
+    def _claim(self, spec: GrammarSpec, backend: str) -> tuple[_Entry, bool]:
         # One entry per key: concurrent requests for the same spec share one compile.
-        key = (spec, backend or self.backend, self.options)
+        key = (spec, backend, self.options)
         with self._lock:
             entry = self._cache.get(key)
             if entry is not None:
@@ -376,9 +353,9 @@ class GrammarCompiler:
         with self._lock:
             backend = self._backends.get(name)
         if backend is None:
-            factory = _BACKENDS.get(name)
+            factory = BACKENDS.get(name)
             if factory is None:
-                raise GrammarError(f"unknown grammar backend {name!r}; have {sorted(_BACKENDS)}")
+                raise GrammarError(f"unknown grammar backend {name!r}; have {sorted(BACKENDS)}")
             try:
                 backend = factory(self.tokenizer, self.vocab_size or 0, self.options)
             except ImportError as e:

@@ -16,8 +16,11 @@ Processed logprobs are those of the narrowed distribution (what was actually sam
 
 Where the text stands (inside a string, how many brackets are open) is read from the generated
 text itself by the JSON lexer (json_lexer.py) over the decoded tokens, restarted at each
-`<tool_call>` tag so free text before a call does not count. It is a heuristic: it shortens,
-it cannot promise to close within the budget (a schema may require more tokens than are left).
+`<tool_call>` tag. Free text is never steered: where the grammar allows it (tools with
+tool_choice "auto", `GrammarSpec.free_text`), only a tag opens a structure, so a `{`, `[` or `"`
+in an answer is text, not JSON to close. It is a heuristic: it shortens, it cannot promise to
+close within the budget (a schema may require more tokens than are left). A sequence whose mask
+it narrowed says so (`JsonScan.steered`): the response marks the choice `closed_early`.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ class JsonScan:
                                 # is never steered: closing would only cut an answer short)
     tail: str = ""           # the last few characters, to spot a `<tool_call>` tag
     lexer: JsonLexer = field(default_factory=JsonLexer)
+    free_text: bool = False  # the output may be free text: only a tag opens a structure
+    steered: bool = False    # closing narrowed a mask of this sequence at least once
 
     @property
     def in_string(self) -> bool:
@@ -73,6 +78,8 @@ class JsonScan:
             self.lexer.reset()
             self.in_structure = True
             return False
+        if self.free_text and not self.in_structure:
+            return False                           # text before any call: not JSON to close
         depth = self.lexer.depth
         lexeme = self.lexer.step(ch)
         if lexeme is OPEN:
@@ -102,9 +109,10 @@ class ClosingVocab:
                        tier(lambda t: t.startswith('"') and not t[1:].strip()),
                        tier(lambda t: t.startswith('"'))]
 
-    def scan(self, state: JsonScan | None, completion_ids: Sequence[int]) -> JsonScan:
-        """Bring a sequence's scan up to date with its output (a new one when None)."""
-        state = state or JsonScan()
+    def scan(self, state: JsonScan | None, completion_ids: Sequence[int], free_text: bool = False) -> JsonScan:
+        """Bring a sequence's scan up to date with its output (a new one when None, for an
+        output that may be free text before its first tag when `free_text`)."""
+        state = state or JsonScan(free_text=free_text)
         state.feed("".join(self.texts[t] for t in completion_ids[state.num_tokens:]))
         state.num_tokens = len(completion_ids)
         return state
@@ -117,5 +125,6 @@ class ClosingVocab:
         for tier in self.inside if state.in_string else self.outside:
             narrowed = bitmask[row] & tier
             if bool(narrowed.any()):
+                state.steered = state.steered or not torch.equal(narrowed, bitmask[row])
                 bitmask[row] = narrowed
                 return

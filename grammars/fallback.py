@@ -72,7 +72,7 @@ def compile_json_schema(spec: GrammarSpec, options: CompilerOptions, backend: st
     validator = schema_validator(schema)
     grammar_schema = _with_draft7_refs(schema)
     try:
-        compiled = compile_schema(spec, grammar_schema, {})
+        compiled = compile_schema(spec, inline_one_of_refs(grammar_schema), {})
     except GrammarError as e:
         first_error = str(e)
     else:
@@ -168,6 +168,41 @@ def _with_draft7_refs(schema: Any) -> Any:
     return _subschemas_mapped(copy.deepcopy(schema), drop_siblings)
 
 
+def inline_one_of_refs(schema: Any) -> Any:
+    """The schema with each oneOf branch that is only a local `{"$ref": "#/..."}` replaced by a
+    copy of its target, where that target holds no `$ref` of its own.
+
+    Exact: the same documents validate. It lets llguidance see the branches: it compiles a
+    oneOf exactly where it can prove the branches exclusive (distinct types, const or enum
+    discriminators), but does not look through a $ref to do so. Targets with refs of their own
+    stay (inlining a recursive schema would never end); so do schemas with a nested `$id`,
+    under which a copied subschema could resolve its refs differently.
+    """
+    if not isinstance(schema, dict) or '"$id"' in json.dumps(schema)[1:]:
+        return schema
+
+    def target(branch: Any) -> Any:
+        ref = branch.get("$ref") if isinstance(branch, dict) and len(branch) == 1 else None
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            return branch
+        node: Any = schema
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                return branch
+            node = node[part]
+        if not isinstance(node, dict) or '"$ref"' in json.dumps(node):
+            return branch
+        return copy.deepcopy(node)
+
+    def inline(node: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(node.get("oneOf"), list):
+            node["oneOf"] = [target(b) for b in node["oneOf"]]
+        return node
+
+    return _subschemas_mapped(copy.deepcopy(schema), inline)
+
+
 def _one_of_as_any_of(schema: Any) -> Any:
     def rename(node: dict[str, Any]) -> dict[str, Any]:
         # "exactly one of" -> "at least one of": a superset; jsonschema still judges the end.
@@ -203,7 +238,8 @@ def schema_validator(schema: Any) -> Any:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook that refuses a key given twice."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         raise ValueError("duplicate key")  # ambiguous documents are never accepted
@@ -234,7 +270,7 @@ class ValidatedGrammar:
         if self._verdict is not None and self._verdict[0] == n:
             return self._verdict[1]
         try:
-            doc = json.loads(self._decode(self._token_ids).decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+            doc = json.loads(self._decode(self._token_ids).decode("utf-8"), object_pairs_hook=no_duplicate_keys)
             valid = bool(self._validator.is_valid(doc))
         except Exception:  # not JSON, bad UTF-8, an unresolvable $ref: fail closed
             valid = False
@@ -262,14 +298,14 @@ class ValidatedGrammar:
 
     @property
     def ll_matcher(self) -> Any:
-        """The inner llguidance matcher, for batched mask fills (then gate_eos per row)."""
+        """The inner llguidance matcher, for batched mask fills (then gate_row per row)."""
         return getattr(self._inner, "ll_matcher", None)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self._inner.fill_bitmask(bitmask, row)
-        self.gate_eos(bitmask, row)
+        self.gate_row(bitmask, row)
 
-    def gate_eos(self, bitmask: torch.Tensor, row: int) -> None:
+    def gate_row(self, bitmask: torch.Tensor, row: int) -> None:
         """Clear the EOS bit of a row the inner grammar filled, unless the document validates."""
         if not self._gate_mask:
             return

@@ -23,6 +23,7 @@ import llguidance.hf
 from grammars.base import CompiledGrammar, CompilerOptions, check_bitmask_row
 from grammars.fallback import compile_json_schema
 from grammars.spec import GrammarError, GrammarSpec
+from grammars.tool_gate import closer_tokens, gate_tool_calls
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +66,7 @@ def fill_rows_parallel(bitmask: torch.Tensor, batch: Sequence[tuple[Any, llguida
     _EXECUTOR.unsafe_compute_mask_ptr([(m, row) for _, m, row in batch], bitmask.data_ptr(), width * 4,
                                       bitmask.shape[0])
     for grammar, _, row in batch:
-        gate = getattr(grammar, "gate_eos", None)
+        gate = getattr(grammar, "gate_row", None)    # a wrapper's own say on its row
         if gate is not None:
             gate(bitmask, row)
 
@@ -173,6 +174,8 @@ class LLGuidanceBackend:
         self.options = options
         self.vocab_size = vocab_size
         self.llt = ll_tokenizer(tokenizer, vocab_size)
+        self._lock = threading.Lock()
+        self._closer_tokens: list[tuple[int, str]] | None = None
         if options.max_whitespace == 0:
             self._json_options: dict[str, Any] = {"whitespace_flexible": False}
         else:
@@ -194,7 +197,15 @@ class LLGuidanceBackend:
             grammar = llguidance.LLMatcher.grammar_from_lark(spec.source)
         else:
             raise GrammarError(f"llguidance cannot compile grammar kind {spec.kind!r}")
-        return LLGuidanceCompiled(spec, self._build(grammar, spec.kind), self.vocab_size, self.llt.eos_token)
+        compiled = LLGuidanceCompiled(spec, self._build(grammar, spec.kind), self.vocab_size, self.llt.eos_token)
+        return gate_tool_calls(compiled, self.llt.decode_bytes, self._closers, self.llt.eos_token)
+
+    def _closers(self) -> list[tuple[int, str]]:
+        # Once per backend (a pass over the vocabulary), for tool grammars with gates.
+        with self._lock:
+            if self._closer_tokens is None:
+                self._closer_tokens = closer_tokens(self.llt.decode_bytes, self.vocab_size)
+            return self._closer_tokens
 
     def _compile_schema(self, spec: GrammarSpec, schema: Any, extra: dict[str, Any]) -> LLGuidanceCompiled:
         try:

@@ -34,6 +34,15 @@ class GrammarSpec:
 
     kind: GrammarKind
     source: str = ""
+    # The grammar library to compile with (grammars.base.backend_name); None: the server's.
+    backend: str | None = None
+    # Tool calls whose parameter schema the grammar had to relax: JSON text of {tool name:
+    # parameters}; each call's arguments are validated against it as they close
+    # (grammars/tool_gate.py). "" when every schema compiled exactly.
+    gates: str = ""
+    # The output may be free text where only a `<tool_call>` tag opens a structure (tools with
+    # tool_choice "auto"): budget-aware closing leaves the text before a tag alone.
+    free_text: bool = False
 
     def validate(self) -> None:
         """Raise GrammarError if the spec is malformed; cheap enough for the request path."""

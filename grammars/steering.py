@@ -18,6 +18,7 @@ import torch
 
 from grammars.base import Grammar, allocate_bitmask, take_forced
 from grammars.closing import ClosingVocab, JsonScan
+from grammars.spec import GrammarSpec
 
 
 class TokenVerdict(enum.Enum):
@@ -70,17 +71,18 @@ class Steering:
 
     def close_if_due(self, scan: JsonScan | None, bitmask: torch.Tensor, row: int,
                      completion_ids: Sequence[int], max_tokens: int,
-                     close_reserve: int | None) -> JsonScan | None:
+                     close_reserve: int | None, spec: GrammarSpec | None = None) -> JsonScan | None:
         """Budget-aware closing (grammars/closing.py): once the budget left is down to the
         reserve plus one token per open bracket, narrow bitmask[row] to closing tokens.
-        Returns the sequence's scan state, to hand back next step."""
+        `spec`: the sequence's grammar (its free text is never steered). Returns the
+        sequence's scan state, to hand back next step (`steered` once it narrowed a mask)."""
         reserve = self.close_reserve if close_reserve is None else close_reserve
         # At most half the budget: a parallel tool call must not start a call it cannot end.
         reserve = min(reserve, max_tokens // 2)
         if reserve <= 0:
             return scan
         vocab = self.closing_vocab()
-        scan = vocab.scan(scan, completion_ids)
+        scan = vocab.scan(scan, completion_ids, free_text=spec is not None and spec.free_text)
         if max_tokens - len(completion_ids) <= reserve + scan.depth:
             vocab.narrow(bitmask, row, scan)
         return scan

@@ -32,9 +32,6 @@ CALL_SEPARATOR = "\n"
 MAX_PARALLEL_CALLS = 8
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
-# Arguments are written the way json.dumps writes them (and the way the prompt shows them):
-# ", " and ": " separators, no other whitespace, so the model cannot run away on blanks.
-_JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 ToolChoiceMode = Literal["none", "auto", "required", "named"]
 
@@ -62,6 +59,9 @@ class ToolsRequest:
     mode: ToolChoiceMode
     name: str | None = None          # the forced tool when mode == "named"
     parallel: bool = True
+    # A response format beside the tools: with "auto", the answer that is not a call is one
+    # document in it (the prompt says so, the grammar enforces it).
+    answer_format: GrammarSpec | None = None
 
     @property
     def allowed(self) -> tuple[ToolSpec, ...]:
@@ -177,7 +177,9 @@ def tools_system_prompt(request: ToolsRequest) -> str:
     if request.parallel:
         lines.append("To call several functions, write one such line per call.")
     if request.mode == "auto":
-        lines.append("Call a function only when it helps answer; otherwise answer in plain text.")
+        lines.append("Call a function only when it helps answer; otherwise answer " + (
+            "with one JSON document in the requested format." if request.answer_format is not None
+            else "in plain text."))
     else:
         lines.append("You must call a function now.")
     return "\n".join(lines)
@@ -185,10 +187,11 @@ def tools_system_prompt(request: ToolsRequest) -> str:
 
 def format_tool_call(name: str, arguments: str) -> str:
     """One call as the model writes it; `arguments` is JSON text."""
-    return f"{OPEN_TAG}{_call_prefix(name)}{arguments}}}{CLOSE_TAG}"
+    return f"{OPEN_TAG}{call_prefix(name)}{arguments}}}{CLOSE_TAG}"
 
 
-def _call_prefix(name: str) -> str:
+def call_prefix(name: str) -> str:
+    """What the grammar fixes between the opening tag and a call's arguments."""
     return f'{{"name": {json.dumps(name)}, "arguments": '
 
 
@@ -301,55 +304,8 @@ def _native_message(message: Mapping[str, Any]) -> dict[str, Any]:
 # --- grammar ------------------------------------------------------------------------------
 
 def tool_call_grammar(request: ToolsRequest | None, tokenizer: Any = None) -> GrammarSpec | None:
-    """The Lark grammar (llguidance dialect) a response must match; None when not constrained.
+    """The grammar of a response with tools (grammars/tool_grammar.py); None when unconstrained."""
+    # Built apart: this module shows tools to the model, that one constrains what it writes.
+    from grammars.tool_grammar import tool_call_grammar as build
 
-    required/named: one call, or 1..MAX_PARALLEL_CALLS when parallel. auto: free text without
-    the opening tag, then optionally calls; once the tag is written, the call is constrained.
-    Each call's arguments follow that tool's schema via `%json`; nothing may follow the calls.
-    """
-    if request is None or not request.is_active:
-        return None
-    if tokenizer is not None and _tag_is_special(tokenizer):
-        raise GrammarError(f"tool calls need {OPEN_TAG} to be plain text, but this tokenizer makes it a special token")
-    max_calls = MAX_PARALLEL_CALLS if request.parallel else 1
-    rules = [f"calls: call ({_lit(CALL_SEPARATOR)} call){{0,{max_calls - 1}}}" if max_calls > 1 else "calls: call",
-             f"call: {_lit(OPEN_TAG)} body {_lit(CLOSE_TAG)}",
-             "body: " + " | ".join(f"fn_{i}" for i in range(len(request.allowed)))]
-    if request.mode == "auto":
-        # A single regular terminal: text free of the tag, then the tag. llguidance's lexer
-        # would not end a free-text terminal where "<tool_call>" begins (measured: TEXT followed
-        # by a literal tag rejects the tag), so the tag is part of the terminal that opens a call.
-        head = ["start: TEXT | HEAD body " + _lit(CLOSE_TAG) + (
-                    f" ({_lit(CALL_SEPARATOR)} call){{0,{max_calls - 1}}}" if max_calls > 1 else ""),
-                r"TEXT: /(?s:.*)/ & ~/(?s:.*)<tool_call>(?s:.*)/",
-                "HEAD: TEXT " + _lit(OPEN_TAG)]
-        rules = head + rules[1:]
-    else:
-        rules = ["start: calls"] + rules
-    for i, tool in enumerate(request.allowed):
-        schema = _closed(tool.parameters)
-        schema["x-guidance"] = {**_JSON_FORMAT, **schema.get("x-guidance", {})}
-        rules.append(f"fn_{i}: {_lit(_call_prefix(tool.name))} args_{i} \"}}\"")
-        rules.append(f"args_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
-    return GrammarSpec("cfg", "\n".join(rules) + "\n")
-
-
-def _closed(parameters: Mapping[str, Any]) -> dict[str, Any]:
-    # Where the schema says nothing about undeclared keys, the grammar allows none (as OpenAI's
-    # strict mode does): every output still validates, and a small model cannot wander off
-    # inventing nested keys until max_tokens (seen with the default model).
-    schema = dict(parameters)
-    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
-    if "properties" in schema and not any(k in schema for k in open_keys):
-        schema["additionalProperties"] = False
-    return schema
-
-
-def _lit(text: str) -> str:
-    # llguidance Lark string literals take JSON string escapes.
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _tag_is_special(tokenizer: Any) -> bool:
-    special = set(getattr(tokenizer, "all_special_tokens", ()) or ())
-    return OPEN_TAG in special or CLOSE_TAG in special
+    return build(request, tokenizer)

@@ -135,6 +135,8 @@ class SchemaCheck(Check):
     def finish(self, final_text: str, context: CheckContext) -> list[Violation]:
         if context.schema is None or context.finish_reason == "length":
             return []   # a cut-off document is the truncation check's finding
+        if context.tool_calls:
+            return []   # tools beside a response format: a call, not a document, answered
         return validate_json(final_text, context.schema, self.name)
 
 

@@ -1,6 +1,7 @@
 """Every error path, against a live server backed by the fake engine (fast, deterministic)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 
@@ -74,7 +75,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, text:
     (chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": 3}}}}}]), "tools[0].function.parameters", ""),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}],
-          response_format={"type": "json_object"}), "tools", "both constrain"),
+          structured_outputs={"regex": "a+"}), "tools", "JSON response format only"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}], parallel_tool_calls=1),
      "parallel_tool_calls", ""),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}],
@@ -83,6 +84,18 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, text:
     (chat(structured_outputs={"regex": "(unclosed"}), "structured_outputs", ""),
     (chat(guided_choice=[]), "guided_choice", ""),
     (chat(stop_token_ids=[10**9]), "stop_token_ids", ""),
+    (chat(plumbline={"close_reserve": -1}), "plumbline.close_reserve", "greater than or equal"),
+    (chat(plumbline={"close_reserve": "8"}), "plumbline.close_reserve", "integer"),
+    (chat(plumbline={"close_reserve": 2.5}), "plumbline.close_reserve", "integer"),
+    (chat(plumbline={"close_reserve": True}), "plumbline.close_reserve", "integer"),
+    (chat(plumbline={"grammar_backend": "guidance"}), "plumbline.grammar_backend", "unknown grammar backend"),
+    (chat(plumbline={"grammar_backend": 3}), "plumbline.grammar_backend", ""),
+    pytest.param(chat(plumbline={"grammar_backend": "outlines"}, response_format={"type": "json_object"}),
+                 "plumbline.grammar_backend", "not installed", marks=pytest.mark.skipif(
+                     importlib.util.find_spec("outlines_core") is not None, reason="outlines-core installed")),
+    pytest.param(chat(plumbline={"grammar_backend": "xgrammar"}), "plumbline.grammar_backend", "not installed",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("xgrammar") is not None,
+                                          reason="xgrammar installed")),
     (chat(n=9), "n", ""),
 ])
 def test_bad_chat_requests_are_400_naming_the_parameter(server, body, param, text):

@@ -5,6 +5,7 @@ import itertools
 import json
 from typing import Callable
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -165,3 +166,17 @@ def test_streamed_equals_whole_under_any_chunking(generated: tuple[str, str, lis
     for d in deltas:
         if isinstance(d, ContentDelta):
             assert OPEN_TAG not in d.text
+
+
+@pytest.mark.parametrize("text, is_cut", [
+    ("Just text, with {braces} and <tool_ca", False),
+    (WEATHER, False),
+    (WEATHER + "\n", False),                                  # between parallel calls
+    ("Sure. " + WEATHER + "\n" + WEATHER, False),
+    ('Sure. <tool_call>{"name": "get_weather", "arguments": {"ci', True),   # a named call cut
+    ('<tool_call>{"na', True),                                # cut before its name
+    (WEATHER[:-len(CLOSE_TAG)], True),                        # closing tag missing
+])
+def test_is_cut_says_whether_the_text_ended_inside_a_call(text: str, is_cut: bool) -> None:
+    _, parser = stream(text, [3, 17])
+    assert parser.is_cut is is_cut

@@ -185,3 +185,134 @@ def test_bfcl_tool_sets_required_all_parse_and_validate(client):
         except (AssertionError, ValueError, TypeError, jsonschema.ValidationError) as e:
             failures.append(f"{stem}: {type(e).__name__}: {str(e)[:200]}")
     assert not failures, "\n".join(failures)
+
+
+# --- tools beside a response format; schemas the backend cannot express ------------------------
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+                 "additionalProperties": False}
+ANSWER = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}
+ADD_Q = [{"role": "user", "content": "What is 2 plus 3?"}]
+
+
+def _tag_bias(server, bias: float) -> dict[str, float]:
+    """logit_bias on every token that could begin the call tag: the grammar's one way into a
+    call, so +100 on "<" takes it and -100 on all of them leaves only the document."""
+    tok = server.runtime.tokenizer
+    if bias > 0:
+        (lt,) = tok.encode("<", add_special_tokens=False)
+        return {str(lt): bias}
+    vocab = tok.get_vocab()
+    ids = [i for i in vocab.values() if tok.decode([i]).lstrip().startswith("<")]
+    assert ids
+    return {str(i): bias for i in ids}
+
+
+def test_tools_with_a_response_format_can_call(server, client):
+    out = ask(client, ADD_Q, tools=[ADD], response_format=ANSWER, parallel_tool_calls=False,
+              logit_bias=_tag_bias(server, 100))
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = valid_calls(choice)
+    assert call.function.name == "add" and choice.message.content is None
+
+
+def test_tools_with_a_response_format_can_answer_in_the_format(server, client):
+    out = ask(client, ADD_Q, tools=[ADD], response_format=ANSWER, parallel_tool_calls=False,
+              logit_bias=_tag_bias(server, -100), max_tokens=48)
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    jsonschema.validate(json.loads(choice.message.content), ANSWER_SCHEMA)
+
+
+def test_tool_schemas_the_backend_cannot_express_are_served(client):
+    """oneOf with overlapping branches, not, if/then, uniqueItems and an unknown format, in one
+    tool: served through the relaxed grammar and its gate (a 400 before), the call valid."""
+    params = {"type": "object", "properties": {
+        "n": {"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 5}]},
+        "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "maxItems": 3},
+        "code": {"type": "string", "format": "plumbline-code", "not": {"const": ""}},
+        "kind": {"enum": ["a", "b"]}},
+        "required": ["n", "tags", "code", "kind"], "if": {"properties": {"kind": {"const": "a"}}},
+        "then": {"properties": {"n": {"maximum": 100}}}}
+    tool = {"type": "function", "function": {"name": "record", "parameters": params}}
+    out = ask(client, [{"role": "user", "content": "Record the number 3 with tags x and y."}],
+              tools=[tool], tool_choice={"type": "function", "function": {"name": "record"}},
+              parallel_tool_calls=False, max_tokens=96)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+# --- budget-aware closing, visible and controllable; the grammar backend per request ----------
+
+STORY_SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"],
+                "additionalProperties": False}
+STORY = {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}
+STORY_Q = [{"role": "user", "content": "Write a long story about a dragon who learns to bake."}]
+
+
+def _ext(choice) -> dict[str, Any]:
+    return (choice.model_extra or {}).get("plumbline") or {}
+
+
+def test_closing_is_marked_and_a_request_turns_it_off(client):
+    def story(reserve: int, **kw):
+        return client.chat.completions.create(
+            model=MODEL, messages=STORY_Q, response_format=STORY, temperature=0, max_tokens=12,
+            extra_body={"plumbline": {"close_reserve": reserve}}, **kw)
+
+    closed = story(4).choices[0]
+    assert closed.finish_reason == "stop" and _ext(closed) == {"closed_early": True}
+    jsonschema.validate(json.loads(closed.message.content), STORY_SCHEMA)
+    cut = story(0).choices[0]
+    assert cut.finish_reason == "length" and _ext(cut) == {"incomplete": True}
+    chunks = list(story(4, stream=True))
+    marks = [_ext(c.choices[0]) for c in chunks if c.choices]
+    assert marks[-1].get("closed_early") is True and not any("closed_early" in m for m in marks[:-1])
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == closed.message.content
+
+
+@pytest.mark.parametrize("char", ["{", "[", '"'])
+def test_free_text_with_tools_auto_is_never_steered(server, client, char):
+    """Text that is all `{` (or `[`, `"`) in tool_choice "auto": free text, run to max_tokens,
+    not closed (closing used to end it at once, or narrow its masks)."""
+    (token,) = server.runtime.tokenizer.encode(char, add_special_tokens=False)
+    out = ask(client, WEATHER_Q, tool_choice="auto", max_tokens=12, logit_bias={str(token): 100})
+    choice = out.choices[0]
+    assert choice.finish_reason == "length" and out.usage.completion_tokens == 12
+    assert choice.message.content == char * 12 and "closed_early" not in _ext(choice)
+
+
+def test_grammar_backend_per_request(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=ADD_Q, response_format=ANSWER, temperature=0, max_tokens=48,
+        extra_body={"plumbline": {"grammar_backend": "llguidance"}})
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop"
+    jsonschema.validate(json.loads(choice.message.content), ANSWER_SCHEMA)
+
+
+# --- stop strings apply outside constrained structures ----------------------------------------
+
+def test_a_stop_string_never_cuts_a_json_document(server, client):
+    tok = server.runtime.tokenizer
+    stop_ids = [i for piece in ('{"', '":', ' "', '"') for i in tok.encode(piece, add_special_tokens=False)]
+    out = client.chat.completions.create(model=MODEL, messages=ADD_Q, response_format=ANSWER,
+                                         temperature=0, max_tokens=48, stop=['"', ":"],
+                                         extra_body={"stop_token_ids": stop_ids})
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop" and _ext(choice) == {}
+    jsonschema.validate(json.loads(choice.message.content), ANSWER_SCHEMA)
+
+
+def test_a_stop_string_that_cuts_a_call_marks_it_incomplete(client):
+    cut = ask(client, HISTORY, tool_choice="auto", stop=["city"]).choices[0]
+    assert cut.finish_reason == "tool_calls" and _ext(cut) == {"incomplete": True}
+    (call,) = cut.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == '{"'
+    # In free text a stop string cuts as ever, and nothing is marked.
+    text = ask(client, WEATHER_Q, tool_choice="auto", stop=[" "]).choices[0]
+    assert text.finish_reason == "stop" and " " not in text.message.content and _ext(text) == {}

@@ -131,3 +131,31 @@ def test_compile_time_is_recorded(fake: GrammarCompiler) -> None:
     fake.compile(_regex("t"))
     seconds = fake.compile_time(_regex("t"))
     assert seconds is not None and seconds >= 0
+
+
+def test_a_spec_may_name_its_backend(tokenizer):
+    """`GrammarSpec.backend` (a request's plumbline.grammar_backend) picks the library over the
+    compiler's default, and is part of the cache key."""
+    from grammars import GrammarCompiler, GrammarSpec, register_backend
+    from grammars.llguidance import LLGuidanceBackend
+
+    seen = []
+
+    class Recording(LLGuidanceBackend):
+        def compile(self, spec):
+            seen.append(spec)
+            return super().compile(spec)
+
+    register_backend("test_recording", lambda tok, n, opts: Recording(tok, n, opts))
+    compiler = GrammarCompiler(tokenizer, backend="llguidance")
+    try:
+        plain = GrammarSpec("regex", "a+")
+        named = GrammarSpec("regex", "a+", backend="test_recording")
+        compiler.compile(plain)
+        assert seen == []
+        compiler.compile(named)
+        assert seen == [named]
+        compiler.compile(named)                       # cached under its own key
+        assert seen == [named] and compiler.cache_size() == 2
+    finally:
+        compiler.close()

@@ -61,3 +61,33 @@ def test_closing_narrows_only_inside_the_reserve(tokenizer, compiler):
     near = allowed_after(max_tokens=len(out) + 2, reserve=None)  # inside the reserve
     assert len(near) < len(free) and all(tokenizer.decode([t]).startswith('"') for t in near)
     assert allowed_after(max_tokens=len(out) + 2, reserve=0) == free   # a request turns it off
+
+
+def test_free_text_before_a_call_is_never_steered(tokenizer, compiler):
+    """tool_choice "auto": `{`, `[` or `"` in the answer's text is text, not JSON to close; a
+    call's JSON is closed as any other, and a scan says when it narrowed a mask."""
+    from grammars.tools import parse_tools_request, tool_call_grammar
+    from tests.grammars.test_tools import TOOLS
+
+    spec = tool_call_grammar(parse_tools_request(TOOLS, "auto"), tokenizer)
+    assert spec is not None and spec.free_text
+    compiled = compiler.compile(spec)
+    vocab = len(tokenizer)
+    steering = Steering(vocab, close_reserve=4, tokenizer=tokenizer, eos_token_ids=[tokenizer.eos_token_id])
+
+    def steer(text: str):
+        out = ids(tokenizer, text)
+        g = compiled.matcher()
+        assert g.accept(out)
+        mask = allocate_bitmask(1, vocab)
+        g.fill_bitmask(mask, 0)
+        before = allowed_ids(mask, 0, vocab)
+        scan = steering.close_if_due(None, mask, 0, out, len(out) + 2, None, spec)
+        return scan, before, allowed_ids(mask, 0, vocab)
+
+    for text in ('Try {"a": [1, "b', "Quote: \"x", "A list [1, 2"):
+        scan, before, after = steer(text)
+        assert after == before and not scan.steered and not scan.in_structure, text
+    scan, before, after = steer('Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Par')
+    assert scan.in_structure and scan.steered and len(after) < len(before)
+    assert all(tokenizer.decode([t]).startswith('"') for t in after)
