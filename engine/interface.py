@@ -95,7 +95,8 @@ class EngineClient(Protocol):
     async def prepare(self, request: GenerateRequest) -> PreparedRequest:
         """Validate and compile the grammar; RequestError names the bad parameter."""
     def add_request(self, request: PreparedRequest) -> AsyncIterator[TokenDelta]: ...
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Abort the request, or only its sequence `index` (a choice that hit a stop string)."""
     def stats(self) -> EngineStats: ...
     def server_info(self) -> dict[str, Any]:
         """What the loaded engine knows of itself: model path and architecture, numerics."""

@@ -29,7 +29,9 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
-        self.aborted: set[str] = set()
+        # (request_id, index): one sequence of a request (a choice that hit a stop string while
+        # its siblings go on); (request_id, None): all of them.
+        self.aborted: set[tuple[str, int | None]] = set()
         self.num_preemptions = 0
         self.admitting = True     # False while a weight update drains: only preempted ones resume
         # What constrained decoding decides after a token (grammars/steering.py); None: the
@@ -40,8 +42,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> None:
-        self.aborted.add(request_id)
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Finish the request's sequences (or only the one at `index`) at the next postprocess."""
+        self.aborted.add((request_id, index))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.aborted)
@@ -165,7 +168,8 @@ class Scheduler:
             changed.append(seq)
         if self.aborted:
             for seq in [*self.running, *self.waiting]:
-                if seq.request_id in self.aborted:
+                if ((seq.request_id, None) in self.aborted
+                        or (seq.request_id, seq.index) in self.aborted):
                     self._finish(seq, FinishReason.ABORT)
                     if seq not in changed:
                         changed.append(seq)

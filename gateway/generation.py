@@ -5,7 +5,8 @@ The detokenizer decodes a sliding window of a few tokens (the vLLM/TGI "prefix o
 text is released only when the window decodes to more than its prefix and does not end in an
 incomplete UTF-8 sequence (U+FFFD), so no broken character ever leaves. Stop strings are matched
 on the text; whatever tail could still grow into a stop string is held back, so no part of one
-leaks even when it spans tokens. Streaming and non-streaming responses consume the same updates.
+leaks even when it spans tokens; a choice that matched one is aborted in the engine at once
+(`EngineClient.abort(request_id, index)`), its siblings go on. Streaming and non-streaming responses consume the same updates.
 """
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ class Generation:
                 if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
                     self.prompt_logprobs = delta.prompt_logprobs
                 if choice.finish_reason is not None:
-                    continue      # it ended on a stop string; the engine runs it out (n > 1)
+                    continue      # it ended on a stop string: the rest of its abort's tail
                 self.weights_versions[delta.index] += delta.weights_versions
                 if trace is not None:
                     trace.add_tokens(delta.index, delta.token_ids, delta.logprobs)
@@ -235,6 +236,10 @@ class Generation:
                     self.outcome.num_cached_tokens = delta.num_cached_tokens
                 if choice.stops.stopped:
                     choice.finish_reason = "stop"
+                    if not final:
+                        # Only the gateway sees text: end this one sequence in the engine now,
+                        # so its blocks are freed whatever its siblings do (n > 1).
+                        engine.abort(self.request_id, delta.index)
                 elif final:
                     assert delta.finish_reason is not None
                     choice.finish_reason = finish_reason_name(delta.finish_reason)

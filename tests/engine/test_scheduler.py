@@ -140,3 +140,24 @@ def test_a_dead_grammar_ends_length_not_error_and_frees_its_blocks():
         step(sched)
     assert s.finish_reason is FinishReason.LENGTH and s.error is None
     assert s.num_completion_tokens == 3 and bm.num_free_blocks == free
+
+
+def test_aborting_one_sequence_frees_its_blocks_while_its_sibling_goes_on():
+    # n = 2: a choice that hit a stop string is aborted alone (the gateway matches the text)
+    bm, sched = make()
+    params = SamplingParams(max_tokens=10, n=2)
+    a0, a1 = (Sequence("a", i, [5] * 6, 6, params, i) for i in range(2))
+    sched.add(a0)
+    sched.add(a1)
+    step(sched)
+    step(sched)
+    assert len(a0.block_table) == len(a1.block_table) == 2
+    assert bm.num_free_blocks == bm.num_blocks - 4
+    sched.abort("a", 0)
+    step(sched)
+    assert a0.finish_reason is FinishReason.ABORT and a1.status is SequenceStatus.RUNNING
+    assert bm.num_free_blocks == bm.num_blocks - len(a1.block_table)
+    while sched.has_work():
+        step(sched)
+    assert a1.finish_reason is FinishReason.LENGTH and a1.num_completion_tokens == 10
+    assert bm.num_free_blocks == bm.num_blocks

@@ -1,0 +1,86 @@
+"""Request fields of issue 23 served through the server: stop strings with n > 1, priority,
+truncate_prompt_tokens, bad_words, prompt lists, suffix, best_of, continuous usage, chat template
+options, prompt_logprobs. The fake engine where the gateway's part is the point; the real
+default model where real output matters."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.gateway.conftest import FakeEngine, sse_events
+from tests.gateway.test_errors import MODEL, assert_error, chat
+
+
+class SiblingWatcher(FakeEngine):
+    """Records which single-sequence aborts had arrived when index 1 produced its first token
+    (the fake plays index 0 to its end first, then index 1)."""
+
+    seen_at_sibling_start: list[tuple[str, int]] | None = None
+
+    async def _play(self, request):
+        async for delta in super()._play(request):
+            if delta.index == 1 and self.seen_at_sibling_start is None:
+                self.seen_at_sibling_start = list(self.aborted_seqs)
+            yield delta
+
+
+def test_a_choice_that_hits_a_stop_string_is_aborted_alone_at_once(fake_server):
+    server = fake_server(engine_cls=SiblingWatcher)
+    stop = "fake"
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json=chat(n=2, max_tokens=40, stop=[stop]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (request_id,) = server.engine.requests
+    # the stopped choice's sequence was aborted before its sibling generated anything
+    assert server.engine.seen_at_sibling_start == [(request_id, 0)]
+    # index 1 hit the stop string as well: aborted too, and never the whole request early
+    assert server.engine.aborted_seqs == [(request_id, 0), (request_id, 1)]
+    assert [c["message"]["content"] for c in body["choices"]] == ["Hello there! I am a "] * 2
+    assert [c["finish_reason"] for c in body["choices"]] == ["stop", "stop"]
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_dir):
+    from engine import EngineConfig
+    from gateway.config import GatewayConfig
+    from tests.gateway.conftest import serve
+
+    config = GatewayConfig(engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=4, kv_cache_memory_mb=16,
+                                               block_size=8))
+    yield from serve(config)
+
+
+def test_a_stopped_choice_frees_its_blocks_while_its_sibling_runs(tiny_server):
+    core = tiny_server.runtime.engine.core
+    body = {"model": core.config.model, "prompt": "Once upon a time", "n": 2, "seed": 7,
+            "temperature": 1.0, "ignore_eos": True}
+    # both runs sample choice 0's first tokens in the same batch shapes: the same tokens
+    first = httpx.post(tiny_server.url + "/v1/completions", json={**body, "max_tokens": 3},
+                       timeout=120).json()
+    stop = first["choices"][0]["text"]
+    assert stop and stop not in first["choices"][1]["text"]
+    snapshots: list[tuple[list[tuple[int, int]], int]] = []
+    postprocess = core.scheduler.postprocess
+
+    def recording(*args, **kw):
+        changed = postprocess(*args, **kw)
+        snapshots.append(([(s.index, len(s.block_table)) for s in core.scheduler.running],
+                          core.blocks.num_free_blocks))
+        return changed
+
+    core.scheduler.postprocess = recording
+    try:
+        r = httpx.post(tiny_server.url + "/v1/completions",
+                       json={**body, "max_tokens": 120, "stop": [stop]}, timeout=120)
+    finally:
+        del core.scheduler.postprocess
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert choices[0]["text"] == "" and choices[0]["finish_reason"] == "stop"
+    # after choice 0 stopped, steps ran with choice 1 alone holding blocks: choice 0's were free
+    alone = [(running, free) for running, free in snapshots
+             if [i for i, _ in running] == [1]]
+    assert alone, snapshots[:8]
+    assert all(free == core.blocks.num_blocks - held for [(_, held)], free in alone)
+    assert core.blocks.num_free_blocks == core.blocks.num_blocks
