@@ -53,6 +53,9 @@ class SamplingParams:
     min_tokens: int = 0
     # vLLM's allowed_token_ids: every other token is masked out.
     allowed_token_ids: tuple[int, ...] | None = None
+    # vLLM's priority: the waiting queue is ordered by (priority, arrival), lower values first.
+    # Not sampling, but like n and max_tokens it travels with the request to each sequence.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -31,7 +31,6 @@ IGNORED: dict[str, str] = {
     "prompt_cache_key": "the prefix cache is keyed by the prompt's tokens",
     "prompt_cache_retention": "the prefix cache keeps blocks while memory allows",
     "safety_identifier": "bookkeeping",
-    "priority": "requests are admitted first come, first served",
     "request_id": "the X-Request-Id header names a request",
     "mm_processor_kwargs": "no multimodal inputs are served",
     "kv_transfer_params": "no disaggregated prefill",

@@ -122,6 +122,7 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
         "logit_bias": _logit_bias(req.logit_bias), "min_tokens": req.min_tokens,
         "allowed_token_ids": (None if req.allowed_token_ids is None
                               else tuple(req.allowed_token_ids)),
+        "priority": req.priority,
         # any Python int is a valid seed; the engine wants 64 bits
         "seed": None if req.seed is None else req.seed & ((1 << 64) - 1),
     }

@@ -122,7 +122,7 @@ def start(request: Request, rt: Runtime, kind: str, prepared: PreparedRequest,
     _, admission = rt.ready()
     request_id, prompt_ids = prepared.request.request_id, prepared.request.prompt_token_ids
     params = prepared.request.sampling
-    ticket = admission.enter(params.n)
+    ticket = admission.enter(params.n, params.priority)
     trace = rt.traces.open(Trace(
         request_id, structlog.contextvars.get_contextvars().get("request_id"),
         "chat.completion" if kind == "chatcmpl" else "text_completion", list(prompt_ids),

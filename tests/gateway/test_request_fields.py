@@ -84,3 +84,40 @@ def test_a_stopped_choice_frees_its_blocks_while_its_sibling_runs(tiny_server):
     assert alone, snapshots[:8]
     assert all(free == core.blocks.num_blocks - held for [(_, held)], free in alone)
     assert core.blocks.num_free_blocks == core.blocks.num_blocks
+
+
+def test_priority_orders_the_queue_then_arrival(fake_server):
+    import threading
+
+    from tests.gateway.conftest import wait_for
+
+    hold = threading.Event()
+    server = fake_server(max_num_seqs=1, hold=hold)
+    admission = server.runtime.admission
+    threads = []
+
+    def send(priority, max_tokens):
+        body = chat(max_tokens=max_tokens, priority=priority)
+        t = threading.Thread(target=httpx.post, args=(server.url + "/v1/chat/completions",),
+                             kwargs={"json": body, "timeout": 60})
+        t.start()
+        threads.append(t)
+
+    send(0, 1)                            # takes the one slot, held
+    wait_for(lambda: len(server.engine.requests) == 1)
+    for k, (priority, max_tokens) in enumerate([(5, 2), (5, 3), (-1, 4), (0, 5)], 1):
+        send(priority, max_tokens)
+        wait_for(lambda: admission.num_waiting == k)
+    hold.set()
+    for t in threads:
+        t.join()
+    order = [(r.sampling.priority, r.sampling.max_tokens) for r in server.engine.requests.values()]
+    assert order == [(0, 1), (-1, 4), (0, 5), (5, 2), (5, 3)]
+
+
+def test_priority_must_be_an_integer(fake_server):
+    server = fake_server()
+    assert_error(httpx.post(server.url + "/v1/chat/completions", json=chat(priority="high")),
+                 400, "priority")
+    assert_error(httpx.post(server.url + "/v1/completions",
+                            json={"model": MODEL, "prompt": "a", "priority": 1.5}), 400, "priority")
