@@ -54,7 +54,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "prompt_logprobs": ((None,), "prompt_logprobs is not supported yet (on /v1/completions, "
                                  "echo with logprobs reports the prompt's)"),
     "bad_words": (_NONE, "bad_words is not supported yet"),
-    "truncate_prompt_tokens": ((None,), "truncate_prompt_tokens is not supported yet"),
     "logits_processors": (_NONE, "logits_processors is not supported"),
     "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; "
                                                   "return_token_ids gives the ids"),

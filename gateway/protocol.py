@@ -296,6 +296,7 @@ class _GenerationRequest(_TopLevel):
     min_tokens: NonNegInt = 0
     allowed_token_ids: Annotated[list[NonNegInt], Field(min_length=1)] | None = None
     priority: int = 0                 # vLLM: lower values are scheduled first; ties by arrival
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None   # vLLM: keep the last k
     logprobs_mode: Literal["processed", "raw", "processed_logprobs", "raw_logprobs"] | None = None
     return_token_ids: bool = False    # prompt_token_ids and each choice's token_ids
     # structured output, vLLM's names

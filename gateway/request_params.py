@@ -154,3 +154,18 @@ def check_text(value: str, param: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest(f"{param} is not valid UTF-8 (lone surrogate)", param) from None
+
+
+def truncate_prompt(prompt_ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last k tokens of the prompt (as rendered, for a
+    chat); -1 keeps the last max_model_len. Applied before the length checks, so a prompt too
+    long for the context can still be served."""
+    if k is None:
+        return prompt_ids
+    if k == 0:
+        raise BadRequest("truncate_prompt_tokens must be -1 or at least 1",
+                         "truncate_prompt_tokens")
+    if k > max_model_len:
+        raise BadRequest(f"truncate_prompt_tokens ({k}) exceeds this model's context of "
+                         f"{max_model_len} tokens", "truncate_prompt_tokens")
+    return prompt_ids[-(max_model_len if k == -1 else k):]

@@ -19,7 +19,7 @@ from gateway.logs import log_fields
 from gateway.protocol import (APIError, BadRequest, ChatCompletionRequest, ChatMessage,
                               CompletionRequest, NotFound, NotSupported)
 from gateway.request_params import (check_text, check_unsupported, sampling_params,
-                                    structured_output_spec, tools_request)
+                                    structured_output_spec, tools_request, truncate_prompt)
 from gateway.requests import parse_request, runtime
 from gateway.responses import ChatFormatter, CompletionFormatter, Formatter
 from gateway.sse import DeferredJSONResponse, EventStreamResponse
@@ -187,7 +187,8 @@ async def chat_completions(request: Request) -> Any:
         tools = None
     if req.top_logprobs is not None and not req.logprobs:
         raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
-    prompt_ids = render_chat(rt, req.messages, tools, req.add_generation_prompt)
+    prompt_ids = truncate_prompt(render_chat(rt, req.messages, tools, req.add_generation_prompt),
+                                 req.truncate_prompt_tokens, rt.max_model_len)
     params = sampling_params(
         req, max_tokens=req.max_completion_tokens or req.max_tokens,
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
@@ -237,7 +238,8 @@ async def completions(request: Request) -> Any:
     grammar = structured_output_spec(req)
     plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar,
                                may_loosen=rt.config.guard_client_override)
-    prompt_ids = tokenize_prompt(rt, req.prompt)
+    prompt_ids = truncate_prompt(tokenize_prompt(rt, req.prompt), req.truncate_prompt_tokens,
+                                 rt.max_model_len)
     params = sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
                              default_max_tokens=16,   # OpenAI's default for completions
                              num_prompt_logprobs=req.logprobs if req.echo else None,

@@ -121,3 +121,31 @@ def test_priority_must_be_an_integer(fake_server):
                  400, "priority")
     assert_error(httpx.post(server.url + "/v1/completions",
                             json={"model": MODEL, "prompt": "a", "priority": 1.5}), 400, "priority")
+
+
+def test_truncate_prompt_tokens_keeps_the_last_k(fake_server):
+    server = fake_server()                 # max_model_len 512
+    ids = list(range(100, 700))            # 600 tokens: longer than the context
+    r = httpx.post(server.url + "/v1/completions",
+                   json={"model": MODEL, "prompt": ids, "max_tokens": 2, "truncate_prompt_tokens": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 5
+    full = httpx.post(server.url + "/v1/chat/completions", json=chat()).json()
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat(truncate_prompt_tokens=3))
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
+    prompts = [req.prompt_token_ids for req in server.engine.requests.values()]
+    assert prompts[0] == tuple(ids[-5:])
+    assert len(prompts[1]) == full["usage"]["prompt_tokens"] and prompts[2] == prompts[1][-3:]
+    # -1: the last max_model_len tokens, which leaves no room to generate here
+    assert_error(httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": ids, "max_tokens": 2, "truncate_prompt_tokens": -1}), 400, "prompt")
+
+
+@pytest.mark.parametrize("value", [0, -2, 513, "5", 2.0])
+def test_bad_truncate_prompt_tokens_is_a_400(fake_server, value):
+    server = fake_server()
+    for path, body in (("/v1/chat/completions", chat(truncate_prompt_tokens=value)),
+                       ("/v1/completions", {"model": MODEL, "prompt": "a",
+                                            "truncate_prompt_tokens": value})):
+        assert_error(httpx.post(server.url + path, json=body), 400, "truncate_prompt_tokens")
+    assert server.engine.requests == {}
