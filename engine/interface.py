@@ -75,7 +75,8 @@ def validate_request(request: GenerateRequest, limits: EngineLimits) -> None:
         raise RequestError(f"n must be <= {limits.max_num_seqs}", "n")
     for name, ids in (("stop_token_ids", params.stop_token_ids),
                       ("logit_bias", [t for t, _ in params.logit_bias]),
-                      ("allowed_token_ids", params.allowed_token_ids or ())):
+                      ("allowed_token_ids", params.allowed_token_ids or ()),
+                      ("bad_words", [t for w in params.bad_words_token_ids for t in w])):
         if any(not 0 <= t < vocab_size for t in ids):
             raise RequestError(f"{name} token ids must lie in [0, {vocab_size})", name)
 

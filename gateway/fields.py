@@ -53,7 +53,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_beam_search": ((None, False), "beam search is not supported"),
     "prompt_logprobs": ((None,), "prompt_logprobs is not supported yet (on /v1/completions, "
                                  "echo with logprobs reports the prompt's)"),
-    "bad_words": (_NONE, "bad_words is not supported yet"),
     "logits_processors": (_NONE, "logits_processors is not supported"),
     "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; "
                                                   "return_token_ids gives the ids"),

@@ -110,7 +110,7 @@ def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
 def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logprobs: int | None,
                     default_max_tokens: int,
                     num_prompt_logprobs: int | None = None,
-                    grammar: GrammarSpec | None = None) -> SamplingParams:
+                    grammar: GrammarSpec | None = None, tokenizer: Any = None) -> SamplingParams:
     """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
     fields: dict[str, Any] = {
         "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
@@ -123,6 +123,7 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
         "allowed_token_ids": (None if req.allowed_token_ids is None
                               else tuple(req.allowed_token_ids)),
         "priority": req.priority,
+        "bad_words_token_ids": bad_words_token_ids(req.bad_words or [], tokenizer),
         # any Python int is a valid seed; the engine wants 64 bits
         "seed": None if req.seed is None else req.seed & ((1 << 64) - 1),
     }
@@ -136,6 +137,24 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
     except ValueError as exc:
         message = str(exc)
         raise BadRequest(message, message.split(" ", 1)[0]) from None
+
+
+def bad_words_token_ids(words: list[str], tokenizer: Any) -> tuple[tuple[int, ...], ...]:
+    """vLLM's tokenization of bad_words: each word without its leading spaces, and again after
+    one space where that starts with another token and has as many tokens (a word-initial
+    variant, the form it takes mid-sentence)."""
+    out: list[tuple[int, ...]] = []
+    for i, word in enumerate(words):
+        check_text(word, f"bad_words[{i}]")
+        bare = word.lstrip()
+        if not bare:
+            raise BadRequest(f"bad_words[{i}] is only whitespace", "bad_words")
+        plain = tuple(tokenizer(bare, add_special_tokens=False).input_ids)
+        spaced = tuple(tokenizer(" " + bare, add_special_tokens=False).input_ids)
+        out.append(plain)
+        if spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(spaced)
+    return tuple(out)
 
 
 def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

@@ -192,7 +192,8 @@ async def chat_completions(request: Request) -> Any:
     params = sampling_params(
         req, max_tokens=req.max_completion_tokens or req.max_tokens,
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar)
+        default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar,
+        tokenizer=rt.tokenizer)
     return await respond(request, rt, req, "chatcmpl", prompt_ids, params, ChatFormatter,
                          plan, tools=tools)
 
@@ -243,7 +244,7 @@ async def completions(request: Request) -> Any:
     params = sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
                              default_max_tokens=16,   # OpenAI's default for completions
                              num_prompt_logprobs=req.logprobs if req.echo else None,
-                             grammar=grammar)
+                             grammar=grammar, tokenizer=rt.tokenizer)
     return await respond(request, rt, req, "cmpl", prompt_ids, params, CompletionFormatter, plan)
 
 

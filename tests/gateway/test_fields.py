@@ -65,7 +65,6 @@ def test_continuous_usage_stats_is_accepted(server):
     ("/v1/chat/completions", chat(chat_template_kwargs={"enable_thinking": False}),
      "chat_template_kwargs"),
     ("/v1/chat/completions", chat(continue_final_message=True), "continue_final_message"),
-    ("/v1/chat/completions", chat(bad_words=["x"]), "bad_words"),
     ("/v1/chat/completions", chat(prompt_logprobs=1), "prompt_logprobs"),
     ("/v1/chat/completions", chat(use_beam_search=True), "use_beam_search"),
     ("/v1/chat/completions", chat(use_beam_search=1), "use_beam_search"),   # 1 is not False

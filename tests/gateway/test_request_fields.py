@@ -149,3 +149,55 @@ def test_bad_truncate_prompt_tokens_is_a_400(fake_server, value):
                                             "truncate_prompt_tokens": value})):
         assert_error(httpx.post(server.url + path, json=body), 400, "truncate_prompt_tokens")
     assert server.engine.requests == {}
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    from engine import EngineConfig
+    from gateway.config import GatewayConfig
+    from tests.gateway.conftest import serve
+
+    yield from serve(GatewayConfig(engine=EngineConfig(max_num_seqs=8, kv_cache_memory_mb=64)))
+
+
+def completion(server, **kw):
+    body = {"model": MODEL, "prompt": "Write about the sea. The sea is", "max_tokens": 12,
+            "temperature": 0, **kw}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_bad_words_one_token_and_several(real_server, tokenizer):
+    greedy = completion(real_server, return_token_ids=True, logprobs=5)["choices"][0]
+    ids = greedy["token_ids"]
+    first = tokenizer.decode(ids[:1])
+    assert tokenizer(" " + first.lstrip(), add_special_tokens=False).input_ids == ids[:1]
+    banned = completion(real_server, bad_words=[first.strip()], return_token_ids=True, logprobs=5)
+    choice = banned["choices"][0]
+    assert choice["token_ids"][0] != ids[0]
+    # processed logprobs: the banned token is gone from the distribution sampled from
+    assert first not in choice["logprobs"]["top_logprobs"][0]
+    assert first in greedy["logprobs"]["top_logprobs"][0]
+    # a two-token word: its last token is banned only right after its first
+    k = next(k for k in range(1, len(ids) - 1)
+             if tokenizer(" " + tokenizer.decode(ids[k:k + 2]).lstrip(),
+                          add_special_tokens=False).input_ids == ids[k:k + 2])
+    pair = tokenizer.decode(ids[k:k + 2])
+    choice = completion(real_server, bad_words=[pair], return_token_ids=True)["choices"][0]
+    out = choice["token_ids"]
+    assert out[:k + 1] == ids[:k + 1] and out[k + 1] != ids[k + 1]
+    assert all(out[j:j + 2] != ids[k:k + 2] for j in range(len(out) - 1))
+
+
+def test_bad_words_refusals(fake_server):
+    server = fake_server()
+    for value, param in (([""], "bad_words[0]"), (["  "], "bad_words"), ("x", "bad_words"),
+                         (["x"] * 257, "bad_words")):
+        assert_error(httpx.post(server.url + "/v1/chat/completions", json=chat(bad_words=value)),
+                     400, param)
+    assert_error(httpx.post(server.url + "/v1/chat/completions", json=chat(
+        bad_words=["x"], response_format={"type": "json_object"})), 400, "bad_words")
+    assert server.engine.requests == {}
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat(bad_words=[]))
+    assert r.status_code == 200, r.text
