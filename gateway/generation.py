@@ -173,7 +173,20 @@ class Generation:
         self.prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None   # when asked
         # The weights version each choice's tokens were sampled with, in token order.
         self.weights_versions: list[list[int]] = [[] for _ in range(params.n)]
+        self.n_per_prompt = params.n              # one prompt (gateway/generation_group.py: many)
+        self._num_tokens = [0] * params.n         # completion tokens per choice, so far
         self._is_closed = False
+
+    def prompt_ids_of(self, index: int) -> tuple[int, ...]:
+        return self.prompt_ids
+
+    def prompt_logprobs_of(self, index: int) -> tuple[PromptLogprob | None, ...] | None:
+        return self.prompt_logprobs
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """So far (continuous usage stats); the outcome has the final count."""
+        return sum(self._num_tokens)
 
     async def updates(self) -> AsyncGenerator[ChoiceUpdate, None]:
         rt = self.runtime
@@ -231,7 +244,7 @@ class Generation:
                     raise Unavailable("the server aborted the request; retry", code="aborted")
                 final = delta.finish_reason is not None
                 text = choice.stops.feed(choice.detok.push(delta.token_ids, final), final)
-                choice.num_tokens = delta.num_completion_tokens
+                choice.num_tokens = self._num_tokens[delta.index] = delta.num_completion_tokens
                 if delta.index == 0:
                     self.outcome.num_cached_tokens = delta.num_cached_tokens
                 if choice.stops.stopped:

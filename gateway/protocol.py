@@ -249,7 +249,7 @@ class StructuredOutputs(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False   # vLLM: accepted, ignored (usage comes once, at the end)
+    continuous_usage_stats: bool = False   # vLLM: usage in every chunk (with include_usage)
     include_obfuscation: bool = True       # OpenAI: accepted, ignored (no padding is sent)
 
 
@@ -369,4 +369,4 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None
-    best_of: PosInt | None = None
+    best_of: Annotated[int, Field(ge=1, le=64)] | None = None

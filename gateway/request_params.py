@@ -25,8 +25,19 @@ def check_unsupported(req: GenerationRequest) -> None:
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise NotSupported("suffix is not supported", "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise NotSupported("best_of other than n is not supported", "best_of")
+
+
+def samples_per_prompt(req: CompletionRequest) -> int:
+    """How many samples the engine draws per prompt: best_of, of which the n with the highest
+    cumulative logprob are returned (OpenAI's), or n. Streaming cannot pick the best before
+    the end: refused, as OpenAI does."""
+    if req.best_of is None or req.best_of == req.n:
+        return req.n
+    if req.best_of < req.n:
+        raise BadRequest(f"best_of ({req.best_of}) must be at least n ({req.n})", "best_of")
+    if req.stream:
+        raise BadRequest("best_of greater than n cannot be streamed", "best_of")
+    return req.best_of
 
 
 # Constrained decoding (response_format, structured_outputs, guided_*) is parsed, validated and
@@ -110,11 +121,12 @@ def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
 def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logprobs: int | None,
                     default_max_tokens: int,
                     num_prompt_logprobs: int | None = None,
-                    grammar: GrammarSpec | None = None, tokenizer: Any = None) -> SamplingParams:
+                    grammar: GrammarSpec | None = None, tokenizer: Any = None,
+                    n: int | None = None) -> SamplingParams:
     """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
     fields: dict[str, Any] = {
         "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
-        "n": req.n, "stop": req.stop_strings, "ignore_eos": req.ignore_eos,
+        "n": req.n if n is None else n, "stop": req.stop_strings, "ignore_eos": req.ignore_eos,
         "stop_token_ids": tuple(req.stop_token_ids or ()),
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),

@@ -14,14 +14,17 @@ from engine import GenerateRequest, PreparedRequest, RequestError, SamplingParam
 from grammars import GrammarError
 from grammars.tools import ToolsRequest, render_prompt, tool_call_grammar
 from gateway.generation import Generation
+from gateway.generation_group import GenerationGroup
 from gateway.guard import GuardPlan, Trace, plan_guard
 from gateway.logs import log_fields
 from gateway.protocol import (APIError, BadRequest, ChatCompletionRequest, ChatMessage,
                               CompletionRequest, NotFound, NotSupported)
-from gateway.request_params import (check_text, check_unsupported, sampling_params,
-                                    structured_output_spec, tools_request, truncate_prompt)
+from gateway.request_params import (check_text, check_unsupported, samples_per_prompt,
+                                    sampling_params, structured_output_spec, tools_request,
+                                    truncate_prompt)
 from gateway.requests import parse_request, runtime
-from gateway.responses import ChatFormatter, CompletionFormatter, Formatter
+from gateway.completion_responses import CompletionFormatter
+from gateway.responses import ChatFormatter, Formatter
 from gateway.sse import DeferredJSONResponse, EventStreamResponse
 from gateway.state import Runtime
 
@@ -101,14 +104,23 @@ async def prepare(rt: Runtime, kind: str, prompt_ids: Sequence[int], params: Sam
         raise BadRequest(exc.message, param) from None
 
 
-async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids: Sequence[int],
-                  params: SamplingParams,
-                  formatter: Callable[[Runtime, Generation, Any], Formatter],
+async def respond(request: Request, rt: Runtime, req: Any, kind: str,
+                  prompts: Sequence[Sequence[int]], params: SamplingParams,
+                  formatter: Callable[[Runtime, Any, Any], Formatter],
                   plan: GuardPlan, tools: ToolsRequest | None = None) -> Any:
     """The shared tail of both generation routes: admission checks, grammar, then the stream
-    (SSE) or the collected JSON body."""
-    prepared = await prepare(rt, kind, prompt_ids, params, tools is not None)
-    gen = start(request, rt, kind, prepared, req.skip_special_tokens, plan, tools)
+    (SSE) or the collected JSON body. Several prompts (completions) run as a GenerationGroup."""
+    # every prompt is checked before any starts: a bad one is a 400 with nothing queued
+    prepared = [await prepare(rt, kind, ids, params, tools is not None) for ids in prompts]
+    gens: list[Generation] = []
+    try:
+        for p in prepared:
+            gens.append(start(request, rt, kind, p, req.skip_special_tokens, plan, tools))
+    except BaseException:          # e.g. the queue is full for a later prompt: free the others
+        for g in gens:
+            g.close()
+        raise
+    gen: Generation | GenerationGroup = gens[0] if len(gens) == 1 else GenerationGroup(gens)
     fmt = formatter(rt, gen, req)
     if req.stream:
         return EventStreamResponse(fmt.events(), ping_interval=rt.config.keepalive_interval_s,
@@ -141,7 +153,7 @@ def start(request: Request, rt: Runtime, kind: str, prepared: PreparedRequest,
     return gen
 
 
-def closer(request: Request, gen: Generation) -> Callable[[], None]:
+def closer(request: Request, gen: Generation | GenerationGroup) -> Callable[[], None]:
     """Runs once when the response ends, whatever happened: slot, metrics, summary line."""
     fields = log_fields(request.scope)
 
@@ -194,7 +206,7 @@ async def chat_completions(request: Request) -> Any:
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar,
         tokenizer=rt.tokenizer)
-    return await respond(request, rt, req, "chatcmpl", prompt_ids, params, ChatFormatter,
+    return await respond(request, rt, req, "chatcmpl", [prompt_ids], params, ChatFormatter,
                          plan, tools=tools)
 
 
@@ -239,22 +251,36 @@ async def completions(request: Request) -> Any:
     grammar = structured_output_spec(req)
     plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar,
                                may_loosen=rt.config.guard_client_override)
-    prompt_ids = truncate_prompt(tokenize_prompt(rt, req.prompt), req.truncate_prompt_tokens,
-                                 rt.max_model_len)
+    prompts = [truncate_prompt(ids, req.truncate_prompt_tokens, rt.max_model_len)
+               for ids in tokenize_prompts(rt, req.prompt)]
     params = sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
                              default_max_tokens=16,   # OpenAI's default for completions
                              num_prompt_logprobs=req.logprobs if req.echo else None,
-                             grammar=grammar, tokenizer=rt.tokenizer)
-    return await respond(request, rt, req, "cmpl", prompt_ids, params, CompletionFormatter, plan)
+                             grammar=grammar, tokenizer=rt.tokenizer, n=samples_per_prompt(req))
+    return await respond(request, rt, req, "cmpl", prompts, params, CompletionFormatter, plan)
 
 
-def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list[int]],
+def tokenize_prompts(rt: Runtime,
+                     prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, token ids, a list of token-id lists."""
+    if isinstance(prompt, str):
+        return [tokenize_prompt(rt, prompt)]
+    if not prompt:
+        raise BadRequest("prompt must not be an empty list", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]          # type: ignore[arg-type]
+    out = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            check_text(p, f"prompt[{i}]")
+            out.append(list(rt.tokenizer(p).input_ids))
+        else:
+            out.append(list(p))        # type: ignore[arg-type]
+    return out
+
+
+def tokenize_prompt(rt: Runtime, prompt: str | list[int],
                     add_special_tokens: bool = True) -> list[int]:
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise NotSupported("a list of several prompts is not supported yet; send one "
-                               "request per prompt", "prompt")
-        prompt = prompt[0]
     if isinstance(prompt, str):
         check_text(prompt, "prompt")
         return list(rt.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)

@@ -201,3 +201,75 @@ def test_bad_words_refusals(fake_server):
     assert server.engine.requests == {}
     r = httpx.post(server.url + "/v1/chat/completions", json=chat(bad_words=[]))
     assert r.status_code == 200, r.text
+
+
+def stream_events(server, path, body):
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return sse_events(r.iter_lines())
+
+
+def test_a_list_of_prompts_gets_one_choice_per_prompt_and_sample(fake_server, tokenizer):
+    server = fake_server(max_num_seqs=8)
+    body = {"model": MODEL, "prompt": ["Hi", "Good day to you"], "n": 2, "max_tokens": 3,
+            "echo": True, "return_token_ids": True}
+    out = httpx.post(server.url + "/v1/completions", json=body).json()
+    prompts = [tuple(tokenizer("Hi").input_ids), tuple(tokenizer("Good day to you").input_ids)]
+    assert [r.prompt_token_ids for r in server.engine.requests.values()] == prompts
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in out["choices"]] == ["HiHello there!"] * 2 + [
+        "Good day to youHello there!"] * 2
+    assert [tuple(c["prompt_token_ids"]) for c in out["choices"]] == [prompts[0]] * 2 + [prompts[1]] * 2
+    assert out["usage"]["prompt_tokens"] == len(prompts[0]) + len(prompts[1])   # once a prompt
+    assert out["usage"]["completion_tokens"] == 4 * 3
+    # streamed: the same choices, each prompt's echo ahead of its choices, usage summed
+    events = stream_events(server, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    texts: dict[int, str] = {}
+    for e in events[:-2]:
+        for c in e["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert texts == {c["index"]: c["text"] for c in out["choices"]}
+    assert events[-2]["usage"] == out["usage"] and events[-1] == "[DONE]"
+
+
+def test_token_id_lists_are_prompts_too(fake_server):
+    server = fake_server(max_num_seqs=8)
+    out = httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": [[11, 12, 13], [14, 15]], "max_tokens": 2}).json()
+    assert [r.prompt_token_ids for r in server.engine.requests.values()] == [(11, 12, 13), (14, 15)]
+    assert [c["index"] for c in out["choices"]] == [0, 1] and out["usage"]["prompt_tokens"] == 5
+    out = httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": [16, 17], "max_tokens": 2}).json()
+    assert len(out["choices"]) == 1 and out["usage"]["prompt_tokens"] == 2
+
+
+def test_a_bad_prompt_in_a_list_queues_nothing(fake_server):
+    from gateway.config import GatewayConfig
+
+    server = fake_server()
+    assert_error(httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": [[1, 2], [3, 10**9]]}), 400, "prompt")
+    assert server.engine.requests == {}
+    # the queue is full for the second prompt: a 429, and the first prompt's slot is freed
+    server = fake_server(GatewayConfig(max_queued_requests=0), max_num_seqs=1)
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]})
+    assert r.status_code == 429, r.text
+    assert server.runtime.admission.num_in_use == 0 and server.engine.requests == {}
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": ["a"]})
+    assert r.status_code == 200, r.text
+
+
+def test_continuous_usage_stats_puts_usage_in_every_chunk(fake_server):
+    server = fake_server()
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for path, body in (("/v1/chat/completions", chat(max_tokens=6, stream_options=options)),
+                       ("/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 6,
+                                            "stream_options": options})):
+        events = stream_events(server, path, body)[:-1]
+        counts = [e["usage"]["completion_tokens"] for e in events]
+        assert counts == sorted(counts) and counts[-1] == 6 and counts[-2] == 6
+        assert all(e["usage"]["total_tokens"] == e["usage"]["prompt_tokens"] + c
+                   for e, c in zip(events, counts))
+        # without continuous_usage_stats, only the last chunk counts
+        events = stream_events(server, path, {**body, "stream_options": {"include_usage": True}})
+        assert [e["usage"] is None for e in events[:-2]] == [True] * (len(events) - 2)
