@@ -160,8 +160,11 @@ def real_server():
     yield from serve(GatewayConfig(engine=EngineConfig(max_num_seqs=8, kv_cache_memory_mb=64)))
 
 
+SEA = "Write about the sea. The sea is"
+
+
 def completion(server, **kw):
-    body = {"model": MODEL, "prompt": "Write about the sea. The sea is", "max_tokens": 12,
+    body = {"model": MODEL, "prompt": SEA, "max_tokens": 12,
             "temperature": 0, **kw}
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
@@ -273,3 +276,42 @@ def test_continuous_usage_stats_puts_usage_in_every_chunk(fake_server):
         # without continuous_usage_stats, only the last chunk counts
         events = stream_events(server, path, {**body, "stream_options": {"include_usage": True}})
         assert [e["usage"] is None for e in events[:-2]] == [True] * (len(events) - 2)
+
+
+def test_prompt_list_choices_match_single_prompts_on_the_real_model(real_server):
+    prompts = ["The sea is", "My favourite colour is"]
+    each = [completion(real_server, prompt=p)["choices"][0]["text"] for p in prompts]
+    both = completion(real_server, prompt=prompts)
+    assert [c["text"] for c in both["choices"]] == each
+
+
+def test_best_of_returns_the_samples_with_the_highest_cumulative_logprob(real_server):
+    body = {"temperature": 1.0, "seed": 11, "logprobs": 0, "max_tokens": 6}
+    samples = completion(real_server, n=4, **body)["choices"]
+    totals = [sum(c["logprobs"]["token_logprobs"]) for c in samples]
+    ranked = sorted(range(4), key=lambda i: -totals[i])
+    assert len({samples[i]["text"] for i in ranked}) > 1
+    best = completion(real_server, n=2, best_of=4, **body)
+    assert [c["text"] for c in best["choices"]] == [samples[i]["text"] for i in ranked[:2]]
+    assert [c["index"] for c in best["choices"]] == [0, 1]
+    assert best["usage"]["completion_tokens"] == sum(len(c["logprobs"]["tokens"]) for c in samples)
+    # two prompts: each keeps its own best, numbered prompt * n + rank
+    two = completion(real_server, prompt=[SEA, SEA], n=1, best_of=4, **body)
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert [c["text"] for c in two["choices"]] == [samples[ranked[0]]["text"]] * 2
+
+
+def test_best_of_refusals(fake_server):
+    server = fake_server()
+    base = {"model": MODEL, "prompt": "a"}
+    assert_error(httpx.post(server.url + "/v1/completions", json={**base, "n": 2, "best_of": 1}),
+                 400, "best_of", "at least n")
+    assert_error(httpx.post(server.url + "/v1/completions",
+                            json={**base, "best_of": 2, "stream": True}), 400, "best_of", "stream")
+    assert_error(httpx.post(server.url + "/v1/completions", json={**base, "best_of": 65}),
+                 400, "best_of")
+    assert_error(httpx.post(server.url + "/v1/chat/completions", json=chat(best_of=2)),
+                 400, "best_of")
+    assert server.engine.requests == {}
+    r = httpx.post(server.url + "/v1/completions", json={**base, "n": 2, "best_of": 2, "stream": True})
+    assert r.status_code == 200, r.text
