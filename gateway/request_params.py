@@ -20,11 +20,23 @@ from grammars.tools import ToolError, ToolsRequest, parse_tools_request
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 
 
-def check_unsupported(req: GenerationRequest) -> None:
-    """Options we parse but cannot honour yet: a clear 400, never silently ignored."""
-    if isinstance(req, CompletionRequest):
-        if req.suffix:
-            raise NotSupported("suffix is not supported", "suffix")
+# Fill-in-the-middle tokens (prefix, suffix, middle) of the model families that have them:
+# StarCoder's and Qwen's. The prompt is built prefix-suffix-middle; the model writes the middle.
+_FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+               ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+
+
+def fim_prompt(tokenizer: Any, prompt: str, suffix: str) -> list[int]:
+    """OpenAI's suffix: the prompt ids that ask the model for the text between prompt and
+    suffix. Only a tokenizer with fill-in-the-middle tokens can say that; else a 400."""
+    vocab = tokenizer.get_vocab()
+    for names in _FIM_TOKENS:
+        if all(name in vocab for name in names):
+            pre, suf, mid = (vocab[name] for name in names)
+            encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+            return [pre, *encode(prompt), suf, *encode(suffix), mid]
+    raise NotSupported("suffix needs a model with fill-in-the-middle tokens (<fim_prefix>, "
+                       "<fim_suffix>, <fim_middle>); this model's tokenizer has none", "suffix")
 
 
 def samples_per_prompt(req: CompletionRequest) -> int:

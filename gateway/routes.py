@@ -19,7 +19,7 @@ from gateway.guard import GuardPlan, Trace, plan_guard
 from gateway.logs import log_fields
 from gateway.protocol import (APIError, BadRequest, ChatCompletionRequest, ChatMessage,
                               CompletionRequest, NotFound, NotSupported)
-from gateway.request_params import (check_text, check_unsupported, samples_per_prompt,
+from gateway.request_params import (check_text, fim_prompt, samples_per_prompt,
                                     sampling_params, structured_output_spec, tools_request,
                                     truncate_prompt)
 from gateway.requests import parse_request, runtime
@@ -179,7 +179,6 @@ async def chat_completions(request: Request) -> Any:
     rt.ready()
     req = await parse_request(request, rt, ChatCompletionRequest)
     check_model(rt, req.model)
-    check_unsupported(req)
     grammar = structured_output_spec(req)
     tools = tools_request(req)
     # before the tool grammar: enforce mode pins response_format's schema, never a tool grammar
@@ -247,12 +246,13 @@ async def completions(request: Request) -> Any:
     rt.ready()
     req = await parse_request(request, rt, CompletionRequest)
     check_model(rt, req.model)
-    check_unsupported(req)
     grammar = structured_output_spec(req)
     plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar,
                                may_loosen=rt.config.guard_client_override)
+    if req.suffix and req.echo:      # the prompt is prefix, suffix and FIM tokens together
+        raise BadRequest("echo cannot be combined with suffix", "suffix")
     prompts = [truncate_prompt(ids, req.truncate_prompt_tokens, rt.max_model_len)
-               for ids in tokenize_prompts(rt, req.prompt)]
+               for ids in tokenize_prompts(rt, req.prompt, req.suffix)]
     params = sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
                              default_max_tokens=16,   # OpenAI's default for completions
                              num_prompt_logprobs=req.logprobs if req.echo else None,
@@ -260,22 +260,28 @@ async def completions(request: Request) -> Any:
     return await respond(request, rt, req, "cmpl", prompts, params, CompletionFormatter, plan)
 
 
-def tokenize_prompts(rt: Runtime,
-                     prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-    """OpenAI's prompt forms: a string, a list of strings, token ids, a list of token-id lists."""
+def tokenize_prompts(rt: Runtime, prompt: str | list[str] | list[int] | list[list[int]],
+                     suffix: str | None = None) -> list[list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, token ids, a list of token-id lists;
+    with a suffix, each string prompt asks for the middle (fill-in-the-middle)."""
     if isinstance(prompt, str):
-        return [tokenize_prompt(rt, prompt)]
+        prompt = [prompt]
     if not prompt:
         raise BadRequest("prompt must not be an empty list", "prompt")
     if isinstance(prompt[0], int):
-        return [list(prompt)]          # type: ignore[arg-type]
+        prompt = [prompt]               # type: ignore[list-item]
+    if suffix:
+        check_text(suffix, "suffix")
+        if not all(isinstance(p, str) for p in prompt):
+            raise BadRequest("suffix needs text prompts, not token ids", "suffix")
     out = []
     for i, p in enumerate(prompt):
-        if isinstance(p, str):
-            check_text(p, f"prompt[{i}]")
-            out.append(list(rt.tokenizer(p).input_ids))
-        else:
-            out.append(list(p))        # type: ignore[arg-type]
+        if not isinstance(p, str):
+            out.append(list(p))
+            continue
+        check_text(p, "prompt" if len(prompt) == 1 else f"prompt[{i}]")
+        out.append(fim_prompt(rt.tokenizer, p, suffix) if suffix
+                   else list(rt.tokenizer(p).input_ids))
     return out
 
 

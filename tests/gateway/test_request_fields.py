@@ -315,3 +315,45 @@ def test_best_of_refusals(fake_server):
     assert server.engine.requests == {}
     r = httpx.post(server.url + "/v1/completions", json={**base, "n": 2, "best_of": 2, "stream": True})
     assert r.status_code == 200, r.text
+
+
+def live_fake(tokenizer, **engine_kwargs):
+    """A fake-engine server over a tokenizer of the test's own (FIM tokens, a chat template)."""
+    from gateway.app import create_app
+    from gateway.config import GatewayConfig
+    from tests.gateway.conftest import LiveServer
+
+    engine = FakeEngine(tokenizer, **engine_kwargs)
+    server = LiveServer(create_app(GatewayConfig(), engine_factory=lambda _: engine)).start()
+    server.engine = engine
+    return server
+
+
+def test_suffix_is_a_400_naming_it_where_the_model_has_no_fim_tokens(fake_server):
+    server = fake_server()
+    err = assert_error(httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "def f(", "suffix": "return x"}), 400, "suffix")
+    assert "fill-in-the-middle" in err["message"]
+    assert server.engine.requests == {}
+
+
+def test_suffix_builds_a_fill_in_the_middle_prompt(tokenizer):
+    import copy
+
+    fim = copy.deepcopy(tokenizer)
+    fim.add_tokens(["<fim_prefix>", "<fim_suffix>", "<fim_middle>"], special_tokens=True)
+    pre, suf, mid = (fim.get_vocab()[t] for t in ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
+    server = live_fake(fim)
+    try:
+        r = httpx.post(server.url + "/v1/completions", json={
+            "model": MODEL, "prompt": "def f(x):", "suffix": "    return y", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        (request,) = server.engine.requests.values()
+        encode = lambda t: fim(t, add_special_tokens=False).input_ids  # noqa: E731
+        assert list(request.prompt_token_ids) == [pre, *encode("def f(x):"), suf,
+                                                  *encode("    return y"), mid]
+        for body, param in (({"prompt": [1, 2]}, "suffix"), ({"prompt": "a", "echo": True}, "suffix")):
+            assert_error(httpx.post(server.url + "/v1/completions", json={
+                "model": MODEL, "suffix": "b", **body}), 400, param)
+    finally:
+        server.stop()
