@@ -47,8 +47,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "audio": (_NONE, "audio output is not supported"),
     "web_search_options": (_NONE, "web search is not supported"),
     "chat_template": ((None, ""), "a per-request chat template is not supported"),
-    "chat_template_kwargs": (_NONE, "chat_template_kwargs is not supported yet"),
-    "continue_final_message": ((None, False), "continue_final_message is not supported yet"),
     "documents": (_NONE, "documents for the chat template are not supported"),
     "use_beam_search": ((None, False), "beam search is not supported"),
     "prompt_logprobs": ((None,), "prompt_logprobs is not supported yet (on /v1/completions, "
@@ -69,6 +67,9 @@ _CHAT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
                  "max_completion_tokens", "top_logprobs", "add_generation_prompt")}
 # vLLM's add_special_tokens (BOS and the like): our default is vLLM's for each endpoint
 _CHAT_ONLY["add_special_tokens"] = ((None, True), "add_special_tokens false is not supported yet")
+_CHAT_ONLY["chat_template_kwargs"] = (_NONE, "chat_template_kwargs is a chat completions field")
+_CHAT_ONLY["continue_final_message"] = ((None, False), "continue_final_message is a chat "
+                                                       "completions field")
 _COMPLETIONS_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "prompt": ((None,), "prompt is a completions field; send messages"),
     "suffix": ((None,), "suffix is not supported"),
@@ -80,8 +81,9 @@ _COMPLETIONS_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
 _TOKENIZE: dict[str, tuple[tuple[Any, ...], str]] = {
     "tools": (_NONE, "tools are not supported on /tokenize yet"),
     "chat_template": REFUSED["chat_template"],
-    "chat_template_kwargs": REFUSED["chat_template_kwargs"],
-    "continue_final_message": REFUSED["continue_final_message"],
+    "chat_template_kwargs": (_NONE, "chat_template_kwargs is not supported on /tokenize yet"),
+    "continue_final_message": ((None, False), "continue_final_message is not supported on "
+                                              "/tokenize yet"),
     "documents": REFUSED["documents"],
     "mm_processor_kwargs": ((None, {}), "no multimodal inputs are served"),
 }

@@ -338,6 +338,8 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True    # vLLM: False leaves the assistant header out
+    continue_final_message: bool = False  # vLLM: the model continues the last message, open
+    chat_template_kwargs: dict[str, Any] | None = None   # vLLM: extra variables for the template
 
 
 class TokenizeCompletionRequest(_TopLevel):

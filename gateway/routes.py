@@ -198,8 +198,14 @@ async def chat_completions(request: Request) -> Any:
         tools = None
     if req.top_logprobs is not None and not req.logprobs:
         raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
-    prompt_ids = truncate_prompt(render_chat(rt, req.messages, tools, req.add_generation_prompt),
-                                 req.truncate_prompt_tokens, rt.max_model_len)
+    if req.continue_final_message and req.add_generation_prompt:
+        raise BadRequest("continue_final_message and add_generation_prompt cannot both be true "
+                         "(set add_generation_prompt to false)", "continue_final_message")
+    prompt_ids = truncate_prompt(
+        render_chat(rt, req.messages, tools, req.add_generation_prompt,
+                    continue_final_message=req.continue_final_message,
+                    template_kwargs=req.chat_template_kwargs),
+        req.truncate_prompt_tokens, rt.max_model_len)
     params = sampling_params(
         req, max_tokens=req.max_completion_tokens or req.max_tokens,
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
@@ -209,12 +215,27 @@ async def chat_completions(request: Request) -> Any:
                          plan, tools=tools)
 
 
+# apply_chat_template's own parameters: set by the request's fields, never by template kwargs
+_TEMPLATE_OPTIONS = {"conversation", "messages", "tools", "documents", "chat_template",
+                     "add_generation_prompt", "continue_final_message", "tokenize", "padding",
+                     "truncation", "max_length", "return_tensors", "return_dict",
+                     "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
 def render_chat(rt: Runtime, messages: list[ChatMessage], tools: ToolsRequest | None,
-                add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+                add_generation_prompt: bool = True, add_special_tokens: bool = False, *,
+                continue_final_message: bool = False,
+                template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """The prompt: messages (with earlier tool calls and results) and the tools, through the
     model's chat template, or our own tool section when the template knows no tools. /tokenize
-    renders through here too, so its counts are the chat route's."""
+    renders through here too, so its counts are the chat route's. continue_final_message leaves
+    the last message open (transformers cuts the text after its content), template_kwargs are
+    variables for the template (vLLM's chat_template_kwargs)."""
     tokenizer = rt.tokenizer
+    for key in template_kwargs or {}:
+        if key in _TEMPLATE_OPTIONS:
+            raise BadRequest(f"chat_template_kwargs may not set '{key}'; send the field itself "
+                             "where there is one", "chat_template_kwargs")
     if not getattr(tokenizer, "chat_template", None):
         raise NotSupported("this model has no chat template; use /v1/completions", "messages")
     conversation = []
@@ -232,7 +253,8 @@ def render_chat(rt: Runtime, messages: list[ChatMessage], tools: ToolsRequest | 
             message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         conversation.append(message)
     try:
-        prompt = render_prompt(tokenizer, conversation, tools, add_generation_prompt)
+        prompt = render_prompt(tokenizer, conversation, tools, add_generation_prompt, {
+            **(template_kwargs or {}), "continue_final_message": continue_final_message})
     except Exception as exc:  # a template may refuse a conversation (e.g. role order)
         raise BadRequest(f"the chat template rejected these messages: {exc}", "messages") from None
     return list(tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)

@@ -357,3 +357,50 @@ def test_suffix_builds_a_fill_in_the_middle_prompt(tokenizer):
                 "model": MODEL, "suffix": "b", **body}), 400, param)
     finally:
         server.stop()
+
+
+PREFILL = [{"role": "user", "content": "Name a colour."},
+           {"role": "assistant", "content": "My favourite colour is"}]
+
+
+def test_continue_final_message_leaves_the_last_message_open(fake_server, tokenizer):
+    server = fake_server()
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat(
+        messages=PREFILL, continue_final_message=True, add_generation_prompt=False))
+    assert r.status_code == 200, r.text
+    closed = httpx.post(server.url + "/v1/chat/completions", json=chat(
+        messages=PREFILL, add_generation_prompt=False))
+    assert closed.status_code == 200, closed.text
+    open_ids, closed_ids = (r.prompt_token_ids for r in server.engine.requests.values())
+    assert tokenizer.decode(open_ids).endswith("<|im_start|>assistant\nMy favourite colour is")
+    assert tokenizer.decode(closed_ids).endswith("My favourite colour is<|im_end|>\n")
+    assert_error(httpx.post(server.url + "/v1/chat/completions", json=chat(
+        messages=PREFILL, continue_final_message=True)), 400, "continue_final_message")
+    assert_error(httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "a", "continue_final_message": True}), 400,
+        "continue_final_message")
+    assert len(server.engine.requests) == 2
+
+
+def test_chat_template_kwargs_reach_the_template(tokenizer):
+    import copy
+
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = ("{{ greeting | default('none') }}|"
+                               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    server = live_fake(templated)
+    try:
+        for kwargs, expected in (({"greeting": "hello"}, "hello|hi"), (None, "none|hi")):
+            r = httpx.post(server.url + "/v1/chat/completions", json=chat(chat_template_kwargs=kwargs))
+            assert r.status_code == 200, r.text
+            request = list(server.engine.requests.values())[-1]
+            assert templated.decode(request.prompt_token_ids) == expected
+        for kwargs in ({"add_generation_prompt": False}, {"tools": []}):
+            assert_error(httpx.post(server.url + "/v1/chat/completions",
+                                    json=chat(chat_template_kwargs=kwargs)), 400,
+                         "chat_template_kwargs")
+        assert_error(httpx.post(server.url + "/v1/chat/completions",
+                                json=chat(chat_template_kwargs=["x"])), 400, "chat_template_kwargs")
+        assert len(server.engine.requests) == 2
+    finally:
+        server.stop()
