@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
+from engine.types import PromptLogprob
 from gateway.generation import ChoiceUpdate, Generation
 from gateway.generation_group import GenerationGroup
 from gateway.protocol import CompletionRequest
@@ -37,7 +38,9 @@ class CompletionFormatter(Formatter):
         """The prompt's logprobs; they come with its first delta, so call after it."""
         if not (self._echo_of(index) and self.want_logprobs):
             return None
-        entries = self.gen.prompt_logprobs_of(index) or ()
+        k = self.gen.params.logprobs or 0      # prompt_logprobs may have asked for more
+        entries = [e if e is None else PromptLogprob(e.logprob, e.top[:k], e.rank)
+                   for e in self.gen.prompt_logprobs_of(index) or ()]
         return self.tokens.prompt_logprobs(self.gen.prompt_ids_of(index), entries)
 
     async def events(self) -> AsyncGenerator[bytes, None]:

@@ -49,8 +49,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "chat_template": ((None, ""), "a per-request chat template is not supported"),
     "documents": (_NONE, "documents for the chat template are not supported"),
     "use_beam_search": ((None, False), "beam search is not supported"),
-    "prompt_logprobs": ((None,), "prompt_logprobs is not supported yet (on /v1/completions, "
-                                 "echo with logprobs reports the prompt's)"),
     "logits_processors": (_NONE, "logits_processors is not supported"),
     "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; "
                                                   "return_token_ids gives the ids"),

@@ -39,6 +39,18 @@ def fim_prompt(tokenizer: Any, prompt: str, suffix: str) -> list[int]:
                        "<fim_suffix>, <fim_middle>); this model's tokenizer has none", "suffix")
 
 
+def prompt_logprobs_asked(req: GenerationRequest) -> int | None:
+    """How many alternatives per prompt token the engine computes (None: no prompt logprobs):
+    vLLM's prompt_logprobs, and on completions echo with logprobs, which shows the prompt's."""
+    if req.prompt_logprobs is not None and req.stream:
+        raise BadRequest("prompt_logprobs cannot be streamed", "prompt_logprobs")
+    asked = [req.prompt_logprobs]
+    if isinstance(req, CompletionRequest) and req.echo:
+        asked.append(req.logprobs)
+    counts = [k for k in asked if k is not None]
+    return max(counts) if counts else None
+
+
 def samples_per_prompt(req: CompletionRequest) -> int:
     """How many samples the engine draws per prompt: best_of, of which the n with the highest
     cumulative logprob are returned (OpenAI's), or n. Streaming cannot pick the best before

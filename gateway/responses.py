@@ -8,11 +8,13 @@ from contextlib import aclosing
 from typing import Any
 
 from engine import SamplingParams
+from engine.types import PromptLogprob
 from gateway.generation import ChoiceUpdate, Generation
 from gateway.generation_group import GenerationGroup
-from gateway.protocol import ChatCompletionRequest
+from gateway.protocol import ChatCompletionRequest, logprob_value
 from gateway.sse import DONE, frame
 from gateway.state import Runtime
+from gateway.tokens import TokenTable
 
 Verdict = dict[str, Any]    # the guard's verdict on one choice (`Guard.verdict()`)
 
@@ -53,6 +55,29 @@ def plumbline_extension(*, logprobs_mode: str | None = None,
     if incomplete:
         ext["incomplete"] = True
     return {"plumbline": ext} if ext else {}
+
+
+def vllm_prompt_logprobs(tokens: TokenTable, prompt_ids: Sequence[int],
+                         entries: Sequence[PromptLogprob | None] | None,
+                         k: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's prompt_logprobs: None for the first token, then per token a dict from token id to
+    {logprob, rank, decoded_token}: the prompt's own token and the top-k alternatives (raw
+    logprobs: the model's distribution, as the prompt was not sampled). A rank the engine did
+    not compute is known only within the top-k; beyond it, null."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for token_id, entry in zip(prompt_ids[1:], list(entries or ())[1:]):
+        assert entry is not None
+        top = entry.top[:k]
+        rank = entry.rank
+        if rank is None:
+            rank = next((j for j, t in enumerate(top, 1) if t.token_id == token_id), None)
+        row = {str(token_id): {"logprob": logprob_value(entry.logprob), "rank": rank,
+                               "decoded_token": tokens.get(token_id)[0]}}
+        for j, t in enumerate(top, 1):
+            row.setdefault(str(t.token_id), {"logprob": logprob_value(t.logprob), "rank": j,
+                                             "decoded_token": tokens.get(t.token_id)[0]})
+        out.append(row)
+    return out
 
 
 def _logprobs_mode(params: SamplingParams) -> str | None:
@@ -143,7 +168,15 @@ class Formatter:
         is_chat = out["object"] == "chat.completion"
         if self.want_token_ids and is_chat:   # vLLM's places: the chat response's top level,
             out["prompt_token_ids"] = list(self.gen.prompt_ids)    # each completion choice
+        k = self.req.prompt_logprobs
+        if k is not None and is_chat:            # vLLM's places: the chat response's top level,
+            out["prompt_logprobs"] = vllm_prompt_logprobs(      # each completion choice
+                self.tokens, self.gen.prompt_ids_of(0), self.gen.prompt_logprobs_of(0), k)
         for choice in out["choices"]:
+            if k is not None and not is_chat:
+                i = choice["index"]
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                    self.tokens, self.gen.prompt_ids_of(i), self.gen.prompt_logprobs_of(i), k)
             if self.want_token_ids:
                 if not is_chat:
                     choice["prompt_token_ids"] = list(self.gen.prompt_ids_of(choice["index"]))

@@ -19,7 +19,8 @@ from gateway.guard import GuardPlan, Trace, plan_guard
 from gateway.logs import log_fields
 from gateway.protocol import (APIError, BadRequest, ChatCompletionRequest, ChatMessage,
                               CompletionRequest, NotFound, NotSupported)
-from gateway.request_params import (check_text, fim_prompt, samples_per_prompt,
+from gateway.request_params import (check_text, fim_prompt, prompt_logprobs_asked,
+                                    samples_per_prompt,
                                     sampling_params, structured_output_spec, tools_request,
                                     truncate_prompt)
 from gateway.requests import parse_request, runtime
@@ -209,6 +210,7 @@ async def chat_completions(request: Request) -> Any:
     params = sampling_params(
         req, max_tokens=req.max_completion_tokens or req.max_tokens,
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        num_prompt_logprobs=prompt_logprobs_asked(req),
         default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar,
         tokenizer=rt.tokenizer)
     return await respond(request, rt, req, "chatcmpl", [prompt_ids], params, ChatFormatter,
@@ -277,7 +279,7 @@ async def completions(request: Request) -> Any:
                for ids in tokenize_prompts(rt, req.prompt, req.suffix)]
     params = sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
                              default_max_tokens=16,   # OpenAI's default for completions
-                             num_prompt_logprobs=req.logprobs if req.echo else None,
+                             num_prompt_logprobs=prompt_logprobs_asked(req),
                              grammar=grammar, tokenizer=rt.tokenizer, n=samples_per_prompt(req))
     return await respond(request, rt, req, "cmpl", prompts, params, CompletionFormatter, plan)
 

@@ -63,7 +63,6 @@ def test_continuous_usage_stats_is_accepted(server):
      "web_search_options"),
     ("/v1/chat/completions", chat(functions=[{"name": "f"}]), "functions"),
     ("/v1/chat/completions", chat(continue_final_message=True), "continue_final_message"),
-    ("/v1/chat/completions", chat(prompt_logprobs=1), "prompt_logprobs"),
     ("/v1/chat/completions", chat(use_beam_search=True), "use_beam_search"),
     ("/v1/chat/completions", chat(use_beam_search=1), "use_beam_search"),   # 1 is not False
     ("/v1/chat/completions", chat(echo=True), "echo"),

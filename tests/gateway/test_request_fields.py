@@ -404,3 +404,48 @@ def test_chat_template_kwargs_reach_the_template(tokenizer):
         assert len(server.engine.requests) == 2
     finally:
         server.stop()
+
+
+def test_prompt_logprobs_on_chat_and_completions_match_the_model(real_server, hf_default_model,
+                                                                  tokenizer):
+    import torch
+
+    r = httpx.post(real_server.url + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 1,
+        "prompt_logprobs": 2, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids, entries = body["prompt_token_ids"], body["prompt_logprobs"]
+    assert len(entries) == len(ids) == body["usage"]["prompt_tokens"] and entries[0] is None
+    with torch.no_grad():
+        logits = hf_default_model(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)                          # [len, vocab]: raw
+    for i in range(1, len(ids)):
+        entry = entries[i]
+        own = entry[str(ids[i])]
+        assert own["logprob"] == pytest.approx(expected[i - 1, ids[i]].item(), abs=1e-3)
+        assert own["decoded_token"] == tokenizer.decode([ids[i]])
+        top = torch.topk(expected[i - 1], 2)
+        for j, (v, t) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            assert entry[str(t)]["rank"] == j and entry[str(t)]["logprob"] == pytest.approx(v, abs=1e-3)
+        true_rank = int((expected[i - 1] > expected[i - 1, ids[i]]).sum()) + 1
+        assert own["rank"] == (true_rank if true_rank <= 2 else None)
+        assert len(entry) == (2 if true_rank <= 2 else 3)
+    # completions: each prompt's own list on each of its choices
+    out = completion(real_server, prompt=["Hello world", "The sea"], max_tokens=1,
+                     prompt_logprobs=0, return_token_ids=True)
+    for choice in out["choices"]:
+        prompt = choice["prompt_token_ids"]
+        assert [list(e) if e else None for e in choice["prompt_logprobs"]] == [None] + [
+            [str(t)] for t in prompt[1:]]
+
+
+def test_prompt_logprobs_refusals(fake_server):
+    server = fake_server()
+    for body in (chat(prompt_logprobs=1, stream=True), chat(prompt_logprobs=21),
+                 chat(prompt_logprobs=-1), chat(prompt_logprobs=True)):
+        assert_error(httpx.post(server.url + "/v1/chat/completions", json=body), 400,
+                     "prompt_logprobs")
+    assert_error(httpx.post(server.url + "/v1/completions", json={
+        "model": MODEL, "prompt": "a", "prompt_logprobs": 1, "stream": True}), 400, "prompt_logprobs")
+    assert server.engine.requests == {}
