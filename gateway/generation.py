@@ -6,7 +6,8 @@ text is released only when the window decodes to more than its prefix and does n
 incomplete UTF-8 sequence (U+FFFD), so no broken character ever leaves. Stop strings are matched
 on the text; whatever tail could still grow into a stop string is held back, so no part of one
 leaks even when it spans tokens; a choice that matched one is aborted in the engine at once
-(`EngineClient.abort(request_id, index)`), its siblings go on. Streaming and non-streaming responses consume the same updates.
+(`EngineClient.abort(request_id, index)`), its siblings go on. Streaming and non-streaming
+responses consume the same updates.
 """
 from __future__ import annotations
 

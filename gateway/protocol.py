@@ -298,7 +298,8 @@ class _GenerationRequest(_TopLevel):
     priority: int = 0                 # vLLM: lower values are scheduled first; ties by arrival
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None   # vLLM: keep the last k
     prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None   # vLLM: the prompt's
-    bad_words: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=256)] | None = None
+    bad_words: Annotated[list[Annotated[str, Field(min_length=1)]],
+                         Field(max_length=256)] | None = None
     logprobs_mode: Literal["processed", "raw", "processed_logprobs", "raw_logprobs"] | None = None
     return_token_ids: bool = False    # prompt_token_ids and each choice's token_ids
     # structured output, vLLM's names

@@ -34,7 +34,7 @@ def test_a_choice_that_hits_a_stop_string_is_aborted_alone_at_once(fake_server):
     (request_id,) = server.engine.requests
     # the stopped choice's sequence was aborted before its sibling generated anything
     assert server.engine.seen_at_sibling_start == [(request_id, 0)]
-    # index 1 hit the stop string as well: aborted too, and never the whole request early
+    # index 1 hit the stop string as well: it was aborted alone too
     assert server.engine.aborted_seqs == [(request_id, 0), (request_id, 1)]
     assert [c["message"]["content"] for c in body["choices"]] == ["Hello there! I am a "] * 2
     assert [c["finish_reason"] for c in body["choices"]] == ["stop", "stop"]
@@ -46,8 +46,8 @@ def tiny_server(tiny_model_dir):
     from gateway.config import GatewayConfig
     from tests.gateway.conftest import serve
 
-    config = GatewayConfig(engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=4, kv_cache_memory_mb=16,
-                                               block_size=8))
+    config = GatewayConfig(engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=4,
+                                               kv_cache_memory_mb=16, block_size=8))
     yield from serve(config)
 
 
