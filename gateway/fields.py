@@ -79,9 +79,6 @@ _COMPLETIONS_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
 _TOKENIZE: dict[str, tuple[tuple[Any, ...], str]] = {
     "tools": (_NONE, "tools are not supported on /tokenize yet"),
     "chat_template": REFUSED["chat_template"],
-    "chat_template_kwargs": (_NONE, "chat_template_kwargs is not supported on /tokenize yet"),
-    "continue_final_message": ((None, False), "continue_final_message is not supported on "
-                                              "/tokenize yet"),
     "documents": REFUSED["documents"],
     "mm_processor_kwargs": ((None, {}), "no multimodal inputs are served"),
 }

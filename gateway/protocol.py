@@ -359,6 +359,8 @@ class TokenizeChatRequest(_TopLevel):
     model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False      # the template writes its own special tokens
     return_token_strs: bool = False
 

@@ -449,3 +449,15 @@ def test_prompt_logprobs_refusals(fake_server):
     assert_error(httpx.post(server.url + "/v1/completions", json={
         "model": MODEL, "prompt": "a", "prompt_logprobs": 1, "stream": True}), 400, "prompt_logprobs")
     assert server.engine.requests == {}
+
+
+def test_tokenize_counts_what_the_chat_route_renders_with_the_template_options(fake_server):
+    server = fake_server()
+    options = {"messages": PREFILL, "continue_final_message": True,
+               "add_generation_prompt": False, "chat_template_kwargs": {"unused": 1}}
+    counted = httpx.post(server.url + "/tokenize", json=options)
+    assert counted.status_code == 200, counted.text
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat(**options))
+    assert r.status_code == 200, r.text
+    (request,) = server.engine.requests.values()
+    assert counted.json()["tokens"] == list(request.prompt_token_ids)
