@@ -267,6 +267,8 @@ class Generation:
                                       delta.top_logprobs, choice.finish_reason, calls)
                 if choice.guard is not None:
                     self._guard(choice, update)
+                    if choice.finish_reason == "content_filter" and not final:
+                        engine.abort(self.request_id, delta.index)    # blocked: as a stop string
                 if choice.finish_reason is not None:
                     num_open -= 1
                     if trace is not None:

@@ -461,3 +461,23 @@ def test_tokenize_counts_what_the_chat_route_renders_with_the_template_options(f
     assert r.status_code == 200, r.text
     (request,) = server.engine.requests.values()
     assert counted.json()["tokens"] == list(request.prompt_token_ids)
+
+
+class Leaky(FakeEngine):
+    def __init__(self, tokenizer, **kw):
+        super().__init__(tokenizer, **kw)
+        self.text_ids = list(tokenizer("All fine. SECRET-1234 and then a long tail of text "
+                                       "that the engine need not generate any more.",
+                                       add_special_tokens=False).input_ids)
+
+
+def test_a_blocked_choice_is_aborted_alone_too(fake_server):
+    from gateway.config import GatewayConfig
+
+    server = fake_server(GatewayConfig(guard_mode="block", guard_checks={"deny": [r"SECRET-\d{4}"]}),
+                         engine_cls=Leaky)
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat(n=2, max_tokens=60))
+    assert r.status_code == 200, r.text
+    assert [c["finish_reason"] for c in r.json()["choices"]] == ["content_filter"] * 2
+    (request_id,) = server.engine.requests
+    assert server.engine.aborted_seqs == [(request_id, 0), (request_id, 1)]
