@@ -108,8 +108,8 @@ class EngineCore:
         """Raise RequestError for a request the engine cannot take."""
         validate_request(request, self.limits)
 
-    def abort(self, request_id: str) -> None:
-        self.scheduler.abort(request_id)
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        self.scheduler.abort(request_id, index)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -317,12 +317,15 @@ class AsyncEngine:
             if not stream.finished:
                 self.abort(request.request_id)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Abort the request, or only its sequence `index` (its siblings go on); the blocks are
+        freed at the next postprocess."""
         task = self._compiling.get(request_id)
         if task is not None:
-            task.cancel()
+            if index is None:            # no sequence exists before the grammar compiled
+                task.cancel()
         elif request_id in self._streams:
-            self.core.abort(request_id)
+            self.core.abort(request_id, index)
             if self._wakeup is not None:
                 self._wakeup.set()
 

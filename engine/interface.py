@@ -75,7 +75,8 @@ def validate_request(request: GenerateRequest, limits: EngineLimits) -> None:
         raise RequestError(f"n must be <= {limits.max_num_seqs}", "n")
     for name, ids in (("stop_token_ids", params.stop_token_ids),
                       ("logit_bias", [t for t, _ in params.logit_bias]),
-                      ("allowed_token_ids", params.allowed_token_ids or ())):
+                      ("allowed_token_ids", params.allowed_token_ids or ()),
+                      ("bad_words", [t for w in params.bad_words_token_ids for t in w])):
         if any(not 0 <= t < vocab_size for t in ids):
             raise RequestError(f"{name} token ids must lie in [0, {vocab_size})", name)
 
@@ -95,7 +96,8 @@ class EngineClient(Protocol):
     async def prepare(self, request: GenerateRequest) -> PreparedRequest:
         """Validate and compile the grammar; RequestError names the bad parameter."""
     def add_request(self, request: PreparedRequest) -> AsyncIterator[TokenDelta]: ...
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Abort the request, or only its sequence `index` (a choice that hit a stop string)."""
     def stats(self) -> EngineStats: ...
     def server_info(self) -> dict[str, Any]:
         """What the loaded engine knows of itself: model path and architecture, numerics."""

@@ -1,5 +1,5 @@
 """penalties -> logit rules -> (grammar mask) -> temperature -> top-k / top-p / min-p ->
-log_softmax -> sample. Logit rules: logit_bias, allowed_token_ids, min_tokens.
+log_softmax -> sample. Logit rules: logit_bias, allowed_token_ids, bad_words, min_tokens.
 
 The processed distribution is computed once; the token is drawn from it and its logprob read from
 the same tensor, so a reported logprob is by construction that of the distribution sampled from.
@@ -52,7 +52,7 @@ class SamplingBatch:
     top_p: list[float]
     min_p: list[float]
     penalized_rows: list[int]
-    ruled_rows: list[int]         # rows with logit_bias, min_tokens or allowed_token_ids
+    ruled_rows: list[int]         # rows with logit_bias, min_tokens, allowed_token_ids, bad_words
     stop_ids: list[int]           # EOS ids, which min_tokens holds off (with the stop_token_ids)
     num_top: list[int]            # top-N alternatives wanted per row (0 = none)
     raw_rows: list[int]           # rows reporting raw logprobs
@@ -97,10 +97,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], seqs: list[Sequence])
 
 def apply_logit_rules(logits: torch.Tensor, batch: SamplingBatch) -> None:
     """In place on logits [S, vocab], before the grammar mask: logit_bias added, tokens outside
-    allowed_token_ids masked."""
+    allowed_token_ids and banned bad words masked."""
     for r in batch.ruled_rows:
         p = batch.seqs[r].sampling
         row = logits[r]                                                     # [vocab]
+        if p.bad_words_token_ids:
+            banned = banned_tokens(p.bad_words_token_ids, batch.seqs[r].completion_token_ids)
+            if banned:
+                row[banned] = float("-inf")
         if p.logit_bias:
             ids, bias = zip(*p.logit_bias)
             row[list(ids)] += torch.tensor(bias, dtype=row.dtype, device=row.device)
@@ -108,6 +112,17 @@ def apply_logit_rules(logits: torch.Tensor, batch: SamplingBatch) -> None:
             keep = torch.full_like(row, float("-inf"))
             keep[list(p.allowed_token_ids)] = 0.0
             row += keep
+
+
+def banned_tokens(words: tuple[tuple[int, ...], ...], output: list[int]) -> list[int]:
+    """The tokens bad_words bans next: each word's last token where the output (the completion
+    only, as vLLM) ends with the word's other tokens; a one-token word always."""
+    out = []
+    for word in words:
+        *head, last = word
+        if not head or (len(head) <= len(output) and output[len(output) - len(head):] == head):
+            out.append(last)
+    return out
 
 
 def hold_stops(logits: torch.Tensor, batch: SamplingBatch) -> None:

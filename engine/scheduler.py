@@ -29,7 +29,9 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
-        self.aborted: set[str] = set()
+        # (request_id, index): one sequence of a request (a choice that hit a stop string while
+        # its siblings go on); (request_id, None): all of them.
+        self.aborted: set[tuple[str, int | None]] = set()
         self.num_preemptions = 0
         self.admitting = True     # False while a weight update drains: only preempted ones resume
         # What constrained decoding decides after a token (grammars/steering.py); None: the
@@ -38,10 +40,21 @@ class Scheduler:
         self.num_forced_tokens = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._enqueue(seq)
 
-    def abort(self, request_id: str) -> None:
-        self.aborted.add(request_id)
+    def _enqueue(self, seq: Sequence) -> None:
+        """Into the waiting queue by (priority, arrival): a lower priority value goes first
+        (vLLM's), ties by arrival (seq_id). Scanned from the back: first come, first served
+        costs one comparison."""
+        key = _order(seq)
+        i = len(self.waiting)
+        while i > 0 and _order(self.waiting[i - 1]) > key:
+            i -= 1
+        self.waiting.insert(i, seq)
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Finish the request's sequences (or only the one at `index`) at the next postprocess."""
+        self.aborted.add((request_id, index))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.aborted)
@@ -66,8 +79,8 @@ class Scheduler:
             i += 1
         # prefill: admit waiting sequences while budget, slots and blocks last
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self.admitting and seq.num_preemptions == 0:
+            seq = self._next_waiting()
+            if seq is None:
                 break
             prefix = self.blocks.match(seq, self.weights_version())    # cached leading blocks
             done = len(prefix) * self.blocks.block_size
@@ -80,13 +93,20 @@ class Scheduler:
             if not self.blocks.can_allocate(self.blocks.blocks_needed(seq, n, prefix)):
                 break
             self.blocks.allocate(seq, n, prefix)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             seq.status = SequenceStatus.RUNNING
             seq.num_scheduled_tokens = n
             budget -= n
             (decodes if seq.is_decode else prefills).append(seq)
         return Batch(decodes + prefills, len(decodes))
+
+    def _next_waiting(self) -> Sequence | None:
+        """The head of the queue; while a weight update drains, the first preempted one (it
+        resumes; a priority may have put newcomers ahead of it, which wait)."""
+        if self.admitting:
+            return self.waiting[0]
+        return next((s for s in self.waiting if s.num_preemptions), None)
 
     def _chunk(self, seq: Sequence, budget: int, done: int | None = None) -> int:
         """Tokens to compute for seq this step, from `done` computed tokens (default: seq's own
@@ -106,13 +126,14 @@ class Scheduler:
         return True
 
     def preempt(self, seq: Sequence) -> None:
-        """Recompute later: drop its KV, keep its tokens, put it at the head of the queue."""
+        """Recompute later: drop its KV, keep its tokens, queue it again in its place (ahead of
+        everything of its priority that arrived after it)."""
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)
 
     def postprocess(self, batch: Batch, result: StepResult,
                     error: str | None = None) -> list[Sequence]:
@@ -165,7 +186,8 @@ class Scheduler:
             changed.append(seq)
         if self.aborted:
             for seq in [*self.running, *self.waiting]:
-                if seq.request_id in self.aborted:
+                if ((seq.request_id, None) in self.aborted
+                        or (seq.request_id, seq.index) in self.aborted):
                     self._finish(seq, FinishReason.ABORT)
                     if seq not in changed:
                         changed.append(seq)
@@ -219,3 +241,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+
+def _order(seq: Sequence) -> tuple[int, int]:
+    return seq.sampling.priority, seq.seq_id

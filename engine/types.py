@@ -53,6 +53,13 @@ class SamplingParams:
     min_tokens: int = 0
     # vLLM's allowed_token_ids: every other token is masked out.
     allowed_token_ids: tuple[int, ...] | None = None
+    # vLLM's priority: the waiting queue is ordered by (priority, arrival), lower values first.
+    # Not sampling, but like n and max_tokens it travels with the request to each sequence.
+    priority: int = 0
+    # vLLM's bad_words, as token ids (the gateway tokenizes each word with and without a leading
+    # space): a one-token word is never sampled; of a longer one, the last token is banned
+    # where the output ends with the others.
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +72,10 @@ class SamplingParams:
             object.__setattr__(self, "logit_bias", tuple(sorted(self.logit_bias.items())))
         if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, tuple):
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        if not isinstance(self.bad_words_token_ids, tuple) or any(
+                not isinstance(w, tuple) for w in self.bad_words_token_ids):
+            object.__setattr__(self, "bad_words_token_ids",
+                               tuple(tuple(w) for w in self.bad_words_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
@@ -89,6 +100,11 @@ class SamplingParams:
              "must not be empty"),
             (self.allowed_token_ids is None or self.grammar is None, "allowed_token_ids",
              "cannot be combined with a grammar (response_format, structured outputs, tools)"),
+            (all(self.bad_words_token_ids), "bad_words", "must not hold an empty word"),
+            # Tokens a grammar forces are appended without sampling (fast-forward), where no
+            # ban could apply: refused rather than broken silently.
+            (not self.bad_words_token_ids or self.grammar is None, "bad_words",
+             "cannot be combined with a grammar (response_format, structured outputs, tools)"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -105,8 +121,10 @@ class SamplingParams:
 
     @property
     def has_logit_rules(self) -> bool:
-        """logit_bias, min_tokens or allowed_token_ids: the sampler edits this row's logits."""
-        return bool(self.logit_bias) or self.min_tokens > 0 or self.allowed_token_ids is not None
+        """logit_bias, min_tokens, allowed_token_ids or bad_words: the sampler edits this row's
+        logits."""
+        return (bool(self.logit_bias) or self.min_tokens > 0 or self.allowed_token_ids is not None
+                or bool(self.bad_words_token_ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +146,7 @@ class PromptLogprob:
 
     logprob: float
     top: tuple[TopLogprob, ...]
+    rank: int | None = None    # of the token among the vocabulary (1 = the most likely), if known
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """The gateway's bounded queue in front of the engine.
 
 At most `capacity` sequences (the engine's max_num_seqs) are in the engine at once; up to
-`max_queued` requests wait here, first come first served, and beyond that a request is refused
+`max_queued` requests wait here, by priority (vLLM's: lower values first) and then first come
+first served, and beyond that a request is refused
 at once (429) rather than left to time out. Waiting here rather than in the engine's own queue
 makes the queue time measurable, lets streaming responses send keep-alive pings while they wait,
 and lets the shutdown drain refuse newcomers while queued requests still get their turn.
@@ -23,17 +24,19 @@ class Admission:
         self.num_in_use = 0
         self.is_closed = False
         self._waiters: deque[Ticket] = deque()
+        self._num_entered = 0
 
     @property
     def num_waiting(self) -> int:
         return len(self._waiters)
 
-    def enter(self, num_seqs: int) -> Ticket:
+    def enter(self, num_seqs: int, priority: int = 0) -> Ticket:
         """A ticket that holds or waits for `num_seqs` slots; raises 429/503 when refused now."""
         assert 1 <= num_seqs <= self.capacity
         if self.is_closed:
             raise Unavailable("the server is shutting down", code="shutting_down")
-        ticket = Ticket(self, num_seqs)
+        self._num_entered += 1
+        ticket = Ticket(self, num_seqs, (priority, self._num_entered))
         if not self._waiters and self.num_in_use + num_seqs <= self.capacity:
             self.num_in_use += num_seqs
             ticket.is_granted = True
@@ -42,7 +45,10 @@ class Admission:
                             "retry later", headers={"Retry-After": str(self.retry_after_s)})
         else:
             ticket.granted = asyncio.get_running_loop().create_future()
-            self._waiters.append(ticket)
+            i = len(self._waiters)     # from the back: first come, first served is one step
+            while i > 0 and self._waiters[i - 1].order > ticket.order:
+                i -= 1
+            self._waiters.insert(i, ticket)
         return ticket
 
     def close(self) -> None:
@@ -75,9 +81,11 @@ class Admission:
 class Ticket:
     """A place in the queue or a held slot; `release()` is idempotent and safe in any state."""
 
-    def __init__(self, admission: Admission, num_seqs: int) -> None:
+    def __init__(self, admission: Admission, num_seqs: int,
+                 order: tuple[int, int] = (0, 0)) -> None:
         self._admission = admission
         self.num_seqs = num_seqs
+        self.order = order           # (priority, arrival): the place in the queue
         self.is_granted = False
         self.is_released = False
         self.granted: asyncio.Future[None] | None = None

@@ -31,7 +31,6 @@ IGNORED: dict[str, str] = {
     "prompt_cache_key": "the prefix cache is keyed by the prompt's tokens",
     "prompt_cache_retention": "the prefix cache keeps blocks while memory allows",
     "safety_identifier": "bookkeeping",
-    "priority": "requests are admitted first come, first served",
     "request_id": "the X-Request-Id header names a request",
     "mm_processor_kwargs": "no multimodal inputs are served",
     "kv_transfer_params": "no disaggregated prefill",
@@ -48,14 +47,8 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "audio": (_NONE, "audio output is not supported"),
     "web_search_options": (_NONE, "web search is not supported"),
     "chat_template": ((None, ""), "a per-request chat template is not supported"),
-    "chat_template_kwargs": (_NONE, "chat_template_kwargs is not supported yet"),
-    "continue_final_message": ((None, False), "continue_final_message is not supported yet"),
     "documents": (_NONE, "documents for the chat template are not supported"),
     "use_beam_search": ((None, False), "beam search is not supported"),
-    "prompt_logprobs": ((None,), "prompt_logprobs is not supported yet (on /v1/completions, "
-                                 "echo with logprobs reports the prompt's)"),
-    "bad_words": (_NONE, "bad_words is not supported yet"),
-    "truncate_prompt_tokens": ((None,), "truncate_prompt_tokens is not supported yet"),
     "logits_processors": (_NONE, "logits_processors is not supported"),
     "return_tokens_as_token_ids": ((None, False), "return_tokens_as_token_ids is not supported; "
                                                   "return_token_ids gives the ids"),
@@ -72,6 +65,9 @@ _CHAT_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
                  "max_completion_tokens", "top_logprobs", "add_generation_prompt")}
 # vLLM's add_special_tokens (BOS and the like): our default is vLLM's for each endpoint
 _CHAT_ONLY["add_special_tokens"] = ((None, True), "add_special_tokens false is not supported yet")
+_CHAT_ONLY["chat_template_kwargs"] = (_NONE, "chat_template_kwargs is a chat completions field")
+_CHAT_ONLY["continue_final_message"] = ((None, False), "continue_final_message is a chat "
+                                                       "completions field")
 _COMPLETIONS_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
     "prompt": ((None,), "prompt is a completions field; send messages"),
     "suffix": ((None,), "suffix is not supported"),
@@ -83,8 +79,6 @@ _COMPLETIONS_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
 _TOKENIZE: dict[str, tuple[tuple[Any, ...], str]] = {
     "tools": (_NONE, "tools are not supported on /tokenize yet"),
     "chat_template": REFUSED["chat_template"],
-    "chat_template_kwargs": REFUSED["chat_template_kwargs"],
-    "continue_final_message": REFUSED["continue_final_message"],
     "documents": REFUSED["documents"],
     "mm_processor_kwargs": ((None, {}), "no multimodal inputs are served"),
 }

@@ -5,7 +5,9 @@ The detokenizer decodes a sliding window of a few tokens (the vLLM/TGI "prefix o
 text is released only when the window decodes to more than its prefix and does not end in an
 incomplete UTF-8 sequence (U+FFFD), so no broken character ever leaves. Stop strings are matched
 on the text; whatever tail could still grow into a stop string is held back, so no part of one
-leaks even when it spans tokens. Streaming and non-streaming responses consume the same updates.
+leaks even when it spans tokens; a choice that matched one is aborted in the engine at once
+(`EngineClient.abort(request_id, index)`), its siblings go on. Streaming and non-streaming
+responses consume the same updates.
 """
 from __future__ import annotations
 
@@ -178,7 +180,20 @@ class Generation:
         self.prompt_logprobs: tuple[PromptLogprob | None, ...] | None = None   # when asked
         # The weights version each choice's tokens were sampled with, in token order.
         self.weights_versions: list[list[int]] = [[] for _ in range(params.n)]
+        self.n_per_prompt = params.n              # one prompt (gateway/generation_group.py: many)
+        self._num_tokens = [0] * params.n         # completion tokens per choice, so far
         self._is_closed = False
+
+    def prompt_ids_of(self, index: int) -> tuple[int, ...]:
+        return self.prompt_ids
+
+    def prompt_logprobs_of(self, index: int) -> tuple[PromptLogprob | None, ...] | None:
+        return self.prompt_logprobs
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """So far (continuous usage stats); the outcome has the final count."""
+        return sum(self._num_tokens)
 
     async def updates(self) -> AsyncGenerator[ChoiceUpdate, None]:
         rt = self.runtime
@@ -211,7 +226,7 @@ class Generation:
                 if delta.prompt_logprobs is not None and self.prompt_logprobs is None:
                     self.prompt_logprobs = delta.prompt_logprobs
                 if choice.finish_reason is not None:
-                    continue      # it ended on a stop string; the engine runs it out (n > 1)
+                    continue      # it ended on a stop string: the rest of its abort's tail
                 self.weights_versions[delta.index] += delta.weights_versions
                 if trace is not None:
                     trace.add_tokens(delta.index, delta.token_ids, delta.logprobs,
@@ -239,11 +254,15 @@ class Generation:
                     raise Unavailable("the server aborted the request; retry", code="aborted")
                 final = delta.finish_reason is not None
                 text = choice.stops.feed(choice.detok.push(delta.token_ids, final), final)
-                choice.num_tokens = delta.num_completion_tokens
+                choice.num_tokens = self._num_tokens[delta.index] = delta.num_completion_tokens
                 if delta.index == 0:
                     self.outcome.num_cached_tokens = delta.num_cached_tokens
                 if choice.stops.stopped:
                     choice.finish_reason = "stop"
+                    if not final:
+                        # Only the gateway sees text: end this one sequence in the engine now,
+                        # so its blocks are freed whatever its siblings do (n > 1).
+                        engine.abort(self.request_id, delta.index)
                 elif final:
                     assert delta.finish_reason is not None
                     choice.finish_reason = finish_reason_name(delta.finish_reason)
@@ -260,6 +279,8 @@ class Generation:
                                       closed_early=delta.closed_early, incomplete=is_cut)
                 if choice.guard is not None:
                     self._guard(choice, update)
+                    if choice.finish_reason == "content_filter" and not final:
+                        engine.abort(self.request_id, delta.index)    # blocked: as a stop string
                 if choice.finish_reason is not None:
                     num_open -= 1
                     if trace is not None:

@@ -249,7 +249,7 @@ class StructuredOutputs(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False   # vLLM: accepted, ignored (usage comes once, at the end)
+    continuous_usage_stats: bool = False   # vLLM: usage in every chunk (with include_usage)
     include_obfuscation: bool = True       # OpenAI: accepted, ignored (no padding is sent)
 
 
@@ -299,6 +299,11 @@ class _GenerationRequest(_TopLevel):
     skip_special_tokens: bool = True
     min_tokens: NonNegInt = 0
     allowed_token_ids: Annotated[list[NonNegInt], Field(min_length=1)] | None = None
+    priority: int = 0                 # vLLM: lower values are scheduled first; ties by arrival
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None   # vLLM: keep the last k
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None   # vLLM: the prompt's
+    bad_words: Annotated[list[Annotated[str, Field(min_length=1)]],
+                         Field(max_length=256)] | None = None
     logprobs_mode: Literal["processed", "raw", "processed_logprobs", "raw_logprobs"] | None = None
     return_token_ids: bool = False    # prompt_token_ids and each choice's token_ids
     # structured output, vLLM's names
@@ -339,6 +344,8 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True    # vLLM: False leaves the assistant header out
+    continue_final_message: bool = False  # vLLM: the model continues the last message, open
+    chat_template_kwargs: dict[str, Any] | None = None   # vLLM: extra variables for the template
 
 
 class TokenizeCompletionRequest(_TopLevel):
@@ -356,6 +363,8 @@ class TokenizeChatRequest(_TopLevel):
     model: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False      # the template writes its own special tokens
     return_token_strs: bool = False
 
@@ -370,4 +379,4 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None
-    best_of: PosInt | None = None
+    best_of: Annotated[int, Field(ge=1, le=64)] | None = None

@@ -22,13 +22,48 @@ from grammars.tools import ToolError, ToolsRequest, parse_tools_request
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 
 
-def check_unsupported(req: GenerationRequest) -> None:
-    """Options we parse but cannot honour yet: a clear 400, never silently ignored."""
-    if isinstance(req, CompletionRequest):
-        if req.suffix:
-            raise NotSupported("suffix is not supported", "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise NotSupported("best_of other than n is not supported", "best_of")
+# Fill-in-the-middle tokens (prefix, suffix, middle) of the model families that have them:
+# StarCoder's and Qwen's. The prompt is built prefix-suffix-middle; the model writes the middle.
+_FIM_TOKENS = (("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+               ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"))
+
+
+def fim_prompt(tokenizer: Any, prompt: str, suffix: str) -> list[int]:
+    """OpenAI's suffix: the prompt ids that ask the model for the text between prompt and
+    suffix. Only a tokenizer with fill-in-the-middle tokens can say that; else a 400."""
+    vocab = tokenizer.get_vocab()
+    for names in _FIM_TOKENS:
+        if all(name in vocab for name in names):
+            pre, suf, mid = (vocab[name] for name in names)
+            encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+            return [pre, *encode(prompt), suf, *encode(suffix), mid]
+    raise NotSupported("suffix needs a model with fill-in-the-middle tokens (<fim_prefix>, "
+                       "<fim_suffix>, <fim_middle>); this model's tokenizer has none", "suffix")
+
+
+def prompt_logprobs_asked(req: GenerationRequest) -> int | None:
+    """How many alternatives per prompt token the engine computes (None: no prompt logprobs):
+    vLLM's prompt_logprobs, and on completions echo with logprobs, which shows the prompt's."""
+    if req.prompt_logprobs is not None and req.stream:
+        raise BadRequest("prompt_logprobs cannot be streamed", "prompt_logprobs")
+    asked = [req.prompt_logprobs]
+    if isinstance(req, CompletionRequest) and req.echo:
+        asked.append(req.logprobs)
+    counts = [k for k in asked if k is not None]
+    return max(counts) if counts else None
+
+
+def samples_per_prompt(req: CompletionRequest) -> int:
+    """How many samples the engine draws per prompt: best_of, of which the n with the highest
+    cumulative logprob are returned (OpenAI's), or n. Streaming cannot pick the best before
+    the end: refused, as OpenAI does."""
+    if req.best_of is None or req.best_of == req.n:
+        return req.n
+    if req.best_of < req.n:
+        raise BadRequest(f"best_of ({req.best_of}) must be at least n ({req.n})", "best_of")
+    if req.stream:
+        raise BadRequest("best_of greater than n cannot be streamed", "best_of")
+    return req.best_of
 
 
 # Constrained decoding (response_format, structured_outputs, guided_*) is parsed, validated and
@@ -112,7 +147,8 @@ def _check_schema(schema: dict[str, Any] | None, param: str) -> None:
 def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logprobs: int | None,
                     default_max_tokens: int,
                     num_prompt_logprobs: int | None = None,
-                    grammar: GrammarSpec | None = None) -> SamplingParams:
+                    grammar: GrammarSpec | None = None, tokenizer: Any = None,
+                    n: int | None = None) -> SamplingParams:
     """SamplingParams for a validated request; a value the engine refuses is a 400 naming it."""
     stop, stop_ids = req.stop_strings, tuple(req.stop_token_ids or ())
     if grammar is not None and not grammar.free_text:
@@ -121,7 +157,8 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
         stop, stop_ids = (), ()
     fields: dict[str, Any] = {
         "max_tokens": max_tokens if max_tokens is not None else max(1, default_max_tokens),
-        "n": req.n, "stop": stop, "ignore_eos": req.ignore_eos, "stop_token_ids": stop_ids,
+        "n": req.n if n is None else n, "stop": stop, "ignore_eos": req.ignore_eos,
+        "stop_token_ids": stop_ids,
         "include_stop_str_in_output": req.include_stop_str_in_output,
         "logprobs": num_logprobs, "logprobs_mode": req.resolved_logprobs_mode(),
         "prompt_logprobs": num_prompt_logprobs, "grammar": grammar_options(req, grammar),
@@ -129,6 +166,8 @@ def sampling_params(req: GenerationRequest, *, max_tokens: int | None, num_logpr
         "logit_bias": _logit_bias(req.logit_bias), "min_tokens": req.min_tokens,
         "allowed_token_ids": (None if req.allowed_token_ids is None
                               else tuple(req.allowed_token_ids)),
+        "priority": req.priority,
+        "bad_words_token_ids": bad_words_token_ids(req.bad_words or [], tokenizer),
         # any Python int is a valid seed; the engine wants 64 bits
         "seed": None if req.seed is None else req.seed & ((1 << 64) - 1),
     }
@@ -157,6 +196,24 @@ def grammar_options(req: GenerationRequest, grammar: GrammarSpec | None) -> Gram
     return None if grammar is None else dataclasses.replace(grammar, backend=backend)
 
 
+def bad_words_token_ids(words: list[str], tokenizer: Any) -> tuple[tuple[int, ...], ...]:
+    """vLLM's tokenization of bad_words: each word without its leading spaces, and again after
+    one space where that starts with another token and has as many tokens (a word-initial
+    variant, the form it takes mid-sentence)."""
+    out: list[tuple[int, ...]] = []
+    for i, word in enumerate(words):
+        check_text(word, f"bad_words[{i}]")
+        bare = word.lstrip()
+        if not bare:
+            raise BadRequest(f"bad_words[{i}] is only whitespace", "bad_words")
+        plain = tuple(tokenizer(bare, add_special_tokens=False).input_ids)
+        spaced = tuple(tokenizer(" " + bare, add_special_tokens=False).input_ids)
+        out.append(plain)
+        if spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(spaced)
+    return tuple(out)
+
+
 def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias: token ids as JSON object keys (strings) -> bias."""
     out = []
@@ -173,3 +230,18 @@ def check_text(value: str, param: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest(f"{param} is not valid UTF-8 (lone surrogate)", param) from None
+
+
+def truncate_prompt(prompt_ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last k tokens of the prompt (as rendered, for a
+    chat); -1 keeps the last max_model_len. Applied before the length checks, so a prompt too
+    long for the context can still be served."""
+    if k is None:
+        return prompt_ids
+    if k == 0:
+        raise BadRequest("truncate_prompt_tokens must be -1 or at least 1",
+                         "truncate_prompt_tokens")
+    if k > max_model_len:
+        raise BadRequest(f"truncate_prompt_tokens ({k}) exceeds this model's context of "
+                         f"{max_model_len} tokens", "truncate_prompt_tokens")
+    return prompt_ids[-(max_model_len if k == -1 else k):]

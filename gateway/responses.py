@@ -8,18 +8,24 @@ from contextlib import aclosing
 from typing import Any
 
 from engine import SamplingParams
+from engine.types import PromptLogprob
 from gateway.generation import ChoiceUpdate, Generation
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.generation_group import GenerationGroup
+from gateway.protocol import ChatCompletionRequest, logprob_value
 from gateway.sse import DONE, frame
 from gateway.state import Runtime
+from gateway.tokens import TokenTable
 
 Verdict = dict[str, Any]    # the guard's verdict on one choice (`Guard.verdict()`)
 
 
-def usage(gen: Generation) -> dict[str, Any]:
+def usage(gen: Generation | GenerationGroup, so_far: bool = False) -> dict[str, Any]:
+    """The usage object; `so_far` counts the completion tokens generated until now (vLLM's
+    continuous_usage_stats) rather than the final count."""
     o = gen.outcome
-    return {"prompt_tokens": o.num_prompt_tokens, "completion_tokens": o.num_completion_tokens,
-            "total_tokens": o.num_prompt_tokens + o.num_completion_tokens,
+    num_completion = gen.num_completion_tokens if so_far else o.num_completion_tokens
+    return {"prompt_tokens": o.num_prompt_tokens, "completion_tokens": num_completion,
+            "total_tokens": o.num_prompt_tokens + num_completion,
             "prompt_tokens_details": {"cached_tokens": o.num_cached_tokens}}
 
 
@@ -54,6 +60,29 @@ def plumbline_extension(*, logprobs_mode: str | None = None,
     return {"plumbline": ext} if ext else {}
 
 
+def vllm_prompt_logprobs(tokens: TokenTable, prompt_ids: Sequence[int],
+                         entries: Sequence[PromptLogprob | None] | None,
+                         k: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's prompt_logprobs: None for the first token, then per token a dict from token id to
+    {logprob, rank, decoded_token}: the prompt's own token and the top-k alternatives (raw
+    logprobs: the model's distribution, as the prompt was not sampled). A rank the engine did
+    not compute is known only within the top-k; beyond it, null."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for token_id, entry in zip(prompt_ids[1:], list(entries or ())[1:]):
+        assert entry is not None
+        top = entry.top[:k]
+        rank = entry.rank
+        if rank is None:
+            rank = next((j for j, t in enumerate(top, 1) if t.token_id == token_id), None)
+        row = {str(token_id): {"logprob": logprob_value(entry.logprob), "rank": rank,
+                               "decoded_token": tokens.get(token_id)[0]}}
+        for j, t in enumerate(top, 1):
+            row.setdefault(str(t.token_id), {"logprob": logprob_value(t.logprob), "rank": j,
+                                             "decoded_token": tokens.get(t.token_id)[0]})
+        out.append(row)
+    return out
+
+
 def _logprobs_mode(params: SamplingParams) -> str | None:
     return params.logprobs_mode if params.logprobs is not None else None
 
@@ -68,9 +97,13 @@ def _checks(verdicts: Sequence[Verdict | None]) -> Verdict | list[Verdict | None
 class Formatter:
     """What both formatters share: the generation, the request and the chunk header."""
 
-    def __init__(self, rt: Runtime, gen: Generation, req: Any, object_name: str) -> None:
+    def __init__(self, rt: Runtime, gen: Generation | GenerationGroup, req: Any,
+                 object_name: str) -> None:
         self.gen = gen
         self.req = req
+        options = req.stream_options
+        self.continuous_usage = bool(options is not None and options.include_usage
+                                     and options.continuous_usage_stats)
         assert rt.token_table is not None
         self.tokens = rt.token_table
         self.base = {"id": gen.request_id, "object": object_name,
@@ -82,6 +115,7 @@ class Formatter:
         self.verdicts: list[Verdict | None] = [None] * gen.params.n   # the guard's, per choice
         self.closed_early = [False] * gen.params.n
         self.cut = [False] * gen.params.n          # ended inside a tool call
+        self.cum_logprobs = [0.0] * gen.params.n    # best_of keeps the n highest per prompt
 
     async def updates(self) -> AsyncGenerator[ChoiceUpdate, None]:
         """The generation's updates, with the token ids they release and the guard's verdicts
@@ -94,7 +128,13 @@ class Formatter:
                 self.verdicts[u.index] = u.checks or self.verdicts[u.index]
                 self.closed_early[u.index] |= u.closed_early
                 self.cut[u.index] |= u.incomplete
+                self.cum_logprobs[u.index] += sum(u.logprobs)
                 yield u
+
+    def _usage_now(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """A chunk's `usage`: null with include_usage, or the counts so far when
+        continuous_usage_stats asks (vLLM's: every chunk)."""
+        return {"usage": usage(self.gen, so_far=True)} if self.continuous_usage else extra
 
     def _choice_fields(self, u: ChoiceUpdate, is_first: bool, is_last: bool) -> dict[str, Any]:
         """A stream chunk's per-choice fields. For the tokens it is the first to show: their ids
@@ -110,7 +150,7 @@ class Formatter:
             if self.want_token_ids:
                 out["token_ids"] = ids
                 if self.base["object"] == "text_completion" and end == len(ids):
-                    out["prompt_token_ids"] = list(self.gen.prompt_ids)  # vLLM: on the choice, once
+                    out["prompt_token_ids"] = list(self.gen.prompt_ids_of(u.index))  # vLLM: once
         out.update(plumbline_extension(
             weights_versions=[versions] if versions else None,
             incomplete=is_last and self._is_incomplete(u.index, u.finish_reason),
@@ -137,10 +177,18 @@ class Formatter:
         is_chat = out["object"] == "chat.completion"
         if self.want_token_ids and is_chat:   # vLLM's places: the chat response's top level,
             out["prompt_token_ids"] = list(self.gen.prompt_ids)    # each completion choice
+        k = self.req.prompt_logprobs
+        if k is not None and is_chat:            # vLLM's places: the chat response's top level,
+            out["prompt_logprobs"] = vllm_prompt_logprobs(      # each completion choice
+                self.tokens, self.gen.prompt_ids_of(0), self.gen.prompt_logprobs_of(0), k)
         for choice in out["choices"]:
+            if k is not None and not is_chat:
+                i = choice["index"]
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                    self.tokens, self.gen.prompt_ids_of(i), self.gen.prompt_logprobs_of(i), k)
             if self.want_token_ids:
                 if not is_chat:
-                    choice["prompt_token_ids"] = list(self.gen.prompt_ids)
+                    choice["prompt_token_ids"] = list(self.gen.prompt_ids_of(choice["index"]))
                 choice["token_ids"] = self.token_ids[choice["index"]]
             choice.update(plumbline_extension(
                 incomplete=self._is_incomplete(choice["index"], choice["finish_reason"]),
@@ -148,11 +196,30 @@ class Formatter:
         versions = [v[:len(ids)] for v, ids in zip(self.gen.weights_versions, self.token_ids)]
         out.update(plumbline_extension(logprobs_mode=_logprobs_mode(self.gen.params),
                                        checks=_checks(self.verdicts), weights_versions=versions))
+        if self.req_n < self.gen.n_per_prompt:
+            out["choices"] = self._best(out["choices"])
+        return out
+
+    @property
+    def req_n(self) -> int:
+        return int(self.req.n)
+
+    def _best(self, choices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """best_of: of each prompt's samples, the n with the highest cumulative logprob (in the
+        request's logprobs mode), best first, numbered prompt * n + rank."""
+        per, n = self.gen.n_per_prompt, self.req_n
+        out = []
+        for start in range(0, len(choices), per):
+            ranked = sorted(choices[start:start + per],
+                            key=lambda c: -self.cum_logprobs[c["index"]])
+            for rank, choice in enumerate(ranked[:n]):
+                out.append({**choice, "index": start // per * n + rank})
         return out
 
 
 class ChatFormatter(Formatter):
-    def __init__(self, rt: Runtime, gen: Generation, req: ChatCompletionRequest) -> None:
+    def __init__(self, rt: Runtime, gen: Generation | GenerationGroup,
+                 req: ChatCompletionRequest) -> None:
         super().__init__(rt, gen, req, "chat.completion.chunk")
         self.want_logprobs = gen.params.logprobs is not None
 
@@ -166,7 +233,7 @@ class ChatFormatter(Formatter):
         extra = {"usage": None} if self.req.include_usage else {}
         yield frame({**self.base, "choices": [
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None} for i in range(self.gen.params.n)], **extra,
+             "finish_reason": None} for i in range(self.gen.params.n)], **self._usage_now(extra),
             **({"prompt_token_ids": list(self.gen.prompt_ids)} if self.want_token_ids else {})})
         async with aclosing(self.updates()) as updates:
             async for u in updates:
@@ -183,7 +250,8 @@ class ChatFormatter(Formatter):
                     yield frame({**self.base, "choices": [
                         {"index": u.index, "delta": delta, **self._choice_fields(u, k == 0, last),
                          "logprobs": self._logprobs(u) if k == 0 else None,
-                         "finish_reason": u.finish_reason if last else None}], **extra,
+                         "finish_reason": u.finish_reason if last else None}],
+                        **self._usage_now(extra),
                         **(_guard_news(u) if last else {})})
         if self.req.include_usage:
             yield frame({**self.base, "choices": [], "usage": usage(self.gen),
@@ -231,76 +299,3 @@ def _message(text: str, calls: list[dict[str, Any]], is_withheld: bool = False) 
 def _guard_news(u: ChoiceUpdate) -> dict[str, Any]:
     """A chunk's `plumbline`: violations found since the last chunk; the verdict at the end."""
     return plumbline_extension(violations=u.violations, checks=u.checks)
-
-
-class CompletionFormatter(Formatter):
-    def __init__(self, rt: Runtime, gen: Generation, req: CompletionRequest) -> None:
-        super().__init__(rt, gen, req, "text_completion")
-        self.echo = (rt.tokenizer.decode(list(gen.prompt_ids), skip_special_tokens=True)
-                     if req.echo else "")
-        self.want_logprobs = gen.params.logprobs is not None
-
-    def _logprobs(self, u: ChoiceUpdate, offset: int) -> dict[str, Any] | None:
-        if not self.want_logprobs:
-            return None
-        return self.tokens.completion_logprobs(u.token_ids, u.logprobs, u.top_logprobs, offset)
-
-    def _echo_logprobs(self) -> dict[str, Any] | None:
-        """The prompt's logprobs; they come with the first delta, so call after it."""
-        if not (self.echo and self.want_logprobs):
-            return None
-        entries = self.gen.prompt_logprobs or ()
-        return self.tokens.prompt_logprobs(self.gen.prompt_ids, entries)
-
-    async def events(self) -> AsyncGenerator[bytes, None]:
-        extra = {"usage": None} if self.req.include_usage else {}
-        n = self.gen.params.n
-        offsets = [len(self.echo)] * n
-        echoed = not self.echo
-        async with aclosing(self.updates()) as updates:
-            async for u in updates:
-                if not echoed:    # after the first delta: it carries the prompt's logprobs
-                    echoed = True
-                    yield frame({**self.base, "choices": [
-                        {"index": i, "text": self.echo, "logprobs": self._echo_logprobs(),
-                         "finish_reason": None} for i in range(n)], **extra})
-                if (not u.text and u.finish_reason is None and not u.violations
-                        and not (self.want_logprobs and u.token_ids)):
-                    continue
-                lp = self._logprobs(u, offsets[u.index])
-                offsets[u.index] += len(u.text)
-                yield frame({**self.base, "choices": [
-                    {"index": u.index, "text": u.text, "logprobs": lp, **self._choice_fields(u, True, True),
-                     "finish_reason": u.finish_reason}], **extra, **_guard_news(u)})
-        if self.req.include_usage:
-            yield frame({**self.base, "choices": [], "usage": usage(self.gen),
-                         **plumbline_extension(logprobs_mode=_logprobs_mode(self.gen.params))})
-        yield DONE
-
-    async def collect(self) -> dict[str, Any]:
-        n = self.gen.params.n
-        texts, reasons = [self.echo] * n, [None] * n  # type: list[str], list[str | None]
-        lps: list[dict[str, list[Any]]] = [
-            {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            for _ in range(n)]
-        async with aclosing(self.updates()) as updates:
-            async for u in updates:
-                lp = self._logprobs(u, len(texts[u.index]))
-                texts[u.index] += u.text
-                reasons[u.index] = u.finish_reason or reasons[u.index]
-                if lp is not None:
-                    for key in lps[u.index]:
-                        lps[u.index][key] += lp[key]
-        for i in range(n):
-            if reasons[i] == "content_filter":    # withheld whole: nothing of it was sent
-                texts[i] = self.echo
-                lps[i] = {key: [] for key in lps[i]}
-        echo_lp = self._echo_logprobs()
-        if echo_lp is not None:
-            for lp in lps:
-                for key in lp:
-                    lp[key] = echo_lp[key] + lp[key]
-        return {**self.base, "choices": [
-            {"index": i, "text": texts[i], "logprobs": lps[i] if self.want_logprobs else None,
-             "finish_reason": reasons[i]} for i in range(n)],
-            "usage": usage(self.gen)}

@@ -15,14 +15,18 @@ from engine import GenerateRequest, PreparedRequest, RequestError, SamplingParam
 from grammars import GrammarError
 from grammars.tools import ToolsRequest, render_prompt, tool_call_grammar
 from gateway.generation import Generation
+from gateway.generation_group import GenerationGroup
 from gateway.guard import GuardPlan, Trace, plan_guard
 from gateway.logs import log_fields
 from gateway.protocol import (APIError, BadRequest, ChatCompletionRequest, ChatMessage,
                               CompletionRequest, NotFound, NotSupported)
-from gateway.request_params import (check_text, check_unsupported, sampling_params,
-                                    structured_output_spec, tools_request)
+from gateway.request_params import (check_text, fim_prompt, prompt_logprobs_asked,
+                                    samples_per_prompt,
+                                    sampling_params, structured_output_spec, tools_request,
+                                    truncate_prompt)
 from gateway.requests import parse_request, runtime
-from gateway.responses import ChatFormatter, CompletionFormatter, Formatter
+from gateway.completion_responses import CompletionFormatter
+from gateway.responses import ChatFormatter, Formatter
 from gateway.sse import DeferredJSONResponse, EventStreamResponse
 from gateway.state import Runtime
 
@@ -102,14 +106,23 @@ async def prepare(rt: Runtime, kind: str, prompt_ids: Sequence[int], params: Sam
         raise BadRequest(exc.message, param) from None
 
 
-async def respond(request: Request, rt: Runtime, req: Any, kind: str, prompt_ids: Sequence[int],
-                  params: SamplingParams,
-                  formatter: Callable[[Runtime, Generation, Any], Formatter],
+async def respond(request: Request, rt: Runtime, req: Any, kind: str,
+                  prompts: Sequence[Sequence[int]], params: SamplingParams,
+                  formatter: Callable[[Runtime, Any, Any], Formatter],
                   plan: GuardPlan, tools: ToolsRequest | None = None) -> Any:
     """The shared tail of both generation routes: admission checks, grammar, then the stream
-    (SSE) or the collected JSON body."""
-    prepared = await prepare(rt, kind, prompt_ids, params, tools is not None)
-    gen = start(request, rt, kind, prepared, req.skip_special_tokens, plan, tools)
+    (SSE) or the collected JSON body. Several prompts (completions) run as a GenerationGroup."""
+    # every prompt is checked before any starts: a bad one is a 400 with nothing queued
+    prepared = [await prepare(rt, kind, ids, params, tools is not None) for ids in prompts]
+    gens: list[Generation] = []
+    try:
+        for p in prepared:
+            gens.append(start(request, rt, kind, p, req.skip_special_tokens, plan, tools))
+    except BaseException:          # e.g. the queue is full for a later prompt: free the others
+        for g in gens:
+            g.close()
+        raise
+    gen: Generation | GenerationGroup = gens[0] if len(gens) == 1 else GenerationGroup(gens)
     fmt = formatter(rt, gen, req)
     if req.stream:
         return EventStreamResponse(fmt.events(), ping_interval=rt.config.keepalive_interval_s,
@@ -123,7 +136,7 @@ def start(request: Request, rt: Runtime, kind: str, prepared: PreparedRequest,
     _, admission = rt.ready()
     request_id, prompt_ids = prepared.request.request_id, prepared.request.prompt_token_ids
     params = prepared.request.sampling
-    ticket = admission.enter(params.n)
+    ticket = admission.enter(params.n, params.priority)
     trace = rt.traces.open(Trace(
         request_id, structlog.contextvars.get_contextvars().get("request_id"),
         "chat.completion" if kind == "chatcmpl" else "text_completion", list(prompt_ids),
@@ -142,7 +155,7 @@ def start(request: Request, rt: Runtime, kind: str, prepared: PreparedRequest,
     return gen
 
 
-def closer(request: Request, gen: Generation) -> Callable[[], None]:
+def closer(request: Request, gen: Generation | GenerationGroup) -> Callable[[], None]:
     """Runs once when the response ends, whatever happened: slot, metrics, summary line."""
     fields = log_fields(request.scope)
 
@@ -168,7 +181,6 @@ async def chat_completions(request: Request) -> Any:
     rt.ready()
     req = await parse_request(request, rt, ChatCompletionRequest)
     check_model(rt, req.model)
-    check_unsupported(req)
     grammar = structured_output_spec(req)
     tools = tools_request(req)
     # before the tool grammar: enforce mode pins response_format's schema, never a tool grammar
@@ -186,21 +198,45 @@ async def chat_completions(request: Request) -> Any:
         tools = None
     if req.top_logprobs is not None and not req.logprobs:
         raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
-    prompt_ids = render_chat(rt, req.messages, tools, req.add_generation_prompt)
+    if req.continue_final_message and req.add_generation_prompt:
+        raise BadRequest("continue_final_message and add_generation_prompt cannot both be true "
+                         "(set add_generation_prompt to false)", "continue_final_message")
+    prompt_ids = truncate_prompt(
+        render_chat(rt, req.messages, tools, req.add_generation_prompt,
+                    continue_final_message=req.continue_final_message,
+                    template_kwargs=req.chat_template_kwargs),
+        req.truncate_prompt_tokens, rt.max_model_len)
     params = sampling_params(
         req, max_tokens=req.max_completion_tokens or req.max_tokens,
         num_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar)
-    return await respond(request, rt, req, "chatcmpl", prompt_ids, params, ChatFormatter,
+        num_prompt_logprobs=prompt_logprobs_asked(req),
+        default_max_tokens=rt.max_model_len - len(prompt_ids), grammar=grammar,
+        tokenizer=rt.tokenizer)
+    return await respond(request, rt, req, "chatcmpl", [prompt_ids], params, ChatFormatter,
                          plan, tools=tools)
 
 
+# apply_chat_template's own parameters: set by the request's fields, never by template kwargs
+_TEMPLATE_OPTIONS = {"conversation", "messages", "tools", "documents", "chat_template",
+                     "add_generation_prompt", "continue_final_message", "tokenize", "padding",
+                     "truncation", "max_length", "return_tensors", "return_dict",
+                     "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
 def render_chat(rt: Runtime, messages: list[ChatMessage], tools: ToolsRequest | None,
-                add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+                add_generation_prompt: bool = True, add_special_tokens: bool = False, *,
+                continue_final_message: bool = False,
+                template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """The prompt: messages (with earlier tool calls and results) and the tools, through the
     model's chat template, or our own tool section when the template knows no tools. /tokenize
-    renders through here too, so its counts are the chat route's."""
+    renders through here too, so its counts are the chat route's. continue_final_message leaves
+    the last message open (transformers cuts the text after its content), template_kwargs are
+    variables for the template (vLLM's chat_template_kwargs)."""
     tokenizer = rt.tokenizer
+    for key in template_kwargs or {}:
+        if key in _TEMPLATE_OPTIONS:
+            raise BadRequest(f"chat_template_kwargs may not set '{key}'; send the field itself "
+                             "where there is one", "chat_template_kwargs")
     if not getattr(tokenizer, "chat_template", None):
         raise NotSupported("this model has no chat template; use /v1/completions", "messages")
     conversation = []
@@ -218,7 +254,8 @@ def render_chat(rt: Runtime, messages: list[ChatMessage], tools: ToolsRequest | 
             message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
         conversation.append(message)
     try:
-        prompt = render_prompt(tokenizer, conversation, tools, add_generation_prompt)
+        prompt = render_prompt(tokenizer, conversation, tools, add_generation_prompt, {
+            **(template_kwargs or {}), "continue_final_message": continue_final_message})
     except Exception as exc:  # a template may refuse a conversation (e.g. role order)
         raise BadRequest(f"the chat template rejected these messages: {exc}", "messages") from None
     return list(tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
@@ -232,25 +269,47 @@ async def completions(request: Request) -> Any:
     rt.ready()
     req = await parse_request(request, rt, CompletionRequest)
     check_model(rt, req.model)
-    check_unsupported(req)
     grammar = structured_output_spec(req)
     plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar,
                                may_loosen=rt.config.guard_client_override)
-    prompt_ids = tokenize_prompt(rt, req.prompt)
+    if req.suffix and req.echo:      # the prompt is prefix, suffix and FIM tokens together
+        raise BadRequest("echo cannot be combined with suffix", "suffix")
+    prompts = [truncate_prompt(ids, req.truncate_prompt_tokens, rt.max_model_len)
+               for ids in tokenize_prompts(rt, req.prompt, req.suffix)]
     params = sampling_params(req, max_tokens=req.max_tokens, num_logprobs=req.logprobs,
                              default_max_tokens=16,   # OpenAI's default for completions
-                             num_prompt_logprobs=req.logprobs if req.echo else None,
-                             grammar=grammar)
-    return await respond(request, rt, req, "cmpl", prompt_ids, params, CompletionFormatter, plan)
+                             num_prompt_logprobs=prompt_logprobs_asked(req),
+                             grammar=grammar, tokenizer=rt.tokenizer, n=samples_per_prompt(req))
+    return await respond(request, rt, req, "cmpl", prompts, params, CompletionFormatter, plan)
 
 
-def tokenize_prompt(rt: Runtime, prompt: str | list[str] | list[int] | list[list[int]],
+def tokenize_prompts(rt: Runtime, prompt: str | list[str] | list[int] | list[list[int]],
+                     suffix: str | None = None) -> list[list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, token ids, a list of token-id lists;
+    with a suffix, each string prompt asks for the middle (fill-in-the-middle)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise BadRequest("prompt must not be an empty list", "prompt")
+    if isinstance(prompt[0], int):
+        prompt = [prompt]               # type: ignore[list-item]
+    if suffix:
+        check_text(suffix, "suffix")
+        if not all(isinstance(p, str) for p in prompt):
+            raise BadRequest("suffix needs text prompts, not token ids", "suffix")
+    out = []
+    for i, p in enumerate(prompt):
+        if not isinstance(p, str):
+            out.append(list(p))
+            continue
+        check_text(p, "prompt" if len(prompt) == 1 else f"prompt[{i}]")
+        out.append(fim_prompt(rt.tokenizer, p, suffix) if suffix
+                   else list(rt.tokenizer(p).input_ids))
+    return out
+
+
+def tokenize_prompt(rt: Runtime, prompt: str | list[int],
                     add_special_tokens: bool = True) -> list[int]:
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        if len(prompt) != 1:
-            raise NotSupported("a list of several prompts is not supported yet; send one "
-                               "request per prompt", "prompt")
-        prompt = prompt[0]
     if isinstance(prompt, str):
         check_text(prompt, "prompt")
         return list(rt.tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)

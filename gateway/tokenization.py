@@ -30,8 +30,13 @@ async def tokenize(request: Request) -> Response:
     if req.model is not None:
         check_model(rt, req.model)
     if isinstance(req, TokenizeChatRequest):
+        if req.continue_final_message and req.add_generation_prompt:   # as the chat route
+            raise BadRequest("continue_final_message and add_generation_prompt cannot both be "
+                             "true (set add_generation_prompt to false)", "continue_final_message")
         token_ids = render_chat(rt, req.messages, None, req.add_generation_prompt,
-                                req.add_special_tokens)
+                                req.add_special_tokens,
+                                continue_final_message=req.continue_final_message,
+                                template_kwargs=req.chat_template_kwargs)
     else:
         token_ids = tokenize_prompt(rt, req.prompt, req.add_special_tokens)
     body_out: dict[str, Any] = {

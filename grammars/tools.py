@@ -270,18 +270,23 @@ def template_supports_tools(tokenizer: Any) -> bool:
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]], request: ToolsRequest | None,
-                  add_generation_prompt: bool = True) -> str:
-    """The prompt text for a chat with (possibly) tools, through the tokenizer's template."""
+                  add_generation_prompt: bool = True,
+                  template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The prompt text for a chat with (possibly) tools, through the tokenizer's template;
+    template_kwargs go to apply_chat_template as they are (its options, the template's variables)."""
+    extra = dict(template_kwargs or {})
     if template_supports_tools(tokenizer):
         tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                    "parameters": dict(t.parameters)}}
                  for t in request.allowed] if request is not None and request.is_active else None
         native = [_native_message(m) for m in messages]
         text: str = tokenizer.apply_chat_template(native, tools=tools, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  **extra)
         return text
     rendered = render_messages(messages, request)
-    text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(rendered, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **extra)
     return text
 
 

@@ -140,3 +140,52 @@ def test_a_dead_grammar_ends_length_not_error_and_frees_its_blocks():
         step(sched)
     assert s.finish_reason is FinishReason.LENGTH and s.error is None
     assert s.num_completion_tokens == 3 and bm.num_free_blocks == free
+
+
+def test_aborting_one_sequence_frees_its_blocks_while_its_sibling_goes_on():
+    # n = 2: a choice that hit a stop string is aborted alone (the gateway matches the text)
+    bm, sched = make()
+    params = SamplingParams(max_tokens=10, n=2)
+    a0, a1 = (Sequence("a", i, [5] * 6, 6, params, i) for i in range(2))
+    sched.add(a0)
+    sched.add(a1)
+    step(sched)
+    step(sched)
+    assert len(a0.block_table) == len(a1.block_table) == 2
+    assert bm.num_free_blocks == bm.num_blocks - 4
+    sched.abort("a", 0)
+    step(sched)
+    assert a0.finish_reason is FinishReason.ABORT and a1.status is SequenceStatus.RUNNING
+    assert bm.num_free_blocks == bm.num_blocks - len(a1.block_table)
+    while sched.has_work():
+        step(sched)
+    assert a1.finish_reason is FinishReason.LENGTH and a1.num_completion_tokens == 10
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_waiting_order_is_priority_then_arrival():
+    bm, sched = make(max_num_seqs=1, budget=100)
+    first = add(sched, "first", 3)
+    late = add(sched, "late", 3, priority=5)
+    urgent = add(sched, "urgent", 3, priority=-1)
+    tie = add(sched, "tie", 3, priority=5)
+    normal = add(sched, "normal", 3)
+    admitted = []
+    while sched.has_work():
+        batch, _ = step(sched)
+        admitted += [s.request_id for s in batch.seqs if s.request_id not in admitted]
+    assert admitted == ["urgent", "first", "normal", "late", "tie"]
+    assert all(s.finish_reason is FinishReason.LENGTH for s in (first, late, urgent, tie, normal))
+
+
+def test_a_preempted_sequence_goes_back_by_its_priority():
+    bm, sched = make(num_blocks=8, block_size=4, budget=64, max_num_seqs=2)
+    a = add(sched, "a", 8, max_tokens=20, priority=3)
+    b = add(sched, "b", 8, max_tokens=20, priority=3)
+    step(sched)
+    urgent = add(sched, "urgent", 4, max_tokens=2, priority=0)
+    sched.preempt(b)
+    assert [s.request_id for s in sched.waiting] == ["urgent", "b"]
+    while sched.has_work():
+        step(sched)
+    assert [s.num_completion_tokens for s in (a, b, urgent)] == [20, 20, 2]

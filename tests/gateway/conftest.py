@@ -120,6 +120,7 @@ class FakeEngine:
         self.fail_after = fail_after
         self.requests: dict[str, GenerateRequest] = {}
         self.aborted: set[str] = set()
+        self.aborted_seqs: list[tuple[str, int]] = []
         self.finished: set[str] = set()
         self.num_running = 0
 
@@ -145,7 +146,10 @@ class FakeEngine:
     def allowed_token_counts(self, spec: Any, token_ids: Any) -> list[int] | None:
         return None                       # no compiler to replay a mask with
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        if index is not None:             # one sequence (a choice that hit a stop string)
+            self.aborted_seqs.append((request_id, index))
+            return
         self.aborted.add(request_id)      # like the engine: a no-op once finished
 
     async def prepare(self, request: GenerateRequest) -> PreparedRequest:

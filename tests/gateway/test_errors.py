@@ -105,7 +105,9 @@ def test_bad_chat_requests_are_400_naming_the_parameter(server, body, param, tex
 
 
 @pytest.mark.parametrize("body, param, text", [
-    ({"model": MODEL, "prompt": ["a", "b"]}, "prompt", "not supported"),
+    ({"model": MODEL, "prompt": []}, "prompt", "empty"),
+    ({"model": MODEL, "prompt": [[1, 2], [3, 10**9]]}, "prompt", "token ids"),
+    ({"model": MODEL, "prompt": ["a", ""]}, "prompt", "empty"),
     ({"model": MODEL, "prompt": "a", "suffix": "b"}, "suffix", ""),
     ({"model": MODEL, "prompt": ""}, "prompt", "empty"),
     ({"model": MODEL, "prompt": [1, 10**9]}, "prompt", "token ids"),

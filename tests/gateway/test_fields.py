@@ -62,12 +62,7 @@ def test_continuous_usage_stats_is_accepted(server):
     ("/v1/chat/completions", chat(web_search_options={"search_context_size": "low"}),
      "web_search_options"),
     ("/v1/chat/completions", chat(functions=[{"name": "f"}]), "functions"),
-    ("/v1/chat/completions", chat(chat_template_kwargs={"enable_thinking": False}),
-     "chat_template_kwargs"),
     ("/v1/chat/completions", chat(continue_final_message=True), "continue_final_message"),
-    ("/v1/chat/completions", chat(truncate_prompt_tokens=5), "truncate_prompt_tokens"),
-    ("/v1/chat/completions", chat(bad_words=["x"]), "bad_words"),
-    ("/v1/chat/completions", chat(prompt_logprobs=1), "prompt_logprobs"),
     ("/v1/chat/completions", chat(use_beam_search=True), "use_beam_search"),
     ("/v1/chat/completions", chat(use_beam_search=1), "use_beam_search"),   # 1 is not False
     ("/v1/chat/completions", chat(echo=True), "echo"),
