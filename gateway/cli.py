@@ -67,6 +67,9 @@ def _add_guard_options(g: Any) -> None:
                         "{\"deny\": [\"(?i)drop\\\\s+table\"], \"arithmetic\": true}")
     g.add_argument("--session-ttl", type=float, default=3600.0,
                    help="seconds the facts of a plumbline.session_id are kept")
+    g.add_argument("--session-store", default="",
+                   help="redis://host:port/db: keep session facts and traces in Redis, shared "
+                        "by every replica (default: in this process's memory)")
     g.add_argument("--max-traces", type=int, default=1000,
                    help="diagnostic traces kept in memory (GET /v1/traces/{id})")
     g.add_argument("--trace-dir", default=None, help="also append every trace to DIR/traces.jsonl")
@@ -96,7 +99,8 @@ def _guard_config(args: argparse.Namespace) -> dict[str, Any]:
         assert isinstance(checks, dict), f"--checks-config {path}: must hold an object"
     return {"guard_mode": args.guard_mode, "guard_release": args.guard_release,
             "guard_checks": checks, "guard_client_override": args.guard_client_override,
-            "session_ttl_s": args.session_ttl, "max_traces": args.max_traces,
+            "session_ttl_s": args.session_ttl, "session_store": args.session_store,
+            "max_traces": args.max_traces,
             "trace_dir": args.trace_dir, "traces": args.traces,
             "trace_withheld": args.trace_withheld}
 
