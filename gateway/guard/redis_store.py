@@ -105,9 +105,16 @@ def open_shared_state(url: str, ttl_s: float, timeout_s: float = 2.0) -> SharedS
     except ImportError:
         raise AssertionError("--session-store needs redis-py: pip install 'plumbline[cluster]'") \
             from None
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     name = store_name(url)
+    # One immediate retry on a broken connection: after a Redis restart the pooled connections
+    # are dead, and the first command on each must reconnect rather than fail the request.
     client = redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s,
-                                          socket_connect_timeout=timeout_s)
+                                          socket_connect_timeout=timeout_s,
+                                          retry=Retry(NoBackoff(), 1),
+                                          retry_on_error=[redis.ConnectionError])
     return SharedState(RedisSessionStore(client, name, ttl_s), RedisTraceStore(client, name, ttl_s),
                        _trace_secret(redis, url, name, timeout_s), client)
 
