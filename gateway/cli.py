@@ -50,6 +50,11 @@ def _add_serve(sub: Any) -> None:
     s.add_argument("--no-ui", dest="ui", action="store_false", help="no web console at /ui")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    r = s.add_argument_group("replicas (Ray Serve; docs/SCALING.md)")
+    r.add_argument("--replicas", type=int, default=0,
+                   help="run N engine replicas as a Ray Serve application (0: this process)")
+    r.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (default: a running local one, else start one)")
     _add_guard_options(s.add_argument_group(
         "guard (a floor that requests may tighten in plumbline.guard)"))
     _add_engine_options(s.add_argument_group("engine (EngineConfig fields)"))
@@ -185,6 +190,11 @@ def serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     logs.configure(config.log_json, config.log_level)
+    if args.replicas:    # loaded by name: cluster/ imports the gateway, never the reverse
+        assert args.replicas > 0, "--replicas must be >= 1"
+        code: int = importlib.import_module("cluster.app").serve_cluster(
+            config, args.replicas, args.ray_address)
+        return code
     app = create_app(config)
     runtime: Runtime = app.state.runtime
 
