@@ -132,9 +132,9 @@ class Ingress:
             await _collect(self.engine.forward.remote(RoutingHints(), {**wire, "method": "GET",
                                                                         "path": "/health"}, b""))
         ids = routing.live_replicas()
-        replies = await asyncio.gather(*[_collect(self.engine.forward.remote(
-            RoutingHints(pin=rid), wire, body)) for rid in ids])
-        return dict(zip(ids, replies))
+        # one replica after the other: an admin action, and a weights update is brief
+        return {rid: await _collect(self.engine.forward.remote(RoutingHints(pin=rid), wire, body))
+                for rid in ids}
 
     async def _weights(self, wire: dict[str, Any], body: bytes, send: Send) -> None:
         replies = await self._everywhere(wire, body)

@@ -24,7 +24,7 @@ KEY, ADMIN = "cluster-key", "cluster-admin"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PLAN_SCHEMA = {"type": "object", "properties": {"plan": {"const": "free"}},
                "required": ["plan"], "additionalProperties": False}
-DETECT = {"checks": {"consistency": "detect"}}
+DETECT = {"mode": "flag", "checks": {"consistency": "detect"}}
 
 
 class Cluster:
@@ -146,7 +146,7 @@ def test_a_fact_written_through_one_replica_is_enforced_by_the_other(cluster: Cl
                              "plumbline": session})
     assert status == 200 and json.loads(out["choices"][0]["message"]["content"]) == {"plan": "free"}
     (violation,) = out["plumbline"]["checks"]["violations"]
-    assert "/plan" in violation["message"] and "pro" in violation["message"]
+    assert "/plan" in violation["message"] and "plumbline.assertions" in violation["message"]
 
 
 def test_a_trace_is_read_through_any_replica(cluster: Cluster) -> None:
