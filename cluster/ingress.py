@@ -107,6 +107,9 @@ class Ingress:
             refused.add(replica)          # backpressure: try a replica with room
             gen.cancel()
         is_sse = dict(start["headers"]).get(b"content-type", b"").startswith(b"text/event-stream")
+        # Ray's proxy gave the request its X-Request-Id (the app used it) and adds it to the
+        # response itself: once is enough.
+        start = {**start, "headers": [(k, v) for k, v in start["headers"] if k != b"x-request-id"]}
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, gen))
         ended = False
         try:

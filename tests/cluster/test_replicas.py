@@ -24,6 +24,7 @@ KEY, ADMIN = "cluster-key", "cluster-admin"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PLAN_SCHEMA = {"type": "object", "properties": {"plan": {"const": "free"}},
                "required": ["plan"], "additionalProperties": False}
+SLOTS = 8
 DETECT = {"mode": "flag", "checks": {"consistency": "detect"}}
 
 
@@ -47,9 +48,10 @@ def cluster(redis_server: RedisServer, tiny_model_dir: Path) -> Iterator[Cluster
     from gateway.config import GatewayConfig
 
     config = GatewayConfig(
-        engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=4, kv_cache_memory_mb=16,
+        engine=EngineConfig(model=str(tiny_model_dir), max_num_seqs=SLOTS, kv_cache_memory_mb=32,
                             num_threads=1),
-        api_keys=(KEY,), admin_key=ADMIN, session_store=redis_server.url)
+        api_keys=(KEY,), admin_key=ADMIN, session_store=redis_server.url,
+        max_queued_requests=0)       # a replica with every slot taken answers 429
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
@@ -75,8 +77,10 @@ def test_requests_land_on_both_replicas(cluster: Cluster) -> None:
 def test_streaming_errors_and_auth_behave_as_one_process(cluster: Cluster) -> None:
     body = {"model": cluster.model, "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
-    with cluster.http.stream("POST", "/v1/chat/completions", json=body) as r:
+    with cluster.http.stream("POST", "/v1/chat/completions", json=body,
+                             headers={"X-Request-Id": "my-request-7"}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers.get_list("x-request-id") == ["my-request-7"]
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 5
@@ -102,6 +106,19 @@ def test_a_prefix_sharing_burst_lands_on_the_replica_with_the_cache(cluster: Clu
     assert {replica_of(r) for r in burst} == {first}
     # the prefix cache hit: each later prompt reused the first one's KV blocks
     assert all(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16 for r in burst)
+
+
+def test_a_replica_s_429_is_retried_on_the_other(cluster: Cluster) -> None:
+    session = {"plumbline": {"session_id": "crowded"}}     # all prefer the same replica
+
+    def ask(i: int) -> httpx.Response:
+        return cluster.chat(f"Long story {i}", max_tokens=200, ignore_eos=True, **session)
+
+    with concurrent.futures.ThreadPoolExecutor(SLOTS + 4) as pool:
+        replies = list(pool.map(ask, range(SLOTS + 4)))
+    served_by = [replica_of(r) for r in replies]           # every one a 200
+    assert len(set(served_by)) == 2
+    assert max(served_by.count(r) for r in set(served_by)) <= SLOTS
 
 
 def engine_handle() -> Any:
