@@ -72,9 +72,10 @@ class RedisTraceStore:
     async def put(self, record: dict[str, Any]) -> None:
         ms = int(self.ttl_s * 1000)
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(_PREFIX + "trace:" + record["id"], json.dumps(record), px=ms)
+            pipe.set(_PREFIX + "trace:" + record["request_id"], json.dumps(record), px=ms)
             if record["http_request_id"]:
-                pipe.set(_PREFIX + "trace-alias:" + record["http_request_id"], record["id"], px=ms)
+                pipe.set(_PREFIX + "trace-alias:" + record["http_request_id"],
+                         record["request_id"], px=ms)
             await _call(self.name, pipe.execute())
 
     async def get(self, request_id: str) -> dict[str, Any] | None:

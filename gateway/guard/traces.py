@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
@@ -147,21 +147,18 @@ class Trace:
                 "checks": self.verdicts, "events": self.events}
 
     def to_record(self) -> dict[str, Any]:
-        """Everything, for a shared store: tokens of withheld choices, owner and grammar too."""
-        body = self.to_dict()
-        body["owner"] = self.owner
-        body["spec"] = None if self.spec is None else [self.spec.kind, self.spec.source]
-        return body
+        """Every field, for a shared store (tokens of withheld choices, owner, grammar too);
+        `from_record` rebuilds the trace, whatever fields it grows."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["choices"] = [{f.name: getattr(c, f.name) for f in fields(c)} for c in self.choices]
+        record["spec"] = None if self.spec is None else [self.spec.kind, self.spec.source]
+        return record
 
     @classmethod
-    def from_record(cls, r: dict[str, Any]) -> Trace:
-        t = r["timestamps"]
-        return cls(r["id"], r["http_request_id"], r["endpoint"], r["prompt_ids"],
-                   r["logprobs_mode"], t["queued"], t["admitted"], t["first_token"],
-                   t["finished"], [ChoiceTrace(c["completion_ids"], c["logprobs"],
-                                               c["finish_reason"]) for c in r["choices"]],
-                   r["grammar"], r["guard"], r["checks"], r["events"],
-                   spec=None if r["spec"] is None else GrammarSpec(*r["spec"]), owner=r["owner"])
+    def from_record(cls, record: dict[str, Any]) -> Trace:
+        spec = record["spec"]
+        return cls(**{**record, "choices": [ChoiceTrace(**c) for c in record["choices"]],
+                      "spec": None if spec is None else GrammarSpec(*spec)})
 
 
 class SharedTraces(Protocol):

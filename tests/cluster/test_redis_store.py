@@ -44,7 +44,8 @@ async def _roundtrip(url: str) -> tuple[list[Assertion], list[Assertion], int, A
         facts = await shared.sessions.load("s")
         other = await shared.sessions.load("nobody")
         ttl_ms = await shared.client.pttl("plumbline:session:s")
-        await shared.traces.put({"id": "chatcmpl-1", "http_request_id": "req-1", "x": [1, 2]})
+        await shared.traces.put({"request_id": "chatcmpl-1", "http_request_id": "req-1",
+                                 "x": [1, 2]})
         by_alias = await shared.traces.get("req-1")
         return facts, other, ttl_ms, by_alias
     finally:
@@ -58,7 +59,7 @@ def test_session_facts_round_trip_merge_and_expire_in_redis(redis_server: RedisS
         ("/order/id", 42.5, "response 2")]           # a later save replaces a key, keeps others
     assert other == []
     assert 0 < ttl_ms <= 60_000                      # the session's lifetime is a Redis expiry
-    assert by_alias == {"id": "chatcmpl-1", "http_request_id": "req-1", "x": [1, 2]}
+    assert by_alias == {"request_id": "chatcmpl-1", "http_request_id": "req-1", "x": [1, 2]}
 
 
 def test_every_client_of_one_store_gets_the_same_trace_secret(redis_server: RedisServer) -> None:
@@ -158,3 +159,19 @@ def test_redis_down_serves_requests_without_a_session_and_503s_those_with_one(
     chat(a, '{"plan": "pro"}', session_id="outage-2")
     (v,) = checks(chat(b, '{"plan": "free"}', session_id="outage-2"))["violations"]
     assert "/plan" in v["message"]
+
+
+def test_a_trace_record_round_trips_through_json_whole() -> None:
+    import json
+
+    from gateway.guard.traces import Trace
+    from grammars.spec import GrammarSpec
+
+    t = Trace("chatcmpl-9", "req-9", "chat.completion", [1, 2, 3], "processed",
+              spec=GrammarSpec("regex", "a+"), owner="owner-hmac",
+              guard={"mode": "block", "release": "unit", "checks": {}, "pinned": False})
+    t.add_tokens(0, [7, 8], [-0.5, -0.25])
+    t.event("violation", 0, {"check": "deny"})
+    t.finish_choice(0, "content_filter", {"passed": False, "blocked": True})
+    t.finished_at = 1234.5
+    assert Trace.from_record(json.loads(json.dumps(t.to_record()))) == t
