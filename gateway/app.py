@@ -92,7 +92,8 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
         from gateway.guard.redis_store import open_shared_state
         shared = open_shared_state(config.session_store, config.session_ttl_s)
     traces = (TraceRing(config.max_traces, config.trace_dir, config.trace_withheld,
-                        shared=shared and shared.traces, secret=shared and shared.trace_secret)
+                        shared=None if shared is None else shared.traces,
+                        secret=None if shared is None else shared.trace_secret)
               if config.traces_enabled else TraceRing(0))
     if config.trace_dir is not None and not config.traces_enabled:
         log.warning("traces_off", reason="no --api-key and no --traces", trace_dir=config.trace_dir)
