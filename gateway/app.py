@@ -87,12 +87,19 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
     factory: EngineFactory = engine_factory or AsyncEngine
     metrics = Metrics(config.model_name)
     # Traces off (no API key, no --traces): the ring keeps nothing and writes no file.
-    traces = (TraceRing(config.max_traces, config.trace_dir, config.trace_withheld)
+    shared = None
+    if config.session_store:     # replicas share session facts and traces (guard/redis_store.py)
+        from gateway.guard.redis_store import open_shared_state
+        shared = open_shared_state(config.session_store, config.session_ttl_s)
+    traces = (TraceRing(config.max_traces, config.trace_dir, config.trace_withheld,
+                        shared=None if shared is None else shared.traces,
+                        secret=None if shared is None else shared.trace_secret)
               if config.traces_enabled else TraceRing(0))
     if config.trace_dir is not None and not config.traces_enabled:
         log.warning("traces_off", reason="no --api-key and no --traces", trace_dir=config.trace_dir)
     runtime = Runtime(config, metrics, policy=config.guard_policy(),
-                      sessions=InMemorySessionStore(ttl_s=config.session_ttl_s), traces=traces)
+                      sessions=shared.sessions if shared is not None
+                      else InMemorySessionStore(ttl_s=config.session_ttl_s), traces=traces)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -104,6 +111,8 @@ def create_app(config: GatewayConfig, engine_factory: EngineFactory | None = Non
             loading.cancel()
             if runtime.engine is not None:
                 await runtime.engine.shutdown()
+            if shared is not None:
+                await shared.aclose()
             log.info("server_stopped")
 
     async def openapi(request: Request) -> Response:

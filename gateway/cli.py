@@ -50,6 +50,11 @@ def _add_serve(sub: Any) -> None:
     s.add_argument("--no-ui", dest="ui", action="store_false", help="no web console at /ui")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    r = s.add_argument_group("replicas (Ray Serve; docs/SCALING.md)")
+    r.add_argument("--replicas", type=int, default=0,
+                   help="run N engine replicas as a Ray Serve application (0: this process)")
+    r.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (default: a running local one, else start one)")
     _add_guard_options(s.add_argument_group(
         "guard (a floor that requests may tighten in plumbline.guard)"))
     _add_engine_options(s.add_argument_group("engine (EngineConfig fields)"))
@@ -67,6 +72,9 @@ def _add_guard_options(g: Any) -> None:
                         "{\"deny\": [\"(?i)drop\\\\s+table\"], \"arithmetic\": true}")
     g.add_argument("--session-ttl", type=float, default=3600.0,
                    help="seconds the facts of a plumbline.session_id are kept")
+    g.add_argument("--session-store", default="",
+                   help="redis://host:port/db: keep session facts and traces in Redis, shared "
+                        "by every replica (default: in this process's memory)")
     g.add_argument("--max-traces", type=int, default=1000,
                    help="diagnostic traces kept in memory (GET /v1/traces/{id})")
     g.add_argument("--trace-dir", default=None, help="also append every trace to DIR/traces.jsonl")
@@ -96,7 +104,8 @@ def _guard_config(args: argparse.Namespace) -> dict[str, Any]:
         assert isinstance(checks, dict), f"--checks-config {path}: must hold an object"
     return {"guard_mode": args.guard_mode, "guard_release": args.guard_release,
             "guard_checks": checks, "guard_client_override": args.guard_client_override,
-            "session_ttl_s": args.session_ttl, "max_traces": args.max_traces,
+            "session_ttl_s": args.session_ttl, "session_store": args.session_store,
+            "max_traces": args.max_traces,
             "trace_dir": args.trace_dir, "traces": args.traces,
             "trace_withheld": args.trace_withheld}
 
@@ -181,6 +190,11 @@ def serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     logs.configure(config.log_json, config.log_level)
+    if args.replicas:    # loaded by name: cluster/ imports the gateway, never the reverse
+        assert args.replicas > 0, "--replicas must be >= 1"
+        code: int = importlib.import_module("cluster.app").serve_cluster(
+            config, args.replicas, args.ray_address)
+        return code
     app = create_app(config)
     runtime: Runtime = app.state.runtime
 

@@ -31,6 +31,7 @@ class GatewayConfig:
     guard_checks: dict[str, Any] = field(default_factory=dict)   # the checks config file
     guard_client_override: bool = False    # requests may also loosen it (mode off, fewer checks)
     session_ttl_s: float = 3600.0          # `plumbline.session_id` facts live this long
+    session_store: str = ""                # "": in memory; redis://host:port/db: shared (traces too)
     max_traces: int = 1000                 # diagnostic traces kept in memory
     trace_dir: str | None = None           # also append each trace to <dir>/traces.jsonl
     traces: bool = False                   # record traces without API keys (readable by anyone)
@@ -44,6 +45,8 @@ class GatewayConfig:
         assert all(self.api_keys), "API keys must be non-empty"
         assert self.log_level in ("debug", "info", "warning", "error")
         assert self.session_ttl_s > 0 and self.max_traces >= 0
+        assert self.session_store.split("://")[0] in ("", "redis", "rediss", "unix"), \
+            "session_store must be a redis://, rediss:// or unix:// URL"
         try:
             self.guard_policy()
         except PolicyError as exc:

@@ -281,12 +281,18 @@ class Generation:
                     self._guard(choice, update)
                     if choice.finish_reason == "content_filter" and not final:
                         engine.abort(self.request_id, delta.index)    # blocked: as a stop string
+                    if choice.guard.session_facts is not None:    # kept before the end leaves
+                        assert self.plan is not None and self.plan.session_id is not None
+                        await rt.sessions.save(self.plan.session_id, choice.guard.session_facts)
+                        choice.guard.session_facts = None
                 if choice.finish_reason is not None:
                     num_open -= 1
                     if trace is not None:
                         trace.finish_choice(delta.index, choice.finish_reason, update.checks)
                 yield update
                 if num_open == 0:
+                    if trace is not None:    # a shared store has it before the last bytes leave
+                        await rt.traces.persist(trace)
                     break
         finally:
             if stream is not None:

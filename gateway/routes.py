@@ -184,7 +184,7 @@ async def chat_completions(request: Request) -> Any:
     grammar = structured_output_spec(req)
     tools = tools_request(req)
     # before the tool grammar: enforce mode pins response_format's schema, never a tool grammar
-    plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar, req.messages,
+    plan, grammar = await plan_guard(rt.policy, rt.sessions, req.plumbline, grammar, req.messages,
                                tools if tools is not None and tools.is_active else None,
                                may_loosen=rt.config.guard_client_override)
     if tools is not None and tools.is_active:
@@ -270,7 +270,7 @@ async def completions(request: Request) -> Any:
     req = await parse_request(request, rt, CompletionRequest)
     check_model(rt, req.model)
     grammar = structured_output_spec(req)
-    plan, grammar = plan_guard(rt.policy, rt.sessions, req.plumbline, grammar,
+    plan, grammar = await plan_guard(rt.policy, rt.sessions, req.plumbline, grammar,
                                may_loosen=rt.config.guard_client_override)
     if req.suffix and req.echo:      # the prompt is prefix, suffix and FIM tokens together
         raise BadRequest("echo cannot be combined with suffix", "suffix")

@@ -69,7 +69,7 @@ def request_policy(server: Policy, options: PlumblineOptions | None,
         raise BadRequest(exc.message, exc.param) from None
 
 
-def plan_guard(server: Policy, sessions: SessionStore, options: PlumblineOptions | None,
+async def plan_guard(server: Policy, sessions: SessionStore, options: PlumblineOptions | None,
                grammar: GrammarSpec | None, messages: Sequence[ChatMessage] = (),
                tools: ToolsRequest | None = None,
                may_loosen: bool = False) -> tuple[GuardPlan, GrammarSpec | None]:
@@ -86,7 +86,7 @@ def plan_guard(server: Policy, sessions: SessionStore, options: PlumblineOptions
                 raise BadRequest(str(exc), "plumbline.assertions") from None
     if policy.mode == "off" and session_id is None:
         return GuardPlan(policy, CheckContext()), grammar    # nothing to judge or remember
-    session = sessions.load(session_id) if session_id is not None else []
+    session = await sessions.load(session_id) if session_id is not None else []
     buffer = AssertionBuffer.from_conversation([_message_dict(m) for m in messages],
                                                declared, session)
     schema = None

@@ -25,6 +25,7 @@ from engine import TopLogprob
 from gateway.tool_calls import ToolCallDelta, ToolCallParser
 
 if TYPE_CHECKING:
+    from gateway.guard.facts import Assertion
     from gateway.guard.plan import GuardPlan
     from gateway.guard.traces import Trace
     from gateway.metrics import Metrics
@@ -72,6 +73,7 @@ class GuardedChoice:
         # (end offset in the guard's text, token ids, logprobs, top logprobs), oldest first
         self.held_tokens: list[tuple[float, tuple[int, ...], tuple[float, ...],
                                      tuple[tuple[TopLogprob, ...], ...]]] = []
+        self.session_facts: list[Assertion] | None = None   # what the session keeps, at the end
 
     def step(self, text: str, calls: Sequence[ToolCallDelta], token_ids: tuple[int, ...],
              logprobs: tuple[float, ...], top_logprobs: tuple[tuple[TopLogprob, ...], ...],
@@ -158,5 +160,6 @@ class GuardedChoice:
             self.metrics.observe_verdict(verdict)
         plan = self.plan
         if plan.session_id is not None and self.index == 0 and not self.guard.blocked:
-            self.runtime.sessions.save(plan.session_id, plan.session_facts(
-                self.guard.text, calls_made, f"response {self.request_id}"))
+            # saved by Generation.updates before this update leaves (the store may be remote)
+            self.session_facts = plan.session_facts(self.guard.text, calls_made,
+                                                    f"response {self.request_id}")

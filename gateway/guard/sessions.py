@@ -1,4 +1,11 @@
-"""The session store: facts kept across requests under `plumbline.session_id`."""
+"""The session store: facts kept across requests under `plumbline.session_id`.
+
+One process keeps them in memory (the default); replicas share them through Redis
+(`--session-store redis://...`, `redis_store.py`). The interface is async because a shared
+store is a network round trip: a session's facts are loaded before the response starts and
+saved before its last update leaves, so the next request of the session, on any replica,
+sees them.
+"""
 from __future__ import annotations
 
 import threading
@@ -6,14 +13,21 @@ import time
 from typing import Callable, Iterable, Protocol
 
 from gateway.guard.facts import Assertion
+from gateway.protocol import Unavailable
+
+
+class StoreUnavailable(Unavailable):
+    """The shared store did not answer: a 503 naming it (requests without a session go on)."""
+
+    code = "session_store_unavailable"
 
 
 class SessionStore(Protocol):
     """Facts kept across requests under `plumbline.session_id`; a shared store can replace it."""
 
-    def load(self, session_id: str) -> list[Assertion]: ...
+    async def load(self, session_id: str) -> list[Assertion]: ...
 
-    def save(self, session_id: str, assertions: Iterable[Assertion]) -> None: ...
+    async def save(self, session_id: str, assertions: Iterable[Assertion]) -> None: ...
 
 
 class InMemorySessionStore:
@@ -25,7 +39,7 @@ class InMemorySessionStore:
         self._sessions: dict[str, tuple[float, dict[str, Assertion]]] = {}
         self._lock = threading.Lock()
 
-    def load(self, session_id: str) -> list[Assertion]:
+    async def load(self, session_id: str) -> list[Assertion]:
         with self._lock:
             entry = self._sessions.get(session_id)
             if entry is None:
@@ -35,7 +49,7 @@ class InMemorySessionStore:
                 return []
             return list(entry[1].values())
 
-    def save(self, session_id: str, assertions: Iterable[Assertion]) -> None:
+    async def save(self, session_id: str, assertions: Iterable[Assertion]) -> None:
         with self._lock:
             now = self.clock()
             entry = self._sessions.pop(session_id, None)

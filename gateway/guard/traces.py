@@ -3,6 +3,9 @@
 A trace opens when a generation starts and closes when its response ends; it is in the ring
 (and served at `GET /v1/traces/{id}`) from the start, so a stuck request can be inspected
 too. Closed traces are appended to `<trace_dir>/traces.jsonl` when a directory is configured.
+With a shared store (`--session-store redis://...`) a trace is also written there when its
+last choice finishes, before the response's last bytes leave, so any replica serves it; one in
+progress is served by the replica running it.
 
 A trace holds a prompt and a completion, so it belongs to the API key that made the request:
 the trace keeps an HMAC of that key (keyed by a secret of this process, so neither the ring
@@ -21,6 +24,7 @@ mask further (grammars/closing.py); the replay reports the grammar's count, not 
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -28,9 +32,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import anyio.to_thread
 import structlog
@@ -38,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.protocol import NotFound
+from grammars.spec import GrammarSpec
 
 if TYPE_CHECKING:
     from gateway.state import Runtime
@@ -141,16 +146,43 @@ class Trace:
                 "max_tokens": self.max_tokens, "close_reserve": self.close_reserve,
                 "checks": self.verdicts, "events": self.events}
 
+    def to_record(self) -> dict[str, Any]:
+        """Every field, for a shared store (tokens of withheld choices, owner, grammar too);
+        `from_record` rebuilds the trace, whatever fields it grows."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["choices"] = [{f.name: getattr(c, f.name) for f in fields(c)} for c in self.choices]
+        record["spec"] = None if self.spec is None else [self.spec.kind, self.spec.source]
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Trace:
+        spec = record["spec"]
+        return cls(**{**record, "choices": [ChoiceTrace(**c) for c in record["choices"]],
+                      "spec": None if spec is None else GrammarSpec(*spec)})
+
+
+class SharedTraces(Protocol):
+    """Closed traces where every replica finds them (`redis_store.RedisTraceStore`)."""
+
+    async def put(self, record: dict[str, Any]) -> None: ...
+
+    async def get(self, request_id: str) -> dict[str, Any] | None: ...
+
 
 class TraceRing:
     """The last `max_traces` traces by id; optionally appended to a JSONL file when closed."""
 
     def __init__(self, max_traces: int = 1000, trace_dir: str | Path | None = None,
-                 keep_withheld: bool = False) -> None:
+                 keep_withheld: bool = False, shared: SharedTraces | None = None,
+                 secret: bytes | None = None) -> None:
         assert max_traces >= 0
         self.max_traces = max_traces
         self.keep_withheld = keep_withheld     # the file keeps blocked choices' tokens too
-        self._secret = os.urandom(32)          # owners are comparable within this process only
+        self.shared = shared
+        # Owners are comparable where the secret is known: this process, or every replica of
+        # a shared store (which hands them one secret).
+        self._secret = secret if secret is not None else os.urandom(32)
+        self._writes: set[asyncio.Task[None]] = set()
         self._traces: OrderedDict[str, Trace] = OrderedDict()
         self._aliases: dict[str, str] = {}     # http request id -> completion id
         self._path: Path | None = None
@@ -172,8 +204,36 @@ class TraceRing:
         return trace
 
     def close(self, trace: Trace) -> None:
+        if self._finish(trace) and self.shared is not None:
+            # a response that ended early (error, disconnect): written in the background
+            task = asyncio.get_running_loop().create_task(self._put(trace))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def persist(self, trace: Trace) -> None:
+        """The normal end, with a shared store: closed and written before the response's last
+        bytes leave, so a client that has them finds the trace on any replica."""
+        if self.shared is not None and self._finish(trace):
+            await self._put(trace)
+
+    async def _put(self, trace: Trace) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.put(trace.to_record())
+        except Exception:    # a diagnostic: losing it must not fail the response
+            log.warning("trace_store_failed", trace_id=trace.request_id, exc_info=True)
+
+    async def fetch(self, request_id: str) -> Trace | None:
+        """This replica's ring first, then the shared store (a 503 naming it when it is down)."""
+        trace = self.get(request_id)
+        if trace is None and self.shared is not None:
+            record = await self.shared.get(request_id)
+            trace = None if record is None else Trace.from_record(record)
+        return trace
+
+    def _finish(self, trace: Trace) -> bool:
         if trace.finished_at is not None:
-            return
+            return False
         trace.finished_at = time.time()
         if self._path is not None:
             # One short line per request, appended on the event loop: small next to the
@@ -185,6 +245,7 @@ class TraceRing:
                     f.write(line + "\n")
             except OSError:
                 pass
+        return True
 
     def owner_of(self, api_key: bytes) -> str:
         """The identity a trace keeps of an API key: an HMAC, never the key itself."""
@@ -216,7 +277,7 @@ async def read_trace(request: Request) -> dict[str, Any]:
                        code="traces_disabled")
     request_id = request.path_params["request_id"]
     is_admin: bool = getattr(request.state, "is_admin", False)
-    trace = rt.traces.get(request_id)
+    trace = await rt.traces.fetch(request_id)
     # Another key's trace is as unknown as a missing one: a 403 would confirm that it exists.
     if trace is None or not (is_admin or hmac.compare_digest(
             trace.owner or "", getattr(request.state, "trace_owner", None) or "")):

@@ -1,4 +1,5 @@
 """The consistency buffer: facts from the conversation and the session, detection, enforcement."""
+import asyncio
 import json
 
 import pytest
@@ -68,21 +69,22 @@ def test_session_store_carries_facts_across_requests_and_expires():
     now = [0.0]
     store = InMemorySessionStore(ttl_s=60, clock=lambda: now[0])
     first = AssertionBuffer.from_conversation(CONVERSATION[:3])
-    store.save("s1", first.facts.values())
+    asyncio.run(store.save("s1", first.facts.values()))
     # A later request in the same session, with a fresh conversation, still knows the facts.
-    later = AssertionBuffer.from_conversation([{"role": "user", "content": "hi"}], session=store.load("s1"))
+    later = AssertionBuffer.from_conversation([{"role": "user", "content": "hi"}],
+                                              session=asyncio.run(store.load("s1")))
     [v] = detect(later, '{"customer_id": "ZZ-9999"}')
     assert '"AB-0001"' in v.full_message and "tool result call_1" in v.message
-    assert store.load("other") == []
+    assert asyncio.run(store.load("other")) == []
     now[0] = 61.0
-    assert store.load("s1") == []
+    assert asyncio.run(store.load("s1")) == []
 
 
 def test_session_store_evicts_the_stalest_session():
     store = InMemorySessionStore(max_sessions=2)
     for sid in ("a", "b", "c"):
-        store.save(sid, [Assertion("/k", sid, "test")])
-    assert store.load("a") == [] and store.load("c")[0].value == "c"
+        asyncio.run(store.save(sid, [Assertion("/k", sid, "test")]))
+    assert asyncio.run(store.load("a")) == [] and asyncio.run(store.load("c"))[0].value == "c"
 
 
 def test_block_mode_withholds_the_contradicting_document():

@@ -1,0 +1,85 @@
+"""The Serve application and `plumbline serve --replicas N`.
+
+`build_app(config, num_replicas)` is also what a Serve config file names
+(`import_path: cluster.app:app_from_args`, see docs/SCALING.md), so `serve run` and
+`serve deploy` (KubeRay's RayService) deploy the same application as the CLI.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway.config import GatewayConfig
+
+log = structlog.get_logger("plumbline.cluster")
+
+APP_NAME = "plumbline"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_app(config: GatewayConfig, num_replicas: int, replica_cpus: float = 1.0) -> Any:
+    """The application: an ingress deployment in front of `num_replicas` engine replicas."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from cluster.ingress import Ingress
+    from cluster.replica import EngineReplica
+
+    # Ray's own cap sits above the gateway's: the replica's admission queue answers 429 (and the
+    # ingress retries elsewhere) before Ray would hold requests back.
+    max_ongoing = config.engine.max_num_seqs + config.max_queued_requests + 1
+    engine = serve.deployment(EngineReplica, name="engine").options(
+        num_replicas=num_replicas, max_ongoing_requests=max_ongoing,
+        ray_actor_options={"num_cpus": replica_cpus},
+        request_router_config=RequestRouterConfig(
+            request_router_class="cluster.router.PlumblineRouter"),
+        health_check_period_s=5, graceful_shutdown_timeout_s=config.drain_timeout_s)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="ingress").options(
+        num_replicas=1, max_ongoing_requests=max(1000, num_replicas * max_ongoing),
+        ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine.bind(config), config)
+
+
+def app_from_args(args: dict[str, str]) -> Any:
+    """For Serve config files: `args` are `plumbline serve` options without dashes, e.g.
+    {"model": "...", "replicas": "2", "session_store": "redis://..."}."""
+    import argparse
+
+    from gateway import cli
+
+    parser = argparse.ArgumentParser(prog="plumbline")
+    cli._add_serve(parser.add_subparsers(dest="command"))
+    argv = ["serve"]
+    for key, value in args.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    ns = parser.parse_args(argv)
+    return build_app(cli.config_from_args(ns), ns.replicas or 1)
+
+
+def serve_cluster(config: GatewayConfig, num_replicas: int, ray_address: str | None) -> int:
+    """Join the Ray cluster at `ray_address` (or start a local one), deploy, wait for a signal."""
+    import ray
+    from ray import serve
+
+    ray.init(address=ray_address or None, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config, num_replicas), name=APP_NAME, route_prefix="/")
+    log.info("server_listening", url=f"http://{config.host}:{config.port}",
+             model=config.model_name, replicas=num_replicas, ray=ray.get_runtime_context().gcs_address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.delete(APP_NAME)         # each replica drains (graceful_shutdown_timeout_s)
+    return 0
+
+
+def _pythonpath() -> str:
+    # Replicas import this checkout's packages, before any installed copy.
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
