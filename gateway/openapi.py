@@ -318,6 +318,20 @@ def _paths() -> dict[str, Any]:
     }
 
 
+_REQUEST_ID = {"description": "The request's id: the client's X-Request-Id when it is sane, "
+                             "else a fresh one (the log line and the trace carry it too)",
+               "required": True, "schema": {"type": "string"}}
+
+
+def _with_request_id(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every answer carries X-Request-Id (gateway/logs.py sets it on all of them)."""
+    for item in paths.values():
+        for op in item.values():
+            for response in op["responses"].values():
+                response["headers"] = {"X-Request-Id": _REQUEST_ID}
+    return paths
+
+
 @cache
 def openapi_schema(model_name: str) -> dict[str, Any]:
     _, defs = models_json_schema(
@@ -327,7 +341,7 @@ def openapi_schema(model_name: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "plumbline", "version": "0.1.0",
                  "description": f"OpenAI-compatible API serving {model_name}"},
-        "paths": _paths(),
+        "paths": _with_request_id(_paths()),
         "components": {
             "schemas": defs.get("$defs", {}),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
