@@ -201,7 +201,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         err = BadRequest(str(exc.detail))
         err.status = exc.status_code
-    return JSONResponse(err.body(), err.status)
+    # Starlette's 405 names the route's methods in Allow, which RFC 9110 requires
+    return JSONResponse(err.body(), err.status, headers=exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
