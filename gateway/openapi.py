@@ -302,6 +302,12 @@ def _paths() -> dict[str, Any]:
             _json(_ref("Trace")), "401", "404",
             path_param=("request_id", "a completion id (chatcmpl-..., cmpl-...) or the "
                                       "request's X-Request-Id")),
+        "/v1/traces/{request_id}/tokens": _get(
+            "The trace with each token's text and the closing steps, for the console's viewer "
+            "(the same access rules)", _json({"type": "object"}), "401", "404",
+            path_param=("request_id", "a completion id or the request's X-Request-Id")),
+        "/v1/stats": _get("The live numbers of /metrics as one JSON object (the console)",
+                          _json({"type": "object"}), "401"),
         "/tokenize": _post(
             "vLLM's tokenize: a prompt, or messages through the chat template",
             {"oneOf": [_ref("TokenizeCompletionRequest"), _ref("TokenizeChatRequest")]},
