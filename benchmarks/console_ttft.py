@@ -104,8 +104,8 @@ def main() -> None:
            for name, r in runs.items()}
     (c, cs), (b, bs) = med["curl"], med["console"]
     print(f"first token, median of {args.rounds}: curl {c:.1f} ms (server {cs:.1f}), console "
-          f"{b:.1f} ms (server {bs:.1f}); console/curl {b / c:.2f}x, client share "
-          f"{c - cs:.1f} vs {b - bs:.1f} ms")
+          f"{b:.1f} ms (server {bs:.1f}); console/curl {b / c:.2f}x; the client's share: "
+          f"curl {c - cs:.1f} ms, console {b - bs:.1f} ms")
 
 
 if __name__ == "__main__":
