@@ -246,6 +246,17 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def rollback_inner(matcher: Any, num_tokens: int) -> int:
+    """Roll a gating wrapper's inner matcher back `num_tokens` tokens, among them an accepted
+    EOS the wrapper keeps no record of (`_ended`); returns how many of its own records to drop.
+    (The jsonschema gate here and the tool-call gate, grammars/tool_gate.py, share it.)"""
+    matcher._inner.rollback(num_tokens)
+    if matcher._ended:
+        matcher._ended = False
+        num_tokens -= 1
+    return num_tokens
+
+
 class ValidatedGrammar:
     """Wraps a cursor over a relaxed grammar; EOS only where jsonschema accepts the document."""
 
@@ -318,10 +329,7 @@ class ValidatedGrammar:
     def rollback(self, num_tokens: int) -> None:
         if num_tokens <= 0:
             return
-        self._inner.rollback(num_tokens)
-        if self._ended:
-            self._ended = False
-            num_tokens -= 1
+        num_tokens = rollback_inner(self, num_tokens)
         if num_tokens:
             del self._token_ids[-num_tokens:]
         self._verdict = None

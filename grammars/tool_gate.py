@@ -24,7 +24,7 @@ import json
 import re
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from grammars.fallback import no_duplicate_keys, schema_validator
+from grammars.fallback import no_duplicate_keys, rollback_inner, schema_validator
 from grammars.json_lexer import CLOSE, JsonLexer
 from grammars.spec import GrammarSpec
 from grammars.tools import OPEN_TAG
@@ -239,10 +239,7 @@ class ToolGatedGrammar:
     def rollback(self, num_tokens: int) -> None:
         if num_tokens <= 0:
             return
-        self._inner.rollback(num_tokens)
-        if self._ended:
-            self._ended = False
-            num_tokens -= 1
+        num_tokens = rollback_inner(self, num_tokens)
         del self._texts[len(self._texts) - num_tokens:]
         self._position = _Position()
         for text in self._texts:

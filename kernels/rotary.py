@@ -76,23 +76,29 @@ def _rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q_out, k_out
 
 
+@njit(nogil=True, boundscheck=False, inline="always")
+def _cache_slot(slots, t, num_slots):  # type: ignore[no-untyped-def]
+    """Token t's cache row; -1: a padding token, not stored."""
+    slot = slots[t]
+    if slot >= num_slots:
+        raise IndexError("slot_mapping points outside the KV cache")
+    return slot
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _rotate_store(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots):  # type: ignore[no-untyped-def]
     """qkv [T, (h + 2 kvh) * d] -> q_out [T, h * d] rotated; k rotated and v as it is written
     to their cache rows k_flat / v_flat [slots, kvh * d] at slots[t] (-1: not stored)."""
     dim = cos.shape[1]
     half = dim // 2
-    num_slots = k_flat.shape[0]
     values = (num_heads + num_kv_heads) * dim
     for t in range(qkv.shape[0]):
         row, c, s = qkv[t], cos[t], sin[t]
         for h in range(num_heads):
             _rotate_head(row, h * dim, c, s, q_out[t], h * dim, half)
-        slot = slots[t]
+        slot = _cache_slot(slots, t, k_flat.shape[0])
         if slot < 0:
             continue                      # -1: a padding token, not stored (as in the reference)
-        if slot >= num_slots:
-            raise IndexError("slot_mapping points outside the KV cache")
         k_row, v_row = k_flat[slot], v_flat[slot]
         for h in range(num_kv_heads):
             _rotate_head(row, (num_heads + h) * dim, c, s, k_row, h * dim, half)
@@ -125,7 +131,6 @@ def _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_
     (kernels/bf16_bits.py); cos and sin fp32, rounded to bf16 first as the reference casts them."""
     dim = cos.shape[1]
     half = dim // 2
-    num_slots = k_flat.shape[0]
     values = (num_heads + num_kv_heads) * dim
     row_bits = np.empty(qkv.shape[1], np.uint32)
     c_bits, s_bits = np.empty(dim, np.uint32), np.empty(dim, np.uint32)
@@ -139,11 +144,9 @@ def _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_
         round_in_place(s_bits)
         for h in range(num_heads):
             _rotate_head_bf16(row, h * dim, c, s, a_bits, b_bits, q_out[t], h * dim, half)
-        slot = slots[t]
+        slot = _cache_slot(slots, t, k_flat.shape[0])
         if slot < 0:
             continue                      # -1: a padding token, not stored (as in the reference)
-        if slot >= num_slots:
-            raise IndexError("slot_mapping points outside the KV cache")
         k_row, v_row = k_flat[slot], v_flat[slot]
         for h in range(num_kv_heads):
             _rotate_head_bf16(row, (num_heads + h) * dim, c, s, a_bits, b_bits, k_row, h * dim,
