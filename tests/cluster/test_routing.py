@@ -57,3 +57,14 @@ def test_a_serve_config_file_builds_the_same_application(tiny_model_dir: Any) ->
     assert engine_config.num_replicas == 3
     config = app._bound_deployment.init_args[1]
     assert config.session_store == "redis://127.0.0.1:6379/0" and config.api_keys == ("k",)
+
+
+def test_each_replica_s_numba_and_openmp_pools_get_its_threads_only(tiny_model_dir: Any) -> None:
+    # numba's pool would otherwise start one thread per core and reset torch's count with it.
+    from cluster.app import app_from_args
+
+    for args, threads in (({"num_threads": "3"}, "3"), ({}, "1")):
+        app = app_from_args({"model": str(tiny_model_dir), "replicas": "2", **args})
+        engine = app._bound_deployment.init_args[0]._bound_deployment
+        env = engine.ray_actor_options["runtime_env"]["env_vars"]
+        assert env == {"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
