@@ -20,8 +20,14 @@ def test_hints_prefer_the_session_then_the_prompt_prefix() -> None:
     assert a.prefix_key == b.prefix_key != c.prefix_key and a.session_id is None
     s = hints_for({"messages": [system], "plumbline": {"session_id": "s1"}})
     assert (s.session_id, s.prefix_key, s.affinity) == ("s1", None, "session:s1")
-    assert hints_for({"prompt": "abc"}).prefix_key == hints_for({"prompt": ["abc"]}).prefix_key
+    long = "abc" * PREFIX_CHARS
+    assert hints_for({"prompt": long}).prefix_key == hints_for({"prompt": [long]}).prefix_key
+    assert hints_for({"prompt": list(range(PREFIX_CHARS))}).prefix_key is not None
     assert hints_for([1, 2]).affinity is None and hints_for({"prompt": ""}).affinity is None
+    # short prompts go by queue length: they share too little to be worth a hashed replica
+    for short in ({"prompt": "abc"}, {"prompt": [1, 2, 3]},
+                  {"messages": [{"role": "user", "content": "Story 1:"}]}):
+        assert hints_for(short).affinity is None
 
 
 def replica(uid: str) -> Any:
