@@ -119,7 +119,9 @@ class Ingress:
                 for message in batch:
                     await send(message)
                     ended = message["type"] == "http.response.body" and not message.get("more_body")
-                batch = await anext(gen, None)
+                # After the last message the client has it all: not waiting for the replica's
+                # generator to close lets the proxy end this request before the next comes.
+                batch = None if ended else await anext(gen, None)
         except Exception as exc:     # the replica died mid-response (Ray restarts it)
             log.warning("replica_failed_mid_response", replica=replica, error=repr(exc))
             if is_sse:
