@@ -85,8 +85,11 @@ def main() -> None:
                    "--dtype", "float32"]
 
     url = f"http://127.0.0.1:{args.port}"
+    # numba's pool would start a thread per core and reset torch's count to it, whatever
+    # --num-threads says (cluster.app.replica_threads): one thread here as in each replica.
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port",
-                             str(args.port), "--log-level", "warning", *engine_args], cwd=ROOT)
+                             str(args.port), "--log-level", "warning", *engine_args], cwd=ROOT,
+                            env={**os.environ, "NUMBA_NUM_THREADS": str(args.num_threads)})
     try:
         wait_ready(url)
         one_lat = latencies(url, args.model, args.requests)
@@ -126,7 +129,8 @@ def main() -> None:
           f"(one process {pct(one_lat, 50):.1f}, ray 1 replica {pct(ray_lat, 50):.1f}), "
           f"added p99 {pct(ray_lat, 99) - pct(one_lat, 99):+.1f} ms; tokens/s: one process "
           f"{one_tps:.0f}, ray 1 replica {results[1][1]:.0f}, ray 2 replicas {results[2][1]:.0f} "
-          f"({results[2][1] / one_tps:.2f}x one process); {os.cpu_count()} cpus, "
+          f"({results[2][1] / one_tps:.2f}x one process, {results[2][1] / results[1][1]:.2f}x one "
+          f"replica); {os.cpu_count()} cpus, "
           f"{args.num_threads} thread(s) per engine")
 
 

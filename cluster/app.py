@@ -33,9 +33,11 @@ def build_app(config: GatewayConfig, num_replicas: int, replica_cpus: float = 1.
     # Ray's own cap sits above the gateway's: the replica's admission queue answers 429 (and the
     # ingress retries elsewhere) before Ray would hold requests back.
     max_ongoing = config.engine.max_num_seqs + config.max_queued_requests + 1
+    threads = str(replica_threads(config, replica_cpus))
     engine = serve.deployment(EngineReplica, name="engine").options(
         num_replicas=num_replicas, max_ongoing_requests=max_ongoing,
-        ray_actor_options={"num_cpus": replica_cpus},
+        ray_actor_options={"num_cpus": replica_cpus, "runtime_env": {"env_vars": {
+            "NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}}},
         request_router_config=RequestRouterConfig(
             request_router_class="cluster.router.PlumblineRouter"),
         health_check_period_s=5, graceful_shutdown_timeout_s=config.drain_timeout_s)
@@ -43,6 +45,19 @@ def build_app(config: GatewayConfig, num_replicas: int, replica_cpus: float = 1.
         num_replicas=1, max_ongoing_requests=max(1000, num_replicas * max_ongoing),
         ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine.bind(config), config)
+
+
+def replica_threads(config: GatewayConfig, replica_cpus: float) -> int:
+    """The threads one engine replica may run: `--num-threads`, else its CPUs (at least one).
+
+    Goes into each replica's environment as NUMBA_NUM_THREADS (and OMP_NUM_THREADS), read
+    before numba starts its OpenMP pool. Without it numba starts one thread per core of the
+    node, and starting the pool resets the calling thread's OpenMP count, which the numba
+    process shares with torch (the same libgomp.so.1 soname): the engine's compute thread then
+    runs every panel GEMM on all cores, whatever `--num-threads` said. One replica hardly shows
+    it; two on 2 cores ran 4 threads that spin at OpenMP barriers for each other's cores
+    (router_overhead: 37 tokens/s against one process's 181; docs/BENCHMARKS.md)."""
+    return config.engine.num_threads or max(1, int(replica_cpus))
 
 
 def app_from_args(args: dict[str, str]) -> Any:

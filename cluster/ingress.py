@@ -90,7 +90,7 @@ class Ingress:
             gen = self.engine.forward.remote(
                 RoutingHints(hints.session_id, hints.prefix_key, frozenset(refused)), wire, body)
             try:
-                start = await gen.__anext__()
+                start, *rest = await gen.__anext__()     # replicas send lists of messages
             except Exception as exc:
                 # Died before answering (nothing reached the client): once more, elsewhere if
                 # Ray already knows it died. Only a non-streamed response can have saved its
@@ -114,9 +114,14 @@ class Ingress:
         ended = False
         try:
             await send(start)
-            async for message in gen:
-                await send(message)
-                ended = message["type"] == "http.response.body" and not message.get("more_body")
+            batch: list[dict[str, Any]] | None = rest
+            while batch is not None:
+                for message in batch:
+                    await send(message)
+                    ended = message["type"] == "http.response.body" and not message.get("more_body")
+                # After the last message the client has it all: not waiting for the replica's
+                # generator to close lets the proxy end this request before the next comes.
+                batch = None if ended else await anext(gen, None)
         except Exception as exc:     # the replica died mid-response (Ray restarts it)
             log.warning("replica_failed_mid_response", replica=replica, error=repr(exc))
             if is_sse:
@@ -171,11 +176,12 @@ class _App:
 
 async def _collect(gen: Any) -> Reply:
     status, headers, chunks = 500, {}, []
-    async for message in gen:
-        if message["type"] == "http.response.start":
-            status, headers = message["status"], dict(message.get("headers", ()))
-        else:
-            chunks.append(message.get("body", b""))
+    async for batch in gen:
+        for message in batch:
+            if message["type"] == "http.response.start":
+                status, headers = message["status"], dict(message.get("headers", ()))
+            else:
+                chunks.append(message.get("body", b""))
     return status, headers, b"".join(chunks)
 
 

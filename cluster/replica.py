@@ -43,9 +43,10 @@ class EngineReplica:
         log.info("replica_ready", replica=self.replica_id)
 
     async def forward(self, hints: RoutingHints, scope: dict[str, Any],
-                      body: bytes) -> AsyncIterator[dict[str, Any]]:
-        """Run one HTTP request through the app; yield the ASGI messages it sends. Closing
-        the generator (the client left, the ingress gave up) is a disconnect for the app."""
+                      body: bytes) -> AsyncIterator[list[dict[str, Any]]]:
+        """Run one HTTP request through the app; yield the ASGI messages it sends, in lists
+        (see `_batches`). Closing the generator (the client left, the ingress gave up) is a
+        disconnect for the app."""
         sent: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         left = asyncio.Event()
         delivered = False
@@ -74,10 +75,8 @@ class EngineReplica:
 
         task = asyncio.create_task(run())
         try:
-            while (message := await sent.get()) is not None:
-                yield message
-                if message["type"] == "http.response.body" and not message.get("more_body"):
-                    break
+            async for batch in _batches(sent):
+                yield batch
         finally:
             left.set()
             await asyncio.shield(task)
@@ -89,3 +88,26 @@ class EngineReplica:
 
     async def __del__(self) -> None:
         await self._lifespan.__aexit__(None, None, None)
+
+
+async def _batches(sent: asyncio.Queue[dict[str, Any] | None]) -> AsyncIterator[list[dict[str, Any]]]:
+    """The messages as they come, each time all that are waiting, up to the response's last.
+
+    Each item of a Ray stream is a report from replica to caller; one per list rather than
+    one per message puts the start and body of a short response in one item, and the SSE
+    chunks that queued up while the ingress was busy in the next."""
+    while True:
+        batch = [await sent.get()]
+        while batch[-1] is not None and not _is_last(batch[-1]) and not sent.empty():
+            batch.append(sent.get_nowait())
+        last = batch[-1]
+        if last is None:                    # the app returned without finishing its response
+            batch.pop()
+        if batch:
+            yield batch
+        if last is None or _is_last(last):
+            return
+
+
+def _is_last(message: dict[str, Any]) -> bool:
+    return message["type"] == "http.response.body" and not message.get("more_body")

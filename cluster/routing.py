@@ -9,7 +9,8 @@ the first argument; the router (`router.py`), running inside the ingress's handl
 2. a session: the replica the session id hashes to (rendezvous hashing over the live
    replicas, so a replica leaving moves only its own sessions), while it has room;
 3. a prompt prefix: the replica the hash of the prompt's first characters maps to, the same
-   way, so requests sharing a system prompt meet the KV blocks the first one left;
+   way, so requests sharing a system prompt meet the KV blocks the first one left (only
+   prompts at least that long: a shorter one has little to share);
 4. otherwise, or when the preferred replica is full: power of two choices on queue length.
 
 `exclude` drops replicas that already answered 429, so the ingress retries elsewhere. Queue
@@ -49,27 +50,35 @@ def hints_for(body: Any) -> RoutingHints:
     session = ext.get("session_id") if isinstance(ext, dict) else None
     if isinstance(session, str) and session:
         return RoutingHints(session_id=session)
-    text = _prompt_text(body)
-    if not text:
+    window = _prefix(body)
+    if not window:
         return RoutingHints()
-    digest = hashlib.blake2b(text[:PREFIX_CHARS].encode(), digest_size=8).hexdigest()
+    digest = hashlib.blake2b(window.encode(), digest_size=8).hexdigest()
     return RoutingHints(prefix_key=digest)
 
 
-def _prompt_text(body: dict[str, Any]) -> str:
+def _prefix(body: dict[str, Any]) -> str:
+    """The prompt's first PREFIX_CHARS characters (PREFIX_CHARS // 4 token ids), or "" for a
+    shorter prompt: it fills few KV blocks that another prompt could share, so it is not worth
+    a replica chosen by hash (distinct short prompts would land by chance, unbalanced) rather
+    than by queue length."""
     messages = body.get("messages")
     if isinstance(messages, list):
         parts = []
         for m in messages:
             content = m.get("content") if isinstance(m, dict) else None
             parts.append(content if isinstance(content, str) else "")
-        return "\x00".join(parts)
+        text = "\x00".join(parts)
+        return text[:PREFIX_CHARS] if len(text) >= PREFIX_CHARS else ""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, list):                  # token ids
-        return ",".join(str(t) for t in prompt[:PREFIX_CHARS // 4])
-    return prompt if isinstance(prompt, str) else ""
+        n = PREFIX_CHARS // 4
+        return ",".join(str(t) for t in prompt[:n]) if len(prompt) >= n else ""
+    if isinstance(prompt, str) and len(prompt) >= PREFIX_CHARS:
+        return prompt[:PREFIX_CHARS]
+    return ""
 
 
 def rendezvous(key: str, replicas: list[RunningReplica]) -> list[RunningReplica]:

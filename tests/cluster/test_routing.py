@@ -20,8 +20,14 @@ def test_hints_prefer_the_session_then_the_prompt_prefix() -> None:
     assert a.prefix_key == b.prefix_key != c.prefix_key and a.session_id is None
     s = hints_for({"messages": [system], "plumbline": {"session_id": "s1"}})
     assert (s.session_id, s.prefix_key, s.affinity) == ("s1", None, "session:s1")
-    assert hints_for({"prompt": "abc"}).prefix_key == hints_for({"prompt": ["abc"]}).prefix_key
+    long = "abc" * PREFIX_CHARS
+    assert hints_for({"prompt": long}).prefix_key == hints_for({"prompt": [long]}).prefix_key
+    assert hints_for({"prompt": list(range(PREFIX_CHARS))}).prefix_key is not None
     assert hints_for([1, 2]).affinity is None and hints_for({"prompt": ""}).affinity is None
+    # short prompts go by queue length: they share too little to be worth a hashed replica
+    for short in ({"prompt": "abc"}, {"prompt": [1, 2, 3]},
+                  {"messages": [{"role": "user", "content": "Story 1:"}]}):
+        assert hints_for(short).affinity is None
 
 
 def replica(uid: str) -> Any:
@@ -57,3 +63,14 @@ def test_a_serve_config_file_builds_the_same_application(tiny_model_dir: Any) ->
     assert engine_config.num_replicas == 3
     config = app._bound_deployment.init_args[1]
     assert config.session_store == "redis://127.0.0.1:6379/0" and config.api_keys == ("k",)
+
+
+def test_each_replica_s_numba_and_openmp_pools_get_its_threads_only(tiny_model_dir: Any) -> None:
+    # numba's pool would otherwise start one thread per core and reset torch's count with it.
+    from cluster.app import app_from_args
+
+    for args, threads in (({"num_threads": "3"}, "3"), ({}, "1")):
+        app = app_from_args({"model": str(tiny_model_dir), "replicas": "2", **args})
+        engine = app._bound_deployment.init_args[0]._bound_deployment
+        env = engine.ray_actor_options["runtime_env"]["env_vars"]
+        assert env == {"NUMBA_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
