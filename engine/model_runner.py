@@ -257,11 +257,14 @@ class ModelRunner:
         logprobs = self.reductions.log_softmax(
             self.model.compute_logits(hidden[up(rows, torch.long)]))                  # [R, vocab]
         chosen_t = logprobs.gather(1, up(targets, torch.long).unsqueeze(1)).squeeze(1)  # [R]
+        # vLLM's rank: 1 + how many tokens are more likely than the prompt's own
+        rank_t = (logprobs > chosen_t.unsqueeze(1)).sum(-1) + 1                       # [R]
         max_top = max(s.sampling.prompt_logprobs or 0 for s in batch.seqs)
         top_vals, top_ids = (torch.topk(logprobs, max_top, -1) if max_top else (None, None))
         # A second synchronisation, in steps that compute prompt logprobs only.
-        chosen_t, top_vals, top_ids = self.transfer.read_back(chosen_t, top_vals, top_ids)
-        chosen = chosen_t.tolist()
+        chosen_t, rank_t, top_vals, top_ids = self.transfer.read_back(chosen_t, rank_t, top_vals,
+                                                                      top_ids)
+        chosen, ranks = chosen_t.tolist(), rank_t.tolist()
         out: dict[int, list[PromptLogprob]] = {}
         by_id = {s.seq_id: s for s in batch.seqs}
         for seq_id, first, count in owners:
@@ -270,7 +273,7 @@ class ModelRunner:
             for r in range(first, first + count):
                 top = () if not k else tuple(TopLogprob(i, v) for i, v in zip(
                     top_ids[r, :k].tolist(), top_vals[r, :k].tolist()))
-                entries.append(PromptLogprob(chosen[r], top))
+                entries.append(PromptLogprob(chosen[r], top, ranks[r]))
             out[seq_id] = entries
         return out
 

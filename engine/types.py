@@ -146,7 +146,7 @@ class PromptLogprob:
 
     logprob: float
     top: tuple[TopLogprob, ...]
-    rank: int | None = None    # of the token among the vocabulary (1 = the most likely), if known
+    rank: int | None = None    # of the token among the vocabulary (1 = the most likely)
 
 
 @dataclass(frozen=True, slots=True)

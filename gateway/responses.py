@@ -65,16 +65,12 @@ def vllm_prompt_logprobs(tokens: TokenTable, prompt_ids: Sequence[int],
                          k: int) -> list[dict[str, dict[str, Any]] | None]:
     """vLLM's prompt_logprobs: None for the first token, then per token a dict from token id to
     {logprob, rank, decoded_token}: the prompt's own token and the top-k alternatives (raw
-    logprobs: the model's distribution, as the prompt was not sampled). A rank the engine did
-    not compute is known only within the top-k; beyond it, null."""
+    logprobs: the model's distribution, as the prompt was not sampled)."""
     out: list[dict[str, dict[str, Any]] | None] = [None]
     for token_id, entry in zip(prompt_ids[1:], list(entries or ())[1:]):
         assert entry is not None
         top = entry.top[:k]
-        rank = entry.rank
-        if rank is None:
-            rank = next((j for j, t in enumerate(top, 1) if t.token_id == token_id), None)
-        row = {str(token_id): {"logprob": logprob_value(entry.logprob), "rank": rank,
+        row = {str(token_id): {"logprob": logprob_value(entry.logprob), "rank": entry.rank,
                                "decoded_token": tokens.get(token_id)[0]}}
         for j, t in enumerate(top, 1):
             row.setdefault(str(t.token_id), {"logprob": logprob_value(t.logprob), "rank": j,

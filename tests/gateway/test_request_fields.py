@@ -428,9 +428,12 @@ def test_prompt_logprobs_on_chat_and_completions_match_the_model(real_server, hf
         top = torch.topk(expected[i - 1], 2)
         for j, (v, t) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
             assert entry[str(t)]["rank"] == j and entry[str(t)]["logprob"] == pytest.approx(v, abs=1e-3)
-        true_rank = int((expected[i - 1] > expected[i - 1, ids[i]]).sum()) + 1
-        assert own["rank"] == (true_rank if true_rank <= 2 else None)
-        assert len(entry) == (2 if true_rank <= 2 else 3)
+        # the rank over the whole vocabulary; a token within 1e-3 of ours may order either way
+        mine = expected[i - 1, ids[i]]
+        surely_above = int((expected[i - 1] > mine + 1e-3).sum())
+        maybe_above = int((expected[i - 1] > mine - 1e-3).sum())
+        assert surely_above + 1 <= own["rank"] <= maybe_above + 1
+        assert len(entry) == (2 if own["rank"] <= 2 else 3)
     # completions: each prompt's own list on each of its choices
     out = completion(real_server, prompt=["Hello world", "The sea"], max_tokens=1,
                      prompt_logprobs=0, return_token_ids=True)
