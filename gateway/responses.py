@@ -124,7 +124,8 @@ class Formatter:
                 self.verdicts[u.index] = u.checks or self.verdicts[u.index]
                 self.closed_early[u.index] |= u.closed_early
                 self.cut[u.index] |= u.incomplete
-                self.cum_logprobs[u.index] += sum(u.logprobs)
+                if self.req_n < self.gen.n_per_prompt:          # best_of: ranked at the end
+                    self.cum_logprobs[u.index] += sum(u.logprobs)
                 yield u
 
     def _usage_now(self, extra: dict[str, Any]) -> dict[str, Any]:
