@@ -147,7 +147,8 @@ def start(request: Request, rt: Runtime, kind: str, prepared: PreparedRequest,
     if params.grammar is not None:
         compile_s = prepared.grammar_compile_s
         trace.grammar = {"kind": params.grammar.kind, "backend": prepared.grammar_backend,
-                         "compile_ms": None if compile_s is None else round(compile_s * 1000, 3)}
+                         "compile_ms": None if compile_s is None else round(compile_s * 1000, 3),
+                         "free_text": params.grammar.free_text}
     gen = Generation(rt, prepared, ticket,
                      skip_special_tokens=skip_special_tokens, parse_tool_calls=tools is not None,
                      plan=plan, trace=trace)

@@ -87,6 +87,17 @@ class JsonScan:
         return lexeme is CLOSE and depth == 1
 
 
+def effective_reserve(reserve: int, max_tokens: int) -> int:
+    """At most half the budget: a parallel tool call must not start a call it cannot end."""
+    return min(reserve, max_tokens // 2)
+
+
+def is_due(state: JsonScan, tokens_left: int, reserve: int) -> bool:
+    """Closing narrows the mask now: a structure has begun and the budget left is down to the
+    reserve plus one token per open bracket (free text before any structure is never steered)."""
+    return (state.in_structure or state.in_string) and tokens_left <= reserve + state.depth
+
+
 class ClosingVocab:
     """The token tiers of one tokenizer, built once (one decode of the vocabulary)."""
 

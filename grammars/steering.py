@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from grammars.base import Grammar, allocate_bitmask, take_forced
-from grammars.closing import ClosingVocab, JsonScan
+from grammars.closing import ClosingVocab, JsonScan, effective_reserve, is_due
 from grammars.spec import GrammarSpec
 
 
@@ -76,13 +76,12 @@ class Steering:
         reserve plus one token per open bracket, narrow bitmask[row] to closing tokens.
         `spec`: the sequence's grammar (its free text is never steered). Returns the
         sequence's scan state, to hand back next step (`steered` once it narrowed a mask)."""
-        reserve = self.close_reserve if close_reserve is None else close_reserve
-        # At most half the budget: a parallel tool call must not start a call it cannot end.
-        reserve = min(reserve, max_tokens // 2)
+        reserve = effective_reserve(self.close_reserve if close_reserve is None else close_reserve,
+                                    max_tokens)
         if reserve <= 0:
             return scan
         vocab = self.closing_vocab()
         scan = vocab.scan(scan, completion_ids, free_text=spec is not None and spec.free_text)
-        if max_tokens - len(completion_ids) <= reserve + scan.depth:
+        if is_due(scan, max_tokens - len(completion_ids), reserve):
             vocab.narrow(bitmask, row, scan)
         return scan

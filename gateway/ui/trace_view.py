@@ -2,10 +2,9 @@
 what a viewer needs besides: each token's text and, for a constrained request, the steps where
 budget-aware closing was due.
 
-The closing steps are replayed here the way grammars/steering.py decides them during
-generation (the budget left down to the reserve plus one per open bracket, once a JSON value or
-a tool call has begun), from the max_tokens and reserve the trace recorded: "due" means the
-mask was narrowed to closing tokens where the grammar allowed any."""
+The closing steps are replayed with grammars/closing.py's own rule (`is_due`, the reserve the
+trace recorded): "due" means the mask was narrowed to closing tokens where the grammar allowed
+any."""
 from __future__ import annotations
 
 import codecs
@@ -17,19 +16,20 @@ from starlette.responses import JSONResponse, Response
 from gateway.guard.traces import read_trace
 from gateway.requests import runtime
 from gateway.tokens import TokenTable
-from grammars.closing import JsonScan
+from grammars.closing import JsonScan, effective_reserve, is_due
 
 
-def closing_steps(texts: list[str], max_tokens: int | None, reserve: int | None) -> list[int]:
+def closing_steps(texts: list[str], max_tokens: int | None, reserve: int | None,
+                  free_text: bool = False) -> list[int]:
     """The token positions chosen while budget-aware closing was due."""
     if max_tokens is None or reserve is None:
         return []
-    reserve = min(reserve, max_tokens // 2)
+    reserve = effective_reserve(reserve, max_tokens)
     if reserve <= 0:
         return []
-    scan, steps = JsonScan(), []
+    scan, steps = JsonScan(free_text=free_text), []
     for i, text in enumerate(texts):
-        if (scan.in_structure or scan.in_string) and max_tokens - i <= reserve + scan.depth:
+        if is_due(scan, max_tokens - i, reserve):
             steps.append(i)
         scan.feed(text)
     return steps
@@ -54,8 +54,10 @@ async def trace_tokens(request: Request) -> Response:
             views.append(None)
             continue
         texts = token_texts(rt.token_table, ids)
-        steps = (closing_steps(texts, body["max_tokens"], body["close_reserve"])
-                 if body["grammar"] is not None else [])
+        grammar = body["grammar"]
+        steps = (closing_steps(texts, body["max_tokens"], body["close_reserve"],
+                               bool(grammar.get("free_text")))
+                 if grammar is not None else [])
         views.append({"texts": texts, "closing_steps": steps})
     body["token_views"] = views
     return JSONResponse(body)

@@ -27,6 +27,10 @@ def test_closing_steps_follow_the_budget_once_a_structure_has_begun() -> None:
     assert closing_steps(texts, 8, 0) == []            # closing off
     assert closing_steps(texts, None, None) == []      # not recorded
     assert closing_steps(["Just", " words", " here"] * 3, 9, 48) == []
+    # tools with "auto": only a tag opens a structure, as in the engine (grammars/closing.py)
+    assert closing_steps(texts, 8, 48, free_text=True) == []
+    tagged = ["Ok ", "<tool_call>", '{"a": [', "1", "]}"]
+    assert closing_steps(tagged, 6, 48, free_text=True) == [3, 4]     # reserve 3 + depth 2
 
 
 @pytest.fixture(scope="module")
