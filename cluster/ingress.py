@@ -33,9 +33,14 @@ Reply = tuple[int, dict[bytes, bytes], bytes]
 
 
 class Ingress:
-    def __init__(self, engine: Any, config: GatewayConfig) -> None:
+    """Serves HTTP in one of two places: in the `plumbline serve --replicas` process itself
+    (uvicorn, `cluster.app.serve_cluster`: one Ray hop per request), or as a Serve deployment
+    behind Ray's HTTP proxy (`serve run` config files, KubeRay: one proxy per node, two hops)."""
+
+    def __init__(self, engine: Any, config: GatewayConfig, behind_ray_proxy: bool = True) -> None:
         self.engine = engine.options(stream=True)   # a DeploymentHandle to EngineReplica
         self.config = config
+        self.behind_ray_proxy = behind_ray_proxy
 
     def __serve_build_asgi_app__(self) -> Any:      # Ray Serve's late-bound ASGI ingress
         return _App(self)
@@ -107,9 +112,11 @@ class Ingress:
             refused.add(replica)          # backpressure: try a replica with room
             gen.cancel()
         is_sse = dict(start["headers"]).get(b"content-type", b"").startswith(b"text/event-stream")
-        # Ray's proxy gave the request its X-Request-Id (the app used it) and adds it to the
-        # response itself: once is enough.
-        start = {**start, "headers": [(k, v) for k, v in start["headers"] if k != b"x-request-id"]}
+        if self.behind_ray_proxy:
+            # Ray's proxy gave the request its X-Request-Id (the app used it) and adds it to the
+            # response itself: once is enough.
+            start = {**start, "headers": [(k, v) for k, v in start["headers"]
+                                          if k != b"x-request-id"]}
         watcher = asyncio.create_task(_cancel_on_disconnect(receive, gen))
         ended = False
         try:
@@ -122,7 +129,10 @@ class Ingress:
                 # After the last message the client has it all: not waiting for the replica's
                 # generator to close lets the proxy end this request before the next comes.
                 batch = None if ended else await anext(gen, None)
-        except Exception as exc:     # the replica died mid-response (Ray restarts it)
+        except Exception as exc:
+            if watcher.done():       # the client left (e.g. after [DONE]) and the watcher
+                return               # cancelled the replica's side: nobody to tell
+            # the replica died mid-response (Ray restarts it)
             log.warning("replica_failed_mid_response", replica=replica, error=repr(exc))
             if is_sse:
                 await send({"type": "http.response.body", "more_body": True, "body": error_frame(

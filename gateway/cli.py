@@ -55,6 +55,9 @@ def _add_serve(sub: Any) -> None:
                    help="run N engine replicas as a Ray Serve application (0: this process)")
     r.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (default: a running local one, else start one)")
+    r.add_argument("--ray-http-proxy", action="store_true",
+                   help="serve HTTP through Ray Serve's proxy on every node (an ingress "
+                        "deployment) instead of in this process (one hop less)")
     _add_guard_options(s.add_argument_group(
         "guard (a floor that requests may tighten in plumbline.guard)"))
     _add_engine_options(s.add_argument_group("engine (EngineConfig fields)"))
@@ -193,7 +196,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.replicas:    # loaded by name: cluster/ imports the gateway, never the reverse
         assert args.replicas > 0, "--replicas must be >= 1"
         code: int = importlib.import_module("cluster.app").serve_cluster(
-            config, args.replicas, args.ray_address)
+            config, args.replicas, args.ray_address, args.ray_http_proxy)
         return code
     app = create_app(config)
     runtime: Runtime = app.state.runtime

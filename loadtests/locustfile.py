@@ -7,10 +7,15 @@ Each user class has a weight read from the environment (0 leaves it out of a mix
 scenarios share a few knobs; this module is the only one of loadtests/ that reads them:
 
     PLUMBLINE_LT_MODEL          model id sent in requests (default: the server's first model)
+    PLUMBLINE_LT_API_KEY        sent as `Authorization: Bearer ...` (a server with --api-key)
     PLUMBLINE_LT_MAX_TOKENS     max_tokens for free-text answers (default 64)
     PLUMBLINE_LT_WEIGHT_<NAME>  weight of a user class, NAME one of CHAT, PLAIN, JSON, TOOLS, GUARD
     PLUMBLINE_LT_STATS_JSON     where to write the final statistics as JSON when Locust quits
                                 (its CSV can be written before the last users finish)
+
+Against `plumbline serve --replicas N` each response names its replica (`x-plumbline-replica`);
+the statistics count HTTP requests and failures per replica ("" for a request that failed
+before any replica answered).
 
 Besides the HTTP requests, streamed responses report two measurements as Locust events (request
 type "SSE", so runners can tell them from HTTP requests): "ttft" (request sent to the first
@@ -36,6 +41,7 @@ from locust import HttpUser, between, events, task
 from loadtests.sse import sse_events
 
 SSE = "SSE"        # request_type of the measurement events, never an HTTP method
+API_KEY = os.environ.get("PLUMBLINE_LT_API_KEY", "")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -99,6 +105,8 @@ class _OpenAIUser(HttpUser):
         return 5.0 if self.feature_missing else self._think(self)
 
     def on_start(self) -> None:
+        if API_KEY:
+            self.client.headers["Authorization"] = f"Bearer {API_KEY}"
         if not self.model:
             with self.client.get("/v1/models", name="/v1/models", catch_response=True) as r:
                 if r.status_code != 200:
@@ -542,6 +550,19 @@ def _judge_guarded(mode: str, result: Streamed, leaked_bytes: int) -> str:
 
 
 PERCENTILES = (0.5, 0.9, 0.95, 0.99)
+REPLICA_HEADER = "x-plumbline-replica"
+_by_replica: dict[str, dict[str, int]] = {}
+
+
+@events.request.add_listener
+def _count_replica(request_type: str, response: Any = None, exception: Any = None,
+                   **_: Any) -> None:
+    if request_type == SSE:
+        return
+    headers = getattr(response, "headers", None) or {}
+    counts = _by_replica.setdefault(headers.get(REPLICA_HEADER, ""), {"requests": 0, "failures": 0})
+    counts["requests"] += 1
+    counts["failures"] += exception is not None
 
 
 @events.quitting.add_listener
@@ -558,4 +579,4 @@ def _write_stats(environment: Any, **_: Any) -> None:
     errors = [{"type": e.method, "name": e.name, "error": str(e.error),
                "occurrences": e.occurrences} for e in environment.stats.errors.values()]
     with open(path, "w") as f:
-        json.dump({"entries": entries, "errors": errors}, f, indent=1)
+        json.dump({"entries": entries, "errors": errors, "replicas": _by_replica}, f, indent=1)

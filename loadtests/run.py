@@ -13,6 +13,10 @@ a window from the last user's spawn to the end of the run time: steady state, wi
 the tail. When fewer than two requests per user finished inside that window (a run not much
 longer than one request) it falls back to the whole level, ramp and tail included, which reads low;
 summary.md says which.
+
+Against `plumbline serve --replicas N` the report adds a table per replica: the client's
+requests and failures by the `x-plumbline-replica` header, and each replica's tokens/s from its
+own counter in the merged /metrics (`replica` label).
 """
 from __future__ import annotations
 
@@ -53,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="",
                    help="target an already running server (127.0.0.1/localhost only); "
                         "default: start one on a free port and stop it at the end")
+    p.add_argument("--api-key", default=os.environ.get("PLUMBLINE_API_KEY", ""),
+                   help="API key for a server started with --api-key (default: "
+                        "$PLUMBLINE_API_KEY)")
     p.add_argument("--users", type=int, nargs="+", default=[8],
                    help="concurrent users; several values run one level each, in order")
     p.add_argument("--spawn-rate", type=float, default=4.0, help="users started per second")
@@ -138,13 +145,21 @@ class Server:
 
 def scrape(url: str) -> dict[str, float]:
     """Unlabelled sums of every sample in /metrics, keyed by sample name."""
+    return scrape_replicas(url)[""]
+
+
+def scrape_replicas(url: str) -> dict[str, dict[str, float]]:
+    """Sums of every sample in /metrics by sample name: under "" over everything, and under each
+    replica id for the samples labelled with it (`plumbline serve --replicas`)."""
     status, text = http_get(url + "/metrics")
     if status != 200:
         raise RuntimeError(f"/metrics answered {status}")
-    values: dict[str, float] = {}
+    values: dict[str, dict[str, float]] = {"": {}}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+            for key in {"", sample.labels.get("replica", "")}:
+                into = values.setdefault(key, {})
+                into[sample.name] = into.get(sample.name, 0.0) + sample.value
     return values
 
 
@@ -183,6 +198,10 @@ class Level:
     locust_rc: int = 0
     throughput_window: str = ""
     final_metrics: dict[str, float] = dataclasses.field(default_factory=dict)   # after settling
+    # replica id -> "requests"/"failures" (the client's, by response header) and "tokens"
+    # (the replica's generation-token counter over the same window as `tokens`; absent for a
+    # replica whose counter was gone at the window's end: killed, restarted under a new id)
+    replicas: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     leaked_bytes: int = 0       # denied text the guard scenario's block answers let through
 
     @property
@@ -218,6 +237,9 @@ def read_stats(path: Path, level: Level) -> None:
                            for e in stats["errors"]]
     # the guard scenario's block answers report the denied bytes they let through
     level.leaked_bytes = sum(e["content_bytes"] for e in sse if e["name"] == "guard leaked bytes")
+    for replica, counts in stats.get("replicas", {}).items():
+        if replica or counts["failures"]:       # "": no replica answered (only failures matter)
+            level.replicas.setdefault(replica, {}).update(counts)
 
 
 def parse_duration(text: str) -> float:
@@ -237,7 +259,8 @@ class TokenWindow(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.start_s, self.end_s = url, start_s, end_s
         self.stop_event = threading.Event()
-        self.samples: list[tuple[float, float, float]] = []   # (monotonic time, tokens, finished)
+        # (monotonic time, tokens, finished, tokens by replica)
+        self.samples: list[tuple[float, float, float, dict[str, float]]] = []
 
     def run(self) -> None:
         t0 = time.monotonic()
@@ -245,18 +268,24 @@ class TokenWindow(threading.Thread):
             if self.stop_event.wait(max(0.0, t0 + at - time.monotonic())):
                 return
             try:
-                m = scrape(self.url)
+                by_replica = scrape_replicas(self.url)
             except (OSError, RuntimeError):
                 return
+            m = by_replica.pop("")
             self.samples.append((time.monotonic(), m.get(M + "generation_tokens_total", 0.0),
-                                 m.get(M + "e2e_request_latency_seconds_count", 0.0)))
+                                 m.get(M + "e2e_request_latency_seconds_count", 0.0),
+                                 {r: v.get(M + "generation_tokens_total", 0.0)
+                                  for r, v in by_replica.items()}))
 
-    def measure(self, min_finished: int) -> tuple[float, float] | None:
-        """(tokens, seconds) inside the window, when at least min_finished requests ended there."""
+    def measure(self, min_finished: int) -> tuple[float, float, dict[str, float]] | None:
+        """(tokens, seconds, tokens by replica) inside the window, when at least min_finished
+        requests ended there. A replica that started inside the window counts from 0."""
         if len(self.samples) < 2:
             return None
-        (t_a, n_a, f_a), (t_b, n_b, f_b) = self.samples
-        return (n_b - n_a, t_b - t_a) if f_b - f_a >= min_finished else None
+        (t_a, n_a, f_a, r_a), (t_b, n_b, f_b, r_b) = self.samples
+        if f_b - f_a < min_finished:
+            return None
+        return n_b - n_a, t_b - t_a, {r: n - r_a.get(r, 0.0) for r, n in r_b.items()}
 
 
 def run_level(url: str, users: int, args: argparse.Namespace, out: Path) -> Level:
@@ -266,7 +295,8 @@ def run_level(url: str, users: int, args: argparse.Namespace, out: Path) -> Leve
     stats_path = folder / "stats.json"
     stats_path.unlink(missing_ok=True)
     env = dict(os.environ, PLUMBLINE_LT_MAX_TOKENS=str(args.max_tokens),
-               PLUMBLINE_LT_STATS_JSON=str(stats_path))
+               PLUMBLINE_LT_STATS_JSON=str(stats_path),
+               PLUMBLINE_LT_API_KEY=getattr(args, "api_key", ""))
     classes = []
     for name, (cls, weight_var) in SCENARIOS.items():
         if name in args.scenarios:
@@ -282,7 +312,7 @@ def run_level(url: str, users: int, args: argparse.Namespace, out: Path) -> Leve
     run_s = parse_duration(args.run_time)
     ramp_s = min(users / args.spawn_rate, run_s / 2)
     window = TokenWindow(url, ramp_s + 1.0, run_s + 1.0)   # ~1 s: Locust's own start-up
-    before = scrape(url)
+    before = scrape_replicas(url)
     start = time.monotonic()
     window.start()
     with open(folder / "locust.log", "w") as log:
@@ -293,13 +323,17 @@ def run_level(url: str, users: int, args: argparse.Namespace, out: Path) -> Leve
     after, level.problems = settle(url, args.settle_timeout)
     level.final_metrics = after
     measured = window.measure(min_finished=2 * users)
+    gen = M + "generation_tokens_total"
     if measured is not None:
-        level.tokens, level.wall_s = measured
+        level.tokens, level.wall_s, replica_tokens = measured
         level.throughput_window = "steady state"
     else:
         level.throughput_window = "whole level (short run)"
-        gen = M + "generation_tokens_total"
-        level.tokens = after.get(gen, 0.0) - before.get(gen, 0.0)
+        level.tokens = after.get(gen, 0.0) - before[""].get(gen, 0.0)
+        replica_tokens = {r: v.get(gen, 0.0) - before.get(r, {}).get(gen, 0.0)
+                          for r, v in scrape_replicas(url).items() if r}
+    for replica, tokens in replica_tokens.items():
+        level.replicas.setdefault(replica, {})["tokens"] = tokens
     if not stats_path.exists():
         level.problems.append(f"locust wrote no stats (exit {level.locust_rc}, see {folder}/locust.log)")
         return level
@@ -335,6 +369,23 @@ def write_summary(out: Path, levels: list[Level], args: argparse.Namespace, targ
                      f"| {_s(lv.ttft.get('99%'))} | {_s(lv.itl.get('50%'))} "
                      f"| {_s(lv.itl.get('95%'))} | {_s(lv.e2e_avg_ms)} | {lv.throughput_window} "
                      f"| {lv.leaked_bytes} | {clean} |")
+    if any(lv.replicas for lv in levels):
+        lines += ["", "## Per replica", "",
+                  "Requests and failures as the client saw them (by `x-plumbline-replica`; "
+                  "\"none\": failed before a replica answered), tokens/s from each replica's "
+                  "generation-token counter over the level's window (\"-\": the replica's "
+                  "counter was gone at the end: it was killed or restarted).", "",
+                  "| users | replica | requests | failures | tokens/s | share of tokens |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        for lv in levels:
+            total = sum(r.get("tokens", 0.0) for r in lv.replicas.values())
+            for replica, r in sorted(lv.replicas.items()):
+                tps = share = "-"
+                if "tokens" in r and lv.wall_s:
+                    tps = f"{r['tokens'] / lv.wall_s:.1f}"
+                    share = f"{r['tokens'] / total:.0%}" if total else "-"
+                lines.append(f"| {lv.users} | {replica or 'none'} | {r.get('requests', 0):.0f} "
+                             f"| {r.get('failures', 0):.0f} | {tps} | {share} |")
     failures = [f"- users={lv.users}: {line}" for lv in levels for line in lv.failure_lines]
     if failures:
         lines += ["", "## Failures", "", *failures]
@@ -428,6 +479,10 @@ def execute(args: argparse.Namespace) -> Report:
             print(f"users={users}: requests={level.requests} failures={level.failures} "
                   f"tokens/s={level.tokens_per_s:.1f} ttft_p50={_s(level.ttft.get('50%'))}s "
                   f"{'clean' if not level.problems else '; '.join(level.problems)}", flush=True)
+            for replica, r in sorted(level.replicas.items()):
+                tps = f"{r['tokens'] / level.wall_s:.1f}" if "tokens" in r and level.wall_s else "-"
+                print(f"  replica {replica or 'none'}: requests={r.get('requests', 0):.0f} "
+                      f"failures={r.get('failures', 0):.0f} tokens/s={tps}", flush=True)
     except (RuntimeError, OSError) as exc:
         report.problems.append(str(exc))
     finally:

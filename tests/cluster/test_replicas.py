@@ -1,11 +1,14 @@
 """`plumbline serve --replicas 2`, for real: one local Ray (2 CPUs, no dashboard) for the whole
-module, Ray Serve's HTTP proxy in front of the ingress, two engine replicas of the tiny test
-model, and a real Redis for session facts and traces. Tests run in file order; the kill comes
-last but one, the recovery last."""
+module, two engine replicas of the tiny test model, and a real Redis for session facts and
+traces. HTTP comes in as with the CLI's default, through the ingress served by uvicorn in this
+process (`cluster.app.driver_ingress`); Ray Serve's HTTP proxy also runs, in front of the
+ingress deployment of a `serve run` config file, and the streaming test goes through both.
+Tests run in file order; the kill comes last but one, the recovery last."""
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from tests.cluster.conftest import RedisServer, free_port
 
@@ -29,8 +33,8 @@ DETECT = {"mode": "flag", "checks": {"consistency": "detect"}}
 
 
 class Cluster:
-    def __init__(self, url: str, model: str) -> None:
-        self.url, self.model = url, model
+    def __init__(self, url: str, model: str, proxy_url: str) -> None:
+        self.url, self.model, self.proxy_url = url, model, proxy_url
         self.http = httpx.Client(base_url=url, headers=AUTH, timeout=120)
 
     def chat(self, text: str, **extra: Any) -> httpx.Response:
@@ -43,7 +47,7 @@ class Cluster:
 def cluster(redis_server: RedisServer, tiny_model_dir: Path) -> Iterator[Cluster]:
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.app import build_app, driver_ingress
     from engine import EngineConfig
     from gateway.config import GatewayConfig
 
@@ -52,14 +56,26 @@ def cluster(redis_server: RedisServer, tiny_model_dir: Path) -> Iterator[Cluster
                             num_threads=1),
         api_keys=(KEY,), admin_key=ADMIN, session_store=redis_server.url,
         max_queued_requests=0)       # a replica with every slot taken answers 429
-    port = free_port()
+    port, proxy_port = free_port(), free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
+    server: uvicorn.Server | None = None
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
         serve.run(build_app(config, num_replicas=2), name="plumbline", route_prefix="/")
-        yield Cluster(f"http://127.0.0.1:{port}", str(tiny_model_dir))
+        server = uvicorn.Server(uvicorn.Config(driver_ingress(config), host="127.0.0.1",
+                                               port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:      # a deadline against hangs, not a timing assertion
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        yield Cluster(f"http://127.0.0.1:{port}", str(tiny_model_dir),
+                      f"http://127.0.0.1:{proxy_port}")
     finally:
+        if server is not None:
+            server.should_exit = True
         serve.shutdown()
         ray.shutdown()
 
@@ -74,20 +90,25 @@ def test_requests_land_on_both_replicas(cluster: Cluster) -> None:
     assert len(seen) == 2
 
 
-def test_streaming_errors_and_auth_behave_as_one_process(cluster: Cluster) -> None:
+@pytest.mark.parametrize("entry", ["this process", "ray proxy"])
+def test_streaming_errors_and_auth_behave_as_one_process(cluster: Cluster, entry: str) -> None:
+    url = cluster.url if entry == "this process" else cluster.proxy_url
+    http = httpx.Client(base_url=url, headers=AUTH, timeout=120)
     body = {"model": cluster.model, "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
-    with cluster.http.stream("POST", "/v1/chat/completions", json=body,
-                             headers={"X-Request-Id": "my-request-7"}) as r:
+    with http.stream("POST", "/v1/chat/completions", json=body,
+                     headers={"X-Request-Id": "my-request-7"}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers.get_list("x-request-id") == ["my-request-7"]
+        assert r.headers["x-plumbline-replica"]
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 5
-    bad = cluster.chat("Hi", temperature=-1)
+    bad = http.post("/v1/chat/completions", json={**body, "stream": False, "temperature": -1})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
-    anonymous = httpx.post(cluster.url + "/v1/chat/completions", json=body, timeout=60)
+    anonymous = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+    assert http.get("/v1/models").json()["data"][0]["id"] == cluster.model
 
 
 def test_a_session_sticks_to_one_replica(cluster: Cluster) -> None:
@@ -189,7 +210,34 @@ def test_the_weights_update_fans_out_to_every_replica(cluster: Cluster, tiny_mod
     assert labelled == set(versions)
 
 
-def test_killing_a_replica_mid_load_loses_no_session_fact(cluster: Cluster) -> None:
+def loadtest_args(cluster: Cluster, out: Path, run_time: str) -> Any:
+    from loadtests import run as loadtest
+
+    return loadtest.build_parser().parse_args([
+        "--host", cluster.url, "--api-key", KEY, "--users", "4", "--spawn-rate", "4",
+        "--run-time", run_time, "--scenarios", "chat", "plain", "--max-tokens", "24",
+        "--out", str(out), "--no-plots", "--settle-timeout", "60", "--stop-timeout", "60s"])
+
+
+def test_the_load_test_runs_against_the_replicas_and_reports_each_one(cluster: Cluster,
+                                                                       tmp_path: Path) -> None:
+    from loadtests import run as loadtest
+
+    report = loadtest.execute(loadtest_args(cluster, tmp_path, "10s"))
+    assert report.problems == [], report.problems
+    (level,) = report.levels
+    assert level.requests > 0 and level.failures == 0
+    assert len(level.replicas) == 2          # both served (requests land on both)
+    for figures in level.replicas.values():
+        assert figures["requests"] > 0 and figures["failures"] == 0 and figures["tokens"] > 0
+    assert sum(f["tokens"] for f in level.replicas.values()) == level.tokens
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Per replica" in summary and all(r in summary for r in level.replicas)
+
+
+def test_killing_a_replica_mid_load_loses_no_session_fact(cluster: Cluster, tmp_path: Path) -> None:
+    from loadtests import run as loadtest
+
     sessions = [f"kill-{i}" for i in range(6)]
     homes = {}
     for s in sessions:       # each session's fact, written wherever the session lives
@@ -206,16 +254,31 @@ def test_killing_a_replica_mid_load_loses_no_session_fact(cluster: Cluster) -> N
             return 200, [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
                          for line in r.iter_lines() if line.startswith("data: ")]
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        load = [pool.submit(stream, i) for i in range(8)]
-        time.sleep(1.0)      # let the streams start (no assertion depends on this timing)
+    # The load test's 4 users run throughout, and 4 streams of our own (the victim's session
+    # among them); the kill comes in the load test's 6th second or so. At most 8 requests at a
+    # time: the survivor's slots, so none is refused for capacity after the kill.
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        load_test = pool.submit(loadtest.execute, loadtest_args(cluster, tmp_path, "20s"))
+        time.sleep(5.0)      # (no assertion depends on these timings)
+        load = [pool.submit(stream, i) for i in range(4)]
+        time.sleep(1.0)
         ray.kill(ray.get_actor(f"SERVE_REPLICA::plumbline#engine#{victim}", namespace="serve"))
         results = [f.result() for f in load]
+        report = load_test.result()
     for status, events in results:   # finished, or failed the way an in-flight stream does
         errors = [e["error"]["code"] for e in events if isinstance(e, dict) and "error" in e]
         assert set(errors) <= {"replica_failed"}, events[-2:]
         assert (status, events[-1]) == (200, "[DONE]") or (status, errors) == (503, ["replica_failed"])
         assert errors or events[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+    # The load test failed only what was in flight on the victim: at most one request per user,
+    # each ended by the replica's failure; the server came back clean (nothing running, no block
+    # held) and its report shows the victim's requests until the kill.
+    (level,) = report.levels
+    assert level.failures <= 4 and level.requests > 3 * level.failures, level.failure_lines
+    assert all("replica_failed" in line for line in level.failure_lines), level.failure_lines
+    assert [p for p in report.problems if "failed requests" not in p] == []
+    assert level.replicas[victim]["requests"] > 0
+    assert "tokens" not in level.replicas[victim]     # its counter went with it
     for s in sessions:       # every fact survived, whichever replica answers now
         out = cluster.chat("Plan now?", plumbline={"session_id": s, "guard": DETECT},
                            response_format={"type": "json_schema", "json_schema": {
