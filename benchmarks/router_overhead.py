@@ -1,22 +1,28 @@
 """What Ray Serve in front costs: added latency per request, and tokens/s with 1 and 2 replicas.
 
     python -m benchmarks.router_overhead [--model M] [--requests 100] [--concurrency 8]
-                                         [--max-tokens 64] [--num-threads 1]
+                                         [--max-tokens 64] [--num-threads 1] [--rounds 1]
 
-1. One process (`plumbline serve`, a subprocess) and the Ray Serve application with one
-   replica, same engine settings: `--requests` sequential requests with max_tokens 1 each;
-   the added latency is the difference of the p50s (and of the p99s).
-2. Aggregate generated tokens/s of `--concurrency` streams (max_tokens, ignore_eos) on one
-   process, one replica and two replicas (`--num-threads` threads each: on 2 cores, two
-   replicas of one thread against one process of one thread).
+Each configuration is `plumbline serve` in a subprocess, as a user starts it, with the same
+engine settings (`--num-threads` threads per engine, fp32):
+- one process;
+- `--replicas 1`: HTTP served by the ingress in the serving process, one Ray hop (the default);
+- `--replicas 1 --ray-http-proxy`: Ray's HTTP proxy and an ingress deployment (two hops);
+- `--replicas 2`: tokens/s only (on 2 cores, two one-thread replicas against one process).
 
-Run it on a quiet machine; prints one summary line at the end.
+1. `--requests` sequential one-token chat requests: the added latency is the difference of
+   the p50s (and of the p99s) against one process; also `GET /health`'s p50.
+2. Aggregate generated tokens/s of `--concurrency` streams (max_tokens, ignore_eos).
+
+Run it on a quiet machine; with `--rounds N` every figure is the median of N rounds (each
+round starts every configuration once). Prints one summary line at the end.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +33,12 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {               # name -> extra `plumbline serve` options
+    "one process": [],
+    "ray, 1 replica": ["--replicas", "1"],
+    "ray proxy, 1 replica": ["--replicas", "1", "--ray-http-proxy"],
+    "ray, 2 replicas": ["--replicas", "2"],
+}
 
 
 def wait_ready(url: str, timeout: float = 600) -> None:
@@ -41,17 +53,21 @@ def wait_ready(url: str, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
-def latencies(url: str, model: str, n: int) -> list[float]:
+def latencies(url: str, model: str, n: int) -> tuple[list[float], list[float]]:
+    """Seconds per one-token chat request, and per `GET /health`, n of each."""
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    out = []
+    chat, health = [], []
     with httpx.Client(base_url=url, timeout=120) as client:
         client.post("/v1/chat/completions", json=body)        # warm-up
         for i in range(n):
             body["messages"][0]["content"] = f"Hi {i}"        # no two share a prefix-cache hit
             t0 = time.perf_counter()
             client.post("/v1/chat/completions", json=body).raise_for_status()
-            out.append(time.perf_counter() - t0)
-    return out
+            t1 = time.perf_counter()
+            client.get("/health").raise_for_status()
+            chat.append(t1 - t0)
+            health.append(time.perf_counter() - t1)
+    return chat, health
 
 
 def tokens_per_s(url: str, model: str, concurrency: int, max_tokens: int) -> float:
@@ -72,65 +88,64 @@ def pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100)[int(q) - 1] * 1000
 
 
+def serve(extra: list[str], engine_args: list[str], port: int, threads: int) -> subprocess.Popen[bytes]:
+    # numba's pool would start a thread per core and reset torch's count with it, whatever
+    # --num-threads says (cluster.app.replica_threads does this for each replica).
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning", *engine_args, *extra],
+                            cwd=ROOT, env={**os.environ, "NUMBA_NUM_THREADS": str(threads),
+                                           "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--port", type=int, default=18400)
     args = p.parse_args()
     engine_args = ["--model", args.model, "--num-threads", str(args.num_threads),
                    "--dtype", "float32"]
-
-    url = f"http://127.0.0.1:{args.port}"
-    # numba's pool would start a thread per core and reset torch's count to it, whatever
-    # --num-threads says (cluster.app.replica_threads): one thread here as in each replica.
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port",
-                             str(args.port), "--log-level", "warning", *engine_args], cwd=ROOT,
-                            env={**os.environ, "NUMBA_NUM_THREADS": str(args.num_threads)})
-    try:
-        wait_ready(url)
-        one_lat = latencies(url, args.model, args.requests)
-        one_tps = tokens_per_s(url, args.model, args.concurrency, args.max_tokens)
-    finally:
-        proc.terminate()
-        proc.wait(60)
-
-    import ray
-    from ray import serve
-
-    from cluster.app import build_app
-    from gateway import cli
-
-    parser = argparse.ArgumentParser()
-    cli._add_serve(parser.add_subparsers(dest="command"))
-    config = cli.config_from_args(parser.parse_args(["serve", "--log-level", "warning",
-                                                     *engine_args]))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port + 1})
-    ray_url = f"http://127.0.0.1:{args.port + 1}"
-    results: dict[int, Any] = {}
-    try:
-        for n in (1, 2):
-            serve.run(build_app(config, n, replica_cpus=0), name="plumbline", route_prefix="/")
-            wait_ready(ray_url)
-            lat = latencies(ray_url, args.model, args.requests) if n == 1 else None
-            results[n] = (lat, tokens_per_s(ray_url, args.model, args.concurrency,
-                                            args.max_tokens))
-            serve.delete("plumbline")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    ray_lat = results[1][0]
-    print(f"router_overhead: added p50 {pct(ray_lat, 50) - pct(one_lat, 50):+.1f} ms "
-          f"(one process {pct(one_lat, 50):.1f}, ray 1 replica {pct(ray_lat, 50):.1f}), "
-          f"added p99 {pct(ray_lat, 99) - pct(one_lat, 99):+.1f} ms; tokens/s: one process "
-          f"{one_tps:.0f}, ray 1 replica {results[1][1]:.0f}, ray 2 replicas {results[2][1]:.0f} "
-          f"({results[2][1] / one_tps:.2f}x one process, {results[2][1] / results[1][1]:.2f}x one "
-          f"replica); {os.cpu_count()} cpus, "
+    figures: dict[str, dict[str, list[float]]] = {name: {} for name in CONFIGS}
+    for _ in range(args.rounds):
+        for name, extra in CONFIGS.items():
+            proc = serve(extra, engine_args, args.port, args.num_threads)
+            url = f"http://127.0.0.1:{args.port}"
+            try:
+                wait_ready(url)
+                got = figures[name]
+                if "2 replicas" not in name:
+                    chat, health = latencies(url, args.model, args.requests)
+                    for key, value in (("p50", pct(chat, 50)), ("p99", pct(chat, 99)),
+                                       ("health", pct(health, 50))):
+                        got.setdefault(key, []).append(value)
+                got.setdefault("tps", []).append(
+                    tokens_per_s(url, args.model, args.concurrency, args.max_tokens))
+            finally:
+                stop(proc)
+    med = {name: {k: statistics.median(v) for k, v in got.items()} for name, got in figures.items()}
+    one = med["one process"]
+    for name, got in med.items():
+        added = "" if name == "one process" or "p50" not in got else (
+            f" added p50 {got['p50'] - one['p50']:+.1f} ms, p99 {got['p99'] - one['p99']:+.1f} ms;")
+        lat = f" p50 {got['p50']:.1f} ms, p99 {got['p99']:.1f} ms, /health {got['health']:.2f} ms;" \
+            if "p50" in got else ""
+        print(f"{name}:{lat}{added} {got['tps']:.0f} tokens/s ({got['tps'] / one['tps']:.2f}x one "
+              f"process)")
+    print(f"router_overhead: {args.rounds} round(s), medians; {os.cpu_count()} cpus, "
           f"{args.num_threads} thread(s) per engine")
 
 

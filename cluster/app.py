@@ -125,7 +125,11 @@ def serve_cluster(config: GatewayConfig, num_replicas: int, ray_address: str | N
             log.info("server_listening", url=url, model=config.model_name, http="this process",
                      replicas=num_replicas, ray=ray.get_runtime_context().gcs_address)
             # uvicorn stops on SIGTERM/SIGINT after the requests in flight (the replicas' own
-            # drain bounds them); then the replicas go.
+            # drain bounds them), restores the handlers it found and raises the signal again:
+            # these handlers let that pass, so the replicas and the local Ray go (`finally`,
+            # atexit) instead of the default SIGTERM action killing this process first.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: None)
             uvicorn.run(driver_ingress(config), host=config.host, port=config.port,
                         access_log=False, log_level=config.log_level,
                         timeout_graceful_shutdown=int(config.drain_timeout_s) + 5)
