@@ -217,19 +217,23 @@ def bench_linear(repeats: int) -> None:
 
 def bench_head(repeats: int, rounds: int = 3) -> None:
     """The lm_head both ways it is fp32-accurate: fp32 (the panel GEMM, the engine's fp32 head)
-    and split-bf16 (kernels/split_head.py); then two references that are not the engine's: the
-    split with K tripled in one GEMM ([x_hi|x_hi|x_lo] . [w_hi|w_lo|w_hi], three products, 3/2
-    the weight bytes), and a plain bf16 head (bf16 output: not fp32-accurate). Rounds alternate
-    the variants; each figure is the median over rounds of a median of `repeats` calls."""
+    and split-bf16 (kernels/split_head.py) as the engine runs it on this CPU (oneDNN with AMX,
+    else bf16 panels), and through oneDNN whatever the CPU (what AMX CPUs run); then two
+    references that are not the engine's: the split with K tripled in one oneDNN GEMM
+    ([x_hi|x_hi|x_lo] . [w_hi|w_lo|w_hi], three products, 3/2 the weight bytes), and a plain
+    bf16 head (bf16 output: not fp32-accurate). Rounds alternate the variants; each figure is
+    the median over rounds of a median of `repeats` calls."""
     amx = "amx_bf16" in cpu_flags()
     print(f"# lm_head {HIDDEN}->{VOCAB}, fp32-accurate logits (ms); {cpu_line()}")
     if not amx:
-        print("#   no amx_bf16: oneDNN runs the split head's bf16 products as fp32 FMA here "
-              "(its bf16 math mode is AMX-only); the AMX figure needs a CPU with AMX")
+        print("#   no amx_bf16: the engine's split head runs on bf16 panels, and oneDNN runs its "
+              "bf16 products as fp32 FMA here (its bf16 math mode is AMX-only); the AMX figure "
+              "needs a CPU with AMX")
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(VOCAB, HIDDEN, generator=g) * 0.05
     fp32 = linear.prepare_linear(weight.clone())
     split = split_head.prepare_split_head(weight)
+    split_onednn = split_head.prepare_split_head(weight, onednn=True)
     hi, lo = split_head.split_bf16(weight)
     tripled = torch.ops.mkldnn._reorder_linear_weight(torch.cat([hi, lo, hi], 1), linear.PACK_ROWS_HINT)
     w16 = weight.bfloat16()
@@ -244,6 +248,7 @@ def bench_head(repeats: int, rounds: int = 3) -> None:
         x16 = x.bfloat16()
         variants = {"fp32": lambda: linear.apply_linear(x, fp32),
                     "split_bf16": lambda: split_head.split_head_logits(x, split),
+                    "split_onednn": lambda: split_head.split_head_logits(x, split_onednn),
                     "split_k_tripled": lambda: k_tripled(x),
                     "bf16_not_accurate": lambda: F.linear(x16, w16)}
         times: dict[str, list[float]] = {name: [] for name in variants}

@@ -17,14 +17,20 @@ would undo the split). What it has is oneDNN's fpmath mode bf16 (torch's
 `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`): fp32 tensors in and out, and oneDNN may
 round the inputs to bf16 and accumulate in fp32. Our inputs already hold bf16 values, so that
 rounding is exact and the result is the same whether oneDNN takes it or not. oneDNN 3.12 takes
-it with AMX (its bf32 kernels); on a CPU without AMX it computes the same products with fp32
-FMA, correct and slower than the fp32 head (docs/BENCHMARKS.md). The setting is process-wide, so
-it is set around the one call: the engine computes logits on one thread, and no other thread
-runs fp32 matmuls meanwhile.
+it with AMX only (its bf32 kernels); the setting is process-wide, so it is set around the one
+call (the engine computes logits on one thread, and no other thread runs fp32 matmuls meanwhile).
+
+Without AMX, oneDNN would compute the same products with fp32 FMA, so the split head runs
+through our panel GEMM instead (kernels/linear.py), on panels kept in bf16: the parts are bf16
+values, so nothing is lost, the weight takes the fp32 head's bytes, and a decode step stays in
+numba's thread pool. A oneDNN call inside a step of numba kernels left torch's OpenMP threads
+spinning against numba's on 2 cores: forward passes of 1-2 s instead of ~50 ms in the first
+steps here (not with OMP_WAIT_POLICY=PASSIVE). Either way slower than the fp32 head without AMX
+(docs/BENCHMARKS.md), which is why `--head-precision auto` never picks it there.
 
 One GEMM computes all four products: the rows [x_hi; x_lo] against the weight rows
 [w_hi; w_lo], [2T, hidden] x [2V, hidden]^T -> [2T, 2V], then three fp32 adds. Against the
-brief's three products with K tripled ([x_hi | x_hi | x_lo] . [w_hi | w_lo | w_hi]) this reads
+issue's three products with K tripled ([x_hi | x_hi | x_lo] . [w_hi | w_lo | w_hi]) this reads
 2/3 of the weight bytes (oneDNN keeps an fp32-mode weight in fp32), which is what a decode step
 waits on, and the fourth product only costs rows. AMX flushes bf16 denormals; a weight whose
 lo part is below 1e-38 is far below anything a logit can show.
@@ -35,17 +41,23 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from kernels.linear import PACK_ROWS_HINT, _median_ms, apply_linear, prepare_linear
+from kernels.backend import cpu_flags, panel_linear
+from kernels.linear import (PACK_ROWS_HINT, PANEL, _flat, _median_ms, apply_linear, pack_panels,
+                            panel_gemm, prepare_linear)
 
 
 @dataclass(slots=True)
 class SplitHead:
-    """[w_hi; w_lo] of a [vocab, hidden] weight, as fp32 values in oneDNN's blocked layout."""
+    """[w_hi; w_lo] of a [vocab, hidden] weight: fp32 values in oneDNN's blocked layout (with
+    AMX), or bf16 panels for the panel GEMM (without)."""
 
-    packed: torch.Tensor         # [2 * vocab, hidden] (blocked), every value a bf16
-    shape: torch.Size            # [vocab, hidden]
+    shape: torch.Size                      # [vocab, hidden]
+    packed: torch.Tensor | None = None     # [2 * vocab, hidden] (blocked), every value a bf16
+    panels: torch.Tensor | None = None     # ... or [2 * vocab / PANEL, hidden, PANEL] in bf16
+    panel_data: np.ndarray | None = None   # the panels' memory as the numba kernel takes it
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,12 +70,18 @@ def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, (t - hi).bfloat16().float()
 
 
-def prepare_split_head(weight: torch.Tensor) -> SplitHead:
-    """Split the head's weight [vocab, hidden] once (at load and on every weights update)."""
+def prepare_split_head(weight: torch.Tensor, onednn: bool | None = None) -> SplitHead:
+    """Split the head's weight [vocab, hidden] once (at load and on every weights update).
+    onednn: the GEMM to use; None: oneDNN where the CPU has AMX (or no panels fit)."""
     hi, lo = split_bf16(weight.float())
-    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([hi, lo]).contiguous(),
-                                                     PACK_ROWS_HINT)
-    return SplitHead(packed, weight.shape)
+    parts = torch.cat([hi, lo])                                     # [2 * vocab, hidden]
+    if onednn is None:
+        onednn = "amx_bf16" in cpu_flags() or not panel_linear() or parts.shape[0] % PANEL != 0
+    if onednn:
+        packed = torch.ops.mkldnn._reorder_linear_weight(parts.contiguous(), PACK_ROWS_HINT)
+        return SplitHead(weight.shape, packed=packed)
+    panels = pack_panels(parts, torch.bfloat16)                     # exact: bf16 values
+    return SplitHead(weight.shape, panels=panels, panel_data=_flat(panels))
 
 
 @contextlib.contextmanager
@@ -81,9 +99,12 @@ def split_head_logits(hidden: torch.Tensor, head: SplitHead) -> torch.Tensor:
     """hidden [T, hidden] (any float dtype) -> logits [T, vocab] in fp32."""
     x_hi, x_lo = split_bf16(hidden.float())
     rows, vocab = x_hi.shape[0], head.shape[0]
-    with _bf16_products():
-        out = torch.ops.mkldnn._linear_pointwise(torch.cat([x_hi, x_lo]), head.packed, None,
-                                                 "none", [], "")              # [2T, 2V]
+    x = torch.cat([x_hi, x_lo])                                         # [2T, hidden]
+    if head.panels is not None:
+        out = panel_gemm(x, head.panels, None, head.panel_data)         # [2T, 2V]
+    else:
+        with _bf16_products():
+            out = torch.ops.mkldnn._linear_pointwise(x, head.packed, None, "none", [], "")
     # the small products first, then the large one: fp32 adds, never rounded to bf16
     return out[:rows, :vocab] + ((out[:rows, vocab:] + out[rows:, :vocab]) + out[rows:, vocab:])
 

@@ -20,13 +20,17 @@ def test_split_parts_are_bf16_and_leave_2_pow_minus_16() -> None:
     assert ((t.double() - hi.double() - lo.double()).abs() <= 2.0 ** -16 * t.double().abs()).all()
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "panels"])
 @pytest.mark.parametrize("rows", [1, 5, 32])
-def test_split_head_is_fp32_accurate_and_bf16_is_not(rows: int) -> None:
+def test_split_head_is_fp32_accurate_and_bf16_is_not(rows: int, onednn: bool) -> None:
+    """Both GEMMs: oneDNN in its bf16 math mode (AMX's; fp32 FMA elsewhere) and our panels."""
     g = torch.Generator().manual_seed(rows)
-    weight = torch.randn(2000, 576, generator=g) * 0.05          # vocab 2000 x hidden 576
+    weight = torch.randn(2400, 576, generator=g) * 0.05          # vocab 2400 x hidden 576
     x = torch.randn(rows, 576, generator=g) * 3
-    split = split_head_logits(x, prepare_split_head(weight))
-    assert split.dtype == torch.float32 and split.shape == (rows, 2000)
+    head = prepare_split_head(weight, onednn)
+    assert (head.packed is not None) == onednn and (head.panels is not None) != onednn
+    split = split_head_logits(x, head)
+    assert split.dtype == torch.float32 and split.shape == (rows, 2400)
     assert worst_relative_error(split, x, weight) <= SPLIT_HEAD_BOUND
     fp32 = apply_linear(x, prepare_linear(weight.clone()))
     assert worst_relative_error(fp32, x, weight) <= SPLIT_HEAD_BOUND
@@ -42,6 +46,6 @@ def test_split_head_takes_a_bf16_input_and_leaves_fp32_settings_alone() -> None:
     weight = torch.randn(96, 64)
     x = torch.randn(3, 64).bfloat16()
     before = torch.backends.mkldnn.matmul.fp32_precision
-    logits = split_head_logits(x, prepare_split_head(weight))
+    logits = split_head_logits(x, prepare_split_head(weight, onednn=True))
     assert torch.backends.mkldnn.matmul.fp32_precision == before
     assert worst_relative_error(logits, x.float(), weight) <= SPLIT_HEAD_BOUND
