@@ -215,7 +215,7 @@ def bench_linear(repeats: int) -> None:
                 bf16=t16, onednn_over_panels=tdnn / tpan, dispatch=choice)
 
 
-def bench_head(repeats: int, rounds: int = 3) -> None:
+def bench_head(repeats: int, rounds: int = 5) -> None:
     """The lm_head both ways it is fp32-accurate: fp32 (the panel GEMM, the engine's fp32 head)
     and split-bf16 (kernels/split_head.py) as the engine runs it on this CPU (oneDNN with AMX,
     else bf16 panels), and through oneDNN whatever the CPU (what AMX CPUs run); then two

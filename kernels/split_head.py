@@ -111,8 +111,8 @@ def split_head_logits(hidden: torch.Tensor, head: SplitHead) -> torch.Tensor:
 
 def split_is_faster(weight: torch.Tensor, rows: int, repeats: int = 5) -> tuple[bool, float, float]:
     """Time the fp32 head and the split head on this CPU for `rows` rows: (split wins, fp32 ms,
-    split ms). The split head's weight is kept in fp32 (twice the fp32 head's bytes), so
-    whether the matrix units make up for it is measured, not assumed."""
+    split ms). Through oneDNN (as with AMX) the split weight is kept in fp32, twice the fp32
+    head's bytes, so whether the matrix units make up for it is measured, not assumed."""
     fp32, split = prepare_linear(weight.float().contiguous()), prepare_split_head(weight)
     x = torch.randn(rows, weight.shape[1])
     t32 = _median_ms(lambda: apply_linear(x, fp32), repeats)
