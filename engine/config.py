@@ -10,8 +10,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str = DEFAULT_MODEL
-    # The body's dtype; the lm_head always runs in fp32. "auto" (the server's default): bf16
-    # where the CPU computes bf16 natively (AMX or AVX512-BF16), fp32 elsewhere and in
+    # The body's dtype; the lm_head's logits stay fp32-accurate. "auto" (the server's default):
+    # bf16 where the CPU computes bf16 natively (AMX or AVX512-BF16), fp32 elsewhere and in
     # deterministic mode (engine/model_runner.py: choose_dtype). The library's default stays fp32:
     # the same numbers on every CPU unless asked.
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
