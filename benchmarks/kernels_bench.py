@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/kernels_bench.py                 # CPU, every section
     .venv/bin/python benchmarks/kernels_bench.py --only mask attention --threads 1
+    .venv/bin/python benchmarks/kernels_bench.py --only head --threads 2    # fp32 vs split-bf16
     python benchmarks/kernels_bench.py --device cuda             # Triton kernels on a GPU
 
 Each figure is the median of several runs, in milliseconds. Shapes are the default model's
@@ -21,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import AttentionMetadata, slots_for  # noqa: E402
 from kernels.linear import _median_ms  # noqa: E402
-from kernels import attention, kv_store, linear, logit_mask, rmsnorm, rotary  # noqa: E402
+from kernels import attention, kv_store, linear, logit_mask, rmsnorm, rotary, split_head  # noqa: E402
+from kernels.backend import cpu_flags  # noqa: E402
+from benchmarks.cpu import cpu_line  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, BLOCK = 9, 3, 64, 576, 49152, 16
 
@@ -212,10 +215,56 @@ def bench_linear(repeats: int) -> None:
                 bf16=t16, onednn_over_panels=tdnn / tpan, dispatch=choice)
 
 
+def bench_head(repeats: int, rounds: int = 5) -> None:
+    """The lm_head both ways it is fp32-accurate: fp32 (the panel GEMM, the engine's fp32 head)
+    and split-bf16 (kernels/split_head.py) as the engine runs it on this CPU (oneDNN with AMX,
+    else bf16 panels), and through oneDNN whatever the CPU (what AMX CPUs run); then two
+    references that are not the engine's: the split with K tripled in one oneDNN GEMM
+    ([x_hi|x_hi|x_lo] . [w_hi|w_lo|w_hi], three products, 3/2 the weight bytes), and a plain
+    bf16 head (bf16 output: not fp32-accurate). Rounds alternate the variants; each figure is
+    the median over rounds of a median of `repeats` calls."""
+    amx = "amx_bf16" in cpu_flags()
+    print(f"# lm_head {HIDDEN}->{VOCAB}, fp32-accurate logits (ms); {cpu_line()}")
+    if not amx:
+        print("#   no amx_bf16: the engine's split head runs on bf16 panels, and oneDNN runs its "
+              "bf16 products as fp32 FMA here (its bf16 math mode is AMX-only); the AMX figure "
+              "needs a CPU with AMX")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(VOCAB, HIDDEN, generator=g) * 0.05
+    fp32 = linear.prepare_linear(weight.clone())
+    split = split_head.prepare_split_head(weight)
+    split_onednn = split_head.prepare_split_head(weight, onednn=True)
+    hi, lo = split_head.split_bf16(weight)
+    tripled = torch.ops.mkldnn._reorder_linear_weight(torch.cat([hi, lo, hi], 1), linear.PACK_ROWS_HINT)
+    w16 = weight.bfloat16()
+
+    def k_tripled(x: torch.Tensor) -> torch.Tensor:
+        x_hi, x_lo = split_head.split_bf16(x)
+        with split_head._bf16_products():
+            return torch.ops.mkldnn._linear_pointwise(torch.cat([x_hi, x_hi, x_lo], 1), tripled,
+                                                      None, "none", [], "")
+    for rows in (1, 8, 32):
+        x = torch.randn(rows, HIDDEN, generator=g)
+        x16 = x.bfloat16()
+        variants = {"fp32": lambda: linear.apply_linear(x, fp32),
+                    "split_bf16": lambda: split_head.split_head_logits(x, split),
+                    "split_onednn": lambda: split_head.split_head_logits(x, split_onednn),
+                    "split_k_tripled": lambda: k_tripled(x),
+                    "bf16_not_accurate": lambda: F.linear(x16, w16)}
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                times[name].append(median_ms(fn, repeats, "cpu"))
+        cols: dict[str, float | str] = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        cols["split_over_fp32"] = float(cols["split_bf16"]) / float(cols["fp32"])
+        row(f"  rows={rows}", **cols)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--only", nargs="*", default=["mask", "attention", "store", "norm", "linear"])
+    parser.add_argument("--only", nargs="*",
+                        default=["mask", "attention", "store", "norm", "linear", "head"])
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
@@ -235,6 +284,8 @@ def main() -> None:
             bench_norm_rotary(args.device, args.repeats, dtypes)
         if "linear" in args.only and args.device == "cpu":
             bench_linear(args.repeats)
+        if "head" in args.only and args.device == "cpu":
+            bench_head(args.repeats)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def main() -> None:
     from benchmarks.cpu import cpu_line
     print(f"cpu: {cpu_line()}", flush=True)
     core = EngineCore(EngineConfig(dtype=args.dtype, deterministic=args.deterministic))
-    print(f"body dtype: {core.runner.dtype_name} ({core.runner.dtype_reason})", flush=True)
+    print(f"body dtype: {core.runner.dtype_name} ({core.runner.dtype_reason}); lm_head: "
+          f"{core.runner.head_precision} ({core.runner.head_reason})", flush=True)
     params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
     for i in range(args.seqs):
         core.add_request(GenerateRequest(f"s{i}", tuple(prompt_ids(core.tokenizer, 100, i)), params))

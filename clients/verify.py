@@ -444,6 +444,7 @@ async def verify(args: argparse.Namespace) -> Report:
             report.server = {"weights_version": info["model"]["weights_version"],
                              **{k: info["numerics"][k] for k in ("dtype", "lm_head_dtype",
                                                                  "deterministic")},
+                             "lm_head_precision": info["numerics"].get("lm_head_precision"),
                              "plumbline": info["versions"].get("plumbline")}
         # Ours takes the logprobs mode per request; others report their server-wide mode.
         modes: list[str | None] = ["processed", "raw"] if info is not None else [None]

@@ -10,11 +10,16 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str = DEFAULT_MODEL
-    # The body's dtype; the lm_head always runs in fp32. "auto" (the server's default): bf16
-    # where the CPU computes bf16 natively (AMX or AVX512-BF16), fp32 elsewhere and in
+    # The body's dtype; the lm_head's logits stay fp32-accurate. "auto" (the server's default):
+    # bf16 where the CPU computes bf16 natively (AMX or AVX512-BF16), fp32 elsewhere and in
     # deterministic mode (engine/model_runner.py: choose_dtype). The library's default stays fp32:
     # the same numbers on every CPU unless asked.
     dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    # How the lm_head computes its fp32-accurate logits: fp32 FMA, or the sum of bf16 products
+    # of hi + lo parts (kernels/split_head.py), for CPUs whose matrix units (AMX) compute bf16.
+    # "auto": split-bf16 where the CPU has AMX, the body is bf16 and the split head measured
+    # faster at load; fp32 elsewhere (engine/model_runner.py: choose_head_precision).
+    head_precision: Literal["auto", "fp32", "split-bf16"] = "auto"
     # Where the model runs. "auto" (the server's default): cuda when torch sees a GPU (and
     # deterministic mode is off: its batch-invariant kernels are CPU kernels), else cpu
     # (engine/device.py: choose_device). The library's default stays the CPU, as its dtype stays
@@ -52,6 +57,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         assert self.dtype in ("auto", "float32", "bfloat16"), f"unsupported dtype {self.dtype}"
         assert self.device in ("auto", "cpu", "cuda"), f"unsupported device {self.device}"
+        assert self.head_precision in ("auto", "fp32", "split-bf16"), (
+            f"unsupported head precision {self.head_precision}")
+        split = self.head_precision == "split-bf16"
+        assert not (split and (self.deterministic or self.device == "cuda")), (
+            "--head-precision split-bf16 is a CPU kernel outside deterministic mode (whose lm_head "
+            "is its batch-invariant fp32 kernel)")
         # Not a silent fallback to the CPU: whoever asked for cuda is told (engine/device.py).
         assert not (self.deterministic and self.device == "cuda"), (
             "deterministic mode is not supported on cuda: its batch-invariant kernels "

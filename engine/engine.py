@@ -192,6 +192,7 @@ class AsyncEngine:
                 "architecture": runner.hf_config.model_type,
                 "vocab_size": self.core.vocab_size,
                 "lm_head_dtype": str(runner.model.lm_head.dtype).removeprefix("torch."),
+                "lm_head_precision": runner.head_precision, "lm_head_reason": runner.head_reason,
                 "deterministic_kernels": (dict(invariant.KERNELS)
                                           if self.core.config.deterministic else None)}
 

@@ -2,7 +2,8 @@
 
 It reads transformers' llama weights (q/k/v and gate/up fused at load), runs over a flat batch
 of tokens from many sequences (paged KV cache: kernels.metadata, kernels.attention) and
-computes the final projection in fp32 whatever the body's dtype.
+computes the final projection fp32-accurate whatever the body's dtype: in fp32, or as the sum of
+bf16 products of split operands (kernels/split_head.py).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import (AttentionMetadata, apply_linear, invariant, paged_attention,
-                     prepare_linear, rms_norm, rotate_and_store)
+from kernels import (AttentionMetadata, LinearWeight, SplitHead, apply_linear, invariant,
+                     paged_attention, prepare_linear, prepare_split_head, rms_norm,
+                     rotate_and_store, split_head_logits)
 
 
 def rope_inv_freq(cfg: Any) -> tuple[torch.Tensor, float]:
@@ -44,7 +46,8 @@ class LlamaModel:
     """Weights as plain tensors; `forward` is a loop over layers. No nn.Module: nothing to train."""
 
     def __init__(self, cfg: Any, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 deterministic: bool = False, device: torch.device | str = "cpu") -> None:
+                 deterministic: bool = False, device: torch.device | str = "cpu",
+                 head_precision: str = "fp32") -> None:
         self.cfg = cfg
         self.dtype = dtype
         self.device = device = torch.device(device)
@@ -68,7 +71,14 @@ class LlamaModel:
         # for the CPU GEMMs (kernels/linear.py), and the state dict's CPU copy can be freed.
         self.embed = state["model.embed_tokens.weight"].to(device, dtype)  # [vocab, hidden]
         head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-        self.lm_head = prepare(head.to(device, torch.float32).contiguous())  # [vocab, hidden] fp32
+        # head_precision "split-bf16": the weight's bf16 hi and lo parts (engine/model_runner.py:
+        # choose_head_precision); the logits are fp32-accurate either way.
+        if head_precision == "split-bf16":
+            self.lm_head: LinearWeight | SplitHead = prepare_split_head(head.to(device))
+            self.head_linear: Any = split_head_logits
+        else:
+            self.lm_head = prepare(head.to(device, torch.float32).contiguous())  # [vocab, hidden] fp32
+            self.head_linear = self.linear
         self.norm = state["model.norm.weight"].to(device, dtype)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -121,7 +131,7 @@ class LlamaModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] -> logits [S, vocab] in fp32."""
-        return self.linear(hidden.float(), self.lm_head)
+        return self.head_linear(hidden.float(), self.lm_head)
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ from engine.types import EMPTY_RESULT, Batch, PromptLogprob, StepResult, TopLogp
 from grammars import fill_bitmasks
 from grammars.steering import Steering
 from kernels import AttentionMetadata, LinearWeight, slots_for, warm_up
-from kernels.backend import native_bf16
+from kernels.backend import cpu_flags, native_bf16
 from kernels.linear import NEVER, calibrate
+from kernels.split_head import split_is_faster
 
 log = structlog.get_logger("plumbline.engine")
 
@@ -44,6 +45,29 @@ def choose_dtype(config: EngineConfig, device: str = "cpu") -> tuple[str, str]:
     return "float32", "the CPU has no native bf16 (no AMX, no AVX512-BF16): fp32 is faster"
 
 
+def choose_head_precision(config: EngineConfig, device: str, dtype: str,
+                          head: torch.Tensor) -> tuple[str, str]:
+    """How the lm_head computes its logits (both ways fp32-accurate: kernels/split_head.py), and
+    why. Where it could go either way it times both on `head` [vocab, hidden], well under a
+    second: the split head keeps twice the fp32 head's bytes, so AMX alone does not settle it."""
+    if config.head_precision == "split-bf16" and device != "cpu":
+        raise ValueError("--head-precision split-bf16 is a CPU kernel; the model runs on " + device)
+    if config.head_precision != "auto":
+        return config.head_precision, "asked for"
+    if device != "cpu":
+        return "fp32", "the split head is a CPU kernel"
+    if config.deterministic:
+        return "fp32", "deterministic mode's lm_head is its batch-invariant fp32 kernel"
+    if dtype != "bfloat16":
+        return "fp32", "the body is fp32 (the split head is for CPUs that compute in bf16)"
+    if "amx_bf16" not in cpu_flags():
+        return "fp32", "the CPU has no AMX: oneDNN computes the split head's products in fp32"
+    rows = min(config.max_num_seqs, 32)
+    wins, fp32_ms, split_ms = split_is_faster(head, rows)
+    timing = f"{split_ms:.1f} ms against {fp32_ms:.1f} ms in fp32 for {rows} rows, measured at load"
+    return ("split-bf16", f"AMX: {timing}") if wins else ("fp32", f"AMX, but split-bf16 {timing}")
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path) -> None:
         self.config = config
@@ -60,8 +84,15 @@ class ModelRunner:
         self.dtype_name, self.dtype_reason = choose_dtype(config, self.device_name)
         self.dtype = _DTYPES[self.dtype_name]
         log.info("dtype_chosen", dtype=self.dtype_name, asked=config.dtype, reason=self.dtype_reason)
-        self.model = LlamaModel(self.hf_config, load_state_dict(model_dir), self.dtype,
-                                config.deterministic, self.device)
+        state = load_state_dict(model_dir)
+        head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+        self.head_precision, self.head_reason = choose_head_precision(
+            config, self.device_name, self.dtype_name, head)
+        log.info("head_precision_chosen", head_precision=self.head_precision,
+                 asked=config.head_precision, reason=self.head_reason)
+        self.model = LlamaModel(self.hf_config, state, self.dtype, config.deterministic,
+                                self.device, self.head_precision)
+        del state, head          # the model holds what it needs; the rest can be freed
         on_cpu = self.device.type == "cpu"
         if on_cpu and self.dtype == torch.bfloat16 and not config.deterministic:
             # Whether a bf16 matmul beats fp32 depends on the CPU (kernels/linear.py): measure
@@ -211,7 +242,7 @@ class ModelRunner:
     def build_model(self, state: dict[str, torch.Tensor]) -> LlamaModel:
         """A model of the same architecture from new weights; refuses mismatched shapes."""
         model = LlamaModel(self.hf_config, state, self.dtype, self.config.deterministic,
-                           self.device)
+                           self.device, self.head_precision)
         old, new = self.model, model
         pairs = [(old.embed, new.embed, "embed_tokens"), (old.lm_head, new.lm_head, "lm_head")]
         pairs += [(a[k], b[k], f"layers.{i}.{k}") for i, (a, b) in enumerate(zip(old.layers, new.layers))

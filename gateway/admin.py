@@ -69,8 +69,12 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
             "dtype": loaded.get("dtype", cfg.dtype),          # as chosen ("auto" resolved)
             "dtype_asked": cfg.dtype,
             "dtype_reason": loaded.get("dtype_reason"),
-            # the final projection runs in fp32 whatever the body's dtype
+            # the final projection's logits are fp32-accurate whatever the body's dtype: fp32, or
+            # split-bf16, sums of bf16 products (kernels/split_head.py)
             "lm_head_dtype": loaded.get("lm_head_dtype", "float32"),
+            "lm_head_precision": loaded.get("lm_head_precision", cfg.head_precision),
+            "lm_head_precision_asked": cfg.head_precision,
+            "lm_head_reason": loaded.get("lm_head_reason"),
             "deterministic": cfg.deterministic,
             # op -> the batch-invariant kernel it runs (kernels/invariant.py); None: mode off
             "deterministic_kernels": loaded.get("deterministic_kernels"),

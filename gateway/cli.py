@@ -114,8 +114,11 @@ def _guard_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 _ENGINE_HELP = {
-    "dtype": "the model body's dtype (lm_head always runs in fp32); auto: bf16 on a GPU and where "
-             "the CPU computes bf16 natively (AMX, AVX512-BF16), else fp32",
+    "dtype": "the model body's dtype (the lm_head's logits stay fp32-accurate); auto: bf16 on a "
+             "GPU and where the CPU computes bf16 natively (AMX, AVX512-BF16), else fp32",
+    "head_precision": "how the lm_head computes its fp32-accurate logits; auto: split-bf16 (sums "
+                      "of bf16 products) where the CPU has AMX, the body is bf16 and it measures "
+                      "faster at load, else fp32",
     "device": "where the model runs; auto: cuda when torch sees a GPU (cpu in deterministic mode)",
     "enable_cuda_graphs": "run every decode step eagerly on cuda (no CUDA graphs)",
     "max_num_seqs": "sequences running at once (also the gateway's slot count)",

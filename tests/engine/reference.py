@@ -39,3 +39,17 @@ def processed_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top
             masked = row.masked_fill(~keep, float("-inf"))
         out.append(torch.log_softmax(masked, -1))
     return torch.stack(out)
+
+
+# A split-bf16 head's analytic error (kernels/split_head.py) is at most ~2^-15 of sum_i |x_i w_i|
+# per logit; the bound leaves as much again for fp32 accumulation. A plain bf16 head can be off
+# by 2^-7 of that sum and in practice exceeds this bound by far.
+SPLIT_HEAD_BOUND = 2.0 ** -14
+
+
+def worst_relative_error(logits: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
+    """max over logits of |logits - x @ weight.T (fp64)| / sum_i |x_i w_i|; x [T, K], weight [V, K]."""
+    x64, w64 = x.double(), weight.double()
+    exact = x64 @ w64.T                                             # [T, V]
+    scale = x64.abs() @ w64.abs().T                                 # [T, V]
+    return ((logits.double() - exact).abs() / scale).max().item()

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from engine.loader import load_state_dict
+from kernels import LinearWeight, SplitHead
 from tests.conftest import make_tiny_llama
 from tests.engine.reference import hf_logits
 
@@ -44,16 +45,19 @@ def test_bf16_deterministic_mode_is_batch_invariant(wide):
         assert (o.token_ids, o.logprobs) == (a.token_ids, a.logprobs)
 
 
-def test_update_weights_offline(wide):
+@pytest.mark.parametrize("head_precision", ["fp32", "split-bf16"])
+def test_update_weights_offline(wide, head_precision):
     """New weights take effect at once, tokens report the new version, and the outputs are
-    those of a transformers forward of the new weights; mismatched shapes are refused and the
-    old weights keep serving."""
-    llm = LLM(str(wide), max_num_batched_tokens=64)
+    those of a transformers forward of the new weights (the lm_head prepared again, split or
+    not); mismatched shapes are refused and the old weights keep serving."""
+    llm = LLM(str(wide), max_num_batched_tokens=64, head_precision=head_precision)
     before = llm.generate(PROMPTS, RAW)
     state = load_state_dict(wide)
     g = torch.Generator().manual_seed(1)
     new = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
     assert llm.update_weights(new) == 1
+    split = head_precision == "split-bf16"
+    assert isinstance(llm.core.runner.model.lm_head, SplitHead if split else LinearWeight)
     after = llm.generate(PROMPTS, RAW)
     assert [o.token_ids for o in after] != [o.token_ids for o in before]
     assert all(set(o.outputs[0].weights_versions) == {1} for o in after)

@@ -70,6 +70,8 @@ def test_server_info_reports_the_settings_in_force(server, tiny_model_dir):
     n = body["numerics"]
     assert n["dtype"] == "float32" and n["lm_head_dtype"] == "float32"
     assert n["dtype_asked"] == "float32" and n["dtype_reason"] == "asked for"
+    assert n["lm_head_precision"] == "fp32" and n["lm_head_precision_asked"] == "auto"
+    assert "deterministic" in n["lm_head_reason"]
     assert n["deterministic"] is True
     kernels = n["deterministic_kernels"]
     assert set(kernels) == {"linear", "lm_head", "rms_norm", "silu_mul", "attention", "sampler"}
