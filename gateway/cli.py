@@ -127,8 +127,9 @@ _ENGINE_HELP = {
 
 
 # Where the server's default differs from the library's (EngineConfig): the server picks the
-# GPU when there is one and the fastest body for its device, an embedding program keeps the CPU
-# and fp32 unless it asks.
+# GPU when there is one, the fastest body for its device and pins its compute threads where
+# cores are left for the loop; an embedding program keeps the CPU, fp32 and its threads where
+# they are unless it asks.
 _SERVE_DEFAULTS = {"dtype": "auto", "device": "auto", "cpu_bind": "auto"}
 
 
