@@ -77,9 +77,9 @@ def choose_binding(cpu_bind: str, num_threads: int) -> CpuBinding:
     n = num_threads or torch.get_num_threads()
     if n >= len(allowed) or n > len(cores):
         return CpuBinding((), (), (
-            f"not pinned: {n} compute threads on {len(allowed)} allowed CPUs leave none for the "
+            f"not pinned: {n} compute thread(s) on {len(allowed)} allowed CPUs leave none for the "
             "event loop; set --num-threads below the core count (or --cpu-bind CPUS) to pin"))
     team = cores[len(cores) - n:]
     loop = [c for c in allowed if c not in team]
     return CpuBinding(tuple(team), tuple(loop),
-                      f"{n} compute threads on cores of their own, the event loop on the rest")
+                      f"{n} compute thread(s) on cores of their own, the event loop on the rest")
