@@ -7,7 +7,9 @@
   count) on the last physical cores (one logical CPU each, SMT siblings left out), the loop
   on every allowed CPU outside it. A team on every core stays unpinned: the loop, tokenizers
   and grammar compiles would share its cores, and a pinned member cannot move off a core they
-  take (a barrier then waits for it). So is a Ray replica's: other replicas share the node.
+  take (a barrier then waits for it): on 2 vCPUs a pinned team ran slower at 1 and 8
+  streams and even at 32 (docs/BENCHMARKS.md). So is a Ray replica's: other replicas share
+  the node.
 - a CPU list ("2-5", "0,2,4"): the team on exactly these, one thread each, in that order, and
   the loop on the allowed CPUs outside them (if any).
 
