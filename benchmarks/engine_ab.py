@@ -4,6 +4,12 @@ round in alternation, so that whatever else the machine does falls on both.
 
     python -m benchmarks.engine_ab [--concurrency 1 8 32] [--rounds 3] [--b deterministic=true]
     python -m benchmarks.engine_ab --b dtype=bfloat16          # the bf16 body against fp32
+    python -m benchmarks.engine_ab --a dtype=bfloat16 --b dtype=bfloat16 cpu_bind=0,1
+
+Each engine is built and driven on a thread of its own, as the server drives its compute thread:
+each thread that enters an OpenMP region has its own team of workers, so a setting that acts on
+the team (cpu_bind pins it) stays with its engine. The idle engine's team sleeps while the other
+runs (whole rounds in turn, not steps).
 
 Each round is N greedy requests of ~100 prompt tokens and --new-tokens new tokens (ignore_eos)
 through the offline `LLM` wrapper (the same engine core the server drives). Reports generated
@@ -13,6 +19,7 @@ line: a figure holds only for the CPU it came from.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import statistics
 import time
 
@@ -34,26 +41,33 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="EngineConfig fields of engine A (default: the default fp32 engine)")
     ap.add_argument("--b", nargs="+", default=["deterministic=true"], metavar="KEY=VALUE",
-                    help="EngineConfig fields of engine B (A is the default fp32 engine)")
+                    help="EngineConfig fields of engine B")
     args = ap.parse_args()
     print(f"cpu: {cpu_line()}", flush=True)
-    b_fields = dict(_field(item) for item in args.b)
     # No prefix cache in either: every round would otherwise reuse the last round's prompts.
     common = {"enable_prefix_caching": False, "max_num_batched_tokens": 512}
-    engines = {"A": LLM(**common), "B": LLM(**{**common, **b_fields})}
+    fields = {"A": dict(_field(item) for item in args.a), "B": dict(_field(item) for item in args.b)}
+    threads = {name: concurrent.futures.ThreadPoolExecutor(1) for name in fields}
+    engines = {name: threads[name].submit(LLM, **{**common, **fields[name]}).result()
+               for name in fields}
     tok = engines["A"].tokenizer
-    for llm in engines.values():                            # compile and warm both
-        tokens_per_s(llm, [prompt_ids(tok, 100, 0)], 4)
-    b_name = " ".join(args.b)
-    print(f"A: default (fp32)   B: {b_name}")
+
+    def rate(name: str, prompts: list[list[int]], new_tokens: int) -> float:
+        return threads[name].submit(tokens_per_s, engines[name], prompts, new_tokens).result()
+
+    for name in engines:                                    # compile and warm both
+        rate(name, [prompt_ids(tok, 100, 0)], 4)
+    print(f"A: {' '.join(args.a) or 'default (fp32)'}   B: {' '.join(args.b)}")
     print(f"{'streams':>7}  {'A tok/s':>9}  {'B tok/s':>9}  {'B / A':>6}")
     for n in args.concurrency:
         prompts = [prompt_ids(tok, 100, i) for i in range(n)]
         rates: dict[str, list[float]] = {name: [] for name in engines}
         for _ in range(args.rounds):
-            for name, llm in engines.items():
-                rates[name].append(tokens_per_s(llm, prompts, args.new_tokens))
+            for name in engines:
+                rates[name].append(rate(name, prompts, args.new_tokens))
         ratio = statistics.median(b / a for a, b in zip(rates["A"], rates["B"]))
         print(f"{n:>7}  {statistics.median(rates['A']):>9.1f}  "
               f"{statistics.median(rates['B']):>9.1f}  {ratio:>6.2f}", flush=True)

@@ -40,6 +40,11 @@ class EngineConfig:
     # whichever request or chunk computed it.
     enable_prefix_caching: bool = True
     num_threads: int = 0              # 0: leave torch's default
+    # Pin the compute thread's OpenMP team, one core per thread, and keep the event loop off
+    # those cores (engine/cpu_bind.py): "none" (the library's default: a library does not move
+    # its caller's threads unasked), "auto" (the server's: pin only when cores are left for
+    # the loop) or a CPU list such as "2-5".
+    cpu_bind: str = "none"
     seed: int = 0                     # seeds requests that carry no seed of their own
     # Bit-identical tokens and logprobs whatever else is in the batch, however the prompt was
     # chunked, cached or recomputed after preemption: batch-invariant kernels (kernels/invariant.py).
@@ -72,6 +77,9 @@ class EngineConfig:
         assert self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
         assert self.num_kv_blocks >= 0 and self.kv_cache_memory_mb >= 1
         assert self.grammar_compile_timeout > 0
+        assert self.cpu_bind in ("auto", "none") or all(
+            part.strip().replace("-", "", 1).isdigit() for part in self.cpu_bind.split(",")), (
+            f"cpu_bind must be auto, none or a CPU list such as 0-3,6: {self.cpu_bind!r}")
         assert self.grammar_close_reserve >= 0
         if not self.enable_chunked_prefill:
             # Without chunking a whole prompt must fit in one step's budget.

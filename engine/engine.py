@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -191,6 +192,10 @@ class AsyncEngine:
                 "cuda_graphs": None if runner.graphs is None else runner.graphs.sizes,
                 "architecture": runner.hf_config.model_type,
                 "vocab_size": self.core.vocab_size,
+                "num_threads": runner.num_threads,
+                "cpu_bind": list(runner.cpu_binding.team_cpus),
+                "cpu_bind_loop": list(runner.cpu_binding.loop_cpus),
+                "cpu_bind_reason": runner.cpu_binding.reason,
                 "lm_head_dtype": str(runner.model.lm_head.dtype).removeprefix("torch."),
                 "lm_head_precision": runner.head_precision, "lm_head_reason": runner.head_reason,
                 "deterministic_kernels": (dict(invariant.KERNELS)
@@ -249,6 +254,11 @@ class AsyncEngine:
         self._step_lock = asyncio.Lock()
         self._update_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
+        binding = self.core.runner.cpu_binding
+        if binding.team_cpus and binding.loop_cpus:
+            # The loop, and the threads it starts from now on (grammar compiles, tokenizers),
+            # off the compute team's cores (engine/cpu_bind.py).
+            os.sched_setaffinity(0, binding.loop_cpus)
         self._task = asyncio.create_task(self._loop(), name="plumbline-engine")
 
     async def shutdown(self) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import random
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoConfig
 
 from engine.config import EngineConfig
+from engine.cpu_bind import CpuBinding, choose_binding
 from engine.cuda_graphs import CudaGraphs
 from engine.device import Transfer, choose_device, cuda_bf16
 from engine.loader import load_state_dict
@@ -20,6 +22,7 @@ from engine.types import EMPTY_RESULT, Batch, PromptLogprob, StepResult, TopLogp
 from grammars import fill_bitmasks
 from grammars.steering import Steering
 from kernels import AttentionMetadata, LinearWeight, slots_for, warm_up
+from kernels.affinity import pin_team
 from kernels.backend import cpu_flags, native_bf16
 from kernels.linear import NEVER, calibrate
 from kernels.split_head import split_is_faster
@@ -81,6 +84,15 @@ class ModelRunner:
         self.transfer = Transfer(self.device)
         log.info("device_chosen", device=self.device_name, asked=config.device,
                  reason=self.device_reason)
+        # This runs on the compute thread: its OpenMP team is the one every step uses.
+        self.cpu_binding = (choose_binding(config.cpu_bind, config.num_threads)
+                            if self.device.type == "cpu" else CpuBinding((), (), "not on the CPU"))
+        if self.cpu_binding.team_cpus:
+            pin_team(list(self.cpu_binding.team_cpus))
+        self.num_threads = torch.get_num_threads()
+        log.info("cpu_bind", team_cpus=list(self.cpu_binding.team_cpus),
+                 loop_cpus=list(self.cpu_binding.loop_cpus), asked=config.cpu_bind,
+                 num_threads=self.num_threads, reason=self.cpu_binding.reason)
         self.dtype_name, self.dtype_reason = choose_dtype(config, self.device_name)
         self.dtype = _DTYPES[self.dtype_name]
         log.info("dtype_chosen", dtype=self.dtype_name, asked=config.dtype, reason=self.dtype_reason)
@@ -127,13 +139,20 @@ class ModelRunner:
         # one that knows the tokenizer.
         self.steering = Steering(self.vocab_size, fast_forward=config.grammar_fast_forward,
                                  close_reserve=config.grammar_close_reserve)
-        self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="plumbline-mask")
+        # Masks are filled while the forward runs: off the team's cores when it is pinned (a
+        # thread the compute thread creates would otherwise inherit its one core).
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="plumbline-mask", initializer=self._leave_team_cores)
         # The sampler's reductions over the vocabulary: batch-invariant ones in deterministic mode.
         self.reductions = INVARIANT if config.deterministic else TORCH
         # Decode steps replayed from CUDA graphs (engine/cuda_graphs.py); None: every step eager.
         self.graphs: CudaGraphs | None = None
         if self.device.type == "cuda" and config.enable_cuda_graphs:
             self.graphs = CudaGraphs.capture(self)
+
+    def _leave_team_cores(self) -> None:
+        if self.cpu_binding.team_cpus and self.cpu_binding.loop_cpus:
+            os.sched_setaffinity(0, self.cpu_binding.loop_cpus)
 
     @property
     def max_position_embeddings(self) -> int:

@@ -83,7 +83,13 @@ def server_info_body(rt: Runtime) -> dict[str, Any]:
             "sampler_order": ["penalties", "grammar_mask", "temperature", "top_k", "top_p",
                               "min_p", "log_softmax"],
             "seed": cfg.seed,
-            "num_threads": torch.get_num_threads(),
+            # the compute thread's (the gateway's own thread may count differently)
+            "num_threads": loaded.get("num_threads", torch.get_num_threads()),
+            # CPUs the compute thread's OpenMP team is pinned to ([]: not pinned) and why
+            "cpu_bind": loaded.get("cpu_bind"),
+            "cpu_bind_asked": cfg.cpu_bind,
+            "cpu_bind_loop": loaded.get("cpu_bind_loop"),
+            "cpu_bind_reason": loaded.get("cpu_bind_reason"),
             "device": loaded.get("device"),                   # as chosen ("auto" resolved)
             "device_asked": cfg.device,
             "device_reason": loaded.get("device_reason"),

@@ -125,14 +125,18 @@ _ENGINE_HELP = {
     "max_model_len": "0: the model's own context length",
     "kv_cache_memory_mb": "KV cache size when --num-kv-blocks is 0",
     "num_threads": "torch threads; 0: torch's default",
+    "cpu_bind": "pin the compute thread's OpenMP team, one core per thread, and keep the event "
+                "loop off those cores: auto (only when cores are left for the loop), none, or "
+                "a CPU list such as 2-5",
     "enable_prefix_caching": "compute every prompt in full (no KV reuse across requests)",
 }
 
 
 # Where the server's default differs from the library's (EngineConfig): the server picks the
-# GPU when there is one and the fastest body for its device, an embedding program keeps the CPU
-# and fp32 unless it asks.
-_SERVE_DEFAULTS = {"dtype": "auto", "device": "auto"}
+# GPU when there is one, the fastest body for its device and pins its compute threads where
+# cores are left for the loop; an embedding program keeps the CPU, fp32 and its threads where
+# they are unless it asks.
+_SERVE_DEFAULTS = {"dtype": "auto", "device": "auto", "cpu_bind": "auto"}
 
 
 def _add_engine_options(group: Any) -> None:
@@ -152,8 +156,8 @@ def _add_engine_options(group: Any) -> None:
             group.add_argument(flag, dest=f.name, choices=typing.get_args(hints[f.name]),
                                default=_SERVE_DEFAULTS.get(f.name, f.default), help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
-                               help=help_text)
+            group.add_argument(flag, dest=f.name, type=type(f.default),
+                               default=_SERVE_DEFAULTS.get(f.name, f.default), help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:

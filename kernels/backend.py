@@ -76,6 +76,29 @@ def panel_linear() -> bool:
 
 
 _numba_set = threading.local()      # the thread count this thread last gave numba
+_numba_lock = threading.Lock()
+_numba_started = False
+
+
+def start_numba() -> None:
+    """Start numba's thread pool (once per process) without changing torch's thread count.
+
+    numba's OpenMP layer calls into torch's libgomp: torch loads its copy first and globally,
+    so numba's calls bind to it, although numba also maps the system libgomp (LD_DEBUG=bindings).
+    Starting the pool calls omp_set_num_threads(NUMBA_NUM_THREADS, the core count) on the thread
+    that starts it, which is torch's thread count on that thread too: `--num-threads 1` became
+    every core for all GEMMs of the compute thread (tests/engine/test_threads.py). So the pool is
+    started here, on purpose, and the thread's count put back. (numba.set_num_threads only sets
+    numba's own per-thread mask; it leaves OpenMP's count alone.)"""
+    global _numba_started
+    with _numba_lock:
+        if _numba_started:
+            return
+        import numba
+        torch_threads = torch.get_num_threads()
+        numba.get_num_threads()                  # starts the pool
+        torch.set_num_threads(torch_threads)
+        _numba_started = True
 
 
 def numba_threads() -> int:
@@ -86,6 +109,7 @@ def numba_threads() -> int:
     torch_threads = torch.get_num_threads()
     if getattr(_numba_set, "torch_threads", None) != torch_threads:
         import numba
+        start_numba()
         _numba_set.threads = min(torch_threads, numba.config.NUMBA_NUM_THREADS)
         numba.set_num_threads(_numba_set.threads)
         _numba_set.torch_threads = torch_threads

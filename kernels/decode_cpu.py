@@ -9,8 +9,9 @@ SDPA on the same keys and against the gather it replaced are in docs/BENCHMARKS.
 the batch, so its output is bitwise batch-invariant. numba has no
 bfloat16: a bf16 cache goes in as its int16 bits and each value is widened exactly in the kernel
 (kernels.simd.as_f32). Other dtypes (which the engine never uses) take the torch reference
-(kernels.attention). numba's threads come from its own OpenMP runtime (the system libgomp, not
-torch's copy), called from the engine's one compute thread between torch's linear layers.
+(kernels.attention). numba's threads are torch's: its OpenMP layer binds to the libgomp torch
+loaded first (kernels.backend.start_numba), so a kernel called from the engine's one compute
+thread, between torch's linear layers, runs on the same team of workers as they do.
 fastmath is limited to reassociation and contraction (what vectorizes the
 dot products and sums), so NaN and inf still propagate.
 """
