@@ -55,12 +55,10 @@ def replica_threads(config: GatewayConfig, replica_cpus: float) -> int:
     """The threads one engine replica may run: `--num-threads`, else its CPUs (at least one).
 
     Goes into each replica's environment as NUMBA_NUM_THREADS (and OMP_NUM_THREADS), read
-    before numba starts its OpenMP pool. Without it numba starts one thread per core of the
-    node, and starting the pool resets the calling thread's OpenMP count, which the numba
-    process shares with torch (the same libgomp.so.1 soname): the engine's compute thread then
-    runs every panel GEMM on all cores, whatever `--num-threads` said. One replica hardly shows
-    it; two on 2 cores ran 4 threads that spin at OpenMP barriers for each other's cores
-    (router_overhead: 37 tokens/s against one process's 181; docs/BENCHMARKS.md)."""
+    before numba starts its OpenMP pool, so the pool of each replica is its own size rather
+    than one thread per core of the node. (Starting the pool used to reset the compute thread's
+    OpenMP count to the node's cores, which made two replicas on 2 cores run 4 spinning
+    threads; kernels.backend.start_numba now puts the count back in any process.)"""
     return config.engine.num_threads or max(1, int(replica_cpus))
 
 
