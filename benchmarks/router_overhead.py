@@ -32,6 +32,8 @@ from typing import Any
 
 import httpx
 
+from benchmarks.cpu import cpu_line
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {               # name -> extra `plumbline serve` options
     "one process": [],
@@ -88,13 +90,10 @@ def pct(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100)[int(q) - 1] * 1000
 
 
-def serve(extra: list[str], engine_args: list[str], port: int, threads: int) -> subprocess.Popen[bytes]:
-    # numba's pool would start a thread per core and reset torch's count with it, whatever
-    # --num-threads says (cluster.app.replica_threads does this for each replica).
+def serve(extra: list[str], engine_args: list[str], port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning", *engine_args, *extra],
-                            cwd=ROOT, env={**os.environ, "NUMBA_NUM_THREADS": str(threads),
-                                           "PYTHONPATH": str(ROOT)},
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -119,10 +118,11 @@ def main() -> None:
     args = p.parse_args()
     engine_args = ["--model", args.model, "--num-threads", str(args.num_threads),
                    "--dtype", "float32"]
+    print(f"cpu: {cpu_line()}", flush=True)
     figures: dict[str, dict[str, list[float]]] = {name: {} for name in CONFIGS}
     for _ in range(args.rounds):
         for name, extra in CONFIGS.items():
-            proc = serve(extra, engine_args, args.port, args.num_threads)
+            proc = serve(extra, engine_args, args.port)
             url = f"http://127.0.0.1:{args.port}"
             try:
                 wait_ready(url)

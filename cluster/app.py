@@ -101,6 +101,11 @@ def serve_cluster(config: GatewayConfig, num_replicas: int, ray_address: str | N
     import ray
     from ray import serve
 
+    # Ray runs its workers, the engine replicas among them, at nice 15 below its own processes
+    # (GCS, raylet, dashboard) and this one (the ingress): on a machine the replicas keep busy
+    # they then lose the CPU to all of those. A Ray started here runs them at the same priority;
+    # a cluster started with `ray start` keeps its own setting (docs/SCALING.md).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address=ray_address or None, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}})
     url = f"http://{config.host}:{config.port}"

@@ -37,6 +37,19 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -73,6 +86,10 @@ def test_serve_with_replicas_answers_then_sigterm_takes_ray_down(tiny_model_dir:
         assert r.json()["usage"]["completion_tokens"] == 3
         ray_processes = descendants(proc.pid)
         assert ray_processes                 # the local Ray this process started
+        # the engine replica runs at the priority of Ray's own processes, not at nice 15
+        (replica,) = [p for p in ray_processes if title(p).startswith("ray::ServeReplica")
+                      and ":engine" in title(p)]
+        assert niceness(replica) == 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(180) == 0
         deadline = time.monotonic() + 60
