@@ -141,18 +141,18 @@ class ModelRunner:
                                  close_reserve=config.grammar_close_reserve)
         # Masks are filled while the forward runs: off the team's cores when it is pinned (a
         # thread the compute thread creates would otherwise inherit its one core).
+        # The initializer must not hold `self`: a live worker thread keeps its arguments, and
+        # through them every runner ever built (a GB-sized leak per engine in one process).
+        leave = (self.cpu_binding.loop_cpus if self.cpu_binding.team_cpus
+                 and self.cpu_binding.loop_cpus else None)
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="plumbline-mask", initializer=self._leave_team_cores)
+            1, thread_name_prefix="plumbline-mask", initializer=_run_on, initargs=(leave,))
         # The sampler's reductions over the vocabulary: batch-invariant ones in deterministic mode.
         self.reductions = INVARIANT if config.deterministic else TORCH
         # Decode steps replayed from CUDA graphs (engine/cuda_graphs.py); None: every step eager.
         self.graphs: CudaGraphs | None = None
         if self.device.type == "cuda" and config.enable_cuda_graphs:
             self.graphs = CudaGraphs.capture(self)
-
-    def _leave_team_cores(self) -> None:
-        if self.cpu_binding.team_cpus and self.cpu_binding.loop_cpus:
-            os.sched_setaffinity(0, self.cpu_binding.loop_cpus)
 
     @property
     def max_position_embeddings(self) -> int:
@@ -330,3 +330,9 @@ class ModelRunner:
     def next_seed(self) -> int:
         """A seed for a request that brought none (reproducible from the engine's seed)."""
         return self._seed_rng.getrandbits(63)
+
+
+def _run_on(cpus: tuple[int, ...] | None) -> None:
+    """Pool initializer: move the calling thread to `cpus` (None: leave it where it is)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)

@@ -110,3 +110,22 @@ def test_auto_leaves_a_team_on_every_core_unpinned(tiny_model_dir):
     report = run_engine(tiny_model_dir, num_threads=len(allowed), cpu_bind="auto")
     assert report["affinity"][report["compute_tid"]] == allowed
     assert report["affinity"][report["loop_tid"]] == allowed
+
+
+def test_an_engine_dropped_is_freed_with_its_threads(tiny_model_dir):
+    # The mask pool's worker thread lives as long as its pool; had it held the runner (a bound
+    # method as its initializer), every engine built in a process would stay in memory.
+    import gc
+    import weakref
+
+    from engine import LLM, SamplingParams
+    from grammars import GrammarSpec
+
+    llm = LLM(str(tiny_model_dir), cpu_bind="none")
+    out = llm.generate(["Answer:"], SamplingParams(max_tokens=4, grammar=GrammarSpec(
+        "regex", "(yes|no)")))          # a grammar: the mask pool's thread starts
+    assert out[0].outputs[0].text in ("yes", "no")
+    runner = weakref.ref(llm.core.runner)
+    del llm
+    gc.collect()
+    assert runner() is None
