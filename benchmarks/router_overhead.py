@@ -34,11 +34,11 @@ import httpx
 from benchmarks.cpu import cpu_line
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {               # name -> extra `plumbline serve` options
-    "one process": [],
-    "ray, 1 replica": ["--replicas", "1"],
-    "ray proxy, 1 replica": ["--replicas", "1", "--ray-http-proxy"],
-    "ray, 2 replicas": ["--replicas", "2"],
+CONFIGS = {               # name -> (extra `plumbline serve` options, measure latency)
+    "one process": ([], True),
+    "ray, 1 replica": (["--replicas", "1"], True),
+    "ray proxy, 1 replica": (["--replicas", "1", "--ray-http-proxy"], True),
+    "ray, 2 replicas": (["--replicas", "2"], False),
 }
 
 
@@ -120,13 +120,13 @@ def main() -> None:
     print(f"cpu: {cpu_line()}", flush=True)
     figures: dict[str, dict[str, list[float]]] = {name: {} for name in CONFIGS}
     for _ in range(args.rounds):
-        for name, extra in CONFIGS.items():
+        for name, (extra, with_latency) in CONFIGS.items():
             proc = serve(extra, engine_args, args.port)
             url = f"http://127.0.0.1:{args.port}"
             try:
                 wait_ready(url)
                 got = figures[name]
-                if "2 replicas" not in name:
+                if with_latency:
                     chat, health = latencies(url, args.model, args.requests)
                     for key, value in (("p50", pct(chat, 50)), ("p99", pct(chat, 99)),
                                        ("health", pct(health, 50))):

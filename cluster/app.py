@@ -82,9 +82,8 @@ def driver_ingress(config: GatewayConfig) -> Any:
     """The ASGI app that serves HTTP in this process: the ingress, calling the engine replicas
     of the deployed application through a DeploymentHandle (so our router runs here).
 
-    One Ray hop per request instead of two (proxy -> ingress replica -> engine replica): on 2
-    cores `GET /health` took 4.7 ms this way against 14.7 ms through Ray's proxy, and the
-    proxy's hop was about half of the latency Ray added to a request (docs/BENCHMARKS.md)."""
+    One Ray hop per request instead of two (proxy -> ingress replica -> engine replica);
+    `benchmarks/router_overhead.py` measures both (docs/BENCHMARKS.md)."""
     from ray import serve
 
     from cluster.ingress import Ingress

@@ -28,7 +28,9 @@ import torch
 @dataclass(frozen=True, slots=True)
 class CpuBinding:
     team_cpus: tuple[int, ...]       # member i pinned to team_cpus[i]; () = nothing pinned
-    loop_cpus: tuple[int, ...]       # where the event loop goes; () = left where it is
+    # where the event loop (and threads off the team) go; () = left where they are. Never set
+    # without a team: an unpinned team's cores are every core.
+    loop_cpus: tuple[int, ...]
     reason: str
 
 

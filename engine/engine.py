@@ -255,7 +255,7 @@ class AsyncEngine:
         self._update_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         binding = self.core.runner.cpu_binding
-        if binding.team_cpus and binding.loop_cpus:
+        if binding.loop_cpus:
             # The loop, and the threads it starts from now on (grammar compiles, tokenizers),
             # off the compute team's cores (engine/cpu_bind.py).
             os.sched_setaffinity(0, binding.loop_cpus)

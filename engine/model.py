@@ -70,7 +70,7 @@ class LlamaModel:
         # Every weight goes to the device before prepare_linear: a CUDA weight is not packed
         # for the CPU GEMMs (kernels/linear.py), and the state dict's CPU copy can be freed.
         self.embed = state["model.embed_tokens.weight"].to(device, dtype)  # [vocab, hidden]
-        head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+        head = head_weight(state)
         # head_precision "split-bf16": the weight's bf16 hi and lo parts (engine/model_runner.py:
         # choose_head_precision); the logits are fp32-accurate either way.
         if head_precision == "split-bf16":
@@ -132,6 +132,11 @@ class LlamaModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] -> logits [S, vocab] in fp32."""
         return self.head_linear(hidden.float(), self.lm_head)
+
+
+def head_weight(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The lm_head's weight [vocab, hidden]: its own, or the tied embedding's."""
+    return state.get("lm_head.weight", state["model.embed_tokens.weight"])
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

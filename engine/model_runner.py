@@ -15,7 +15,7 @@ from engine.cpu_bind import CpuBinding, choose_binding
 from engine.cuda_graphs import CudaGraphs
 from engine.device import Transfer, choose_device, cuda_bf16
 from engine.loader import load_state_dict
-from engine.model import LlamaModel
+from engine.model import LlamaModel, head_weight
 from engine.sampler import INVARIANT, TORCH, SamplingBatch, sample
 from engine.sequence import Sequence
 from engine.types import EMPTY_RESULT, Batch, PromptLogprob, StepResult, TopLogprob
@@ -97,14 +97,13 @@ class ModelRunner:
         self.dtype = _DTYPES[self.dtype_name]
         log.info("dtype_chosen", dtype=self.dtype_name, asked=config.dtype, reason=self.dtype_reason)
         state = load_state_dict(model_dir)
-        head = state.get("lm_head.weight", state["model.embed_tokens.weight"])
         self.head_precision, self.head_reason = choose_head_precision(
-            config, self.device_name, self.dtype_name, head)
+            config, self.device_name, self.dtype_name, head_weight(state))
         log.info("head_precision_chosen", head_precision=self.head_precision,
                  asked=config.head_precision, reason=self.head_reason)
         self.model = LlamaModel(self.hf_config, state, self.dtype, config.deterministic,
                                 self.device, self.head_precision)
-        del state, head          # the model holds what it needs; the rest can be freed
+        del state                # the model holds what it needs; the rest can be freed
         on_cpu = self.device.type == "cpu"
         if on_cpu and self.dtype == torch.bfloat16 and not config.deterministic:
             # Whether a bf16 matmul beats fp32 depends on the CPU (kernels/linear.py): measure
@@ -143,10 +142,9 @@ class ModelRunner:
         # thread the compute thread creates would otherwise inherit its one core).
         # The initializer must not hold `self`: a live worker thread keeps its arguments, and
         # through them every runner ever built (a GB-sized leak per engine in one process).
-        leave = (self.cpu_binding.loop_cpus if self.cpu_binding.team_cpus
-                 and self.cpu_binding.loop_cpus else None)
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="plumbline-mask", initializer=_run_on, initargs=(leave,))
+            1, thread_name_prefix="plumbline-mask", initializer=_run_on,
+            initargs=(self.cpu_binding.loop_cpus,))
         # The sampler's reductions over the vocabulary: batch-invariant ones in deterministic mode.
         self.reductions = INVARIANT if config.deterministic else TORCH
         # Decode steps replayed from CUDA graphs (engine/cuda_graphs.py); None: every step eager.
@@ -332,7 +330,7 @@ class ModelRunner:
         return self._seed_rng.getrandbits(63)
 
 
-def _run_on(cpus: tuple[int, ...] | None) -> None:
-    """Pool initializer: move the calling thread to `cpus` (None: leave it where it is)."""
+def _run_on(cpus: tuple[int, ...]) -> None:
+    """Pool initializer: move the calling thread to `cpus` (empty: leave it where it is)."""
     if cpus:
         os.sched_setaffinity(0, cpus)

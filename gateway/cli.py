@@ -57,7 +57,7 @@ def _add_serve(sub: Any) -> None:
                    help="join this Ray cluster (default: a running local one, else start one)")
     r.add_argument("--ray-http-proxy", action="store_true",
                    help="serve HTTP through Ray Serve's proxy on every node (an ingress "
-                        "deployment) instead of in this process (one hop less)")
+                        "deployment), one hop more than the default: HTTP in this process")
     _add_guard_options(s.add_argument_group(
         "guard (a floor that requests may tighten in plumbline.guard)"))
     _add_engine_options(s.add_argument_group("engine (EngineConfig fields)"))

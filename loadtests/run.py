@@ -163,11 +163,13 @@ def scrape_replicas(url: str) -> dict[str, dict[str, float]]:
     return values
 
 
-def settle(url: str, timeout: float) -> tuple[dict[str, float], list[str]]:
-    """Poll /metrics until nothing runs, waits or holds a KV block; the problems left, if any."""
+def settle(url: str, timeout: float) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Poll /metrics until nothing runs, waits or holds a KV block: the last scrape (as
+    `scrape_replicas`) and the problems left, if any."""
     deadline = time.monotonic() + timeout
     while True:
-        m = scrape(url)
+        by_replica = scrape_replicas(url)
+        m = by_replica[""]
         problems = []
         if m.get(M + "num_requests_running", 0.0) != 0:
             problems.append(f"running={m[M + 'num_requests_running']:.0f}")
@@ -176,7 +178,7 @@ def settle(url: str, timeout: float) -> tuple[dict[str, float], list[str]]:
         if m.get(M + "kv_cache_usage_perc", 0.0) != 0:
             problems.append(f"kv_cache_usage={m[M + 'kv_cache_usage_perc']:.4f} (blocks leaked)")
         if not problems or time.monotonic() > deadline:
-            return m, problems
+            return by_replica, problems
         time.sleep(0.5)
 
 
@@ -207,6 +209,20 @@ class Level:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def replica_rows(self) -> list[tuple[str, int, int, str, str]]:
+        """(replica, requests, failures, tokens/s, share of tokens) per replica, "-" where its
+        counter was gone at the end."""
+        total = sum(r.get("tokens", 0.0) for r in self.replicas.values())
+        rows = []
+        for replica, r in sorted(self.replicas.items()):
+            tps = share = "-"
+            if "tokens" in r and self.wall_s:
+                tps = f"{r['tokens'] / self.wall_s:.1f}"
+                share = f"{r['tokens'] / total:.0%}" if total else "-"
+            rows.append((replica or "none", int(r.get("requests", 0)), int(r.get("failures", 0)),
+                         tps, share))
+        return rows
 
 
 PCTS = ("50%", "90%", "95%", "99%")
@@ -320,8 +336,8 @@ def run_level(url: str, users: int, args: argparse.Namespace, out: Path) -> Leve
     level.wall_s = time.monotonic() - start
     window.stop_event.set()
     window.join()
-    after, level.problems = settle(url, args.settle_timeout)
-    level.final_metrics = after
+    after_by_replica, level.problems = settle(url, args.settle_timeout)
+    after = level.final_metrics = after_by_replica[""]
     measured = window.measure(min_finished=2 * users)
     gen = M + "generation_tokens_total"
     if measured is not None:
@@ -331,7 +347,7 @@ def run_level(url: str, users: int, args: argparse.Namespace, out: Path) -> Leve
         level.throughput_window = "whole level (short run)"
         level.tokens = after.get(gen, 0.0) - before[""].get(gen, 0.0)
         replica_tokens = {r: v.get(gen, 0.0) - before.get(r, {}).get(gen, 0.0)
-                          for r, v in scrape_replicas(url).items() if r}
+                          for r, v in after_by_replica.items() if r}
     for replica, tokens in replica_tokens.items():
         level.replicas.setdefault(replica, {})["tokens"] = tokens
     if not stats_path.exists():
@@ -377,15 +393,8 @@ def write_summary(out: Path, levels: list[Level], args: argparse.Namespace, targ
                   "counter was gone at the end: it was killed or restarted).", "",
                   "| users | replica | requests | failures | tokens/s | share of tokens |",
                   "|---:|---|---:|---:|---:|---:|"]
-        for lv in levels:
-            total = sum(r.get("tokens", 0.0) for r in lv.replicas.values())
-            for replica, r in sorted(lv.replicas.items()):
-                tps = share = "-"
-                if "tokens" in r and lv.wall_s:
-                    tps = f"{r['tokens'] / lv.wall_s:.1f}"
-                    share = f"{r['tokens'] / total:.0%}" if total else "-"
-                lines.append(f"| {lv.users} | {replica or 'none'} | {r.get('requests', 0):.0f} "
-                             f"| {r.get('failures', 0):.0f} | {tps} | {share} |")
+        lines += [f"| {lv.users} | {' | '.join(map(str, row))} |"
+                  for lv in levels for row in lv.replica_rows()]
     failures = [f"- users={lv.users}: {line}" for lv in levels for line in lv.failure_lines]
     if failures:
         lines += ["", "## Failures", "", *failures]
@@ -479,10 +488,9 @@ def execute(args: argparse.Namespace) -> Report:
             print(f"users={users}: requests={level.requests} failures={level.failures} "
                   f"tokens/s={level.tokens_per_s:.1f} ttft_p50={_s(level.ttft.get('50%'))}s "
                   f"{'clean' if not level.problems else '; '.join(level.problems)}", flush=True)
-            for replica, r in sorted(level.replicas.items()):
-                tps = f"{r['tokens'] / level.wall_s:.1f}" if "tokens" in r and level.wall_s else "-"
-                print(f"  replica {replica or 'none'}: requests={r.get('requests', 0):.0f} "
-                      f"failures={r.get('failures', 0):.0f} tokens/s={tps}", flush=True)
+            for replica, requests, failures, tps, _ in level.replica_rows():
+                print(f"  replica {replica}: requests={requests} failures={failures} "
+                      f"tokens/s={tps}", flush=True)
     except (RuntimeError, OSError) as exc:
         report.problems.append(str(exc))
     finally:
