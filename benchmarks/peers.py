@@ -258,6 +258,7 @@ class Round:
     valid_json: int | None = None    # json rounds: outputs that parse and match LIST_SCHEMA
     errors: list[str] = field(default_factory=list)
     note: str = ""
+    runs: int = 1                    # > 1: the median of this many rounds (median_rounds)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -484,13 +485,14 @@ def bench_peer(peer: Peer, cache: Path, model: dict[str, Path], prompt: str,
     rounds: list[Round] = []
     try:
         wait_ready(proc, port, args.start_timeout)
-        for constrained in modes:
-            for n in args.concurrency:
-                r = asyncio.run(http_round(peer, port, prompt, n, constrained, args))
-                print(f"[{peer.name}] n={n} {'json' if constrained else 'plain'}: "
-                      f"{_num(r.tokens_per_s)} tok/s, TTFT p50 {_num(r.ttft_p50_s, 2)} s"
-                      f"{' errors: ' + '; '.join(r.errors[:2]) if r.errors else ''}", flush=True)
-                rounds.append(r)
+        for run in range(args.runs):        # runs outermost: each one a pass over every round
+            for constrained in modes:
+                for n in args.concurrency:
+                    r = asyncio.run(http_round(peer, port, prompt, n, constrained, args))
+                    print(f"[{peer.name}] run {run + 1} n={n} {'json' if constrained else 'plain'}: "
+                          f"{_num(r.tokens_per_s)} tok/s, TTFT p50 {_num(r.ttft_p50_s, 2)} s"
+                          f"{' errors: ' + '; '.join(r.errors[:2]) if r.errors else ''}", flush=True)
+                    rounds.append(r)
     except RuntimeError as exc:
         rounds.append(Round(peer.name, 0, False, errors=[f"{exc} (see {log})"]))
     finally:
@@ -505,6 +507,31 @@ def _num(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def median_rounds(rounds: list[Round]) -> list[Round]:
+    """One Round per (peer, streams, mode), in first-seen order: the median of its runs' tokens/s,
+    TTFT p50 and p95 and round time (each figure's own median), valid documents summed over the
+    runs, every run's errors."""
+    groups: dict[tuple[str, int, bool], list[Round]] = {}
+    for r in rounds:
+        groups.setdefault((r.peer, r.concurrency, r.constrained), []).append(r)
+
+    def med(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
+
+    out = []
+    for (peer, n, constrained), runs in groups.items():
+        valid = [r.valid_json for r in runs if r.valid_json is not None]
+        out.append(Round(
+            peer, n, constrained, med([r.tokens_per_s for r in runs]),
+            med([r.ttft_p50_s for r in runs]), med([r.ttft_p95_s for r in runs]),
+            sum(r.num_tokens for r in runs), med([r.wall_s for r in runs]),
+            sum(valid) if valid else None, [e for r in runs for e in r.errors],
+            runs[0].note if len(runs) == 1 else "; ".join(dict.fromkeys(r.note for r in runs if r.note)),
+            runs=len(runs)))
+    return out
+
+
 def table(rounds: list[Round]) -> str:
     ours = {(r.concurrency, r.constrained): r for r in rounds if r.peer == "plumbline"}
     lines = ["| peer | mode | streams | tokens/s | TTFT p50 s | TTFT p95 s | plumbline / peer "
@@ -517,7 +544,8 @@ def table(rounds: list[Round]) -> str:
         lines.append(f"| {r.peer} | {'json_schema' if r.constrained else 'plain'} | {r.concurrency} "
                      f"| {_num(r.tokens_per_s)} | {_num(r.ttft_p50_s, 2)} | {_num(r.ttft_p95_s, 2)} "
                      f"| {_num(ratio, 2)} | {_num(r.wall_s)} "
-                     f"| {'-' if r.valid_json is None else f'{r.valid_json}/{r.concurrency}'} | {notes} |")
+                     f"| {'-' if r.valid_json is None else f'{r.valid_json}/{r.concurrency * r.runs}'} "
+                     f"| {notes} |")
     return "\n".join(lines)
 
 
@@ -544,6 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="every request sends the same prompt (what runs before 2026-12-02 did; "
                         "servers with prefix caching then skip most prefill)")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=1,
+                   help="rounds per streams and mode, each peer started once; the table gives "
+                        "medians (peers.json every round)")
     p.add_argument("--no-constrained", dest="constrained", action="store_false",
                    help="skip the JSON-schema-constrained rounds")
     p.add_argument("--cache", type=Path, default=None, help="peer environments (default: "
@@ -567,11 +598,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in sorted(args.peers, key=lambda n: n != "plumbline"):
         rounds += bench_peer(PEERS[name], cache, model, prompt, args, args.out)
         (args.out / "peers.json").write_text(json.dumps([asdict(r) for r in rounds], indent=1))
+    from benchmarks.cpu import cpu_line
+
+    rounds = median_rounds(rounds)
     md = table(rounds)
     (args.out / "peers.md").write_text(
         f"# Peers\n\nprompt ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
-        f"streamed; {os.cpu_count()} CPUs\n\n{md}\n")
-    print(md)
+        f"streamed; {'medians of ' + str(args.runs) + ' runs; ' if args.runs > 1 else ''}"
+        f"cpu: {cpu_line()}\n\n{md}\n")
+    print(f"cpu: {cpu_line()}\n{md}")
     top = max(args.concurrency)
     ours = next((r for r in rounds if r.peer == "plumbline" and r.concurrency == top
                  and not r.constrained), None)

@@ -64,9 +64,11 @@ def main() -> None:
               flush=True)
 
 
-def op_times(core: EngineCore, steps: int) -> None:
+def op_times(core: EngineCore, steps: int, run: Any = None) -> None:
     """Time the model's calls by wrapping them (instance attributes and engine.model's names),
-    run `steps` steps, print ms per step, then put everything back."""
+    call `run` (default: one engine step) once to warm up and `steps` times timed, print ms per
+    call, then put everything back."""
+    run = run or core.step
     import engine.model as model_module
     import engine.model_runner as runner_module
     spent: dict[str, float] = collections.defaultdict(float)
@@ -95,12 +97,12 @@ def op_times(core: EngineCore, steps: int) -> None:
     model.compute_logits = timed("logits", model.compute_logits)    # shadows the method
     runner.prepare = timed("prepare", runner.prepare)
     try:
-        core.step()
+        run()
         spent.clear()
         start = time.perf_counter()
         for _ in range(steps):
-            core.step()
-        spent["whole step"] = time.perf_counter() - start
+            run()
+        spent["total"] = time.perf_counter() - start
     finally:
         for obj, name, fn in originals:
             setattr(obj, name, fn)
@@ -108,7 +110,7 @@ def op_times(core: EngineCore, steps: int) -> None:
                                                                          silu_mul)
         del model.compute_logits, runner.prepare
     for name, total in sorted(spent.items(), key=lambda kv: -kv[1]):
-        print(f"{name:<22} {total / steps * 1e3:7.2f} ms per step", flush=True)
+        print(f"{name:<22} {total / steps * 1e3:7.2f} ms", flush=True)
 
 
 if __name__ == "__main__":
