@@ -23,8 +23,11 @@ a blocked BLAS than one long chain would). Panels are split across numba's threa
 
 bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU (native bf16 dot products with
 AVX512-BF16 or AMX, or none with AVX2 only), so it is measured, not assumed: `MIN_BF16_ROWS`
-says from how many rows torch's bf16 matmul is used; the engine re-measures it with `calibrate`
-when it loads a bf16 body. Below that, the product runs in fp32 on the same values: through the
+says from how many rows the bf16 product is used; the engine re-measures it with `calibrate`
+when it loads a bf16 body. The bf16 product is oneDNN's on the weight prepacked in bf16 (where
+this CPU's oneDNN computes bf16: `bf16_prepack`): torch's F.linear on the plain bf16 weight
+took up to twice as long at decode sizes (1-32 rows), most likely reordering the weight at every
+call (kernels_bench --only linear). Below the threshold, the product runs in fp32 on the same values: through the
 panel GEMM on panels kept in bf16 (the microkernel widens each weight exactly as it loads it,
 so a decode step reads half the bytes of fp32 panels, and nothing is stored twice), or through
 oneDNN on an fp32 prepacked copy where the shape has no panels. The fp32 branch rounds its
@@ -32,6 +35,7 @@ output to bf16, so both branches agree to bf16 rounding (accumulation order asid
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -48,13 +52,14 @@ from kernels.simd import add8, fma8, load8, splat8, store8, zeros8
 PACK_ROWS_HINT = 32
 
 # (in_features, out_features) -> the smallest number of rows at which bf16 is used. The defaults
-# were measured with `calibrate` on a CPU with native bf16 (torch 2.13, SmolLM2-135M shapes):
-# fp32 won only the matrix-vector product. Shapes not listed use DEFAULT_MIN_BF16_ROWS.
+# were measured with `calibrate` on a CPU with AVX512-BF16 (Zen 4; torch 2.13, SmolLM2-135M
+# shapes): on the weight prepacked in bf16, bf16 won from one row on (on the plain weight,
+# fp32 had won the matrix-vector product). Shapes not listed use DEFAULT_MIN_BF16_ROWS.
 MIN_BF16_ROWS: dict[tuple[int, int], int] = {
-    (576, 960): 2,       # qkv
-    (576, 576): 2,       # o_proj
-    (576, 3072): 2,      # gate_up
-    (1536, 576): 2,      # down
+    (576, 960): 1,       # qkv
+    (576, 576): 1,       # o_proj
+    (576, 3072): 1,      # gate_up
+    (1536, 576): 1,      # down
 }
 DEFAULT_MIN_BF16_ROWS = 2
 
@@ -68,6 +73,7 @@ class LinearWeight:
     packed: torch.Tensor | None = None     # the weight's values in fp32, oneDNN's blocked layout
     panels: torch.Tensor | None = None     # ... or in fp32 panels [out / PANEL, in, PANEL]
     panel_data: np.ndarray | None = None   # the panels' memory, flat, as the numba kernel takes it
+    packed_bf16: torch.Tensor | None = None  # a bf16 layer's weight in oneDNN's layout, in bf16
 
     @property
     def shape(self) -> torch.Size:
@@ -82,17 +88,38 @@ def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Li
     """Wrap a weight for `apply_linear`, packing it for the fast CPU path where there is one:
     our panels where out_features is a multiple of PANEL, else oneDNN's prepacked layout.
 
-    A packed fp32 weight keeps no plain copy, which would hold as much memory again: what is
-    left of it is a meta tensor (its shape and dtype, no data). A bf16 weight is kept, as its
-    bf16 branch reads it."""
-    packed = panels = None
+    A bf16 weight is also prepacked in bf16 for its bf16 branch, where this CPU's oneDNN
+    computes bf16. A weight whose every branch reads a packed form keeps no plain copy, which
+    would hold as much memory again: what is left of it is a meta tensor (its shape and dtype,
+    no data)."""
+    packed = panels = packed_bf16 = None
     if not weight.is_cuda and panel_linear() and weight.shape[0] % PANEL == 0:
         panels = pack_panels(weight, weight.dtype if weight.dtype == torch.bfloat16 else None)
     elif not weight.is_cuda and prepack_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous(), PACK_ROWS_HINT)
-    if (packed is not None or panels is not None) and weight.dtype == torch.float32:
+    if weight.dtype == torch.bfloat16 and not weight.is_cuda and bf16_prepack():
+        packed_bf16 = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
+    fp32_packed = packed is not None or panels is not None
+    if fp32_packed and (weight.dtype == torch.float32 or packed_bf16 is not None):
         weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
-    return LinearWeight(weight, bias, packed, panels, None if panels is None else _flat(panels))
+    return LinearWeight(weight, bias, packed, panels, None if panels is None else _flat(panels),
+                        packed_bf16)
+
+
+@functools.cache
+def bf16_prepack() -> bool:
+    """Whether bf16 layers run through oneDNN on a weight prepacked in bf16: oneDNN prepacking is
+    on (kernels.backend.prepack_linear) and this CPU's oneDNN computes a bf16 product (torch
+    refuses one on CPUs without AVX512 or AVX-NE-CONVERT; then F.linear, on the plain weight)."""
+    if not prepack_linear():
+        return False
+    try:
+        w = torch.ones(PANEL, 16, dtype=torch.bfloat16)
+        out = _onednn(torch.ones(2, 16, dtype=torch.bfloat16),
+                      torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT), None)
+    except RuntimeError:
+        return False
+    return bool((out == 16).all())
 
 
 def _flat(panels: torch.Tensor) -> np.ndarray:
@@ -119,8 +146,15 @@ def apply_linear(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
         return _fp32_packed(x, layer, layer.bias)
     out_features, in_features = layer.shape
     if use_bf16(x.numel() // in_features, in_features, out_features):
-        return F.linear(x, layer.weight, layer.bias)
+        return linear_bf16(x, layer)
     return linear_fp32(x, layer).to(x.dtype)
+
+
+def linear_bf16(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
+    """The bf16 branch of a bf16 layer: x [T, in] bf16 -> bf16 [T, out], fp32 sums."""
+    if layer.packed_bf16 is not None and not x.is_cuda:
+        return _onednn(x, layer.packed_bf16, layer.bias)
+    return F.linear(x, layer.weight, layer.bias)
 
 
 def _fp32_packed(x: torch.Tensor, layer: LinearWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -240,8 +274,21 @@ def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 NEVER = 1 << 62     # a threshold no row count reaches: this shape always runs in fp32
 
 
+def _median_ms_pair(fa, fb, repeats: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Median ms of fa and of fb, timed in alternation: a burst of load or a clock change on a
+    busy or virtual CPU then hits both, not whichever was being timed."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((fa, ta), (fb, tb)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return sorted(ta)[repeats // 2] * 1e3, sorted(tb)[repeats // 2] * 1e3
+
+
 def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 32, 128, 512),
-              repeats: int = 5) -> dict[tuple[int, int], int]:
+              repeats: int = 15) -> dict[tuple[int, int], int]:
     """Measure the fp32/bf16 crossover of each (in, out) shape here; update MIN_BF16_ROWS.
 
     The threshold is the smallest of `rows` from which bf16 wins at every larger count tried
@@ -253,8 +300,8 @@ def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 3
         threshold = NEVER
         for n in sorted(rows, reverse=True):
             x = torch.randn(n, in_features).bfloat16()
-            t16 = _median_ms(lambda: F.linear(x, layer.weight), repeats)
-            t32 = _median_ms(lambda: linear_fp32(x, layer).bfloat16(), repeats)
+            t16, t32 = _median_ms_pair(lambda: linear_bf16(x, layer),
+                                       lambda: linear_fp32(x, layer).bfloat16(), repeats)
             if t16 >= t32:
                 break
             threshold = n

@@ -11,9 +11,11 @@ from kernels.linear import apply_linear, linear_fp32, prepare_linear, use_bf16
 needs_prepack = pytest.mark.skipif(not prepack_linear(), reason="torch has no oneDNN prepacking")
 
 
-def test_choice_per_rows() -> None:
-    assert not use_bf16(1, 576, 960)            # matrix-vector: fp32
-    assert use_bf16(2, 576, 960) and use_bf16(256, 1536, 576)
+def test_choice_per_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear_mod, "MIN_BF16_ROWS", {(576, 960): 8})
+    assert not use_bf16(1, 576, 960) and not use_bf16(7, 576, 960)
+    assert use_bf16(8, 576, 960) and use_bf16(512, 576, 960)
+    assert not use_bf16(1, 64, 96) and use_bf16(2, 64, 96)      # unlisted: the default, 2
 
 
 @needs_prepack
@@ -64,10 +66,41 @@ def test_onednn_switch_keeps_panel_shapes_on_onednn(monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(apply_linear(x, layer), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_layers_keep_their_plain_weight() -> None:
+needs_bf16_prepack = pytest.mark.skipif(
+    not linear_mod.bf16_prepack(), reason="this CPU's oneDNN computes no bf16 product (no AVX512)")
+
+
+@needs_bf16_prepack
+@pytest.mark.parametrize("rows", [1, 8, 33, 512])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_branch_runs_on_the_weight_prepacked_in_bf16(rows: int, with_bias: bool) -> None:
+    """A bf16 layer is prepacked in bf16 for its bf16 branch (oneDNN), and its plain copy is
+    dropped: both branches read packed forms. The product is F.linear's on the plain weight, on
+    a strided input too."""
+    g = torch.Generator().manual_seed(rows)
+    for out_features in (4 * linear_mod.PANEL, 100):         # panels, and oneDNN's fp32 layout
+        w16 = torch.randn(out_features, 64, generator=g).bfloat16()
+        bias = torch.randn(out_features, generator=g).bfloat16() if with_bias else None
+        layer = prepare_linear(w16, bias)
+        assert layer.packed_bf16 is not None and layer.weight.is_meta
+        assert layer.shape == w16.shape and layer.dtype == torch.bfloat16
+        x = torch.randn(rows, 128, generator=g).bfloat16()[:, ::2]
+        out = linear_mod.linear_bf16(x, layer)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, out_features)
+        torch.testing.assert_close(out, F.linear(x, w16, bias), rtol=1e-2, atol=1e-2)
+        exact = F.linear(x.float(), w16.float(), None if bias is None else bias.float())
+        torch.testing.assert_close(out.float(), exact, rtol=1e-2, atol=1e-2)
+
+
+def test_without_bf16_prepacking_the_bf16_branch_reads_the_plain_weight(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear_mod, "bf16_prepack", lambda: False)
     g = torch.Generator().manual_seed(1)
     w16 = torch.randn(96, 48, generator=g).bfloat16()
-    assert torch.equal(prepare_linear(w16).weight, w16)             # the bf16 branch reads it
+    layer = prepare_linear(w16)
+    assert layer.packed_bf16 is None and torch.equal(layer.weight, w16)
+    x = torch.randn(3, 48, generator=g).bfloat16()
+    assert torch.equal(linear_mod.linear_bf16(x, layer), F.linear(x, w16))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 33])
