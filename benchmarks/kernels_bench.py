@@ -189,8 +189,10 @@ def bench_norm_rotary(device: str, repeats: int, dtypes: list[torch.dtype]) -> N
 
 def bench_linear(repeats: int) -> None:
     print("# linear per shape and rows (ms): F.linear fp32 (MKL), fp32 on oneDNN's prepacked weight,"
-          " fp32 on our panels (kernels.linear, the default), F.linear bf16; dispatch ="
-          " kernels.linear's choice for a bf16 body")
+          " fp32 on our panels (kernels.linear, the default); a bf16 layer: F.linear bf16 on the"
+          " plain weight, oneDNN bf16 on the weight prepacked in bf16 (its bf16 branch), fp32 on"
+          " bf16 panels (its fp32 branch); dispatch = kernels.linear's choice for a bf16 body;"
+          f" {cpu_line()}")
     shapes = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576),
               "lm_head": (576, 49152)}
     for name, (n_in, n_out) in shapes.items():
@@ -200,6 +202,9 @@ def bench_linear(repeats: int) -> None:
         panels = linear.prepare_linear(w32)
         assert panels.panels is not None
         w16 = w32.bfloat16()
+        layer16 = linear.prepare_linear(w16)
+        if name != "lm_head":
+            linear.calibrate([(n_in, n_out)])       # what the engine measures as it loads
         for rows in (1, 2, 8, 32, 64, 256, 512):
             x32 = torch.randn(rows, n_in)
             x16 = x32.bfloat16()
@@ -208,11 +213,14 @@ def bench_linear(repeats: int) -> None:
             tdnn = median_ms(lambda: linear.apply_linear(x32, onednn), reps, "cpu")
             tpan = median_ms(lambda: linear.apply_linear(x32, panels), reps, "cpu")
             t16 = median_ms(lambda: F.linear(x16, w16), reps, "cpu")
+            t16p = median_ms(lambda: linear.linear_bf16(x16, layer16), reps, "cpu")
+            t16f = median_ms(lambda: linear.linear_fp32(x16, layer16), reps, "cpu")
             choice = "bf16" if linear.use_bf16(rows, n_in, n_out) else "fp32"
             if name == "lm_head":
                 choice = "fp32 (logits stay fp32 by contract)"
             row(f"  {name} {n_in}->{n_out} rows={rows}", fp32=t32, onednn=tdnn, panels=tpan,
-                bf16=t16, onednn_over_panels=tdnn / tpan, dispatch=choice)
+                onednn_over_panels=tdnn / tpan, bf16_plain=t16, bf16_prepacked=t16p,
+                fp32_on_bf16_panels=t16f, dispatch=choice)
 
 
 def bench_head(repeats: int, rounds: int = 5) -> None:
