@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -287,21 +288,47 @@ def _median_ms_pair(fa, fb, repeats: int) -> tuple[float, float]:  # type: ignor
     return sorted(ta)[repeats // 2] * 1e3, sorted(tb)[repeats // 2] * 1e3
 
 
+# Row counts up to this are timed on weights read from memory, not from cache (calibrate).
+COLD_ROWS = 32
+
+
+def _cold_bytes() -> int:
+    """How many bytes of weights calibrate cycles through so that each read comes from memory:
+    twice the last-level cache as sysfs reports it (64 MiB where it reports none), at most 256."""
+    size = 32 << 20
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            text = (index / "size").read_text().strip()
+            size = max(size, int(text[:-1]) << {"K": 10, "M": 20}[text[-1]])
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return min(2 * size, 256 << 20)
+
+
 def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 32, 128, 512),
               repeats: int = 15) -> dict[tuple[int, int], int]:
     """Measure the fp32/bf16 crossover of each (in, out) shape here; update MIN_BF16_ROWS.
 
     The threshold is the smallest of `rows` from which bf16 wins at every larger count tried
     (largest first, up to a prefill chunk). Without native bf16, a one-row bf16 product can tie
-    fp32 while 8 rows already run far slower, so a first win from below would be misleading."""
+    fp32 while 8 rows already run far slower, so a first win from below would be misleading.
+
+    Up to COLD_ROWS rows a product is bound by reading its weight, which in a decode step
+    comes from memory (the model's weights do not fit in the cache), so it is timed on a cycle
+    of copies of the layer larger than the cache: timed on one cached layer, oneDNN's bf16
+    product won at one row here (Zen 4), and lost by a quarter in the engine's decode step."""
     found = {}
     for in_features, out_features in shapes:
-        layer = prepare_linear(torch.randn(out_features, in_features).bfloat16())
+        weight = torch.randn(out_features, in_features).bfloat16()
+        copies = min(512, max(1, -(-_cold_bytes() // weight.nbytes)))    # tiny layers: fewer
+        layers = [prepare_linear(weight.clone()) for _ in range(copies)]
         threshold = NEVER
         for n in sorted(rows, reverse=True):
             x = torch.randn(n, in_features).bfloat16()
-            t16, t32 = _median_ms_pair(lambda: linear_bf16(x, layer),
-                                       lambda: linear_fp32(x, layer).bfloat16(), repeats)
+            cycle = layers if n <= COLD_ROWS else layers[:1]
+            t16, t32 = _median_ms_pair(lambda: [linear_bf16(x, layer) for layer in cycle],
+                                       lambda: [linear_fp32(x, layer).bfloat16() for layer in cycle],
+                                       max(3, repeats // len(cycle)))
             if t16 >= t32:
                 break
             threshold = n
