@@ -92,7 +92,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     h = x.float().contiguous()
     w = weight.float().contiguous() if x.dtype == torch.float32 else torch.ones(h.shape[1])
     out = torch.empty_like(h)
-    _norm_rows(h.numpy(), None, w.numpy(), np.float32(eps), NORM_LANES, out.numpy(), h.numpy())
+    _norm_rows(h.numpy(), None, w.numpy(), np.float32(eps), NORM_LANES, out.numpy(), h.numpy(),
+               0, h.shape[0])
     if x.dtype == torch.float32:
         return out, x
     return weight * out.to(x.dtype), x

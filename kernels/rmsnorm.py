@@ -6,9 +6,9 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit
+from numba import njit, prange
 
-from kernels.backend import jit, tl, triton, use_triton
+from kernels.backend import jit, numba_threads, tl, triton, use_triton
 from kernels.bf16_bits import narrow, round_in_place, widen
 
 
@@ -37,10 +37,12 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # build), the numba path stays off. Any other order moved logprobs of the tiny test model by
 # ~1e-5.
 # Rows are independent and each runs the same loop, so the result does not depend on the batch
-# (kernels.invariant relies on that). Serial on purpose: even 512 rows are too little work to
-# pay for a parallel launch.
+# (kernels.invariant relies on that). From PARALLEL_ROWS rows (prefill chunks) the rows are split
+# across numba's threads, each row computed as alone; below, a decode step's few rows are too
+# little work to pay for a parallel launch.
 
 _ILP, _LEVELS = 4, 4      # torch's vector accumulators and cascade levels
+PARALLEL_ROWS = 64
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -98,12 +100,12 @@ def _sum_squares(row, lanes, acc):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _norm_rows(x, residual, weight, eps, lanes, out, summed):  # type: ignore[no-untyped-def]
-    """out = weight * (h / sqrt(mean(h ** 2) + eps)), h = x + residual (stored in summed);
-    residual None: h = x."""
-    rows, hidden = x.shape
+def _norm_rows(x, residual, weight, eps, lanes, out, summed, t0, t1):  # type: ignore[no-untyped-def]
+    """Rows t0 .. t1 - 1: out = weight * (h / sqrt(mean(h ** 2) + eps)), h = x + residual
+    (stored in summed); residual None: h = x."""
+    hidden = x.shape[1]
     acc = np.empty((_LEVELS, _ILP * lanes), np.float32)
-    for t in range(rows):
+    for t in range(t0, t1):
         h = x[t]
         if residual is not None:
             r, h = residual[t], summed[t]
@@ -118,17 +120,17 @@ def _norm_rows(x, residual, weight, eps, lanes, out, summed):  # type: ignore[no
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _norm_rows_bf16(x, residual, weight, eps, lanes, out, summed):  # type: ignore[no-untyped-def]
+def _norm_rows_bf16(x, residual, weight, eps, lanes, out, summed, t0, t1):  # type: ignore[no-untyped-def]
     """_norm_rows for a bf16 body, on int16 bits (kernels/bf16_bits.py), rounding where the
     reference's bf16 ops round: the residual add, the cast back, the weight's product. The
     squares are summed in fp32 in _sum_squares' order, as the reference sums h.float()."""
-    rows, hidden = x.shape
+    hidden = x.shape[1]
     acc = np.empty((_LEVELS, _ILP * lanes), np.float32)
     h_bits, t_bits = np.empty(hidden, np.uint32), np.empty(hidden, np.uint32)
     w_bits = np.empty(hidden, np.uint32)
     h, tmp, w = h_bits.view(np.float32), t_bits.view(np.float32), w_bits.view(np.float32)
     widen(weight, w_bits)
-    for t in range(rows):
+    for t in range(t0, t1):
         widen(x[t], h_bits)
         if residual is not None:
             widen(residual[t], t_bits)
@@ -158,16 +160,39 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy()
 
 
+@njit(nogil=True, boundscheck=False, parallel=True, cache=True)
+def _norm_rows_parallel(x, residual, weight, eps, lanes, out, summed, threads):  # type: ignore[no-untyped-def]
+    """_norm_rows over row ranges split across threads (each row as alone: the same bits)."""
+    per = (x.shape[0] + threads - 1) // threads
+    for i in prange(threads):
+        _norm_rows(x, residual, weight, eps, lanes, out, summed, i * per,
+                   min(x.shape[0], (i + 1) * per))
+
+
+@njit(nogil=True, boundscheck=False, parallel=True, cache=True)
+def _norm_rows_bf16_parallel(x, residual, weight, eps, lanes, out, summed, threads):  # type: ignore[no-untyped-def]
+    per = (x.shape[0] + threads - 1) // threads
+    for i in prange(threads):
+        _norm_rows_bf16(x, residual, weight, eps, lanes, out, summed, i * per,
+                        min(x.shape[0], (i + 1) * per))
+
+
 def _norm_numba(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
                 lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty_like(x)
     summed = x if residual is None else torch.empty_like(x)
     if x.dtype == torch.bfloat16:
-        _norm_rows_bf16(_bits(x), None if residual is None else _bits(residual), _bits(weight),
-                        np.float32(eps), lanes, _bits(out), _bits(summed))
+        args = (_bits(x), None if residual is None else _bits(residual), _bits(weight),
+                np.float32(eps), lanes, _bits(out), _bits(summed))
+        serial, parallel = _norm_rows_bf16, _norm_rows_bf16_parallel
     else:
-        _norm_rows(x.numpy(), None if residual is None else residual.numpy(), weight.numpy(),
-                   np.float32(eps), lanes, out.numpy(), summed.numpy())
+        args = (x.numpy(), None if residual is None else residual.numpy(), weight.numpy(),
+                np.float32(eps), lanes, out.numpy(), summed.numpy())
+        serial, parallel = _norm_rows, _norm_rows_parallel
+    if x.shape[0] >= PARALLEL_ROWS:
+        parallel(*args, numba_threads())
+    else:
+        serial(*args, 0, x.shape[0])
     return out, summed
 
 
@@ -203,9 +228,11 @@ def warm_up() -> None:
     """Compile the numba paths now (or load them from numba's on-disk cache)."""
     lanes = _torch_lanes()   # compiles the fp32 variants (with and without residual) as it checks
     if lanes:
-        x = torch.ones(1, 8, dtype=torch.bfloat16)
-        for residual in (x, None):
-            _norm_numba(x, x[0], 1e-5, residual, lanes)
+        for rows in (1, PARALLEL_ROWS):
+            for dtype in (torch.bfloat16, torch.float32):
+                x = torch.ones(rows, 8, dtype=dtype)
+                for residual in (x, None):
+                    _norm_numba(x, x[0], 1e-5, residual, lanes)
 
 
 

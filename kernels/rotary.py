@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
-from kernels.backend import jit, tl, triton, use_triton
+from kernels.backend import jit, numba_threads, tl, triton, use_triton
 from kernels.bf16_bits import narrow, round_in_place, widen
 from kernels.kv_store import store_kvcache
+from kernels.rmsnorm import PARALLEL_ROWS    # the same trade-off: a prefill chunk's rows
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------
@@ -86,13 +87,14 @@ def _cache_slot(slots, t, num_slots):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _rotate_store(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots):  # type: ignore[no-untyped-def]
-    """qkv [T, (h + 2 kvh) * d] -> q_out [T, h * d] rotated; k rotated and v as it is written
-    to their cache rows k_flat / v_flat [slots, kvh * d] at slots[t] (-1: not stored)."""
+def _rotate_store(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots, t0, t1):  # type: ignore[no-untyped-def]
+    """Rows t0 .. t1 - 1 of qkv [T, (h + 2 kvh) * d] -> q_out [T, h * d] rotated; k rotated and
+    v as it is written to their cache rows k_flat / v_flat [slots, kvh * d] at slots[t] (-1:
+    not stored)."""
     dim = cos.shape[1]
     half = dim // 2
     values = (num_heads + num_kv_heads) * dim
-    for t in range(qkv.shape[0]):
+    for t in range(t0, t1):
         row, c, s = qkv[t], cos[t], sin[t]
         for h in range(num_heads):
             _rotate_head(row, h * dim, c, s, q_out[t], h * dim, half)
@@ -126,7 +128,7 @@ def _rotate_head_bf16(row, at, c, s, a_bits, b_bits, dst, to, half):  # type: ig
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots):  # type: ignore[no-untyped-def]
+def _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots, t0, t1):  # type: ignore[no-untyped-def]
     """_rotate_store for a bf16 body: qkv, q_out, k_flat and v_flat are int16 bf16 bits
     (kernels/bf16_bits.py); cos and sin fp32, rounded to bf16 first as the reference casts them."""
     dim = cos.shape[1]
@@ -136,7 +138,7 @@ def _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_
     c_bits, s_bits = np.empty(dim, np.uint32), np.empty(dim, np.uint32)
     a_bits, b_bits = np.empty(dim, np.uint32), np.empty(dim, np.uint32)
     row, c, s = row_bits.view(np.float32), c_bits.view(np.float32), s_bits.view(np.float32)
-    for t in range(qkv.shape[0]):
+    for t in range(t0, t1):
         widen(qkv[t, :values], row_bits)
         c[:] = cos[t]
         s[:] = sin[t]
@@ -152,6 +154,37 @@ def _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_
             _rotate_head_bf16(row, (num_heads + h) * dim, c, s, a_bits, b_bits, k_row, h * dim,
                               half)
         v_row[:] = qkv[t, values:values + num_kv_heads * dim]
+
+
+@njit(nogil=True, boundscheck=False, parallel=True, cache=True)
+def _rotate_store_parallel(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots, threads):  # type: ignore[no-untyped-def]
+    """_rotate_store over row ranges split across threads (a prefill chunk's rows; each row is
+    computed and stored as alone: the same bits, and no two rows share a cache slot)."""
+    per = (qkv.shape[0] + threads - 1) // threads
+    for i in prange(threads):
+        _rotate_store(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots,
+                      i * per, min(qkv.shape[0], (i + 1) * per))
+
+
+@njit(nogil=True, boundscheck=False, parallel=True, cache=True)
+def _rotate_store_bf16_parallel(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots, threads):  # type: ignore[no-untyped-def]
+    per = (qkv.shape[0] + threads - 1) // threads
+    for i in prange(threads):
+        _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots,
+                           i * per, min(qkv.shape[0], (i + 1) * per))
+
+
+def _rotate_store_rows(serial, parallel, *args) -> None:  # type: ignore[no-untyped-def]
+    """A prefill chunk's rows split across threads, a decode step's in one serial call. The
+    parallel call's slots are checked here: an exception raised inside a numba parallel loop
+    does not reach the caller (the write it guards would land outside the cache)."""
+    rows, k_flat, slots = args[0].shape[0], args[6], args[8]
+    if rows < PARALLEL_ROWS:
+        serial(*args, 0, rows)
+        return
+    if rows and slots.max() >= k_flat.shape[0]:
+        raise IndexError("slot_mapping points outside the KV cache")
+    parallel(*args, numba_threads())
 
 
 def _fused_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -171,9 +204,11 @@ def warm_up() -> None:
         qkv = torch.ones(tokens, 3, 4)
         _rotary_cpu(qkv[:, :2], qkv[:, 2:], torch.ones(tokens, 4), torch.ones(tokens, 4))
     for dtype in (torch.float32, torch.bfloat16):
-        cache = torch.zeros(1, 2, 1, 4, dtype=dtype)
-        rotate_and_store(torch.ones(1, 12, dtype=dtype), 1, 1, torch.ones(1, 4), torch.ones(1, 4),
-                         cache, cache.clone(), torch.zeros(1, dtype=torch.long))
+        for rows in (1, PARALLEL_ROWS):
+            cache = torch.zeros(PARALLEL_ROWS, 2, 1, 4, dtype=dtype)
+            rotate_and_store(torch.ones(rows, 12, dtype=dtype), 1, 1, torch.ones(rows, 4),
+                             torch.ones(rows, 4), cache, cache.clone(),
+                             torch.arange(rows, dtype=torch.long))
 
 
 # --- Triton kernel ----------------------------------------------------------------------------
@@ -240,15 +275,17 @@ def rotate_and_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: 
     if _fused_takes(qkv, cos, sin, k_cache, v_cache, slot_mapping) and qkv.dtype != torch.float32:
         q = torch.empty(qkv.shape[0], num_heads * head_dim, dtype=qkv.dtype)
         bits = lambda t: t.view(torch.int16).numpy()  # noqa: E731
-        _rotate_store_bf16(bits(qkv), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), bits(q),
+        _rotate_store_rows(_rotate_store_bf16, _rotate_store_bf16_parallel,
+                           bits(qkv), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), bits(q),
                            bits(k_cache.view(-1, num_kv_heads * head_dim)),
                            bits(v_cache.view(-1, num_kv_heads * head_dim)), slot_mapping.numpy())
         return q.view(-1, num_heads, head_dim)
     if _fused_takes(qkv, cos, sin, k_cache, v_cache, slot_mapping):
         q = torch.empty(qkv.shape[0], num_heads * head_dim)
-        _rotate_store(qkv.numpy(), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), q.numpy(),
-                      k_cache.view(-1, num_kv_heads * head_dim).numpy(),
-                      v_cache.view(-1, num_kv_heads * head_dim).numpy(), slot_mapping.numpy())
+        _rotate_store_rows(_rotate_store, _rotate_store_parallel,
+                           qkv.numpy(), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), q.numpy(),
+                           k_cache.view(-1, num_kv_heads * head_dim).numpy(),
+                           v_cache.view(-1, num_kv_heads * head_dim).numpy(), slot_mapping.numpy())
         return q.view(-1, num_heads, head_dim)
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
                          num_kv_heads * head_dim], dim=-1)

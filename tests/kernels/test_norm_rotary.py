@@ -60,7 +60,7 @@ def test_rms_norm_numba_equals_reference_bit_for_bit(hidden: int, dtype: torch.d
     lanes = rmsnorm._torch_lanes()
     if not lanes:
         pytest.skip("this torch build sums in an order the numba path does not reproduce")
-    for num_tokens in (1, 3, 33):
+    for num_tokens in (1, 3, 33, rmsnorm.PARALLEL_ROWS + 37):     # the last split across threads
         x, residual, weight = norm_inputs(num_tokens, hidden, dtype)
         for r in (residual, None):
             out, summed = rmsnorm._norm_numba(x * 7, weight, 1e-6, r, lanes)
@@ -118,18 +118,20 @@ def test_norm_rotary_cuda(cuda: torch.device, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotate_and_store_equals_rotary_then_store(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("tokens", [6, 101])      # 101: rows split across numba's threads
+def test_rotate_and_store_equals_rotary_then_store(dtype: torch.dtype, tokens: int) -> None:
     """The fused CPU path (rotate q and k, store k and v, one numba call) gives the bits of the
     reference rotary followed by the store, skips -1 slots, and refuses a slot past the cache;
     in fp32 and in bf16 (int16 bits, rounded where the reference's bf16 ops round)."""
     from kernels import rotate_and_store
     g = torch.Generator().manual_seed(4)
-    tokens, h, kvh, d = 6, 9, 3, 64
+    h, kvh, d = 9, 3, 64
     qkv = (5 * torch.randn(tokens, (h + 2 * kvh) * d, generator=g)).to(dtype)
-    pos = torch.tensor([0, 5, 17, 300, 2, 9])
+    pos = torch.randint(0, 400, (tokens,), generator=g)
     cos, sin = torch.randn(400, d, generator=g)[pos], torch.randn(400, d, generator=g)[pos]
-    slots = torch.tensor([3, 17, -1, 40, 0, 63])
-    caches = [torch.randn(4, 16, kvh, d, generator=g).to(dtype) for _ in range(2)]
+    slots = torch.randperm(8 * 16, generator=g)[:tokens]
+    slots[2] = -1
+    caches = [torch.randn(8, 16, kvh, d, generator=g).to(dtype) for _ in range(2)]
     kc, vc = caches[0].clone(), caches[1].clone()
     q = rotate_and_store(qkv, h, kvh, cos, sin, kc, vc, slots)
     qr, kr, vr = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
@@ -139,6 +141,9 @@ def test_rotate_and_store_equals_rotary_then_store(dtype: torch.dtype) -> None:
     kw.view(-1, kvh, d)[slots[stored]] = want_k[stored]
     vw.view(-1, kvh, d)[slots[stored]] = vr.reshape(-1, kvh, d)[stored]
     assert torch.equal(q, want_q) and torch.equal(kc, kw) and torch.equal(vc, vw)
-    assert torch.equal(kc.view(-1, kvh, d)[2], caches[0].view(-1, kvh, d)[2])  # untouched slot
+    untouched = next(i for i in range(8 * 16) if i not in slots.tolist())
+    assert torch.equal(kc.view(-1, kvh, d)[untouched], caches[0].view(-1, kvh, d)[untouched])
+    past = slots.clone()
+    past[-1] = 8 * 16
     with pytest.raises(IndexError):
-        rotate_and_store(qkv, h, kvh, cos, sin, kc, vc, torch.tensor([0, 1, 2, 3, 4, 64]))
+        rotate_and_store(qkv, h, kvh, cos, sin, kc, vc, past)
