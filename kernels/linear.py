@@ -110,8 +110,10 @@ def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Li
 @functools.cache
 def bf16_prepack() -> bool:
     """Whether bf16 layers run through oneDNN on a weight prepacked in bf16: oneDNN prepacking is
-    on (kernels.backend.prepack_linear) and this CPU's oneDNN computes a bf16 product (torch
-    refuses one on CPUs without AVX512 or AVX-NE-CONVERT; then F.linear, on the plain weight)."""
+    on (kernels.backend.prepack_linear) and a small bf16 product through it runs and comes out
+    right here (torch's oneDNN bf16 linear checks the CPU's bf16 support; where it raises, bf16
+    layers keep F.linear on the plain weight). Whether bf16 is worth it at all on this CPU is
+    calibrate's question."""
     if not prepack_linear():
         return False
     try:
