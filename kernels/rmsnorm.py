@@ -169,6 +169,9 @@ def _norm_rows_parallel(x, residual, weight, eps, lanes, out, summed, threads): 
                    min(x.shape[0], (i + 1) * per))
 
 
+# A driver per kernel: one generic driver taking the kernel as an argument runs, but numba
+# then writes a new on-disk cache entry at every start instead of reusing one (compiled again
+# in every process). The same holds for kernels/rotary.py's two drivers.
 @njit(nogil=True, boundscheck=False, parallel=True, cache=True)
 def _norm_rows_bf16_parallel(x, residual, weight, eps, lanes, out, summed, threads):  # type: ignore[no-untyped-def]
     per = (x.shape[0] + threads - 1) // threads
