@@ -47,17 +47,18 @@ def one_round(core: EngineCore, budget: int, seqs: int, prompt_tokens: int, salt
     return time.perf_counter() - start, statistics.median(firsts), steps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=EngineConfig.model)
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=100)
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--ops", action="store_true", help="ms per round in each model call")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     print(f"cpu: {cpu_line()}", flush=True)
-    core = EngineCore(EngineConfig(dtype=args.dtype, enable_prefix_caching=False,
+    core = EngineCore(EngineConfig(model=args.model, dtype=args.dtype, enable_prefix_caching=False,
                                    max_num_batched_tokens=max(args.budgets)))
     print(f"body dtype: {core.runner.dtype_name} ({core.runner.dtype_reason}); "
           f"{args.seqs} prompts of {args.prompt_tokens} tokens", flush=True)

@@ -1,0 +1,17 @@
+"""benchmarks/prefill.py on the tiny model: every prompt gets its first token in each round, in
+as many steps as the budget cuts the prompts into, and the table has one row per budget."""
+from __future__ import annotations
+
+from benchmarks import prefill
+
+
+def test_rounds_give_every_prompt_its_first_token_in_the_budgets_steps(tiny_model_dir, capsys):
+    prefill.main(["--model", str(tiny_model_dir), "--dtype", "float32", "--seqs", "3",
+                  "--prompt-tokens", "20", "--budgets", "16", "64", "--rounds", "2"])
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 16 ") or line.startswith("| 64 ")]
+    assert [r[0] for r in rows] == ["16", "64"]
+    # 3 prompts of 20 tokens: 60 prompt tokens in steps of 16, or in one step of 64
+    assert [int(r[1]) for r in rows] == [4, 1]
+    for _, _, wall, p50, rate in rows:
+        assert 0 < float(p50) <= float(wall) and float(rate) > 0
