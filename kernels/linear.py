@@ -54,13 +54,13 @@ PACK_ROWS_HINT = 32
 
 # (in_features, out_features) -> the smallest number of rows at which bf16 is used. The defaults
 # were measured with `calibrate` on a CPU with AVX512-BF16 (Zen 4; torch 2.13, SmolLM2-135M
-# shapes): on the weight prepacked in bf16, bf16 won from one row on (on the plain weight,
-# fp32 had won the matrix-vector product). Shapes not listed use DEFAULT_MIN_BF16_ROWS.
+# shapes), where it found 2 or 8 rows from run to run. Shapes not listed use
+# DEFAULT_MIN_BF16_ROWS.
 MIN_BF16_ROWS: dict[tuple[int, int], int] = {
-    (576, 960): 1,       # qkv
-    (576, 576): 1,       # o_proj
-    (576, 3072): 1,      # gate_up
-    (1536, 576): 1,      # down
+    (576, 960): 8,       # qkv
+    (576, 576): 8,       # o_proj
+    (576, 3072): 8,      # gate_up
+    (1536, 576): 8,      # down
 }
 DEFAULT_MIN_BF16_ROWS = 2
 
@@ -327,10 +327,13 @@ def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 3
         threshold = NEVER
         for n in sorted(rows, reverse=True):
             x = torch.randn(n, in_features).bfloat16()
+            # a large product is bound by arithmetic and steadier: fewer repeats (a big model's
+            # 512-row products take a while)
             cycle = layers if n <= COLD_ROWS else layers[:1]
+            reps = max(3, repeats // len(cycle) if n <= COLD_ROWS else repeats // 3)
             t16, t32 = _median_ms_pair(lambda: [linear_bf16(x, layer) for layer in cycle],
                                        lambda: [linear_fp32(x, layer).bfloat16() for layer in cycle],
-                                       max(3, repeats // len(cycle)))
+                                       reps)
             if t16 >= t32:
                 break
             threshold = n
