@@ -57,6 +57,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cpu import cpu_line
+
 FILLER = ("The history of computing is a story of abstractions layered one on another, from "
           "switches and vacuum tubes to transistors, compilers, operating systems and networks. ")
 MODEL_NAME = "smollm2-135m-instruct"
@@ -527,7 +529,7 @@ def median_rounds(rounds: list[Round]) -> list[Round]:
             med([r.ttft_p50_s for r in runs]), med([r.ttft_p95_s for r in runs]),
             sum(r.num_tokens for r in runs), med([r.wall_s for r in runs]),
             sum(valid) if valid else None, [e for r in runs for e in r.errors],
-            runs[0].note if len(runs) == 1 else "; ".join(dict.fromkeys(r.note for r in runs if r.note)),
+            "; ".join(dict.fromkeys(r.note for r in runs if r.note)),
             runs=len(runs)))
     return out
 
@@ -598,15 +600,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in sorted(args.peers, key=lambda n: n != "plumbline"):
         rounds += bench_peer(PEERS[name], cache, model, prompt, args, args.out)
         (args.out / "peers.json").write_text(json.dumps([asdict(r) for r in rounds], indent=1))
-    from benchmarks.cpu import cpu_line
-
     rounds = median_rounds(rounds)
-    md = table(rounds)
+    md = f"cpu: {cpu_line()}\n\n{table(rounds)}"
     (args.out / "peers.md").write_text(
         f"# Peers\n\nprompt ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, "
-        f"streamed; {'medians of ' + str(args.runs) + ' runs; ' if args.runs > 1 else ''}"
-        f"cpu: {cpu_line()}\n\n{md}\n")
-    print(f"cpu: {cpu_line()}\n{md}")
+        f"streamed; {'medians of ' + str(args.runs) + ' runs; ' if args.runs > 1 else ''}{md}\n")
+    print(md)
     top = max(args.concurrency)
     ours = next((r for r in rounds if r.peer == "plumbline" and r.concurrency == top
                  and not r.constrained), None)

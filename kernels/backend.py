@@ -101,6 +101,24 @@ def start_numba() -> None:
         _numba_started = True
 
 
+# From this many rows (a prefill chunk) a per-row numba kernel splits its rows across the threads
+# (each row computed as alone: the same bits); below, a decode step's few rows are too little work
+# to pay for a parallel launch. RMSNorm and rotary + KV store (kernels_bench --only norm).
+PARALLEL_ROWS = 64
+
+
+def split_rows(serial: Callable[..., None], parallel: Callable[..., None], rows: int,
+               *args: Any) -> None:
+    """Run a per-row kernel over rows [0, rows): `serial(*args, 0, rows)` below PARALLEL_ROWS,
+    else `parallel(*args, threads)`, its numba driver that splits the rows into one range per
+    thread. (One generic driver taking the kernel as an argument runs, but numba then writes a
+    new on-disk cache entry at every start instead of reusing one, so each kernel has its own.)"""
+    if rows < PARALLEL_ROWS:
+        serial(*args, 0, rows)
+    else:
+        parallel(*args, numba_threads())
+
+
 def numba_threads() -> int:
     """Give numba's parallel loops as many threads as torch has (not more than numba started).
 

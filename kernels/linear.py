@@ -264,30 +264,25 @@ def warm_up() -> None:
 
 
 def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+    return _medians_ms((fn,), repeats)[0]
 
 
 NEVER = 1 << 62     # a threshold no row count reaches: this shape always runs in fp32
 
 
-def _median_ms_pair(fa, fb, repeats: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    """Median ms of fa and of fb, timed in alternation: a burst of load or a clock change on a
-    busy or virtual CPU then hits both, not whichever was being timed."""
-    fa(), fb()
-    ta, tb = [], []
+def _medians_ms(fns, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """Median ms of each of fns over `repeats` calls after one warm-up, timed in alternation: a
+    burst of load or a clock change on a busy or virtual CPU then hits all of them, not
+    whichever was being timed."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((fa, ta), (fb, tb)):
+        for fn, spent in zip(fns, times):
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    return sorted(ta)[repeats // 2] * 1e3, sorted(tb)[repeats // 2] * 1e3
+            spent.append(time.perf_counter() - start)
+    return [sorted(spent)[repeats // 2] * 1e3 for spent in times]
 
 
 # Row counts up to this are timed on weights read from memory, not from cache (calibrate).
@@ -331,9 +326,9 @@ def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 3
             # 512-row products take a while)
             cycle = layers if n <= COLD_ROWS else layers[:1]
             reps = max(3, repeats // len(cycle) if n <= COLD_ROWS else repeats // 3)
-            t16, t32 = _median_ms_pair(lambda: [linear_bf16(x, layer) for layer in cycle],
-                                       lambda: [linear_fp32(x, layer).bfloat16() for layer in cycle],
-                                       reps)
+            t16, t32 = _medians_ms((lambda: [linear_bf16(x, layer) for layer in cycle],
+                                    lambda: [linear_fp32(x, layer).bfloat16() for layer in cycle]),
+                                   reps)
             if t16 >= t32:
                 break
             threshold = n

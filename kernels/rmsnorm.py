@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit, prange
 
-from kernels.backend import jit, numba_threads, tl, triton, use_triton
+from kernels.backend import PARALLEL_ROWS, jit, split_rows, tl, triton, use_triton
 from kernels.bf16_bits import narrow, round_in_place, widen
 
 
@@ -37,12 +37,10 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # build), the numba path stays off. Any other order moved logprobs of the tiny test model by
 # ~1e-5.
 # Rows are independent and each runs the same loop, so the result does not depend on the batch
-# (kernels.invariant relies on that). From PARALLEL_ROWS rows (prefill chunks) the rows are split
-# across numba's threads, each row computed as alone; below, a decode step's few rows are too
-# little work to pay for a parallel launch.
+# (kernels.invariant relies on that), nor on how a prefill chunk's rows are split across threads
+# (kernels.backend.split_rows).
 
 _ILP, _LEVELS = 4, 4      # torch's vector accumulators and cascade levels
-PARALLEL_ROWS = 64
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -169,9 +167,6 @@ def _norm_rows_parallel(x, residual, weight, eps, lanes, out, summed, threads): 
                    min(x.shape[0], (i + 1) * per))
 
 
-# A driver per kernel: one generic driver taking the kernel as an argument runs, but numba
-# then writes a new on-disk cache entry at every start instead of reusing one (compiled again
-# in every process). The same holds for kernels/rotary.py's two drivers.
 @njit(nogil=True, boundscheck=False, parallel=True, cache=True)
 def _norm_rows_bf16_parallel(x, residual, weight, eps, lanes, out, summed, threads):  # type: ignore[no-untyped-def]
     per = (x.shape[0] + threads - 1) // threads
@@ -192,10 +187,7 @@ def _norm_numba(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
         args = (x.numpy(), None if residual is None else residual.numpy(), weight.numpy(),
                 np.float32(eps), lanes, out.numpy(), summed.numpy())
         serial, parallel = _norm_rows, _norm_rows_parallel
-    if x.shape[0] >= PARALLEL_ROWS:
-        parallel(*args, numba_threads())
-    else:
-        serial(*args, 0, x.shape[0])
+    split_rows(serial, parallel, x.shape[0], *args)
     return out, summed
 
 
@@ -231,7 +223,7 @@ def warm_up() -> None:
     """Compile the numba paths now (or load them from numba's on-disk cache)."""
     lanes = _torch_lanes()   # compiles the fp32 variants (with and without residual) as it checks
     if lanes:
-        for rows in (1, PARALLEL_ROWS):
+        for rows in (1, PARALLEL_ROWS):      # the serial kernels and their parallel drivers
             for dtype in (torch.bfloat16, torch.float32):
                 x = torch.ones(rows, 8, dtype=dtype)
                 for residual in (x, None):

@@ -5,10 +5,9 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from kernels.backend import jit, numba_threads, tl, triton, use_triton
+from kernels.backend import PARALLEL_ROWS, jit, split_rows, tl, triton, use_triton
 from kernels.bf16_bits import narrow, round_in_place, widen
 from kernels.kv_store import store_kvcache
-from kernels.rmsnorm import PARALLEL_ROWS    # the same trade-off: a prefill chunk's rows
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------
@@ -175,16 +174,13 @@ def _rotate_store_bf16_parallel(qkv, num_heads, num_kv_heads, cos, sin, q_out, k
 
 
 def _rotate_store_rows(serial, parallel, *args) -> None:  # type: ignore[no-untyped-def]
-    """A prefill chunk's rows split across threads, a decode step's in one serial call. The
-    parallel call's slots are checked here: an exception raised inside a numba parallel loop
-    does not reach the caller (the write it guards would land outside the cache)."""
+    """kernels.backend.split_rows, the slots checked first where the rows go parallel: an
+    exception raised inside a numba parallel loop does not reach the caller (the write that
+    _cache_slot guards would land outside the cache)."""
     rows, k_flat, slots = args[0].shape[0], args[6], args[8]
-    if rows < PARALLEL_ROWS:
-        serial(*args, 0, rows)
-        return
-    if rows and slots.max() >= k_flat.shape[0]:
+    if rows >= PARALLEL_ROWS and slots.max() >= k_flat.shape[0]:
         raise IndexError("slot_mapping points outside the KV cache")
-    parallel(*args, numba_threads())
+    split_rows(serial, parallel, rows, *args)
 
 
 def _fused_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -272,7 +268,8 @@ def rotate_and_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: 
     store call and a key tensor in between (the same arithmetic and roundings, so the same bits;
     a test checks)."""
     head_dim = k_cache.shape[3]
-    if _fused_takes(qkv, cos, sin, k_cache, v_cache, slot_mapping) and qkv.dtype != torch.float32:
+    fused = _fused_takes(qkv, cos, sin, k_cache, v_cache, slot_mapping)     # once: 30 calls a step
+    if fused and qkv.dtype != torch.float32:
         q = torch.empty(qkv.shape[0], num_heads * head_dim, dtype=qkv.dtype)
         bits = lambda t: t.view(torch.int16).numpy()  # noqa: E731
         _rotate_store_rows(_rotate_store_bf16, _rotate_store_bf16_parallel,
@@ -280,7 +277,7 @@ def rotate_and_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: 
                            bits(k_cache.view(-1, num_kv_heads * head_dim)),
                            bits(v_cache.view(-1, num_kv_heads * head_dim)), slot_mapping.numpy())
         return q.view(-1, num_heads, head_dim)
-    if _fused_takes(qkv, cos, sin, k_cache, v_cache, slot_mapping):
+    if fused:
         q = torch.empty(qkv.shape[0], num_heads * head_dim)
         _rotate_store_rows(_rotate_store, _rotate_store_parallel,
                            qkv.numpy(), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), q.numpy(),

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from kernels.backend import cpu_flags, panel_linear
-from kernels.linear import (PACK_ROWS_HINT, PANEL, _flat, _median_ms, apply_linear, pack_panels,
+from kernels.linear import (PACK_ROWS_HINT, PANEL, _flat, _medians_ms, apply_linear, pack_panels,
                             panel_gemm, prepare_linear)
 
 
@@ -115,6 +115,6 @@ def split_is_faster(weight: torch.Tensor, rows: int, repeats: int = 5) -> tuple[
     head's bytes, so whether the matrix units make up for it is measured, not assumed."""
     fp32, split = prepare_linear(weight.float().contiguous()), prepare_split_head(weight)
     x = torch.randn(rows, weight.shape[1])
-    t32 = _median_ms(lambda: apply_linear(x, fp32), repeats)
-    tsplit = _median_ms(lambda: split_head_logits(x, split), repeats)
+    t32, tsplit = _medians_ms((lambda: apply_linear(x, fp32), lambda: split_head_logits(x, split)),
+                              repeats)
     return tsplit < t32, t32, tsplit
