@@ -27,6 +27,7 @@ from typing import Any
 
 import uvicorn
 
+from benchmarks.cpu import cpu_line
 from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams
 from gateway import logs
 from gateway.app import create_app
@@ -54,6 +55,7 @@ async def engine_round(engine: AsyncEngine, prompt: list[int], args: argparse.Na
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(args.concurrency)))
+    assert total == args.new_tokens * args.concurrency, f"{total} tokens"
     return total / (time.perf_counter() - t0)
 
 
@@ -73,9 +75,9 @@ async def stream_one(port: int, body: bytes) -> int:
     head, _, payload = bytes(data).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     assert b"data: [DONE]" in payload, "the stream did not finish"
-    at = payload.rindex(b'"usage":{')
-    usage = json.loads(payload[at + 8:payload.index(b"}", at) + 1])
-    return int(usage["completion_tokens"])
+    # the usage chunk: the last event with one (each event is one line of the chunked body)
+    last = [line for line in payload.split(b"\n") if line.startswith(b"data: {") and b'"usage"' in line]
+    return int(json.loads(last[-1][len(b"data: "):])["usage"]["completion_tokens"])
 
 
 async def gateway_round(port: int, prompt: list[int], args: argparse.Namespace) -> float:
@@ -84,6 +86,7 @@ async def gateway_round(port: int, prompt: list[int], args: argparse.Namespace) 
                        "stream_options": {"include_usage": True}}).encode()
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(stream_one(port, body) for _ in range(args.concurrency)))
+    assert counts == [args.new_tokens] * args.concurrency, f"streams ended early: {counts}"
     return sum(counts) / (time.perf_counter() - t0)
 
 
@@ -104,9 +107,10 @@ class SharedEngine:
 
 
 @contextlib.asynccontextmanager
-async def served_engine(model: str, max_num_seqs: int) -> AsyncIterator[tuple[AsyncEngine, int]]:
+async def served_engine(model: str, max_num_seqs: int,
+                        dtype: str) -> AsyncIterator[tuple[AsyncEngine, int]]:
     """An engine, and the gateway in front of it on a free port, in this event loop."""
-    engine = AsyncEngine(EngineConfig(model=model, max_num_seqs=max_num_seqs))
+    engine = AsyncEngine(EngineConfig(model=model, max_num_seqs=max_num_seqs, dtype=dtype))
     await engine.start()
     port = free_port()
     config = GatewayConfig(engine=engine.core.config, port=port, log_level="warning")
@@ -126,7 +130,7 @@ async def served_engine(model: str, max_num_seqs: int) -> AsyncIterator[tuple[As
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    async with served_engine(args.model, args.max_num_seqs) as (engine, port):
+    async with served_engine(args.model, args.max_num_seqs, args.dtype) as (engine, port):
         prompt = engine.tokenizer(FILLER * 8).input_ids[:args.prompt_tokens]
         # warm-up: one short round each (first-step allocations, connection setup)
         warm = argparse.Namespace(**{**vars(args), "new_tokens": 8})
@@ -143,12 +147,13 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"round {r + 1}: engine {engine_tps[-1]:.1f} tok/s (loop CPU {c1 - c0:.2f} s), "
                   f"gateway {gateway_tps[-1]:.1f} tok/s (loop CPU {c2 - c1:.2f} s)", flush=True)
     e, g = statistics.median(engine_tps), statistics.median(gateway_tps)
-    print(f"gateway_overhead concurrency={args.concurrency} prompt={len(prompt)} "
+    print(f"cpu: {cpu_line()}")
+    print(f"gateway_overhead dtype={engine.core.runner.dtype_name} concurrency={args.concurrency} prompt={len(prompt)} "
           f"new={args.new_tokens} rounds={args.rounds}: engine {e:.1f} tok/s, "
           f"gateway {g:.1f} tok/s, gateway/engine = {100 * g / e:.1f}%")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -157,7 +162,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    asyncio.run(main_async(ap.parse_args()))
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="the engine's body dtype (auto: the server's default)")
+    asyncio.run(main_async(ap.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ class Metrics:
         self.itl = self.itl_hist.labels(m)
         self.e2e = self.e2e_hist.labels(m)
         self.queue_time = self.queue_hist.labels(m)
+        self.streamed = self.streamed_tokens.labels(m)      # per token: the child, looked up once
 
     def observe_finished(self, finish_reasons: list[str], num_prompt_tokens: int,
                          num_completion_tokens: int, e2e_s: float) -> None:

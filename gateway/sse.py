@@ -1,16 +1,19 @@
 """Server-sent events and disconnect-aware responses (the shape of sse-starlette, our own code).
 
-`EventStreamResponse` runs three things at once: a producer task iterating the events, a
-listener on `receive()` that cancels everything on `http.disconnect` (a stream waiting for its
-next token still notices that the client left), and the sender, which writes `: ping` comments
-whenever nothing else went out for `ping_interval` seconds (e.g. while queued). The producer
-hands frames over through a small memory stream, so the ping timeout never cancels the
-producer mid-step. `DeferredJSONResponse` gives non-streaming requests the same disconnect
-listener. Both call `on_close` in a `finally`, whatever happened.
+`EventStreamResponse` runs three things at once: the stream itself, which iterates the events and
+writes each frame as it comes; a listener on `receive()` that cancels everything on
+`http.disconnect` (a stream waiting for its next token still notices that the client left); and a
+pinger, which writes a `: ping` comment whenever nothing went out for `ping_interval` seconds
+(e.g. while queued). No timeout wraps the stream, so a ping never cancels it mid-step. Frames go
+out from the task that makes them: at 32 streams the event loop's work per token competes with
+the model step for the CPUs and the GIL, and a hand-over between two tasks (a memory stream, a
+cancel scope per frame) was a third of it. `DeferredJSONResponse` gives non-streaming requests
+the same disconnect listener. Both call `on_close` in a `finally`, whatever happened.
 """
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -51,6 +54,8 @@ class EventStreamResponse:
         self.ping_interval = ping_interval
         self.on_close = on_close
         self.headers = headers or {}
+        self._last_sent = time.monotonic()
+        self._done = False           # the last body went out: no ping after it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
@@ -58,42 +63,48 @@ class EventStreamResponse:
                    *[(k.lower().encode(), v.encode()) for k, v in self.headers.items()]]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            tx, rx = anyio.create_memory_object_stream[bytes](max_buffer_size=8)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_wait_disconnect, receive, tg.cancel_scope)
-                tg.start_soon(self._produce, tx)
-                async with rx:
-                    while True:
-                        chunk: bytes | None = PING     # unless a frame comes within the interval
-                        with anyio.move_on_after(self.ping_interval):
-                            try:
-                                chunk = await rx.receive()
-                            except anyio.EndOfStream:
-                                chunk = None
-                        if chunk is None:
-                            break
-                        await send({"type": "http.response.body", "body": chunk,
-                                    "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                tg.start_soon(self._ping, send)
+                await self._stream(send)
+                self._done = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
                 tg.cancel_scope.cancel()
         finally:
             self.on_close()
 
-    async def _produce(self, tx: anyio.abc.ObjectSendStream[bytes]) -> None:
-        async with tx:
-            try:
-                async for chunk in self.events:
-                    await tx.send(chunk)
-            except APIError as exc:      # after the stream started: one error event, then [DONE]
-                await tx.send(error_frame(exc))
-                await tx.send(DONE)
-            except Exception:
-                log.exception("stream_failed")
-                await tx.send(error_frame(internal_error()))
-                await tx.send(DONE)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self.events.aclose()
+    async def _body(self, send: Send, chunk: bytes) -> None:
+        self._last_sent = time.monotonic()
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def _stream(self, send: Send) -> None:
+        # The events are pulled one by one so that an error raised by `send` (the client's
+        # socket) is not taken for the generator's, which becomes an error event.
+        try:
+            while True:
+                try:
+                    chunk = await anext(self.events)
+                except StopAsyncIteration:
+                    return
+                except APIError as exc:   # after the stream started: one error event, then [DONE]
+                    await self._body(send, error_frame(exc) + DONE)
+                    return
+                except Exception:
+                    log.exception("stream_failed")
+                    await self._body(send, error_frame(internal_error()) + DONE)
+                    return
+                await self._body(send, chunk)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.events.aclose()
+
+    async def _ping(self, send: Send) -> None:
+        while True:
+            await anyio.sleep(max(0.0, self._last_sent + self.ping_interval - time.monotonic()))
+            if self._done:
+                return
+            if time.monotonic() - self._last_sent >= self.ping_interval:
+                await self._body(send, PING)
 
 
 class DeferredJSONResponse:

@@ -41,6 +41,22 @@ def test_detokenizer_skips_special_tokens_unless_asked(tokenizer):
     assert Detokenizer(tokenizer, [], False).push(ids, final=True) == "Hi" + tokenizer.eos_token
 
 
+def test_detokenizer_decodes_as_transformers_does(tokenizer):
+    """It calls the Rust tokenizer directly (transformers' wrapper cost more than the decode):
+    the text must be transformers' decode, special tokens and broken characters included."""
+    import random
+
+    rng = random.Random(0)
+    special = [tokenizer.eos_token_id, *tokenizer.all_special_ids]
+    for skip in (True, False):
+        detok = Detokenizer(tokenizer, [], skip)
+        assert detok._backend is not None, "the default tokenizer takes the direct path"
+        for _ in range(50):
+            ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tokenizer))
+                   for _ in range(rng.randint(1, 12))]
+            assert detok._decode(ids) == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
 def feed_all(matcher: StopMatcher, pieces: list[str]) -> str:
     out = [matcher.feed(p) for p in pieces]
     out.append(matcher.feed("", final=True))
