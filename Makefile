@@ -35,7 +35,7 @@ serve: $(STAMP)
 	$(VENV)/bin/plumbline serve $(ARGS)
 
 test: $(STAMP) system-deps
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.engine_throughput $(ARGS)
