@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import itertools
 import multiprocessing
 import random
 import statistics
@@ -92,8 +93,9 @@ def run_hf(model_dir: str, dtype: str, new_tokens: int, runs: int,
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--runs", type=int, default=3)
@@ -101,24 +103,33 @@ def main() -> None:
     ap.add_argument("--mixed-requests", type=int, default=48)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--deterministic", action="store_true", help="batch-invariant mode")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     print(f"cpu: {cpu_line()}", flush=True)
 
-    engine = AsyncEngine(EngineConfig(dtype=args.dtype, max_num_batched_tokens=512,
+    engine = AsyncEngine(EngineConfig(model=args.model, dtype=args.dtype, max_num_batched_tokens=512,
                                       deterministic=args.deterministic))
     tok = engine.tokenizer
     results: dict[str, float] = {}
 
     async def engine_runs() -> None:
         await engine.start()
+        # Every run sends prompts the engine has not seen: with the same prompts each run after
+        # the first would find them in the prefix cache and skip their prefill.
+        salts = itertools.count(10_000)
         for c in args.concurrency:
-            reqs = [(prompt_ids(tok, 100, i), args.new_tokens, 0.0) for i in range(c)]
-            results[f"plumbline c={c}"] = statistics.median(
-                [await run_engine(engine, reqs) for _ in range(args.runs)])
+            rates = []
+            for _ in range(args.runs):
+                reqs = [(prompt_ids(tok, 100, next(salts)), args.new_tokens, 0.0) for _ in range(c)]
+                rates.append(await run_engine(engine, reqs))
+            results[f"plumbline c={c}"] = statistics.median(rates)
             print(f"plumbline  concurrency {c:3d}: {results[f'plumbline c={c}']:8.1f} tok/s", flush=True)
-        results["plumbline mixed"] = statistics.median(
-            [await run_engine(engine, mixed) for _ in range(args.runs)])
+        rates = []
+        for run in range(args.runs):
+            fresh = [(prompt_ids(tok, len(ids), next(salts)), m, at) for ids, m, at in mixed]
+            rates.append(await run_engine(engine, fresh if run else mixed))
+        results["plumbline mixed"] = statistics.median(rates)
         print(f"plumbline  mixed workload : {results['plumbline mixed']:8.1f} tok/s", flush=True)
+        print(f"prefix cache hits: {engine.stats().num_prefix_hit_tokens} tokens", flush=True)
         await engine.shutdown()
 
     rng = random.Random(0)
@@ -134,7 +145,8 @@ def main() -> None:
         # its compute thread) would slow transformers down, not measure it.
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            results.update(pool.submit(run_hf, str(engine.core.model_dir), args.dtype, args.new_tokens,
+            results.update(pool.submit(run_hf, str(engine.core.model_dir),
+                                       engine.core.runner.dtype_name, args.new_tokens,
                                        args.runs, mixed).result())
 
     line = " | ".join(f"{k}: {v:.1f}" for k, v in results.items())
