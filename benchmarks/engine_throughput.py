@@ -88,8 +88,9 @@ def run_hf(model_dir: str, dtype: str, new_tokens: int, runs: int,
     b32 = [(prompt_ids(tok, 100, i), new_tokens, 0.0) for i in range(32)]
     results["hf static 32"] = median(lambda: run_hf_static(model, tok, b32, 32), runs)
     print(f"transformers static b=32  : {results['hf static 32']:8.1f} tok/s", flush=True)
-    results["hf mixed static"] = median(lambda: run_hf_static(model, tok, mixed, 32), runs)
-    print(f"transformers mixed static : {results['hf mixed static']:8.1f} tok/s", flush=True)
+    if mixed:
+        results["hf mixed static"] = median(lambda: run_hf_static(model, tok, mixed, 32), runs)
+        print(f"transformers mixed static : {results['hf mixed static']:8.1f} tok/s", flush=True)
     return results
 
 
@@ -123,12 +124,13 @@ def main(argv: list[str] | None = None) -> None:
                 rates.append(await run_engine(engine, reqs))
             results[f"plumbline c={c}"] = statistics.median(rates)
             print(f"plumbline  concurrency {c:3d}: {results[f'plumbline c={c}']:8.1f} tok/s", flush=True)
-        rates = []
-        for run in range(args.runs):
-            fresh = [(prompt_ids(tok, len(ids), next(salts)), m, at) for ids, m, at in mixed]
-            rates.append(await run_engine(engine, fresh if run else mixed))
-        results["plumbline mixed"] = statistics.median(rates)
-        print(f"plumbline  mixed workload : {results['plumbline mixed']:8.1f} tok/s", flush=True)
+        if mixed:
+            rates = []
+            for run in range(args.runs):
+                fresh = [(prompt_ids(tok, len(ids), next(salts)), m, at) for ids, m, at in mixed]
+                rates.append(await run_engine(engine, fresh if run else mixed))
+            results["plumbline mixed"] = statistics.median(rates)
+            print(f"plumbline  mixed workload : {results['plumbline mixed']:8.1f} tok/s", flush=True)
         print(f"prefix cache hits: {engine.stats().num_prefix_hit_tokens} tokens", flush=True)
         await engine.shutdown()
 
@@ -151,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
 
     line = " | ".join(f"{k}: {v:.1f}" for k, v in results.items())
     if "hf sequential" in results and "plumbline c=32" in results:
-        line += (f" | c=32 vs hf sequential: {results['plumbline c=32'] / results['hf sequential']:.1f}x"
-                 f" | mixed vs hf static: {results['plumbline mixed'] / results['hf mixed static']:.2f}x")
+        line += f" | c=32 vs hf sequential: {results['plumbline c=32'] / results['hf sequential']:.1f}x"
+    if "hf mixed static" in results:
+        line += f" | mixed vs hf static: {results['plumbline mixed'] / results['hf mixed static']:.2f}x"
     print(f"SUMMARY dtype={args.dtype} deterministic={args.deterministic} runs={args.runs} | {line}")
 
 
