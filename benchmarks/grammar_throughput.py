@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import statistics
@@ -58,7 +59,11 @@ def main() -> None:
 
     engine = AsyncEngine(EngineConfig(dtype=args.dtype, max_num_batched_tokens=512,
                                       grammar_fast_forward=args.fast_forward))
-    prompts = [prompt_ids(engine.tokenizer, 100, i) for i in range(args.concurrency)]
+    salts = itertools.count()
+
+    def fresh_prompts(n: int) -> list[list[int]]:
+        # prompts the engine has not seen: repeated ones would skip prefill via the prefix cache
+        return [prompt_ids(engine.tokenizer, 100, next(salts)) for _ in range(n)]
     free = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     spec = GrammarSpec("json_schema", json.dumps(SCHEMA))
     constrained = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
@@ -69,12 +74,12 @@ def main() -> None:
     async def runs() -> None:
         await engine.start()
         engine.core.grammars.compile(spec)               # compile time is not decode time
-        await run(engine, prompts[:4], free)             # warm-up (thread pools, caches)
-        await run(engine, prompts[:4], constrained)
+        await run(engine, fresh_prompts(4), free)        # warm-up (thread pools, caches)
+        await run(engine, fresh_prompts(4), constrained)
         for i in range(args.runs):
             for name, params in (("unconstrained", free), ("constrained", constrained)):
                 before = engine.stats().num_forced_tokens
-                rate, tokens = await run(engine, prompts, params)
+                rate, tokens = await run(engine, fresh_prompts(args.concurrency), params)
                 if params is constrained:
                     forced[0] += engine.stats().num_forced_tokens - before
                     forced[1] += tokens
