@@ -32,6 +32,15 @@ def prompt_ids(tok, num_tokens: int, salt: int) -> list[int]:
     return ids[:num_tokens]
 
 
+_fresh_salts = itertools.count(10_000)
+
+
+def fresh_prompt_ids(tok, num_tokens: int) -> list[int]:
+    """A prompt no earlier call in this process made: one the engine has not seen (a repeated
+    prompt would skip its prefill through the prefix cache)."""
+    return prompt_ids(tok, num_tokens, next(_fresh_salts))
+
+
 async def run_engine(engine: AsyncEngine, requests: list[tuple[list[int], int, float]]) -> float:
     """requests: (prompt ids, max_tokens, arrival offset s) -> generated tokens/s."""
     t0 = time.perf_counter()
@@ -114,21 +123,18 @@ def main(argv: list[str] | None = None) -> None:
 
     async def engine_runs() -> None:
         await engine.start()
-        # Every run sends prompts the engine has not seen: with the same prompts each run after
-        # the first would find them in the prefix cache and skip their prefill.
-        salts = itertools.count(10_000)
         for c in args.concurrency:
             rates = []
             for _ in range(args.runs):
-                reqs = [(prompt_ids(tok, 100, next(salts)), args.new_tokens, 0.0) for _ in range(c)]
+                reqs = [(fresh_prompt_ids(tok, 100), args.new_tokens, 0.0) for _ in range(c)]
                 rates.append(await run_engine(engine, reqs))
             results[f"plumbline c={c}"] = statistics.median(rates)
             print(f"plumbline  concurrency {c:3d}: {results[f'plumbline c={c}']:8.1f} tok/s", flush=True)
         if mixed:
             rates = []
-            for run in range(args.runs):
-                fresh = [(prompt_ids(tok, len(ids), next(salts)), m, at) for ids, m, at in mixed]
-                rates.append(await run_engine(engine, fresh if run else mixed))
+            for _ in range(args.runs):       # the mixed workload's lengths, fresh prompts
+                fresh = [(fresh_prompt_ids(tok, len(ids)), m, at) for ids, m, at in mixed]
+                rates.append(await run_engine(engine, fresh))
             results["plumbline mixed"] = statistics.median(rates)
             print(f"plumbline  mixed workload : {results['plumbline mixed']:8.1f} tok/s", flush=True)
         print(f"prefix cache hits: {engine.stats().num_prefix_hit_tokens} tokens", flush=True)

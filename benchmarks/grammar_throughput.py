@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import random
 import statistics
@@ -23,7 +22,7 @@ import time
 from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams
 from grammars import GrammarSpec
 
-from benchmarks.engine_throughput import prompt_ids
+from benchmarks.engine_throughput import fresh_prompt_ids
 
 SCHEMA = {"type": "object", "properties": {"items": {
     "type": "array", "minItems": 50, "items": {
@@ -59,11 +58,8 @@ def main() -> None:
 
     engine = AsyncEngine(EngineConfig(dtype=args.dtype, max_num_batched_tokens=512,
                                       grammar_fast_forward=args.fast_forward))
-    salts = itertools.count()
-
     def fresh_prompts(n: int) -> list[list[int]]:
-        # prompts the engine has not seen: repeated ones would skip prefill via the prefix cache
-        return [prompt_ids(engine.tokenizer, 100, next(salts)) for _ in range(n)]
+        return [fresh_prompt_ids(engine.tokenizer, 100) for _ in range(n)]
     free = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     spec = GrammarSpec("json_schema", json.dumps(SCHEMA))
     constrained = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,

@@ -34,17 +34,16 @@ class Detokenizer:
     """Token ids in, complete characters out."""
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool) -> None:
-        self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         # transformers' decode is the backend's (the Rust tokenizer's) plus the clean-up of
         # spaces, when configured, and argument handling that cost more than the decode itself:
-        # twice per token per stream on the event loop. Same text: the backend is called the same way.
+        # twice per token per stream on the event loop. Both take (ids, skip_special_tokens=).
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._backend = (backend if backend is not None
-                         and not getattr(tokenizer, "clean_up_tokenization_spaces", True) else None)
+        cleans = getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        self._decoder = backend if backend is not None and not cleans else tokenizer
 
     @property
     def is_holding(self) -> bool:
@@ -52,9 +51,7 @@ class Detokenizer:
         return len(self._ids) > self._read_offset
 
     def _decode(self, ids: list[int]) -> str:
-        if self._backend is not None:
-            return str(self._backend.decode(ids, skip_special_tokens=self._skip))
-        return str(self._tokenizer.decode(ids, skip_special_tokens=self._skip))
+        return str(self._decoder.decode(ids, skip_special_tokens=self._skip))
 
     def push(self, token_ids: Sequence[int], final: bool = False) -> str:
         """The text the new tokens complete; at `final`, whatever is left, complete or not."""

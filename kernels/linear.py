@@ -52,17 +52,12 @@ from kernels.simd import add8, fma8, load8, splat8, store8, zeros8
 # and 512 for 1-64 rows, and within noise for a 512-row prefill chunk.
 PACK_ROWS_HINT = 32
 
-# (in_features, out_features) -> the smallest number of rows at which bf16 is used. The defaults
-# were measured with `calibrate` on a CPU with AVX512-BF16 (Zen 4; torch 2.13, SmolLM2-135M
-# shapes), where it found 2 or 8 rows from run to run. Shapes not listed use
-# DEFAULT_MIN_BF16_ROWS.
-MIN_BF16_ROWS: dict[tuple[int, int], int] = {
-    (576, 960): 8,       # qkv
-    (576, 576): 8,       # o_proj
-    (576, 3072): 8,      # gate_up
-    (1536, 576): 8,      # down
-}
-DEFAULT_MIN_BF16_ROWS = 2
+# (in_features, out_features) -> the smallest number of rows at which bf16 is used: what
+# `calibrate` measured when the engine loaded a bf16 body. Shapes it has not measured use
+# DEFAULT_MIN_BF16_ROWS, what it found for every SmolLM2-135M shape on a CPU with AVX512-BF16
+# (Zen 4, torch 2.13: 2 or 8 rows from run to run; the larger keeps one-stream decode in fp32).
+MIN_BF16_ROWS: dict[tuple[int, int], int] = {}
+DEFAULT_MIN_BF16_ROWS = 8
 
 
 @dataclass(slots=True)

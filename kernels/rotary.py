@@ -85,6 +85,15 @@ def _cache_slot(slots, t, num_slots):  # type: ignore[no-untyped-def]
     return slot
 
 
+@njit(nogil=True, boundscheck=False, inline="always")
+def _check_slots(slots, num_slots):  # type: ignore[no-untyped-def]
+    """_cache_slot's check for all rows at once, for a parallel driver to make before its prange:
+    an exception raised inside a numba parallel loop does not reach the caller (the write it
+    guards would land outside the cache); one raised before the loop does."""
+    if slots.size and slots.max() >= num_slots:
+        raise IndexError("slot_mapping points outside the KV cache")
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _rotate_store(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots, t0, t1):  # type: ignore[no-untyped-def]
     """Rows t0 .. t1 - 1 of qkv [T, (h + 2 kvh) * d] -> q_out [T, h * d] rotated; k rotated and
@@ -159,6 +168,7 @@ def _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_
 def _rotate_store_parallel(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots, threads):  # type: ignore[no-untyped-def]
     """_rotate_store over row ranges split across threads (a prefill chunk's rows; each row is
     computed and stored as alone: the same bits, and no two rows share a cache slot)."""
+    _check_slots(slots, k_flat.shape[0])
     per = (qkv.shape[0] + threads - 1) // threads
     for i in prange(threads):
         _rotate_store(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots,
@@ -167,20 +177,11 @@ def _rotate_store_parallel(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat
 
 @njit(nogil=True, boundscheck=False, parallel=True, cache=True)
 def _rotate_store_bf16_parallel(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots, threads):  # type: ignore[no-untyped-def]
+    _check_slots(slots, k_flat.shape[0])
     per = (qkv.shape[0] + threads - 1) // threads
     for i in prange(threads):
         _rotate_store_bf16(qkv, num_heads, num_kv_heads, cos, sin, q_out, k_flat, v_flat, slots,
                            i * per, min(qkv.shape[0], (i + 1) * per))
-
-
-def _rotate_store_rows(serial, parallel, *args) -> None:  # type: ignore[no-untyped-def]
-    """kernels.backend.split_rows, the slots checked first where the rows go parallel: an
-    exception raised inside a numba parallel loop does not reach the caller (the write that
-    _cache_slot guards would land outside the cache)."""
-    rows, k_flat, slots = args[0].shape[0], args[6], args[8]
-    if rows >= PARALLEL_ROWS and slots.max() >= k_flat.shape[0]:
-        raise IndexError("slot_mapping points outside the KV cache")
-    split_rows(serial, parallel, rows, *args)
 
 
 def _fused_takes(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -272,17 +273,17 @@ def rotate_and_store(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: 
     if fused and qkv.dtype != torch.float32:
         q = torch.empty(qkv.shape[0], num_heads * head_dim, dtype=qkv.dtype)
         bits = lambda t: t.view(torch.int16).numpy()  # noqa: E731
-        _rotate_store_rows(_rotate_store_bf16, _rotate_store_bf16_parallel,
-                           bits(qkv), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), bits(q),
-                           bits(k_cache.view(-1, num_kv_heads * head_dim)),
-                           bits(v_cache.view(-1, num_kv_heads * head_dim)), slot_mapping.numpy())
+        split_rows(_rotate_store_bf16, _rotate_store_bf16_parallel, qkv.shape[0],
+                   bits(qkv), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), bits(q),
+                   bits(k_cache.view(-1, num_kv_heads * head_dim)),
+                   bits(v_cache.view(-1, num_kv_heads * head_dim)), slot_mapping.numpy())
         return q.view(-1, num_heads, head_dim)
     if fused:
         q = torch.empty(qkv.shape[0], num_heads * head_dim)
-        _rotate_store_rows(_rotate_store, _rotate_store_parallel,
-                           qkv.numpy(), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), q.numpy(),
-                           k_cache.view(-1, num_kv_heads * head_dim).numpy(),
-                           v_cache.view(-1, num_kv_heads * head_dim).numpy(), slot_mapping.numpy())
+        split_rows(_rotate_store, _rotate_store_parallel, qkv.shape[0],
+                   qkv.numpy(), num_heads, num_kv_heads, cos.numpy(), sin.numpy(), q.numpy(),
+                   k_cache.view(-1, num_kv_heads * head_dim).numpy(),
+                   v_cache.view(-1, num_kv_heads * head_dim).numpy(), slot_mapping.numpy())
         return q.view(-1, num_heads, head_dim)
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
                          num_kv_heads * head_dim], dim=-1)

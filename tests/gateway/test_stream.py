@@ -50,7 +50,7 @@ def test_detokenizer_decodes_as_transformers_does(tokenizer):
     special = [tokenizer.eos_token_id, *tokenizer.all_special_ids]
     for skip in (True, False):
         detok = Detokenizer(tokenizer, [], skip)
-        assert detok._backend is not None, "the default tokenizer takes the direct path"
+        assert detok._decoder is tokenizer.backend_tokenizer, "the default takes the direct path"
         for _ in range(50):
             ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tokenizer))
                    for _ in range(rng.randint(1, 12))]
