@@ -22,7 +22,7 @@ import time
 
 from benchmarks.cpu import cpu_line
 from benchmarks.engine_throughput import prompt_ids
-from engine.config import EngineConfig
+from engine.config import DEFAULT_MODEL, EngineConfig
 from engine.engine import EngineCore
 from engine.types import GenerateRequest, SamplingParams
 
@@ -49,7 +49,7 @@ def one_round(core: EngineCore, budget: int, seqs: int, prompt_tokens: int, salt
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=EngineConfig.model)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--seqs", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=100)
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])

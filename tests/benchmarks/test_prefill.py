@@ -2,7 +2,10 @@
 as many steps as the budget cuts the prompts into, and the table has one row per budget."""
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import prefill
+from engine.config import DEFAULT_MODEL
 
 
 def test_rounds_give_every_prompt_its_first_token_in_the_budgets_steps(tiny_model_dir, capsys):
@@ -15,3 +18,21 @@ def test_rounds_give_every_prompt_its_first_token_in_the_budgets_steps(tiny_mode
     assert [int(r[1]) for r in rows] == [4, 1]
     for _, _, wall, p50, rate in rows:
         assert 0 < float(p50) <= float(wall) and float(rate) > 0
+
+
+def test_without_model_it_loads_the_default_model(monkeypatch):
+    # EngineConfig is a slots dataclass: its class attribute `model` is a slot descriptor, not
+    # the default string (the command once passed that descriptor on and failed at load).
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def engine(config):
+        seen.append(config.model)
+        raise Loaded
+
+    monkeypatch.setattr(prefill, "EngineCore", engine)
+    with pytest.raises(Loaded):
+        prefill.main(["--seqs", "1", "--budgets", "16", "--rounds", "1"])
+    assert seen == [DEFAULT_MODEL]
