@@ -191,7 +191,8 @@ def bench_linear(repeats: int) -> None:
     print("# linear per shape and rows (ms): F.linear fp32 (MKL), fp32 on oneDNN's prepacked weight,"
           " fp32 on our panels (kernels.linear, the default); a bf16 layer: F.linear bf16 on the"
           " plain weight, oneDNN bf16 on the weight prepacked in bf16 (its bf16 branch), fp32 on"
-          " bf16 panels (its fp32 branch); dispatch = kernels.linear's choice for a bf16 body;"
+          " bf16 panels (its fp32 branch); dispatch = kernels.linear's choice for a bf16 body"
+          " (the lm_head's: calibrate_panels');"
           f" {cpu_line()}")
     shapes = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576),
               "lm_head": (576, 49152)}
@@ -205,6 +206,8 @@ def bench_linear(repeats: int) -> None:
         layer16 = linear.prepare_linear(w16)
         if name != "lm_head":
             linear.calibrate([(n_in, n_out)])       # what the engine measures as it loads
+        else:                                       # ... and for its fp32 lm_head
+            head_onednn_rows = linear.calibrate_panels(linear.prepare_linear(w32))
         for rows in (1, 2, 8, 32, 64, 256, 512):
             x32 = torch.randn(rows, n_in)
             x16 = x32.bfloat16()
@@ -217,7 +220,8 @@ def bench_linear(repeats: int) -> None:
             t16f = median_ms(lambda: linear.linear_fp32(x16, layer16), reps, "cpu")
             choice = "bf16" if linear.use_bf16(rows, n_in, n_out) else "fp32"
             if name == "lm_head":
-                choice = "fp32 (logits stay fp32 by contract)"
+                path = "oneDNN" if rows >= head_onednn_rows else "panels"
+                choice = f"fp32 on {path} (logits stay fp32 by contract)"
             row(f"  {name} {n_in}->{n_out} rows={rows}", fp32=t32, onednn=tdnn, panels=tpan,
                 onednn_over_panels=tdnn / tpan, bf16_plain=t16, bf16_prepacked=t16p,
                 fp32_on_bf16_panels=t16f, dispatch=choice)

@@ -59,6 +59,9 @@ PACK_ROWS_HINT = 32
 MIN_BF16_ROWS: dict[tuple[int, int], int] = {}
 DEFAULT_MIN_BF16_ROWS = 8
 
+NEVER = 1 << 62     # a threshold no row count reaches (a shape that always runs in fp32; a layer
+                    # whose fp32 branch always takes its panels)
+
 
 @dataclass(slots=True)
 class LinearWeight:
@@ -67,9 +70,12 @@ class LinearWeight:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None     # the weight's values in fp32, oneDNN's blocked layout
-    panels: torch.Tensor | None = None     # ... or in fp32 panels [out / PANEL, in, PANEL]
+    panels: torch.Tensor | None = None     # ... or in fp32 panels [out / PANEL, in, PANEL] (or both)
     panel_data: np.ndarray | None = None   # the panels' memory, flat, as the numba kernel takes it
     packed_bf16: torch.Tensor | None = None  # a bf16 layer's weight in oneDNN's layout, in bf16
+    # A layer with panels and `packed` both (the lm_head where calibrate_panels found oneDNN
+    # faster): from this many rows its fp32 branch runs oneDNN, below it the panels.
+    onednn_rows: int = NEVER
 
     @property
     def shape(self) -> torch.Size:
@@ -156,7 +162,8 @@ def linear_bf16(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
 
 
 def _fp32_packed(x: torch.Tensor, layer: LinearWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    if layer.panels is not None:
+    if layer.panels is not None and (layer.packed is None
+                                     or x.numel() // x.shape[-1] < layer.onednn_rows):
         return panel_gemm(x, layer.panels, bias, layer.panel_data)
     assert layer.packed is not None
     return _onednn(x, layer.packed, bias)
@@ -262,9 +269,6 @@ def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return _medians_ms((fn,), repeats)[0]
 
 
-NEVER = 1 << 62     # a threshold no row count reaches: this shape always runs in fp32
-
-
 def _medians_ms(fns, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
     """Median ms of each of fns over `repeats` calls after one warm-up, timed in alternation: a
     burst of load or a clock change on a busy or virtual CPU then hits all of them, not
@@ -330,6 +334,48 @@ def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 3
         found[(in_features, out_features)] = threshold
     MIN_BF16_ROWS.update(found)
     return found
+
+
+def calibrate_panels(layer: LinearWeight, rows: tuple[int, ...] = (1, 2, 8, 32),
+                     repeats: int = 9) -> int:
+    """Measure from how many rows oneDNN's fp32 product beats the panel GEMM on this fp32 layer
+    (the lm_head: larger than the cache, so both read it from memory, as a decode step does);
+    where it wins, keep a oneDNN copy beside the panels (keep_onednn_copy). Returns the
+    threshold: the smallest of `rows` from which oneDNN wins at every larger count tried, NEVER
+    where it never does (then no copy is kept).
+
+    The panels use 8-float (AVX2) vectors; oneDNN uses AVX-512 where the CPU has it, and on
+    Zen 4 its lm_head product ran 1.2x faster from 8 rows while the panels stayed faster at 1 and
+    2 (kernels_bench --only linear, docs/BENCHMARKS.md). On an AVX2-only CPU the panels won up
+    to 32 rows. Costs a second copy of the layer where oneDNN wins."""
+    if layer.panels is None or layer.panels.dtype != torch.float32 or not prepack_linear():
+        return NEVER
+    packed = _onednn_copy(layer)
+    threshold = NEVER
+    for n in sorted(rows, reverse=True):
+        x = torch.randn(n, layer.shape[1])
+        t_panels, t_onednn = _medians_ms((lambda: panel_gemm(x, layer.panels, None, layer.panel_data),
+                                          lambda: _onednn(x, packed, None)), repeats)
+        if t_onednn >= t_panels:
+            break
+        threshold = n
+    if threshold != NEVER:
+        keep_onednn_copy(layer, threshold, packed)
+    return threshold
+
+
+def _onednn_copy(layer: LinearWeight) -> torch.Tensor:
+    """The fp32 panels' weight [out, in] reordered for oneDNN."""
+    assert layer.panels is not None
+    weight = layer.panels.transpose(1, 2).reshape(layer.shape[0], layer.shape[1])
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
+
+
+def keep_onednn_copy(layer: LinearWeight, rows: int, packed: torch.Tensor | None = None) -> None:
+    """Give an fp32 layer with panels a oneDNN copy that its fp32 branch runs from `rows` rows
+    (what calibrate_panels measured; again for a model rebuilt with new weights)."""
+    layer.packed = _onednn_copy(layer) if packed is None else packed
+    layer.onednn_rows = rows
 
 
 def linear_fp32(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:

@@ -147,3 +147,39 @@ def test_calibrate_sets_the_threshold_use_bf16_reads(monkeypatch: pytest.MonkeyP
     threshold = found[(64, 96)]
     assert threshold in (1, 4, linear_mod.NEVER)
     assert [use_bf16(n, 64, 96) for n in (1, 4, 1 << 20)] == [n >= threshold for n in (1, 4, 1 << 20)]
+
+
+@needs_prepack
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_layer_with_a_onednn_copy_takes_it_from_its_row_count(with_bias: bool) -> None:
+    """The lm_head's two fp32 forms (calibrate_panels keeps both where oneDNN wins from some
+    row count): below the threshold the panels' bits, from it oneDNN's, both F.linear's values."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5 * linear_mod.PANEL, 72, generator=g)
+    bias = torch.randn(w.shape[0], generator=g) if with_bias else None
+    layer = prepare_linear(w, bias)
+    assert layer.packed is None and layer.onednn_rows == linear_mod.NEVER
+    linear_mod.keep_onednn_copy(layer, 4)
+    assert layer.packed is not None and layer.panels is not None
+    for n in (1, 3, 4, 9):
+        x = torch.randn(n, 72, generator=g)
+        out = apply_linear(x, layer)
+        torch.testing.assert_close(out, F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+        panels = linear_mod.panel_gemm(x, layer.panels, bias, layer.panel_data)
+        onednn = linear_mod._onednn(x, layer.packed, bias)
+        assert torch.equal(out, panels if n < 4 else onednn), n
+
+
+@needs_prepack
+def test_calibrate_panels_keeps_the_copy_only_where_onednn_won() -> None:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(4 * linear_mod.PANEL, 64, generator=g)
+    layer = prepare_linear(w)
+    threshold = linear_mod.calibrate_panels(layer, rows=(1, 4), repeats=2)
+    assert threshold in (1, 4, linear_mod.NEVER)
+    assert (layer.packed is not None) == (threshold != linear_mod.NEVER)
+    assert layer.onednn_rows == threshold
+    x = torch.randn(6, 64, generator=g)
+    torch.testing.assert_close(apply_linear(x, layer), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    # a bf16 layer's panels hold bf16: its fp32 branch has no oneDNN copy to compare
+    assert linear_mod.calibrate_panels(prepare_linear(w.bfloat16())) == linear_mod.NEVER
