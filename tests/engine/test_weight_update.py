@@ -114,3 +114,30 @@ def test_mismatched_weights_are_refused(tiny_model_dir, new_state):
         return engine.weights_version
 
     assert run(tiny_model_dir, scenario) == 0
+
+
+def test_a_rebuilt_model_keeps_the_heads_measured_onednn_path(tiny_model_dir, new_state):
+    """The fp32 lm_head's oneDNN crossover is measured once, at load (calibrate_panels); a model
+    built from new weights gets the same two paths, and both give the new head's logits."""
+    import torch.nn.functional as F
+
+    from engine import EngineCore
+    from kernels.linear import NEVER, _onednn, panel_gemm
+
+    runner = EngineCore(EngineConfig(model=str(tiny_model_dir))).runner
+    measured = runner.head_onednn_rows
+    assert measured in (1, 2, 8, 32, NEVER)
+    assert (runner.model.lm_head.packed is not None) == (measured != NEVER)
+    runner.head_onednn_rows = 2            # as if it had measured oneDNN faster from 2 rows
+    model = runner.build_model(new_state)
+    head = model.lm_head
+    assert head.packed is not None and head.panels is not None and head.onednn_rows == 2
+    g = torch.Generator().manual_seed(3)
+    weight = new_state["lm_head.weight"]
+    for rows in (1, 2, 5):
+        hidden = torch.randn(rows, weight.shape[1], generator=g)
+        logits = model.compute_logits(hidden)
+        torch.testing.assert_close(logits, F.linear(hidden, weight), rtol=1e-5, atol=1e-4)
+        want = (panel_gemm(hidden, head.panels, None, head.panel_data) if rows < 2
+                else _onednn(hidden, head.packed, None))
+        assert torch.equal(logits, want), rows
