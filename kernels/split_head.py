@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 from kernels.backend import cpu_flags, panel_linear
-from kernels.linear import (PACK_ROWS_HINT, PANEL, _flat, _medians_ms, apply_linear, pack_panels,
-                            panel_gemm, prepare_linear)
+from kernels.linear import (PACK_ROWS_HINT, PANEL, _flat, _medians_ms, apply_linear,
+                            calibrate_panels, pack_panels, panel_gemm, prepare_linear)
 
 
 @dataclass(slots=True)
@@ -112,8 +112,11 @@ def split_head_logits(hidden: torch.Tensor, head: SplitHead) -> torch.Tensor:
 def split_is_faster(weight: torch.Tensor, rows: int, repeats: int = 5) -> tuple[bool, float, float]:
     """Time the fp32 head and the split head on this CPU for `rows` rows: (split wins, fp32 ms,
     split ms). Through oneDNN (as with AMX) the split weight is kept in fp32, twice the fp32
-    head's bytes, so whether the matrix units make up for it is measured, not assumed."""
+    head's bytes, so whether the matrix units make up for it is measured, not assumed. The fp32
+    head is timed as the engine would run it at `rows`: on its panels, or on oneDNN where that
+    measures faster (calibrate_panels)."""
     fp32, split = prepare_linear(weight.float().contiguous()), prepare_split_head(weight)
+    calibrate_panels(fp32, (rows,), repeats)
     x = torch.randn(rows, weight.shape[1])
     t32, tsplit = _medians_ms((lambda: apply_linear(x, fp32), lambda: split_head_logits(x, split)),
                               repeats)
