@@ -6,7 +6,9 @@ MKL takes a slow generic path); oneDNN on a weight reordered once into its block
 2 rows on. Our own panel GEMM (below) is faster again at decode sizes and about even at a
 512-row prefill chunk (the lm_head is computed for sampled rows only, so decode sizes are what
 it sees). So a weight whose out_features
-divide into 24-column panels is packed into them; others fall back to oneDNN.
+divide into 24-column panels is packed into them; others fall back to oneDNN. (On a CPU with
+AVX-512 oneDNN's fp32 product overtakes the panels' AVX2 vectors from some row count: the engine
+measures that for the lm_head at load, `calibrate_panels`, and keeps both forms where it does.)
 `benchmarks/kernels_bench.py --only linear` measures all three; docs/BENCHMARKS.md has the
 figures. Deterministic mode packs every layer into panels (kernels.invariant pads out_features
 to a multiple of PANEL); a packed fp32 layer drops its plain copy, which would hold as much
@@ -344,10 +346,10 @@ def calibrate_panels(layer: LinearWeight, rows: tuple[int, ...] = (1, 2, 8, 32),
     threshold: the smallest of `rows` from which oneDNN wins at every larger count tried, NEVER
     where it never does (then no copy is kept).
 
-    The panels use 8-float (AVX2) vectors; oneDNN uses AVX-512 where the CPU has it, and on
-    Zen 4 its lm_head product ran 1.2x faster from 8 rows while the panels stayed faster at 1 and
-    2 (kernels_bench --only linear, docs/BENCHMARKS.md). On an AVX2-only CPU the panels won up
-    to 32 rows. Costs a second copy of the layer where oneDNN wins."""
+    The panels use 8-float (AVX2) vectors; oneDNN uses AVX-512 where the CPU has it. On Zen 4
+    its lm_head product ran 14-18% faster at 32 rows, 8 rows was a toss-up, and the panels stayed
+    faster at 1 and 2 (kernels_bench --only linear, docs/BENCHMARKS.md); on an AVX2-only CPU
+    the panels won up to 32 rows. Costs a second copy of the layer where oneDNN wins."""
     if layer.panels is None or layer.panels.dtype != torch.float32 or not prepack_linear():
         return NEVER
     packed = _onednn_copy(layer)
