@@ -183,3 +183,21 @@ def test_calibrate_panels_keeps_the_copy_only_where_onednn_won() -> None:
     torch.testing.assert_close(apply_linear(x, layer), F.linear(x, w), rtol=1e-5, atol=1e-4)
     # a bf16 layer's panels hold bf16: its fp32 branch has no oneDNN copy to compare
     assert linear_mod.calibrate_panels(prepare_linear(w.bfloat16())) == linear_mod.NEVER
+
+
+@needs_prepack
+def test_calibration_times_a_loss_again_before_it_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One noisy loss (a burst of load) must not move the threshold above smaller row counts:
+    at 4 rows oneDNN loses once, then wins; at 1 row it loses twice."""
+    timings = iter([(2.0, 1.0), (1.0, 2.0),      # 4 rows: (candidate, incumbent) ms
+                    (2.0, 1.0), (2.0, 1.0)])     # 1 row
+    calls = []
+
+    def fake(fns, repeats):
+        calls.append(len(fns))
+        return list(next(timings))
+
+    monkeypatch.setattr(linear_mod, "_medians_ms", fake)
+    layer = prepare_linear(torch.randn(2 * linear_mod.PANEL, 16))
+    assert linear_mod.calibrate_panels(layer, rows=(1, 4), repeats=2) == 4
+    assert calls == [2, 2, 2, 2] and layer.onednn_rows == 4 and layer.packed is not None
