@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.cpu import cpu_line
 from engine import AsyncEngine, EngineConfig, GenerateRequest, SamplingParams
+from engine.config import DEFAULT_MODEL
 
 FILLER = ("The history of computing is a story of abstractions layered one on another, from "
           "switches and vacuum tubes to transistors, compilers, operating systems and networks. ")
@@ -105,7 +106,7 @@ def run_hf(model_dir: str, dtype: str, new_tokens: int, runs: int,
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--runs", type=int, default=3)

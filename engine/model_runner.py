@@ -115,15 +115,13 @@ class ModelRunner:
                                              for (i, o), n in found.items()})
         if on_cpu:
             warm_up()                # numba compiles on first call: not on a first request
-        self.head_onednn_rows = NEVER
         if on_cpu and isinstance(self.model.lm_head, LinearWeight) and not config.deterministic:
             # Whether oneDNN's fp32 product beats our panels on the lm_head from some row count
             # depends on the CPU (AVX-512 or not: kernels/linear.py), so it is measured here.
             # (a step samples at most max_num_seqs rows: larger counts are not tried)
             rows = tuple(n for n in (1, 2, 8, 32) if n <= config.max_num_seqs) or (1,)
-            self.head_onednn_rows = calibrate_panels(self.model.lm_head, rows)
-            log.info("head_fp32_crossover", onednn_from_rows="never"
-                     if self.head_onednn_rows == NEVER else self.head_onednn_rows)
+            found = calibrate_panels(self.model.lm_head, rows)
+            log.info("head_fp32_crossover", onednn_from_rows="never" if found == NEVER else found)
         self.weights_version = 0
         self.vocab_size = self.model.lm_head.shape[0]
         self.block_size = config.block_size
@@ -269,8 +267,9 @@ class ModelRunner:
         """A model of the same architecture from new weights; refuses mismatched shapes."""
         model = LlamaModel(self.hf_config, state, self.dtype, self.config.deterministic,
                            self.device, self.head_precision)
-        if self.head_onednn_rows != NEVER:        # measured at load: the same shape, same CPU
-            keep_onednn_copy(model.lm_head, self.head_onednn_rows)
+        head = self.model.lm_head                 # its crossover was measured at load
+        if isinstance(head, LinearWeight) and head.onednn_rows != NEVER:
+            keep_onednn_copy(model.lm_head, head.onednn_rows)
         old, new = self.model, model
         pairs = [(old.embed, new.embed, "embed_tokens"), (old.lm_head, new.lm_head, "lm_head")]
         pairs += [(a[k], b[k], f"layers.{i}.{k}") for i, (a, b) in enumerate(zip(old.layers, new.layers))

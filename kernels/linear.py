@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,6 +287,17 @@ def _medians_ms(fns, repeats: int) -> list[float]:  # type: ignore[no-untyped-de
     return [sorted(spent)[repeats // 2] * 1e3 for spent in times]
 
 
+def _crossover(rows: tuple[int, ...], wins: Callable[[int], bool]) -> int:
+    """The smallest of `rows` from which `wins(n)` holds at every larger count tried (largest
+    first, stopping at the first loss), NEVER where it holds at none."""
+    threshold = NEVER
+    for n in sorted(rows, reverse=True):
+        if not wins(n):
+            break
+        threshold = n
+    return threshold
+
+
 def _wins(candidate, incumbent, repeats: int) -> bool:  # type: ignore[no-untyped-def]
     """Whether `candidate` runs faster than `incumbent` (medians, timed in alternation). A loss
     is timed once more before it counts: the calibrations stop at the first loss from the top,
@@ -333,18 +345,16 @@ def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 3
         weight = torch.randn(out_features, in_features).bfloat16()
         copies = min(512, max(1, -(-_cold_bytes() // weight.nbytes)))    # tiny layers: fewer
         layers = [prepare_linear(weight.clone()) for _ in range(copies)]
-        threshold = NEVER
-        for n in sorted(rows, reverse=True):
+
+        def bf16_wins(n: int) -> bool:
             x = torch.randn(n, in_features).bfloat16()
             # a large product is bound by arithmetic and steadier: fewer repeats (a big model's
             # 512-row products take a while)
             cycle = layers if n <= COLD_ROWS else layers[:1]
             reps = max(3, repeats // len(cycle) if n <= COLD_ROWS else repeats // 3)
-            if not _wins(lambda: [linear_bf16(x, layer) for layer in cycle],
-                         lambda: [linear_fp32(x, layer).bfloat16() for layer in cycle], reps):
-                break
-            threshold = n
-        found[(in_features, out_features)] = threshold
+            return _wins(lambda: [linear_bf16(x, layer) for layer in cycle],
+                         lambda: [linear_fp32(x, layer).bfloat16() for layer in cycle], reps)
+        found[(in_features, out_features)] = _crossover(rows, bf16_wins)
     MIN_BF16_ROWS.update(found)
     return found
 
@@ -364,13 +374,12 @@ def calibrate_panels(layer: LinearWeight, rows: tuple[int, ...] = (1, 2, 8, 32),
     if layer.panels is None or layer.panels.dtype != torch.float32 or not prepack_linear():
         return NEVER
     packed = _onednn_copy(layer)
-    threshold = NEVER
-    for n in sorted(rows, reverse=True):
+
+    def onednn_wins(n: int) -> bool:
         x = torch.randn(n, layer.shape[1])
-        if not _wins(lambda: _onednn(x, packed, None),
-                     lambda: panel_gemm(x, layer.panels, None, layer.panel_data), repeats):
-            break
-        threshold = n
+        return _wins(lambda: _onednn(x, packed, None),
+                     lambda: panel_gemm(x, layer.panels, None, layer.panel_data), repeats)
+    threshold = _crossover(rows, onednn_wins)
     if threshold != NEVER:
         keep_onednn_copy(layer, threshold, packed)
     return threshold

@@ -122,13 +122,13 @@ def test_a_rebuilt_model_keeps_the_heads_measured_onednn_path(tiny_model_dir, ne
     import torch.nn.functional as F
 
     from engine import EngineCore
-    from kernels.linear import NEVER, _onednn, panel_gemm
+    from kernels.linear import NEVER, _onednn, keep_onednn_copy, panel_gemm
 
     runner = EngineCore(EngineConfig(model=str(tiny_model_dir))).runner
-    measured = runner.head_onednn_rows
+    measured = runner.model.lm_head.onednn_rows
     assert measured in (1, 2, 8, 32, NEVER)
     assert (runner.model.lm_head.packed is not None) == (measured != NEVER)
-    runner.head_onednn_rows = 2            # as if it had measured oneDNN faster from 2 rows
+    keep_onednn_copy(runner.model.lm_head, 2)     # as if it had measured oneDNN faster from 2 rows
     model = runner.build_model(new_state)
     head = model.lm_head
     assert head.packed is not None and head.panels is not None and head.onednn_rows == 2
