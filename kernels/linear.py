@@ -299,11 +299,9 @@ def _crossover(rows: tuple[int, ...], wins: Callable[[int], bool]) -> int:
 
 
 def _wins(candidate, incumbent, repeats: int) -> bool:  # type: ignore[no-untyped-def]
-    """Whether `candidate` runs faster than `incumbent` (medians, timed in alternation). A loss
-    is timed once more before it counts: the calibrations stop at the first loss from the top,
-    so one burst of load on a shared CPU would otherwise move a threshold above every smaller
-    row count (under a sampling profiler at start-up the down projection once kept fp32 at 8
-    rows: 13% of an 8-stream decode step's samples in its slower branch)."""
+    """Whether `candidate` runs faster than `incumbent` (medians, in alternation). A loss is
+    timed once more before it counts: one burst of load would otherwise move a _crossover above
+    every smaller row count (under a profiler at start-up the down projection kept fp32 at 8)."""
     for _ in range(2):
         t_candidate, t_incumbent = _medians_ms((candidate, incumbent), repeats)
         if t_candidate < t_incumbent:
@@ -361,16 +359,10 @@ def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 3
 
 def calibrate_panels(layer: LinearWeight, rows: tuple[int, ...] = (1, 2, 8, 32),
                      repeats: int = 9) -> int:
-    """Measure from how many rows oneDNN's fp32 product beats the panel GEMM on this fp32 layer
-    (the lm_head: larger than the cache, so both read it from memory, as a decode step does);
-    where it wins, keep a oneDNN copy beside the panels (keep_onednn_copy). Returns the
-    threshold: the smallest of `rows` from which oneDNN wins at every larger count tried, NEVER
-    where it never does (then no copy is kept).
-
-    The panels use 8-float (AVX2) vectors; oneDNN uses AVX-512 where the CPU has it. On Zen 4
-    its lm_head product ran 14-18% faster at 32 rows, 8 rows was a toss-up, and the panels stayed
-    faster at 1 and 2 (kernels_bench --only linear, docs/BENCHMARKS.md); on an AVX2-only CPU
-    the panels won up to 32 rows. Costs a second copy of the layer where oneDNN wins."""
+    """From how many rows (_crossover) oneDNN's fp32 product beats the panels on this fp32 layer
+    (the lm_head, read from memory as a decode step reads it); where it wins anywhere, keep a
+    oneDNN copy beside the panels. oneDNN uses AVX-512 where the CPU has it, the panels AVX2:
+    on Zen 4 oneDNN won at 32 rows, the panels at 1-2 (docs/BENCHMARKS.md, linear layers)."""
     if layer.panels is None or layer.panels.dtype != torch.float32 or not prepack_linear():
         return NEVER
     packed = _onednn_copy(layer)
