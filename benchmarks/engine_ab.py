@@ -5,6 +5,10 @@ round in alternation, so that whatever else the machine does falls on both.
     python -m benchmarks.engine_ab [--concurrency 1 8 32] [--rounds 3] [--b deterministic=true]
     python -m benchmarks.engine_ab --b dtype=bfloat16          # the bf16 body against fp32
     python -m benchmarks.engine_ab --a dtype=bfloat16 --b dtype=bfloat16 cpu_bind=0,1
+    python -m benchmarks.engine_ab --a dtype=bfloat16 --a-env PLUMBLINE_DOT_BF16=0 --b dtype=bfloat16
+
+`--a-env` / `--b-env` set environment variables while that engine is built (the kernels read
+theirs when the weights are prepared, kernels/backend.py), and restore them after.
 
 Each engine is built and driven on a thread of its own, as the server drives its compute thread:
 each thread that enters an OpenMP region has its own team of workers, so a setting that acts on
@@ -20,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import os
 import statistics
 import time
+from collections.abc import Iterator
 
 from benchmarks.cpu import cpu_line
 from benchmarks.engine_throughput import prompt_ids
@@ -45,14 +52,22 @@ def main() -> None:
                     help="EngineConfig fields of engine A (default: the default fp32 engine)")
     ap.add_argument("--b", nargs="+", default=["deterministic=true"], metavar="KEY=VALUE",
                     help="EngineConfig fields of engine B")
+    ap.add_argument("--a-env", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="environment variables set while engine A is built")
+    ap.add_argument("--b-env", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="environment variables set while engine B is built")
     args = ap.parse_args()
     print(f"cpu: {cpu_line()}", flush=True)
     # No prefix cache in either: every round would otherwise reuse the last round's prompts.
     common = {"enable_prefix_caching": False, "max_num_batched_tokens": 512}
     fields = {"A": dict(_field(item) for item in args.a), "B": dict(_field(item) for item in args.b)}
     threads = {name: concurrent.futures.ThreadPoolExecutor(1) for name in fields}
-    engines = {name: threads[name].submit(LLM, **{**common, **fields[name]}).result()
-               for name in fields}
+    env = {"A": dict(item.split("=", 1) for item in args.a_env),
+           "B": dict(item.split("=", 1) for item in args.b_env)}
+    engines = {}
+    for name in fields:
+        with _environment(env[name]):
+            engines[name] = threads[name].submit(LLM, **{**common, **fields[name]}).result()
     tok = engines["A"].tokenizer
 
     def rate(name: str, prompts: list[list[int]], new_tokens: int) -> float:
@@ -60,7 +75,7 @@ def main() -> None:
 
     for name in engines:                                    # compile and warm both
         rate(name, [prompt_ids(tok, 100, 0)], 4)
-    print(f"A: {' '.join(args.a) or 'default (fp32)'}   B: {' '.join(args.b)}")
+    print(f"A: {' '.join(args.a + args.a_env) or 'default (fp32)'}   B: {' '.join(args.b + args.b_env)}")
     print(f"{'streams':>7}  {'A tok/s':>9}  {'B tok/s':>9}  {'B / A':>6}")
     for n in args.concurrency:
         prompts = [prompt_ids(tok, 100, i) for i in range(n)]
@@ -71,6 +86,20 @@ def main() -> None:
         ratio = statistics.median(b / a for a, b in zip(rates["A"], rates["B"]))
         print(f"{n:>7}  {statistics.median(rates['A']):>9.1f}  "
               f"{statistics.median(rates['B']):>9.1f}  {ratio:>6.2f}", flush=True)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _field(item: str) -> tuple[str, object]:

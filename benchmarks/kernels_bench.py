@@ -11,9 +11,11 @@ Each figure is the median of several runs, in milliseconds. Shapes are the defau
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import AttentionMetadata, slots_for  # noqa: E402
-from kernels.linear import _median_ms  # noqa: E402
-from kernels import attention, kv_store, linear, logit_mask, rmsnorm, rotary, split_head  # noqa: E402
+from kernels.calibrate import median_ms as timed_ms, medians_ms  # noqa: E402
+from kernels import attention, calibrate, kv_store, linear, logit_mask, rmsnorm, rotary, split_head  # noqa: E402
 from kernels.backend import cpu_flags  # noqa: E402
 from benchmarks.cpu import cpu_line  # noqa: E402
 
@@ -33,7 +35,7 @@ def median_ms(fn: Callable[[], object], repeats: int, device: str) -> float:
     if device == "cuda":
         import triton.testing
         return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
-    return _median_ms(fn, repeats)     # the same timing loop kernels.linear calibrates with
+    return timed_ms(fn, repeats)     # the same timing loop kernels.calibrate uses
 
 
 def row(name: str, **cols: float | str) -> None:
@@ -190,8 +192,9 @@ def bench_norm_rotary(device: str, repeats: int, dtypes: list[torch.dtype]) -> N
 def bench_linear(repeats: int) -> None:
     print("# linear per shape and rows (ms): F.linear fp32 (MKL), fp32 on oneDNN's prepacked weight,"
           " fp32 on our panels (kernels.linear, the default); a bf16 layer: F.linear bf16 on the"
-          " plain weight, oneDNN bf16 on the weight prepacked in bf16 (its bf16 branch), fp32 on"
-          " bf16 panels (its fp32 branch); dispatch = kernels.linear's choice for a bf16 body"
+          " plain weight, oneDNN bf16 on the weight prepacked in bf16 (its bf16 branch), its"
+          " small-product branch (kernels.dot_bf16 where the CPU has AVX512-BF16, else fp32 on"
+          " bf16 panels), fp32 on bf16 panels; dispatch = kernels.linear's choice for a bf16 body"
           " (the lm_head's: calibrate_panels');"
           f" {cpu_line()}")
     shapes = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576),
@@ -204,13 +207,15 @@ def bench_linear(repeats: int) -> None:
         assert panels.panels is not None
         w16 = w32.bfloat16()
         layer16 = linear.prepare_linear(w16)
+        with _env("PLUMBLINE_DOT_BF16", "0"):
+            layer16p = linear.prepare_linear(w16)      # bf16 panels for the fp32 panel GEMM
         # what the engine measures as it loads: the fp32 lm_head's oneDNN crossover, a body
         # layer's bf16 one
         head_onednn_rows = linear.NEVER
         if name == "lm_head":
-            head_onednn_rows = linear.calibrate_panels(linear.prepare_linear(w32))
+            head_onednn_rows = calibrate.calibrate_panels(linear.prepare_linear(w32))
         else:
-            linear.calibrate([(n_in, n_out)])
+            calibrate.calibrate([(n_in, n_out)])
         for rows in (1, 2, 8, 32, 64, 256, 512):
             x32 = torch.randn(rows, n_in)
             x16 = x32.bfloat16()
@@ -220,14 +225,57 @@ def bench_linear(repeats: int) -> None:
             tpan = median_ms(lambda: linear.apply_linear(x32, panels), reps, "cpu")
             t16 = median_ms(lambda: F.linear(x16, w16), reps, "cpu")
             t16p = median_ms(lambda: linear.linear_bf16(x16, layer16), reps, "cpu")
-            t16f = median_ms(lambda: linear.linear_fp32(x16, layer16), reps, "cpu")
-            choice = "bf16" if linear.use_bf16(rows, n_in, n_out) else "fp32"
+            t16b = median_ms(lambda: linear.linear_below(x16, layer16), reps, "cpu")
+            t16f = median_ms(lambda: linear.linear_fp32(x16, layer16p), reps, "cpu")
+            choice = ("bf16" if linear.use_bf16(rows, n_in, n_out, linear.below(layer16))
+                      else linear.below(layer16))
             if name == "lm_head":
                 path = "oneDNN" if rows >= head_onednn_rows else "panels"
                 choice = f"fp32 on {path} (logits stay fp32 by contract)"
             row(f"  {name} {n_in}->{n_out} rows={rows}", fp32=t32, onednn=tdnn, panels=tpan,
                 onednn_over_panels=tdnn / tpan, bf16_plain=t16, bf16_prepacked=t16p,
-                fp32_on_bf16_panels=t16f, dispatch=choice)
+                bf16_below=t16b, fp32_on_bf16_panels=t16f, dispatch=choice)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def bench_body(repeats: int, layers: int = 30) -> None:
+    """The bf16 body's GEMMs of one decode step of SmolLM2-135M (its four layer shapes, `layers`
+    layers each, random weights: 212 MB, read from memory as in a decode step), each branch a
+    bf16 layer can take: oneDNN's bf16 product, the dot-product GEMM (kernels.dot_bf16, where
+    the CPU has AVX512-BF16), and the fp32 panel GEMM on bf16 panels. Medians of `repeats`
+    passes, the branches in alternation."""
+    print(f"# bf16 body GEMMs of one decode step, {layers} layers x 4 shapes, ms; {cpu_line()}")
+    shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+    weights = [torch.randn(n_out, n_in).bfloat16() for n_in, n_out in shapes for _ in range(layers)]
+    dot = [linear.prepare_linear(w) for w in weights]
+    with _env("PLUMBLINE_DOT_BF16", "0"):
+        panels = [linear.prepare_linear(w) for w in weights]
+    has_dot = dot[0].pairs is not None
+    if not has_dot:
+        print("#   no AVX512-BF16 dot product here: the dot column is absent")
+    for rows in (1, 2, 4, 8, 16, 32, 64):
+        xs = {n_in: torch.randn(rows, n_in).bfloat16() for n_in, _ in shapes}
+        fns = [lambda: [linear.linear_bf16(xs[lw.shape[1]], lw) for lw in dot],
+               lambda: [linear.linear_fp32(xs[lw.shape[1]], lw).bfloat16() for lw in panels]]
+        if has_dot:
+            fns.append(lambda: [linear.linear_below(xs[lw.shape[1]], lw) for lw in dot])
+        times = medians_ms(fns, repeats)
+        cols = dict(onednn_bf16=times[0], fp32_on_bf16_panels=times[1])
+        if has_dot:
+            cols.update(dot_bf16=times[2], dot_over_onednn=times[2] / times[0])
+        row(f"  rows={rows}", **cols)
 
 
 def bench_head(repeats: int, rounds: int = 5) -> None:
@@ -279,7 +327,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--only", nargs="*",
-                        default=["mask", "attention", "store", "norm", "linear", "head"])
+                        default=["mask", "attention", "store", "norm", "linear", "body", "head"])
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
@@ -299,6 +347,8 @@ def main() -> None:
             bench_norm_rotary(args.device, args.repeats, dtypes)
         if "linear" in args.only and args.device == "cpu":
             bench_linear(args.repeats)
+        if "body" in args.only and args.device == "cpu":
+            bench_body(max(5, args.repeats // 3))
         if "head" in args.only and args.device == "cpu":
             bench_head(args.repeats)
 

@@ -22,7 +22,7 @@ from benchmarks.engine_throughput import prompt_ids
 from engine.config import EngineConfig
 from engine.engine import EngineCore
 from engine.types import GenerateRequest, SamplingParams
-from kernels.linear import _median_ms    # the timing loop kernels_bench and calibrate use
+from kernels.calibrate import median_ms    # the timing loop kernels_bench and calibrate use
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
             ("main thread again", core.step),
             ("rotating threads", lambda: rotating.submit(core.step).result())]
     for name, fn in runs:
-        print(f"{name:<20} {_median_ms(fn, args.repeats):7.1f} ms per {args.seqs}-sequence decode step",
+        print(f"{name:<20} {median_ms(fn, args.repeats):7.1f} ms per {args.seqs}-sequence decode step",
               flush=True)
 
 

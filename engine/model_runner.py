@@ -24,7 +24,8 @@ from grammars.steering import Steering
 from kernels import AttentionMetadata, LinearWeight, slots_for, warm_up
 from kernels.affinity import pin_team
 from kernels.backend import cpu_flags, native_bf16
-from kernels.linear import NEVER, calibrate, calibrate_panels, keep_onednn_copy
+from kernels.calibrate import calibrate, calibrate_panels
+from kernels.linear import NEVER, keep_onednn_copy
 from kernels.split_head import split_is_faster
 
 log = structlog.get_logger("plumbline.engine")

@@ -7,6 +7,8 @@ The one place in `kernels/` that reads environment variables:
 - PLUMBLINE_KERNELS=torch keeps linear layers on plain `F.linear` (no packing), and
   PLUMBLINE_KERNELS=onednn on oneDNN's prepacked weights instead of our panel GEMM, for A/B runs
   against the fast path.
+- PLUMBLINE_DOT_BF16=0 keeps bf16 layers' small products on the fp32 panel GEMM where the CPU
+  has AVX512-BF16's dot product (kernels.dot_bf16), for A/B runs; read when a layer is prepared.
 
 Triton is imported lazily: a CPU-only process never reaches a Triton kernel, so it never pays
 for the import. Kernel modules name `triton` and `tl` through `LazyModule`s from here, and a
@@ -73,6 +75,26 @@ def prepack_linear() -> bool:
 def panel_linear() -> bool:
     """Whether CPU fp32 linear layers run through our numba panel GEMM (kernels.linear)."""
     return os.environ.get("PLUMBLINE_KERNELS", "").lower() not in ("torch", "onednn")
+
+
+def dot_bf16_linear() -> bool:
+    """Whether bf16 layers keep their panels for kernels.dot_bf16: panels are on, the CPU has
+    AVX512-BF16 and AVX512-VL, and numba compiles for a target that has them (LLVM cannot emit
+    the instruction otherwise)."""
+    return (panel_linear() and os.environ.get("PLUMBLINE_DOT_BF16", "1") != "0"
+            and _dot_bf16_cpu())
+
+
+@functools.cache
+def _dot_bf16_cpu() -> bool:
+    if not {"avx512_bf16", "avx512vl"} <= cpu_flags():
+        return False
+    import numba
+    from llvmlite import binding
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False        # an explicit target (NUMBA_CPU_NAME): it may lack the instruction
+    features = binding.get_host_cpu_features()
+    return bool(features.get("avx512bf16")) and bool(features.get("avx512vl"))
 
 
 _numba_set = threading.local()      # the thread count this thread last gave numba

@@ -25,42 +25,43 @@ a blocked BLAS than one long chain would). Panels are split across numba's threa
 
 bf16 body. Whether a bf16 matmul beats fp32 depends on the CPU (native bf16 dot products with
 AVX512-BF16 or AMX, or none with AVX2 only), so it is measured, not assumed: `MIN_BF16_ROWS`
-says from how many rows the bf16 product is used; the engine re-measures it with `calibrate`
-when it loads a bf16 body. The bf16 product is oneDNN's on the weight prepacked in bf16 (where
-this CPU's oneDNN computes bf16: `bf16_prepack`): torch's F.linear on the plain bf16 weight
-took up to twice as long at decode sizes (1-32 rows), most likely reordering the weight at every
-call (kernels_bench --only linear). Below the threshold, the product runs in fp32 on the same values: through the
-panel GEMM on panels kept in bf16 (the microkernel widens each weight exactly as it loads it,
-so a decode step reads half the bytes of fp32 panels, and nothing is stored twice), or through
-oneDNN on an fp32 prepacked copy where the shape has no panels. The fp32 branch rounds its
-output to bf16, so both branches agree to bf16 rounding (accumulation order aside).
+says from how many rows oneDNN's bf16 product (on the weight prepacked in bf16 where this CPU's
+oneDNN computes bf16: `bf16_prepack`; F.linear on the plain bf16 weight took up to twice as
+long at 1-32 rows) is used; the engine re-measures it with `calibrate` when it loads a bf16
+body. Below the threshold a bf16 layer's products run on its panels, kept in bf16: with
+AVX512-BF16, in the pair layout of kernels.dot_bf16 (its dot-product instruction; faster than
+oneDNN at decode sizes on Zen 4); elsewhere through the panel GEMM in fp32, the microkernel
+widening each weight exactly as it loads it (a decode step reads half the bytes of fp32 panels),
+then rounded to bf16; oneDNN on an fp32 prepacked copy where the shape has no panels. Every
+branch sums exact products of the same bf16 values in fp32: they differ in order only.
 """
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from numba import njit, prange
 
-from kernels.backend import numba_threads, panel_linear, prepack_linear
+from kernels import dot_bf16
+from kernels.backend import dot_bf16_linear, numba_threads, panel_linear, prepack_linear
+from kernels.dot_bf16 import dot_gemm, pack_pairs
+from kernels.dot_bf16 import flat as flat_pairs
 from kernels.simd import add8, fma8, load8, splat8, store8, zeros8
 
 # oneDNN picks its blocked layout for an expected row count. 32 was as fast as or faster than 1
 # and 512 for 1-64 rows, and within noise for a 512-row prefill chunk.
 PACK_ROWS_HINT = 32
 
-# (in_features, out_features) -> the smallest number of rows at which bf16 is used: what
-# `calibrate` measured when the engine loaded a bf16 body. Shapes it has not measured use
-# DEFAULT_MIN_BF16_ROWS, what it found for every SmolLM2-135M shape on a CPU with AVX512-BF16
-# (Zen 4, torch 2.13: 2 or 8 rows from run to run; the larger keeps one-stream decode in fp32).
-MIN_BF16_ROWS: dict[tuple[int, int], int] = {}
-DEFAULT_MIN_BF16_ROWS = 8
+# (in_features, out_features, the layer's small-product kernel: `below`) -> the smallest number
+# of rows at which oneDNN's bf16 product is used: what kernels.calibrate measured when the
+# engine loaded a bf16 body (keyed by kernel too, so two engines with different kernels in one
+# process keep their own). Unmeasured shapes use the default, from kernels_bench --only body on
+# Zen 4: the fp32 panels lost from 2-8 rows, the dot-product kernel won up to 16 rows.
+MIN_BF16_ROWS: dict[tuple[int, int, str], int] = {}
+DEFAULT_MIN_BF16_ROWS = {"fp32": 8, "dot": 32}
 
 NEVER = 1 << 62     # a threshold no row count reaches (a shape that always runs in fp32; a layer
                     # whose fp32 branch always takes its panels)
@@ -75,6 +76,8 @@ class LinearWeight:
     packed: torch.Tensor | None = None     # the weight's values in fp32, oneDNN's blocked layout
     panels: torch.Tensor | None = None     # ... or in fp32 panels [out / PANEL, in, PANEL] (or both)
     panel_data: np.ndarray | None = None   # the panels' memory, flat, as the numba kernel takes it
+    pairs: torch.Tensor | None = None      # a bf16 layer's panels for kernels.dot_bf16 (not `panels`)
+    pairs_data: np.ndarray | None = None
     packed_bf16: torch.Tensor | None = None  # a bf16 layer's weight in oneDNN's layout, in bf16
     # A layer with panels and `packed` both (the lm_head where calibrate_panels found oneDNN
     # faster): from this many rows its fp32 branch runs oneDNN, below it the panels.
@@ -97,18 +100,22 @@ def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Li
     computes bf16. A weight whose every branch reads a packed form keeps no plain copy, which
     would hold as much memory again: what is left of it is a meta tensor (its shape and dtype,
     no data)."""
-    packed = panels = packed_bf16 = None
-    if not weight.is_cuda and panel_linear() and weight.shape[0] % PANEL == 0:
-        panels = pack_panels(weight, weight.dtype if weight.dtype == torch.bfloat16 else None)
+    packed = panels = packed_bf16 = pairs = None
+    bf16 = weight.dtype == torch.bfloat16
+    if (bf16 and not weight.is_cuda and dot_bf16_linear() and weight.shape[0] % PANEL == 0
+            and weight.shape[1] % 2 == 0):
+        pairs = pack_pairs(weight)
+    elif not weight.is_cuda and panel_linear() and weight.shape[0] % PANEL == 0:
+        panels = pack_panels(weight, weight.dtype if bf16 else None)
     elif not weight.is_cuda and prepack_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.float().contiguous(), PACK_ROWS_HINT)
     if weight.dtype == torch.bfloat16 and not weight.is_cuda and bf16_prepack():
         packed_bf16 = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS_HINT)
-    fp32_packed = packed is not None or panels is not None
-    if fp32_packed and (weight.dtype == torch.float32 or packed_bf16 is not None):
+    below = packed is not None or panels is not None or pairs is not None
+    if below and (weight.dtype == torch.float32 or packed_bf16 is not None):
         weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
     return LinearWeight(weight, bias, packed, panels, None if panels is None else _flat(panels),
-                        packed_bf16)
+                        pairs, None if pairs is None else flat_pairs(pairs), packed_bf16)
 
 
 @functools.cache
@@ -135,10 +142,17 @@ def _flat(panels: torch.Tensor) -> np.ndarray:
     return (flat.view(torch.int16) if panels.dtype == torch.bfloat16 else flat).numpy()
 
 
-def use_bf16(num_rows: int, in_features: int, out_features: int) -> bool:
-    """Whether a [num_rows, in] x [out, in]^T product of a bf16 layer should run in bf16."""
-    threshold = MIN_BF16_ROWS.get((in_features, out_features), DEFAULT_MIN_BF16_ROWS)
-    return num_rows >= threshold
+def below(layer: LinearWeight) -> str:
+    """Which kernel a bf16 layer's products below its crossover run: "dot" (kernels.dot_bf16)
+    or "fp32" (the fp32 panels, or oneDNN's fp32 product)."""
+    return "dot" if layer.pairs is not None else "fp32"
+
+
+def use_bf16(num_rows: int, in_features: int, out_features: int, kernel: str = "fp32") -> bool:
+    """Whether a [num_rows, in] x [out, in]^T product of a bf16 layer whose small products run
+    `kernel` (`below`) should run oneDNN's bf16 product."""
+    key = (in_features, out_features, kernel)
+    return num_rows >= MIN_BF16_ROWS.get(key, DEFAULT_MIN_BF16_ROWS[kernel])
 
 
 def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -147,13 +161,20 @@ def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
 
 def apply_linear(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
     """x [T, in] -> [T, out], in x's dtype (which is the layer's)."""
-    if (layer.packed is None and layer.panels is None) or x.is_cuda:
+    if (layer.packed is None and layer.panels is None and layer.pairs is None) or x.is_cuda:
         return F.linear(x, layer.weight, layer.bias)
     if x.dtype == torch.float32:
         return _fp32_packed(x, layer, layer.bias)
     out_features, in_features = layer.shape
-    if use_bf16(x.numel() // in_features, in_features, out_features):
+    if use_bf16(x.numel() // in_features, in_features, out_features, below(layer)):
         return linear_bf16(x, layer)
+    return linear_below(x, layer)
+
+
+def linear_below(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
+    """A bf16 layer's products below its bf16 crossover: x [T, in] bf16 -> bf16 [T, out]."""
+    if layer.pairs is not None:
+        return dot_gemm(x, layer.pairs, layer.bias, layer.pairs_data)
     return linear_fp32(x, layer).to(x.dtype)
 
 
@@ -266,115 +287,8 @@ def warm_up() -> None:
     """Compile the panel GEMM, fp32 and bf16 panels, now (or load it from numba's disk cache)."""
     for dtype in (torch.float32, torch.bfloat16):
         panel_gemm(torch.ones(5, 3), pack_panels(torch.ones(PANEL, 3), dtype))
-
-
-def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    return _medians_ms((fn,), repeats)[0]
-
-
-def _medians_ms(fns, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
-    """Median ms of each of fns over `repeats` calls after one warm-up, timed in alternation: a
-    burst of load or a clock change on a busy or virtual CPU then hits all of them, not
-    whichever was being timed."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, spent in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            spent.append(time.perf_counter() - start)
-    return [sorted(spent)[repeats // 2] * 1e3 for spent in times]
-
-
-def _crossover(rows: tuple[int, ...], wins: Callable[[int], bool]) -> int:
-    """The smallest of `rows` from which `wins(n)` holds at every larger count tried (largest
-    first, stopping at the first loss), NEVER where it holds at none."""
-    threshold = NEVER
-    for n in sorted(rows, reverse=True):
-        if not wins(n):
-            break
-        threshold = n
-    return threshold
-
-
-def _wins(candidate, incumbent, repeats: int) -> bool:  # type: ignore[no-untyped-def]
-    """Whether `candidate` runs faster than `incumbent` (medians, in alternation). A loss is
-    timed once more before it counts: one burst of load would otherwise move a _crossover above
-    every smaller row count (under a profiler at start-up the down projection kept fp32 at 8)."""
-    for _ in range(2):
-        t_candidate, t_incumbent = _medians_ms((candidate, incumbent), repeats)
-        if t_candidate < t_incumbent:
-            return True
-    return False
-
-
-# Row counts up to this are timed on weights read from memory, not from cache (calibrate).
-COLD_ROWS = 32
-
-
-def _cold_bytes() -> int:
-    """How many bytes of weights calibrate cycles through so that each read comes from memory:
-    twice the last-level cache as sysfs reports it (64 MiB where it reports none), at most 256."""
-    size = 32 << 20
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            text = (index / "size").read_text().strip()
-            size = max(size, int(text[:-1]) << {"K": 10, "M": 20}[text[-1]])
-        except (OSError, ValueError, KeyError, IndexError):
-            continue
-    return min(2 * size, 256 << 20)
-
-
-def calibrate(shapes: list[tuple[int, int]], rows: tuple[int, ...] = (1, 2, 8, 32, 128, 512),
-              repeats: int = 15) -> dict[tuple[int, int], int]:
-    """Measure the fp32/bf16 crossover of each (in, out) shape here; update MIN_BF16_ROWS.
-
-    The threshold is the smallest of `rows` from which bf16 wins at every larger count tried
-    (largest first, up to a prefill chunk). Without native bf16, a one-row bf16 product can tie
-    fp32 while 8 rows already run far slower, so a first win from below would be misleading.
-
-    Up to COLD_ROWS rows a product is bound by reading its weight, which in a decode step
-    comes from memory (the model's weights do not fit in the cache), so it is timed on a cycle
-    of copies of the layer larger than the cache: timed on one cached layer, oneDNN's bf16
-    product won at one row here (Zen 4), and lost by a quarter in the engine's decode step."""
-    found = {}
-    for in_features, out_features in shapes:
-        weight = torch.randn(out_features, in_features).bfloat16()
-        copies = min(512, max(1, -(-_cold_bytes() // weight.nbytes)))    # tiny layers: fewer
-        layers = [prepare_linear(weight.clone()) for _ in range(copies)]
-
-        def bf16_wins(n: int) -> bool:
-            x = torch.randn(n, in_features).bfloat16()
-            # a large product is bound by arithmetic and steadier: fewer repeats (a big model's
-            # 512-row products take a while)
-            cycle = layers if n <= COLD_ROWS else layers[:1]
-            reps = max(3, repeats // len(cycle) if n <= COLD_ROWS else repeats // 3)
-            return _wins(lambda: [linear_bf16(x, layer) for layer in cycle],
-                         lambda: [linear_fp32(x, layer).bfloat16() for layer in cycle], reps)
-        found[(in_features, out_features)] = _crossover(rows, bf16_wins)
-    MIN_BF16_ROWS.update(found)
-    return found
-
-
-def calibrate_panels(layer: LinearWeight, rows: tuple[int, ...] = (1, 2, 8, 32),
-                     repeats: int = 9) -> int:
-    """From how many rows (_crossover) oneDNN's fp32 product beats the panels on this fp32 layer
-    (the lm_head, read from memory as a decode step reads it); where it wins anywhere, keep a
-    oneDNN copy beside the panels. oneDNN uses AVX-512 where the CPU has it, the panels AVX2:
-    on Zen 4 oneDNN won at 32 rows, the panels at 1-2 (docs/BENCHMARKS.md, linear layers)."""
-    if layer.panels is None or layer.panels.dtype != torch.float32 or not prepack_linear():
-        return NEVER
-    packed = _onednn_copy(layer)
-
-    def onednn_wins(n: int) -> bool:
-        x = torch.randn(n, layer.shape[1])
-        return _wins(lambda: _onednn(x, packed, None),
-                     lambda: panel_gemm(x, layer.panels, None, layer.panel_data), repeats)
-    threshold = _crossover(rows, onednn_wins)
-    if threshold != NEVER:
-        keep_onednn_copy(layer, threshold, packed)
-    return threshold
+    if dot_bf16_linear():
+        dot_bf16.warm_up()
 
 
 def _onednn_copy(layer: LinearWeight) -> torch.Tensor:
@@ -394,6 +308,11 @@ def keep_onednn_copy(layer: LinearWeight, rows: int, packed: torch.Tensor | None
 def linear_fp32(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
     """The fp32 branch of a layer whatever its dtype: x [T, in] -> fp32 [T, out]."""
     bias = None if layer.bias is None else layer.bias.float()
+    if layer.pairs is not None and not x.is_cuda:
+        if x.dtype == torch.bfloat16:
+            return dot_gemm(x, layer.pairs, bias, layer.pairs_data, torch.float32)
+        weight = layer.pairs.permute(0, 2, 1, 3).reshape(layer.shape)     # fp32 x: unpacked
+        return F.linear(x.float(), weight.float(), bias)
     if (layer.packed is not None or layer.panels is not None) and not x.is_cuda:
         return _fp32_packed(x.float(), layer, bias)
     return F.linear(x.float(), layer.weight.float(), bias)

@@ -45,8 +45,9 @@ import numpy as np
 import torch
 
 from kernels.backend import cpu_flags, panel_linear
-from kernels.linear import (PACK_ROWS_HINT, PANEL, _flat, _medians_ms, apply_linear,
-                            calibrate_panels, pack_panels, panel_gemm, prepare_linear)
+from kernels.calibrate import calibrate_panels, medians_ms
+from kernels.linear import (PACK_ROWS_HINT, PANEL, _flat, apply_linear, pack_panels, panel_gemm,
+                            prepare_linear)
 
 
 @dataclass(slots=True)
@@ -118,6 +119,6 @@ def split_is_faster(weight: torch.Tensor, rows: int, repeats: int = 5) -> tuple[
     fp32, split = prepare_linear(weight.float().contiguous()), prepare_split_head(weight)
     calibrate_panels(fp32, (rows,), repeats)
     x = torch.randn(rows, weight.shape[1])
-    t32, tsplit = _medians_ms((lambda: apply_linear(x, fp32), lambda: split_head_logits(x, split)),
+    t32, tsplit = medians_ms((lambda: apply_linear(x, fp32), lambda: split_head_logits(x, split)),
                               repeats)
     return tsplit < t32, t32, tsplit

@@ -12,10 +12,12 @@ needs_prepack = pytest.mark.skipif(not prepack_linear(), reason="torch has no on
 
 
 def test_choice_per_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(linear_mod, "MIN_BF16_ROWS", {(576, 960): 3})
+    monkeypatch.setattr(linear_mod, "MIN_BF16_ROWS", {(576, 960, "fp32"): 3, (576, 960, "dot"): 5})
     assert not use_bf16(1, 576, 960) and not use_bf16(2, 576, 960)
     assert use_bf16(3, 576, 960) and use_bf16(512, 576, 960)
+    assert not use_bf16(4, 576, 960, "dot") and use_bf16(5, 576, 960, "dot")
     assert not use_bf16(7, 64, 96) and use_bf16(8, 64, 96)      # unmeasured: the default, 8
+    assert not use_bf16(31, 64, 96, "dot") and use_bf16(32, 64, 96, "dot")
 
 
 @needs_prepack
@@ -104,10 +106,13 @@ def test_without_bf16_prepacking_the_bf16_branch_reads_the_plain_weight(
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 33])
-def test_bf16_panels_compute_what_fp32_panels_of_the_same_values_do(rows: int) -> None:
+def test_bf16_panels_compute_what_fp32_panels_of_the_same_values_do(
+        rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A bf16 layer's panels stay bf16 (half the bytes; no fp32 copy): the microkernel widens
     each weight exactly as it loads it, so the product has the bits of fp32 panels holding the
-    widened values."""
+    widened values. (Where the CPU has AVX512-BF16 the panels take kernels.dot_bf16's layout
+    instead, unless PLUMBLINE_DOT_BF16=0: tests/kernels/test_dot_bf16.py.)"""
+    monkeypatch.setenv("PLUMBLINE_DOT_BF16", "0")
     g = torch.Generator().manual_seed(rows)
     w16 = torch.randn(5 * linear_mod.PANEL, 600, generator=g).bfloat16()
     layer = prepare_linear(w16)
@@ -141,14 +146,6 @@ def test_both_bf16_branches_agree_with_bf16_linear(rows: int) -> None:
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
 
 
-def test_calibrate_sets_the_threshold_use_bf16_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(linear_mod, "MIN_BF16_ROWS", dict(linear_mod.MIN_BF16_ROWS))
-    found = linear_mod.calibrate([(64, 96)], rows=(1, 4), repeats=2)
-    threshold = found[(64, 96)]
-    assert threshold in (1, 4, linear_mod.NEVER)
-    assert [use_bf16(n, 64, 96) for n in (1, 4, 1 << 20)] == [n >= threshold for n in (1, 4, 1 << 20)]
-
-
 @needs_prepack
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_a_layer_with_a_onednn_copy_takes_it_from_its_row_count(with_bias: bool) -> None:
@@ -168,36 +165,3 @@ def test_a_layer_with_a_onednn_copy_takes_it_from_its_row_count(with_bias: bool)
         panels = linear_mod.panel_gemm(x, layer.panels, bias, layer.panel_data)
         onednn = linear_mod._onednn(x, layer.packed, bias)
         assert torch.equal(out, panels if n < 4 else onednn), n
-
-
-@needs_prepack
-def test_calibrate_panels_keeps_the_copy_only_where_onednn_won() -> None:
-    g = torch.Generator().manual_seed(2)
-    w = torch.randn(4 * linear_mod.PANEL, 64, generator=g)
-    layer = prepare_linear(w)
-    threshold = linear_mod.calibrate_panels(layer, rows=(1, 4), repeats=2)
-    assert threshold in (1, 4, linear_mod.NEVER)
-    assert (layer.packed is not None) == (threshold != linear_mod.NEVER)
-    assert layer.onednn_rows == threshold
-    x = torch.randn(6, 64, generator=g)
-    torch.testing.assert_close(apply_linear(x, layer), F.linear(x, w), rtol=1e-5, atol=1e-4)
-    # a bf16 layer's panels hold bf16: its fp32 branch has no oneDNN copy to compare
-    assert linear_mod.calibrate_panels(prepare_linear(w.bfloat16())) == linear_mod.NEVER
-
-
-@needs_prepack
-def test_calibration_times_a_loss_again_before_it_counts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One noisy loss (a burst of load) must not move the threshold above smaller row counts:
-    at 4 rows oneDNN loses once, then wins; at 1 row it loses twice."""
-    timings = iter([(2.0, 1.0), (1.0, 2.0),      # 4 rows: (candidate, incumbent) ms
-                    (2.0, 1.0), (2.0, 1.0)])     # 1 row
-    calls = []
-
-    def fake(fns, repeats):
-        calls.append(len(fns))
-        return list(next(timings))
-
-    monkeypatch.setattr(linear_mod, "_medians_ms", fake)
-    layer = prepare_linear(torch.randn(2 * linear_mod.PANEL, 16))
-    assert linear_mod.calibrate_panels(layer, rows=(1, 4), repeats=2) == 4
-    assert calls == [2, 2, 2, 2] and layer.onednn_rows == 4 and layer.packed is not None
