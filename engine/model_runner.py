@@ -25,7 +25,7 @@ from kernels import AttentionMetadata, LinearWeight, slots_for, warm_up
 from kernels.affinity import pin_team
 from kernels.backend import cpu_flags, native_bf16
 from kernels.calibrate import calibrate, calibrate_panels
-from kernels.linear import NEVER, keep_onednn_copy
+from kernels.linear import NEVER, below, keep_onednn_copy
 from kernels.split_head import split_is_faster
 
 log = structlog.get_logger("plumbline.engine")
@@ -107,13 +107,12 @@ class ModelRunner:
         del state                # the model holds what it needs; the rest can be freed
         on_cpu = self.device.type == "cpu"
         if on_cpu and self.dtype == torch.bfloat16 and not config.deterministic:
-            # Whether a bf16 matmul beats fp32 depends on the CPU (kernels/linear.py): measure
-            # this model's shapes here, about a second.
-            shapes = sorted({(w.shape[1], w.shape[0]) for w in self.model.layers[0].values()
-                             if isinstance(w, LinearWeight)})
-            found = calibrate(shapes)
-            log.info("bf16_crossover", rows={f"{i}x{o}": "never" if n == NEVER else n
-                                             for (i, o), n in found.items()})
+            # From how many rows oneDNN's bf16 product beats our small-product kernel depends
+            # on the CPU (kernels/linear.py): measure this model's shapes here, a few seconds.
+            layers = [w for w in self.model.layers[0].values() if isinstance(w, LinearWeight)]
+            found = calibrate(sorted({(w.shape[1], w.shape[0]) for w in layers}))
+            log.info("bf16_crossover", below={f"{w.shape[1]}x{w.shape[0]}": below(w) for w in layers},
+                     rows={f"{i}x{o}": "never" if n == NEVER else n for (i, o), n in found.items()})
         if on_cpu:
             warm_up()                # numba compiles on first call: not on a first request
         if on_cpu and isinstance(self.model.lm_head, LinearWeight) and not config.deterministic:
