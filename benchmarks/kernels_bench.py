@@ -254,8 +254,10 @@ def bench_body(repeats: int, layers: int = 30) -> None:
     """The bf16 body's GEMMs of one decode step of SmolLM2-135M (its four layer shapes, `layers`
     layers each, random weights: 212 MB, read from memory as in a decode step), each branch a
     bf16 layer can take: oneDNN's bf16 product, the dot-product GEMM (kernels.dot_bf16, where
-    the CPU has AVX512-BF16), and the fp32 panel GEMM on bf16 panels. Medians of `repeats`
-    passes, the branches in alternation."""
+    the CPU has AVX512-BF16), and the fp32 panel GEMM on bf16 panels. Then the gate_up layers
+    alone with silu(gate) * up: the dot product and torch's silu * up after it, against the one
+    fused call (kernels.linear.gate_up_silu on a prepare_gate_up layer). Medians of `repeats`
+    passes, the variants in alternation."""
     print(f"# bf16 body GEMMs of one decode step, {layers} layers x 4 shapes, ms; {cpu_line()}")
     shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
     weights = [torch.randn(n_out, n_in).bfloat16() for n_in, n_out in shapes for _ in range(layers)]
@@ -264,17 +266,22 @@ def bench_body(repeats: int, layers: int = 30) -> None:
         panels = [linear.prepare_linear(w) for w in weights]
     has_dot = dot[0].pairs is not None
     if not has_dot:
-        print("#   no AVX512-BF16 dot product here: the dot column is absent")
+        print("#   no AVX512-BF16 dot product here: the dot and gate_up columns are absent")
+    plain_gate_up = [lw for lw in dot if lw.shape == (3072, 576)]
+    gated = [linear.prepare_gate_up(w) for w in weights if w.shape == (3072, 576)]
     for rows in (1, 2, 4, 8, 16, 32, 64):
         xs = {n_in: torch.randn(rows, n_in).bfloat16() for n_in, _ in shapes}
         fns = [lambda: [linear.linear_bf16(xs[lw.shape[1]], lw) for lw in dot],
                lambda: [linear.linear_fp32(xs[lw.shape[1]], lw).bfloat16() for lw in panels]]
         if has_dot:
-            fns.append(lambda: [linear.linear_below(xs[lw.shape[1]], lw) for lw in dot])
+            fns += [lambda: [linear.linear_below(xs[lw.shape[1]], lw) for lw in dot],
+                    lambda: [linear.silu_mul(linear.linear_below(xs[576], lw)) for lw in plain_gate_up],
+                    lambda: [linear.gate_up_silu(xs[576], lw) for lw in gated]]
         times = medians_ms(fns, repeats)
         cols = dict(onednn_bf16=times[0], fp32_on_bf16_panels=times[1])
         if has_dot:
-            cols.update(dot_bf16=times[2], dot_over_onednn=times[2] / times[0])
+            cols.update(dot_bf16=times[2], dot_over_onednn=times[2] / times[0],
+                        gate_up_then_silu=times[3], gate_up_silu_fused=times[4])
         row(f"  rows={rows}", **cols)
 
 

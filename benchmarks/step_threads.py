@@ -84,16 +84,17 @@ def op_times(core: EngineCore, steps: int, run: Any = None) -> None:
 
     runner, model = core.runner, core.runner.model
     # set per instance in __init__ (deterministic mode swaps them)
-    linear, attention, norm, silu_mul = model.linear, model.attention, model.rms_norm, model.silu_mul
+    linear, attention, norm, mlp_in = model.linear, model.attention, model.rms_norm, model.gate_up_silu
     patches = [(model_module, "rotate_and_store")]
     patches.append((runner_module, "sample"))
     originals = [(obj, name, getattr(obj, name)) for obj, name in patches]
     for obj, name, fn in originals:
         setattr(obj, name, timed(name, fn))
-    model.linear = timed("linear (the body)", linear)    # the head is model.head_linear
+    # the head is model.head_linear; gate_up is in gate_up_silu (with silu * up, fused or not)
+    model.linear = timed("qkv, o, down", linear)
     model.attention = timed("attention", attention)
     model.rms_norm = timed("rms_norm", norm)
-    model.silu_mul = timed("silu * up", silu_mul)
+    model.gate_up_silu = timed("gate_up + silu * up", mlp_in)
     model.compute_logits = timed("logits", model.compute_logits)    # shadows the method
     runner.prepare = timed("prepare", runner.prepare)
     try:
@@ -106,8 +107,8 @@ def op_times(core: EngineCore, steps: int, run: Any = None) -> None:
     finally:
         for obj, name, fn in originals:
             setattr(obj, name, fn)
-        model.linear, model.attention, model.rms_norm, model.silu_mul = (linear, attention, norm,
-                                                                         silu_mul)
+        model.linear, model.attention, model.rms_norm, model.gate_up_silu = (linear, attention, norm,
+                                                                             mlp_in)
         del model.compute_logits, runner.prepare
     for name, total in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"{name:<22} {total / steps * 1e3:7.2f} ms", flush=True)

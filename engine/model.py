@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import (AttentionMetadata, LinearWeight, SplitHead, apply_linear, invariant,
-                     paged_attention, prepare_linear, prepare_split_head, rms_norm,
-                     rotate_and_store, split_head_logits)
+from kernels import (AttentionMetadata, LinearWeight, SplitHead, apply_linear, gate_up_silu,
+                     invariant, paged_attention, prepare_gate_up, prepare_linear,
+                     prepare_split_head, rms_norm, rotate_and_store, split_head_logits)
 
 
 def rope_inv_freq(cfg: Any) -> tuple[torch.Tensor, float]:
@@ -57,8 +57,9 @@ class LlamaModel:
         self.linear = invariant.linear if deterministic else apply_linear
         self.attention = invariant.paged_attention if deterministic else paged_attention
         self.rms_norm = invariant.rms_norm if deterministic else rms_norm
-        self.silu_mul = invariant.silu_mul if deterministic else _silu_mul
+        self.gate_up_silu = invariant.gate_up_silu if deterministic else gate_up_silu
         prepare = invariant.prepare_linear if deterministic else prepare_linear
+        prepare_mlp_in = invariant.prepare_linear if deterministic else prepare_gate_up
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
@@ -96,7 +97,7 @@ class LlamaModel:
                 "post_norm": get("post_attention_layernorm.weight"),
                 "qkv": prepare(qkv, qkv_bias),
                 "o": prepare(get("self_attn.o_proj.weight")),
-                "gate_up": prepare(gate_up),
+                "gate_up": prepare_mlp_in(gate_up),
                 "down": prepare(get("mlp.down_proj.weight")),
             })
         inv_freq, self.rope_scale = rope_inv_freq(cfg)
@@ -124,8 +125,8 @@ class LlamaModel:
             attn = self.attention(q, k_cache, v_cache, meta, self.scale)    # [T, h, d]
             x = self.linear(attn.reshape(-1, h * d), layer["o"])
             x, residual = self.rms_norm(x, layer["post_norm"], self.eps, residual)
-            gate_up = self.linear(x, layer["gate_up"])                          # [T, 2 * inter]
-            x = self.linear(self.silu_mul(gate_up), layer["down"])
+            # silu(gate) * up [T, inter], fused into the product where kernels.dot_bf16 runs it
+            x = self.linear(self.gate_up_silu(x, layer["gate_up"]), layer["down"])
         x, _ = self.rms_norm(x, self.norm, self.eps, residual)
         return x
 
@@ -138,8 +139,3 @@ def head_weight(state: dict[str, torch.Tensor]) -> torch.Tensor:
     """The lm_head's weight [vocab, hidden]: its own, or the tied embedding's."""
     return state.get("lm_head.weight", state["model.embed_tokens.weight"])
 
-
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [T, 2 * inter] -> silu(gate) * up [T, inter]."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up

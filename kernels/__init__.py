@@ -2,7 +2,7 @@
 from kernels import (attention, decode_cpu, invariant, kv_store, linear, logit_mask, metadata,
                      rmsnorm, rotary, split_head)
 from kernels.logit_mask import apply_token_bitmask
-from kernels.linear import LinearWeight, apply_linear, prepare_linear
+from kernels.linear import LinearWeight, apply_linear, gate_up_silu, prepare_gate_up, prepare_linear
 from kernels.metadata import AttentionMetadata, slots_for
 from kernels.attention import paged_attention
 from kernels.kv_store import store_kvcache
@@ -11,7 +11,7 @@ from kernels.rotary import apply_rotary, rotate_and_store
 from kernels.split_head import SplitHead, prepare_split_head, split_head_logits
 
 __all__ = ["AttentionMetadata", "LinearWeight", "apply_linear", "apply_rotary", "apply_token_bitmask",
-           "paged_attention", "prepare_linear", "prepare_split_head", "rms_norm", "rotate_and_store",
+           "gate_up_silu", "paged_attention", "prepare_gate_up", "prepare_linear", "prepare_split_head", "rms_norm", "rotate_and_store",
            "slots_for", "SplitHead", "split_head_logits", "store_kvcache", "warm_up"]
 
 

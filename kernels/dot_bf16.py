@@ -42,7 +42,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from kernels.backend import numba_threads
-from kernels.simd import WIDTH, _VEC, _element_pointer, _is_f32_vector, add8, float32x8, load8, zeros8
+from kernels.simd import (WIDTH, _VEC, _element_pointer, _is_f32_vector, add8, broadcast8, div8,
+                          exp8, float32x8, load8, mul8, store8, sub8, zeros8)
 
 PANEL = 24      # output columns per panel, as kernels.linear's
 
@@ -140,22 +141,40 @@ def store_rounded8(typingctx: Any, arr: Any, index: Any, value: Any) -> Any:
         if not bf16:
             builder.store(args[2], builder.bitcast(ptr, _VEC.as_pointer()), align=4)
             return context.get_dummy_value()
-
-        def const(v: int) -> Any:
-            return ir.Constant(_I32x8, [v] * WIDTH)
-        bits = builder.bitcast(args[2], _I32x8)
-        nan = builder.icmp_unsigned(">", builder.and_(bits, const(0x7FFFFFFF)), const(0x7F800000))
-        odd = builder.and_(builder.lshr(bits, const(16)), const(1))
-        rounded = builder.lshr(builder.add(builder.add(bits, const(0x7FFF)), odd), const(16))
-        rounded = builder.select(nan, const(0x7FC0), rounded)
         i16x8 = ir.VectorType(ir.IntType(16), WIDTH)
-        builder.store(builder.trunc(rounded, i16x8), builder.bitcast(ptr, i16x8.as_pointer()),
-                      align=2)
+        builder.store(builder.trunc(_bf16_bits(builder, args[2]), i16x8),
+                      builder.bitcast(ptr, i16x8.as_pointer()), align=2)
         return context.get_dummy_value()
     return types.void(arr, index, value), codegen
 
 
+def _bf16_bits(builder: Any, value: Any) -> Any:
+    """float32x8 -> <8 x i32> holding each lane's nearest bf16 (ties to even) in its low half."""
+    def const(v: int) -> Any:
+        return ir.Constant(_I32x8, [v] * WIDTH)
+    bits = builder.bitcast(value, _I32x8)
+    nan = builder.icmp_unsigned(">", builder.and_(bits, const(0x7FFFFFFF)), const(0x7F800000))
+    odd = builder.and_(builder.lshr(bits, const(16)), const(1))
+    rounded = builder.lshr(builder.add(builder.add(bits, const(0x7FFF)), odd), const(16))
+    return builder.select(nan, const(0x7FC0), rounded)
+
+
+@intrinsic
+def round8(typingctx: Any, value: Any) -> Any:
+    """Each lane rounded to bf16 as store_rounded8 rounds it, kept as an fp32 value."""
+    if value != float32x8:
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        bits = builder.shl(_bf16_bits(builder, args[0]), ir.Constant(_I32x8, [16] * WIDTH))
+        return builder.bitcast(bits, _VEC)
+    return float32x8(value), codegen
+
+
 # --- the GEMM ---------------------------------------------------------------------------------
+
+_NO_BIAS = np.zeros(0, np.float32)
+_NO_GATE = np.zeros((8, PANEL), np.float32)       # _store's scratch, unused by mode 0
 
 def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
     """bf16 [out, in] -> [out / PANEL, in / 2, PANEL, 2]: panel p, pair row k holds
@@ -167,7 +186,27 @@ def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
 
 
 @njit(nogil=True, boundscheck=False, inline="always")
-def _store(out, bias, r, n0, a, b, c):  # type: ignore[no-untyped-def]
+def _silu_times(g, u):  # type: ignore[no-untyped-def]
+    """bf16(silu(g)) * bf16(u), g already bf16-valued: where torch's bf16 F.silu(gate) * up
+    rounds (silu as x / (1 + exp(-x)) in fp32, as torch's CPU kernel computes it; its exp and
+    exp8 agree to an ulp of fp32, which the bf16 rounding hides but for rare ties)."""
+    s = round8(div8(g, add8(broadcast8(np.float32(1.0)), exp8(sub8(zeros8(), g)))))
+    return mul8(s, round8(u))
+
+
+@njit(nogil=True, boundscheck=False, inline="always")
+def _store(out, bias, r, n0, a, b, c, mode, gate, rl):  # type: ignore[no-untyped-def]
+    """Row r's 24 sums at column n0 of out (mode 0); mode 1 (a gate panel): their bf16 values
+    to gate[rl], the block's scratch; mode 2 (the up panel after it): silu(gate) * up."""
+    if mode == 1:
+        g = gate[rl]
+        store8(g, 0, round8(a))
+        store8(g, 8, round8(b))
+        store8(g, 16, round8(c))
+        return
+    if mode == 2:
+        g = gate[rl]
+        a, b, c = _silu_times(load8(g, 0), a), _silu_times(load8(g, 8), b), _silu_times(load8(g, 16), c)
     row = out[r]
     if bias.shape[0]:
         a, b, c = add8(a, load8(bias, n0)), add8(b, load8(bias, n0 + 8)), add8(c, load8(bias, n0 + 16))
@@ -177,9 +216,9 @@ def _store(out, bias, r, n0, a, b, c):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _rows8(x, m0, rows, wp, base, pairs, out, n0, bias):  # type: ignore[no-untyped-def]
+def _rows8(x, m0, rows, wp, base, pairs, out, n0, bias, mode, gate):  # type: ignore[no-untyped-def]
     """out[m0 : m0 + rows, n0 : n0 + 24] = x[m0 : m0 + rows] @ the panel at wp[base:] (+ bias);
-    rows <= 8. Missing rows repeat row m0: computed, never stored."""
+    rows <= 8. Missing rows repeat row m0: computed, never stored. mode, gate: _store's."""
     c00 = zeros8(); c01 = zeros8(); c02 = zeros8(); c10 = zeros8(); c11 = zeros8(); c12 = zeros8()  # noqa: E702,E501
     c20 = zeros8(); c21 = zeros8(); c22 = zeros8(); c30 = zeros8(); c31 = zeros8(); c32 = zeros8()  # noqa: E702,E501
     c40 = zeros8(); c41 = zeros8(); c42 = zeros8(); c50 = zeros8(); c51 = zeros8(); c52 = zeros8()  # noqa: E702,E501
@@ -207,25 +246,25 @@ def _rows8(x, m0, rows, wp, base, pairs, out, n0, bias):  # type: ignore[no-unty
         c60 = dot_pairs(c60, w0, b); c61 = dot_pairs(c61, w1, b); c62 = dot_pairs(c62, w2, b)  # noqa: E702
         b = splat_pair(x7, i)
         c70 = dot_pairs(c70, w0, b); c71 = dot_pairs(c71, w1, b); c72 = dot_pairs(c72, w2, b)  # noqa: E702
-    _store(out, bias, m0, n0, c00, c01, c02)
+    _store(out, bias, m0, n0, c00, c01, c02, mode, gate, 0)
     if rows > 1:
-        _store(out, bias, m0 + 1, n0, c10, c11, c12)
+        _store(out, bias, m0 + 1, n0, c10, c11, c12, mode, gate, 1)
     if rows > 2:
-        _store(out, bias, m0 + 2, n0, c20, c21, c22)
+        _store(out, bias, m0 + 2, n0, c20, c21, c22, mode, gate, 2)
     if rows > 3:
-        _store(out, bias, m0 + 3, n0, c30, c31, c32)
+        _store(out, bias, m0 + 3, n0, c30, c31, c32, mode, gate, 3)
     if rows > 4:
-        _store(out, bias, m0 + 4, n0, c40, c41, c42)
+        _store(out, bias, m0 + 4, n0, c40, c41, c42, mode, gate, 4)
     if rows > 5:
-        _store(out, bias, m0 + 5, n0, c50, c51, c52)
+        _store(out, bias, m0 + 5, n0, c50, c51, c52, mode, gate, 5)
     if rows > 6:
-        _store(out, bias, m0 + 6, n0, c60, c61, c62)
+        _store(out, bias, m0 + 6, n0, c60, c61, c62, mode, gate, 6)
     if rows > 7:
-        _store(out, bias, m0 + 7, n0, c70, c71, c72)
+        _store(out, bias, m0 + 7, n0, c70, c71, c72, mode, gate, 7)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _rows2(x, m0, rows, wp, base, pairs, out, n0, bias):  # type: ignore[no-untyped-def]
+def _rows2(x, m0, rows, wp, base, pairs, out, n0, bias, mode, gate):  # type: ignore[no-untyped-def]
     """_rows8 for rows <= 2."""
     c00 = zeros8(); c01 = zeros8(); c02 = zeros8(); c10 = zeros8(); c11 = zeros8(); c12 = zeros8()  # noqa: E702,E501
     x0, x1 = x[m0], x[m0 + min(1, rows - 1)]
@@ -236,9 +275,9 @@ def _rows2(x, m0, rows, wp, base, pairs, out, n0, bias):  # type: ignore[no-unty
         c00 = dot_pairs(c00, w0, b); c01 = dot_pairs(c01, w1, b); c02 = dot_pairs(c02, w2, b)  # noqa: E702
         b = splat_pair(x1, i)
         c10 = dot_pairs(c10, w0, b); c11 = dot_pairs(c11, w1, b); c12 = dot_pairs(c12, w2, b)  # noqa: E702
-    _store(out, bias, m0, n0, c00, c01, c02)
+    _store(out, bias, m0, n0, c00, c01, c02, mode, gate, 0)
     if rows > 1:
-        _store(out, bias, m0 + 1, n0, c10, c11, c12)
+        _store(out, bias, m0 + 1, n0, c10, c11, c12, mode, gate, 1)
 
 
 @njit(nogil=True, boundscheck=False, parallel=True, cache=True)
@@ -250,13 +289,34 @@ def _dot_gemm(x, wp, out, bias, threads):  # type: ignore[no-untyped-def]
         for p in range(t * per_thread, min(panels, (t + 1) * per_thread)):
             base = p * pairs * 2 * PANEL
             for m0 in range(0, rows, 8):
-                if rows - m0 <= 2:
-                    _rows2(x, m0, rows - m0, wp, base, pairs, out, p * PANEL, bias)
-                else:
-                    _rows8(x, m0, min(8, rows - m0), wp, base, pairs, out, p * PANEL, bias)
+                _block(x, m0, wp, base, pairs, out, p * PANEL, bias, 0, _NO_GATE)
 
 
-_NO_BIAS = np.zeros(0, np.float32)
+@njit(nogil=True, boundscheck=False, inline="always")
+def _block(x, m0, wp, base, pairs, out, n0, bias, mode, gate):  # type: ignore[no-untyped-def]
+    rows = x.shape[0] - m0
+    if rows <= 2:
+        _rows2(x, m0, rows, wp, base, pairs, out, n0, bias, mode, gate)
+    else:
+        _rows8(x, m0, min(8, rows), wp, base, pairs, out, n0, bias, mode, gate)
+
+
+@njit(nogil=True, boundscheck=False, parallel=True, cache=True)
+def _dot_gemm_silu(x, wp, out, threads):  # type: ignore[no-untyped-def]
+    """out [T, I] = silu(x @ gate^T) * (x @ up^T), the weight's panels gate, up, gate, up, ...
+    (pack_gate_up): each 8-row block's gate sums wait in a scratch block for its up panel."""
+    rows, pairs = x.shape[0], x.shape[1] // 2
+    blocks = out.shape[1] // PANEL
+    per_thread = (blocks + threads - 1) // threads
+    for t in prange(threads):
+        gate = np.empty((8, PANEL), np.float32)
+        for m in range(t * per_thread, min(blocks, (t + 1) * per_thread)):
+            base = 2 * m * pairs * 2 * PANEL
+            for m0 in range(0, rows, 8):
+                _block(x, m0, wp, base, pairs, out, m * PANEL, _NO_BIAS, 1, gate)
+                _block(x, m0, wp, base + pairs * 2 * PANEL, pairs, out, m * PANEL, _NO_BIAS, 2, gate)
+
+
 
 
 def dot_gemm(x: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None = None,
@@ -279,6 +339,29 @@ def dot_gemm(x: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None = N
     return out
 
 
+def gate_up_order(out_features: int) -> torch.Tensor:
+    """The row order of a [gate; up] weight (out_features = 2 I, I a multiple of PANEL) whose
+    panels alternate: gate rows 24m..24m+23, then up rows 24m..24m+23, for each m."""
+    half = out_features // 2
+    blocks = torch.arange(half).view(-1, PANEL)
+    return torch.stack([blocks, blocks + half], 1).reshape(-1)
+
+
+def dot_silu(x: torch.Tensor, pairs: torch.Tensor, pairs_data: np.ndarray | None = None) -> torch.Tensor:
+    """silu(gate) * up for bf16 x [T, in] and a [gate; up] weight packed in gate_up_order:
+    bf16 [T, I], rounded where torch's bf16 ops round (the sums, silu, the product)."""
+    num_panels, half_in, width, two = pairs.shape
+    assert width == PANEL and two == 2 and num_panels % 2 == 0 and x.shape[-1] == 2 * half_in
+    assert x.dtype == torch.bfloat16
+    if x.dim() != 2 or not x.is_contiguous():
+        x = x.reshape(-1, 2 * half_in).contiguous()
+    out = torch.empty(x.shape[0], num_panels // 2 * PANEL, dtype=torch.bfloat16)
+    if x.shape[0]:
+        _dot_gemm_silu(x.view(torch.int16).numpy(), flat(pairs) if pairs_data is None else pairs_data,
+                       out.view(torch.int16).numpy(), numba_threads())
+    return out
+
+
 def flat(pairs: torch.Tensor) -> np.ndarray:
     """The packed weight's memory as the kernel takes it: int16 bits, flat."""
     return pairs.view(-1).view(torch.int16).numpy()
@@ -290,3 +373,5 @@ def warm_up() -> None:
     for rows in (1, 3):
         for dtype in (torch.bfloat16, torch.float32):
             dot_gemm(torch.ones(rows, 4, dtype=torch.bfloat16), w, out_dtype=dtype)
+        dot_silu(torch.ones(rows, 4, dtype=torch.bfloat16),
+                 pack_pairs(torch.ones(2 * PANEL, 4, dtype=torch.bfloat16)))

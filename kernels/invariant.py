@@ -138,6 +138,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.to(gate_up.dtype)
 
 
+def gate_up_silu(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
+    """kernels.linear.gate_up_silu's batch-invariant form: the product, then silu_mul."""
+    return silu_mul(linear(x, layer))
+
+
 # --- attention --------------------------------------------------------------------------------
 
 @njit(nogil=True, boundscheck=False, inline="always")

@@ -47,7 +47,7 @@ from numba import njit, prange
 
 from kernels import dot_bf16
 from kernels.backend import dot_bf16_linear, numba_threads, panel_linear, prepack_linear
-from kernels.dot_bf16 import dot_gemm, pack_pairs
+from kernels.dot_bf16 import dot_gemm, dot_silu, gate_up_order, pack_pairs
 from kernels.dot_bf16 import flat as flat_pairs
 from kernels.simd import add8, fma8, load8, splat8, store8, zeros8
 
@@ -78,6 +78,7 @@ class LinearWeight:
     panel_data: np.ndarray | None = None   # the panels' memory, flat, as the numba kernel takes it
     pairs: torch.Tensor | None = None      # a bf16 layer's panels for kernels.dot_bf16 (not `panels`)
     pairs_data: np.ndarray | None = None
+    gated: bool = False                    # pairs in gate_up_order (prepare_gate_up)
     packed_bf16: torch.Tensor | None = None  # a bf16 layer's weight in oneDNN's layout, in bf16
     # A layer with panels and `packed` both (the lm_head where calibrate_panels found oneDNN
     # faster): from this many rows its fp32 branch runs oneDNN, below it the panels.
@@ -115,7 +116,7 @@ def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Li
     if below and (weight.dtype == torch.float32 or packed_bf16 is not None):
         weight = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
     return LinearWeight(weight, bias, packed, panels, None if panels is None else _flat(panels),
-                        pairs, None if pairs is None else flat_pairs(pairs), packed_bf16)
+                        pairs, None if pairs is None else flat_pairs(pairs), packed_bf16=packed_bf16)
 
 
 @functools.cache
@@ -174,8 +175,48 @@ def apply_linear(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
 def linear_below(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
     """A bf16 layer's products below its bf16 crossover: x [T, in] bf16 -> bf16 [T, out]."""
     if layer.pairs is not None:
-        return dot_gemm(x, layer.pairs, layer.bias, layer.pairs_data)
+        return _on_pairs(x, layer, layer.bias, torch.bfloat16)
     return linear_fp32(x, layer).to(x.dtype)
+
+
+def _on_pairs(x: torch.Tensor, layer: LinearWeight, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    assert layer.pairs is not None
+    out = dot_gemm(x, layer.pairs, bias, layer.pairs_data, out_dtype)
+    return out[:, _weight_order(out.shape[1])] if layer.gated else out
+
+
+@functools.cache
+def _weight_order(out_features: int) -> torch.Tensor:
+    """Where each of the weight's rows sits in gate_up_order."""
+    return torch.argsort(gate_up_order(out_features))
+
+
+def prepare_gate_up(weight: torch.Tensor, bias: torch.Tensor | None = None) -> LinearWeight:
+    """prepare_linear for a fused [gate; up] weight [2 I, in]. Where its small products run on
+    kernels.dot_bf16 (and it has no bias), its panels alternate gate and up blocks so that
+    `gate_up_silu` computes silu(gate) * up in the same call: one call and one pass over the
+    [T, 2 I] product less per layer."""
+    layer = prepare_linear(weight, bias)
+    if layer.pairs is not None and bias is None and weight.shape[0] % (2 * PANEL) == 0:
+        layer.pairs = pack_pairs(weight[gate_up_order(weight.shape[0])])
+        layer.pairs_data, layer.gated = flat_pairs(layer.pairs), True
+    return layer
+
+
+def gate_up_silu(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
+    """silu(gate) * up of x [T, in] @ [gate; up]^T -> [T, I] in x's dtype."""
+    out_features, in_features = layer.shape
+    rows = x.numel() // in_features
+    if layer.gated and x.dtype == torch.bfloat16 and not use_bf16(rows, in_features, out_features, "dot"):
+        return dot_silu(x, layer.pairs, layer.pairs_data)
+    return silu_mul(apply_linear(x, layer))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2 I] -> silu(gate) * up [T, I] (torch's ops, in gate_up's dtype)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def linear_bf16(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
@@ -310,8 +351,10 @@ def linear_fp32(x: torch.Tensor, layer: LinearWeight) -> torch.Tensor:
     bias = None if layer.bias is None else layer.bias.float()
     if layer.pairs is not None and not x.is_cuda:
         if x.dtype == torch.bfloat16:
-            return dot_gemm(x, layer.pairs, bias, layer.pairs_data, torch.float32)
+            return _on_pairs(x, layer, bias, torch.float32)
         weight = layer.pairs.permute(0, 2, 1, 3).reshape(layer.shape)     # fp32 x: unpacked
+        if layer.gated:
+            weight = weight[_weight_order(weight.shape[0])]
         return F.linear(x.float(), weight.float(), bias)
     if (layer.packed is not None or layer.panels is not None) and not x.is_cuda:
         return _fp32_packed(x.float(), layer, bias)

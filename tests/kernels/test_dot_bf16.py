@@ -101,3 +101,49 @@ def test_calibrate_keeps_a_threshold_per_kernel(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("PLUMBLINE_DOT_BF16", "0")
     fp32 = calibrate([(64, 96)], rows=(1, 4), repeats=2)[(64, 96)]
     assert linear_mod.MIN_BF16_ROWS == {(64, 96, "dot"): dot, (64, 96, "fp32"): fp32}
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 11, 32])
+def test_gate_up_silu_in_one_call_is_torchs_silu_times_up(rows: int) -> None:
+    """A [gate; up] layer (prepare_gate_up) keeps its panels gate, up, gate, up, ...; below
+    its crossover gate_up_silu runs both products and silu(gate) * up in one call, rounding
+    where torch's bf16 ops round: the same bf16 values as silu_mul of the layer's product, but
+    for rare ties where our exp and torch's differ in the last fp32 bit (at most one in a
+    thousand here, one bf16 step each). The layer's plain product keeps the weight's column
+    order."""
+    g = torch.Generator().manual_seed(rows)
+    inter = 2 * PANEL
+    w = torch.randn(2 * inter, 96, generator=g).bfloat16()
+    layer = linear_mod.prepare_gate_up(w)
+    assert layer.gated and layer.pairs is not None
+    x = torch.randn(rows, 96, generator=g).bfloat16() * 2
+    product = linear_mod.linear_below(x, layer)
+    assert torch.equal(product, dot_gemm(x, pack_pairs(w)))             # columns in order
+    assert torch.equal(linear_mod.linear_fp32(x.float(), layer),
+                       F.linear(x.float(), w.float()))                   # the unpacked weight too
+    fused = linear_mod.gate_up_silu(x, layer)
+    want = linear_mod.silu_mul(product)
+    assert fused.shape == (rows, inter) and fused.dtype == torch.bfloat16
+    differ = fused != want
+    assert differ.float().mean() <= 1e-3
+    steps = (fused[differ].view(torch.int16).int() - want[differ].view(torch.int16).int()).abs()
+    assert (steps <= 1).all()
+
+
+def test_gate_up_without_pairs_or_with_bias_is_not_gated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bias, or an intermediate size off the panel grid, keeps the plain layout; gate_up_silu
+    is then the product and torch's silu * up; from the crossover likewise (oneDNN)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4 * PANEL, 32, generator=g).bfloat16()
+    bias = torch.randn(4 * PANEL, generator=g).bfloat16()
+    layer = linear_mod.prepare_gate_up(w, bias)
+    assert not layer.gated
+    x = torch.randn(3, 32, generator=g).bfloat16()
+    assert torch.equal(linear_mod.gate_up_silu(x, layer),
+                       linear_mod.silu_mul(linear_mod.apply_linear(x, layer)))
+    assert not linear_mod.prepare_gate_up(torch.randn(3 * PANEL, 32).bfloat16()).gated
+    gated = linear_mod.prepare_gate_up(w)
+    monkeypatch.setattr(linear_mod, "MIN_BF16_ROWS", {(32, 4 * PANEL, "dot"): 2})
+    assert gated.packed_bf16 is not None       # oneDNN computes bf16 wherever the dot kernel runs
+    assert torch.equal(linear_mod.gate_up_silu(x, gated),
+                       linear_mod.silu_mul(linear_mod.linear_bf16(x, gated)))
