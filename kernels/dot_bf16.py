@@ -176,6 +176,7 @@ def round8(typingctx: Any, value: Any) -> Any:
 _NO_BIAS = np.zeros(0, np.float32)
 _NO_GATE = np.zeros((8, PANEL), np.float32)       # _store's scratch, unused by mode 0
 
+
 def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
     """bf16 [out, in] -> [out / PANEL, in / 2, PANEL, 2]: panel p, pair row k holds
     W[24p + c, 2k : 2k + 2] for c in 0..23. out a multiple of PANEL, in even."""
@@ -304,7 +305,7 @@ def _block(x, m0, wp, base, pairs, out, n0, bias, mode, gate):  # type: ignore[n
 @njit(nogil=True, boundscheck=False, parallel=True, cache=True)
 def _dot_gemm_silu(x, wp, out, threads):  # type: ignore[no-untyped-def]
     """out [T, I] = silu(x @ gate^T) * (x @ up^T), the weight's panels gate, up, gate, up, ...
-    (pack_gate_up): each 8-row block's gate sums wait in a scratch block for its up panel."""
+    (gate_up_order): each 8-row block's gate sums wait in a scratch block for its up panel."""
     rows, pairs = x.shape[0], x.shape[1] // 2
     blocks = out.shape[1] // PANEL
     per_thread = (blocks + threads - 1) // threads
@@ -315,8 +316,6 @@ def _dot_gemm_silu(x, wp, out, threads):  # type: ignore[no-untyped-def]
             for m0 in range(0, rows, 8):
                 _block(x, m0, wp, base, pairs, out, m * PANEL, _NO_BIAS, 1, gate)
                 _block(x, m0, wp, base + pairs * 2 * PANEL, pairs, out, m * PANEL, _NO_BIAS, 2, gate)
-
-
 
 
 def dot_gemm(x: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None = None,
