@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         for budget in args.budgets:
             results[budget].append(one_round(core, budget, args.seqs, args.prompt_tokens, r))
     total = args.seqs * args.prompt_tokens
-    print(f"\n| step budget (tokens) | steps | all first tokens s | TTFT p50 s | prefill tokens/s |")
+    print("\n| step budget (tokens) | steps | all first tokens s | TTFT p50 s | prefill tokens/s |")
     print("|---|---|---|---|---|")
     for budget, runs in results.items():
         wall = statistics.median(w for w, _, _ in runs)

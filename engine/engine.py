@@ -4,10 +4,10 @@ thread."""
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import concurrent.futures
 import os
-import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
@@ -201,7 +201,7 @@ class AsyncEngine:
                 "deterministic_kernels": (dict(invariant.KERNELS)
                                           if self.core.config.deterministic else None)}
 
-    def allowed_token_counts(self, spec: GrammarSpec, token_ids: Sequence[int]) -> list[int]:
+    def allowed_token_counts(self, spec: GrammarSpec, token_ids: collections.abc.Sequence[int]) -> list[int]:
         """How many tokens the grammar allowed before each of token_ids, replayed (a cache hit:
         the request compiled the grammar already)."""
         return allowed_token_counts(self.core.grammars.compile(spec), token_ids)
