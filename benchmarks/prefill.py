@@ -1,7 +1,7 @@
 """How fast N prompts that arrive together get their first token, by step budget (issue 21).
 
     python -m benchmarks.prefill [--seqs 32] [--prompt-tokens 100] [--budgets 512 2048]
-                                 [--rounds 3] [--dtype auto] [--ops]
+                                 [--attention in-place sdpa] [--rounds 3] [--dtype auto] [--ops]
 
 The offline engine gets N requests at once (prompts of ~100 tokens, each different, prefix cache
 off so later rounds recompute them) and steps until every one has its first token; no new
@@ -9,8 +9,10 @@ tokens after that (max_tokens 1), so the round is prefill and the first sampling
 budget (`max_num_batched_tokens`, the tokens one step computes) decides how many chunks the
 prompts take. Printed per budget: the round's wall time (every first token), TTFT p50 (the
 median request's first token; each step's end stands for its tokens' arrival), prefill
-tokens/s, steps; medians over rounds run budget by budget in alternation. --ops adds ms per
-round in each of the model's calls (benchmarks.step_threads.op_times). What a server adds
+tokens/s, steps; medians over rounds run budget by budget in alternation. --attention sdpa
+also runs every budget with each prefill through torch's SDPA, one call per prompt and layer
+(what the engine ran before kernels.prefill_cpu), alternating with the in-place kernel. --ops
+adds ms per round in each of the model's calls (benchmarks.step_threads.op_times). What a server adds
 (HTTP, SSE, the event loop) is not in these figures: benchmarks.peers measures TTFT as a client
 sees it.
 """
@@ -20,6 +22,7 @@ import argparse
 import statistics
 import time
 
+import kernels.attention
 from benchmarks.cpu import cpu_line
 from benchmarks.engine_throughput import prompt_ids
 from engine.config import DEFAULT_MODEL, EngineConfig
@@ -55,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--attention", nargs="+", default=["in-place"], choices=["in-place", "sdpa"],
+                    help="the prefills' attention: the in-place kernel, SDPA per prompt, or both")
     ap.add_argument("--ops", action="store_true", help="ms per round in each model call")
     args = ap.parse_args(argv)
     print(f"cpu: {cpu_line()}", flush=True)
@@ -63,22 +68,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"body dtype: {core.runner.dtype_name} ({core.runner.dtype_reason}); "
           f"{args.seqs} prompts of {args.prompt_tokens} tokens", flush=True)
     one_round(core, max(args.budgets), args.seqs, args.prompt_tokens, salt=999)    # warm-up
-    results: dict[int, list[tuple[float, float, int]]] = {b: [] for b in args.budgets}
+    cases = [(b, a) for b in args.budgets for a in args.attention]
+    results: dict[tuple[int, str], list[tuple[float, float, int]]] = {c: [] for c in cases}
     for r in range(args.rounds):
-        for budget in args.budgets:
-            results[budget].append(one_round(core, budget, args.seqs, args.prompt_tokens, r))
+        for budget, attention in cases:
+            kernels.attention.PREFILL_IN_PLACE = attention == "in-place"
+            results[budget, attention].append(
+                one_round(core, budget, args.seqs, args.prompt_tokens, r))
     total = args.seqs * args.prompt_tokens
-    print("\n| step budget (tokens) | steps | all first tokens s | TTFT p50 s | prefill tokens/s |")
-    print("|---|---|---|---|---|")
-    for budget, runs in results.items():
+    print("\n| step budget (tokens) | prefill attention | steps | all first tokens s | TTFT p50 s "
+          "| prefill tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for (budget, attention), runs in results.items():
         wall = statistics.median(w for w, _, _ in runs)
         p50 = statistics.median(t for _, t, _ in runs)
-        print(f"| {budget} | {runs[0][2]} | {wall:.3f} | {p50:.3f} | {total / wall:.0f} |", flush=True)
+        print(f"| {budget} | {attention} | {runs[0][2]} | {wall:.3f} | {p50:.3f} "
+              f"| {total / wall:.0f} |", flush=True)
     if args.ops:
         from benchmarks.step_threads import op_times
-        for budget in args.budgets:
-            print(f"\nbudget {budget}: ms per round in each call")
+        for budget, attention in cases:
+            print(f"\nbudget {budget}, {attention}: ms per round in each call")
+            kernels.attention.PREFILL_IN_PLACE = attention == "in-place"
             op_times(core, 1, lambda b=budget: one_round(core, b, args.seqs, args.prompt_tokens, 7))
+    kernels.attention.PREFILL_IN_PLACE = True
 
 
 if __name__ == "__main__":

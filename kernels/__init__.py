@@ -1,6 +1,6 @@
 """The engine's hot operations. The engine calls only these public functions."""
 from kernels import (attention, decode_cpu, invariant, kv_store, linear, logit_mask, metadata,
-                     rmsnorm, rotary, split_head)
+                     prefill_cpu, rmsnorm, rotary, split_head)
 from kernels.logit_mask import apply_token_bitmask
 from kernels.linear import LinearWeight, apply_linear, gate_up_silu, prepare_gate_up, prepare_linear
 from kernels.metadata import AttentionMetadata, slots_for
@@ -21,5 +21,6 @@ def warm_up() -> None:
     kv_store.warm_up()
     linear.warm_up()
     logit_mask.warm_up()
+    prefill_cpu.warm_up()
     rmsnorm.warm_up()
     rotary.warm_up()

@@ -1,9 +1,10 @@
 """Paged attention (decode and ragged/chunked prefill) over the paged KV cache.
 
 Cache layout and metadata: kernels.metadata. On the CPU, decodes run through the numba kernel of
-kernels.decode_cpu (fp32 and bf16 caches) and each prefill through torch's SDPA over its
-sequence's keys. The Triton kernel reads blocks in place through the block table, one program per
-(sequence, kv head, tile of query rows), online softmax.
+kernels.decode_cpu and a step's prefills through the one of kernels.prefill_cpu (fp32 and bf16
+caches, both reading the blocks in place); other dtypes and head sizes take torch's SDPA over
+each prefill's gathered keys. The Triton kernel reads blocks in place through the block table,
+one program per (sequence, kv head, tile of query rows), online softmax.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from kernels.backend import jit, tl, triton, use_triton
 from kernels.decode_cpu import attend_rows_in_place, can_attend_in_place
 from kernels.metadata import AttentionMetadata, prefill_view
+from kernels.prefill_cpu import can_prefill_in_place, prefill_in_place
 
 
 # --- torch reference (the spec) ---------------------------------------------------------------
@@ -84,15 +86,36 @@ def _prefill_cpu(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, n:
     return o[0].transpose(0, 1)
 
 
+# The step's prefills through kernels.prefill_cpu where it takes them. False sends every prefill
+# through SDPA, one call each, as before that kernel: benchmarks.prefill --attention sdpa sets it
+# for its A/B rounds.
+PREFILL_IN_PLACE = True
+
+
+def prefills_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Every prefill of the step, q [T - nd, h, d] -> [T - nd, h, d], in one numba call reading
+    the cache in place (kernels.prefill_cpu)."""
+    if meta.prefill_arrays is None:         # once per step: numpy views of the prefill rows
+        nd = meta.num_decodes
+        starts = meta.query_start_loc[nd:]
+        meta.prefill_arrays = (meta.block_tables[nd:].numpy(), meta.seq_lens[nd:].numpy(),
+                               (starts - starts[0]).numpy())
+    return prefill_in_place(q, k_cache, v_cache, *meta.prefill_arrays, scale)
+
+
 def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          meta: AttentionMetadata, scale: float) -> torch.Tensor:
     nd = meta.num_decodes
-    prefills = prefill_view(meta, k_cache.shape[1])     # made by the step's first layer
+    has_prefills = meta.seq_lens.shape[0] > nd
     decode = decode_in_place if can_attend_in_place(q, k_cache, v_cache) else _decode_reference
-    decodes = q[:nd] if prefills else q
-    outs = [decode(decodes, k_cache, v_cache, meta, scale)] if nd else []
-    if not prefills:
+    outs = [decode(q[:nd], k_cache, v_cache, meta, scale)] if nd else []
+    if not has_prefills:
         return outs[0]
+    if PREFILL_IN_PLACE and can_prefill_in_place(q, k_cache, v_cache):
+        outs.append(prefills_in_place(q[nd:], k_cache, v_cache, meta, scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    prefills = prefill_view(meta, k_cache.shape[1])     # made by the step's first layer
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)

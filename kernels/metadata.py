@@ -20,7 +20,7 @@ class AttentionMetadata:
     Sequences are ordered decodes first (one query row each), then prefills (ragged queries).
     The fields after max_query_len are views made on first use: the prefills' key slots
     (`prefill_view`, the CPU prefill), every query row as its own decode (`row_view`,
-    deterministic mode), and decode_in_place's numpy views of the decode rows.
+    deterministic mode), and the numpy views of the decode and prefill rows that the CPU kernels take.
     """
 
     slot_mapping: torch.Tensor          # [num_tokens] int64: each new token's slot, -1 = padding
@@ -33,6 +33,7 @@ class AttentionMetadata:
     row_tables: torch.Tensor | None = None       # [num_tokens, max_blocks] int32: each row's table
     row_lens: torch.Tensor | None = None         # [num_tokens] int32: keys each query row sees
     decode_arrays: tuple[np.ndarray, np.ndarray] | None = None   # decode_in_place's numpy views
+    prefill_arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # prefills_in_place's
 
 
 def slots_for(block_table: list[int], num_tokens: int, block_size: int,

@@ -1,0 +1,263 @@
+"""The fast CPU prefill attention: every prefill of a step in one numba call, reading the paged
+cache in place through the block tables (as kernels.decode_cpu does for decodes).
+
+Before, each prefill went to torch's SDPA over its own gathered keys: one call per prompt and
+layer, ~0.26 ms for a 100-token prompt, most of it the call rather than the arithmetic (~11
+MFLOP). Here a step's prompts are cut into tiles of TILE_ROWS query rows; each (tile, kv head)
+is a work item, split across the threads. An item walks its keys in spans of SPAN with an online
+softmax (flash attention's order: a span's scores, the running max and sum, the weighted sum of
+values rescaled whenever the max grows), fp32 throughout, causal: query row i of a prompt of n
+new tokens over seq_len keys sees keys 0 ..= seq_len - n + i.
+
+The products are kernels.simd's eight-float vectors held in registers:
+- scores: the span's keys widened and transposed once into kt [head_dim, SPAN], so four query
+  vectors' scores against 16 keys are eight accumulators over head_dim FMAs, with no horizontal
+  sums;
+- values: the span's values widened once into vs [SPAN, head_dim]; two query vectors' weighted
+  sums over 32 dims are eight accumulators over the span's keys.
+
+Needs head_dim % 8 == 0 (can_prefill_in_place); anything else keeps SDPA (kernels.attention).
+fastmath is limited to reassociation and contraction, as in decode_cpu: NaN and inf propagate.
+The deterministic mode does not come here: its prefill rows go through the decode kernel one by
+one (kernels.invariant), for bits that do not depend on the batch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from kernels.backend import numba_threads
+from kernels.simd import (add8, broadcast8, exp8, fma8, load8, max8, mul8, splat8,
+                          store8, sub8, zeros8)
+
+_FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
+
+TILE_ROWS = 16      # query rows per item: 48 query vectors for SmolLM2's 3 heads per kv head
+SPAN = 64           # keys per span (a multiple of 16: the score blocks)
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _load_span(k_cache, v_cache, table, h, k0, nk, kw, vw):  # type: ignore[no-untyped-def]
+    """Keys and values k0 .. k0 + nk - 1 of kv head h, widened to fp32 eight at a time
+    (load8 widens bf16 bits exactly): kw[j * d + x] is key j's dim x, vw the same for values."""
+    bs, d = k_cache.shape[1], k_cache.shape[3]
+    for j in range(nk):
+        blk = table[(k0 + j) // bs]
+        o = (k0 + j) % bs
+        krow, vrow = k_cache[blk, o, h], v_cache[blk, o, h]
+        for x in range(0, d, 8):
+            store8(kw, j * d + x, load8(krow, x))
+            store8(vw, j * d + x, load8(vrow, x))
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _scores(qt, kw, nqp, nk, d, scale, s):  # type: ignore[no-untyped-def]
+    """s[j * nqp + v] = scale * (key j . query vector v): four keys by 16 query vectors, the
+    query vectors across the lanes (qt[x * nqp + v] is vector v's dim x)."""
+    sc = broadcast8(scale)
+    for j in range(0, nk, 4):
+        for v in range(0, nqp, 16):
+            s0, s1, s2, s3 = zeros8(), zeros8(), zeros8(), zeros8()
+            s4, s5, s6, s7 = zeros8(), zeros8(), zeros8(), zeros8()
+            for x in range(d):
+                lo = load8(qt, x * nqp + v)
+                hi = load8(qt, x * nqp + v + 8)
+                k = splat8(kw, j * d + x)
+                s0, s1 = fma8(k, lo, s0), fma8(k, hi, s1)
+                k = splat8(kw, (j + 1) * d + x)
+                s2, s3 = fma8(k, lo, s2), fma8(k, hi, s3)
+                k = splat8(kw, (j + 2) * d + x)
+                s4, s5 = fma8(k, lo, s4), fma8(k, hi, s5)
+                k = splat8(kw, (j + 3) * d + x)
+                s6, s7 = fma8(k, lo, s6), fma8(k, hi, s7)
+            base = j * nqp + v
+            store8(s, base, mul8(s0, sc))
+            store8(s, base + 8, mul8(s1, sc))
+            store8(s, base + nqp, mul8(s2, sc))
+            store8(s, base + nqp + 8, mul8(s3, sc))
+            store8(s, base + 2 * nqp, mul8(s4, sc))
+            store8(s, base + 2 * nqp + 8, mul8(s5, sc))
+            store8(s, base + 3 * nqp, mul8(s6, sc))
+            store8(s, base + 3 * nqp + 8, mul8(s7, sc))
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _softmax_span(s, nqp, nk, m, total, alpha):  # type: ignore[no-untyped-def]
+    """The online softmax's step over one span, eight query vectors at a time (a lane each):
+    the running max m grows to the span's, alpha = exp(old max - new max) rescales the earlier
+    sum (and, in the caller, the weighted values), s becomes exp(score - max) (0 where -inf)."""
+    for v in range(0, nqp, 8):
+        old = load8(m, v)
+        mx = old
+        for j in range(nk):
+            mx = max8(mx, load8(s, j * nqp + v))
+        sums = zeros8()
+        for j in range(nk):
+            e = exp8(sub8(load8(s, j * nqp + v), mx))
+            store8(s, j * nqp + v, e)
+            sums = add8(sums, e)
+        a = exp8(sub8(old, mx))              # 0 on the first span (old = -inf)
+        store8(alpha, v, a)
+        store8(total, v, fma8(load8(total, v), a, sums))
+        store8(m, v, mx)
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _weigh_values(s, vw, nqp, nk, d, acc):  # type: ignore[no-untyped-def]
+    """acc[v * d + x] += sum over the span's keys j of s[j * nqp + v] * vw[j * d + x]: two
+    query vectors by 32 dims (by 8 for a head_dim's last d % 32)."""
+    wide = d - d % 32
+    for a in range(0, nqp, 2):
+        ca, cb = a * d, (a + 1) * d
+        for c in range(0, wide, 32):
+            a0, a1 = load8(acc, ca + c), load8(acc, ca + c + 8)
+            a2, a3 = load8(acc, ca + c + 16), load8(acc, ca + c + 24)
+            b0, b1 = load8(acc, cb + c), load8(acc, cb + c + 8)
+            b2, b3 = load8(acc, cb + c + 16), load8(acc, cb + c + 24)
+            for j in range(nk):
+                v0, v1 = load8(vw, j * d + c), load8(vw, j * d + c + 8)
+                v2, v3 = load8(vw, j * d + c + 16), load8(vw, j * d + c + 24)
+                p = splat8(s, j * nqp + a)
+                a0, a1, a2, a3 = fma8(p, v0, a0), fma8(p, v1, a1), fma8(p, v2, a2), fma8(p, v3, a3)
+                p = splat8(s, j * nqp + a + 1)
+                b0, b1, b2, b3 = fma8(p, v0, b0), fma8(p, v1, b1), fma8(p, v2, b2), fma8(p, v3, b3)
+            store8(acc, ca + c, a0)
+            store8(acc, ca + c + 8, a1)
+            store8(acc, ca + c + 16, a2)
+            store8(acc, ca + c + 24, a3)
+            store8(acc, cb + c, b0)
+            store8(acc, cb + c + 8, b1)
+            store8(acc, cb + c + 16, b2)
+            store8(acc, cb + c + 24, b3)
+        for c in range(wide, d, 8):
+            a0, b0 = load8(acc, ca + c), load8(acc, cb + c)
+            for j in range(nk):
+                v0 = load8(vw, j * d + c)
+                a0 = fma8(splat8(s, j * nqp + a), v0, a0)
+                b0 = fma8(splat8(s, j * nqp + a + 1), v0, b0)
+            store8(acc, ca + c, a0)
+            store8(acc, cb + c, b0)
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
+def _tile(q, k_cache, v_cache, table, seq_len, n, q0, r0, r1, h, scale, out,
+          qt, kw, vw, s, acc, m, total, alpha):  # type: ignore[no-untyped-def]
+    """Rows r0 .. r1 - 1 of one prefill (its n new rows start at q0 in q [T, kvh, group, d]),
+    kv head h -> out[q0 + r0 .. q0 + r1 - 1, h]. The arrays after out are the worker's scratch
+    (_scratch), overwritten."""
+    group, d = q.shape[2], q.shape[3]
+    nq = (r1 - r0) * group                   # query vectors, v = row * group + head in group
+    nqp = (nq + 15) // 16 * 16               # padded to the score blocks' 16 (zero queries)
+    for i in range(r1 - r0):
+        for g in range(group):
+            for x in range(d):
+                qt[x * nqp + i * group + g] = q[q0 + r0 + i, h, g, x]
+    for x in range(d):
+        qt[x * nqp + nq:(x + 1) * nqp] = 0
+    acc[:nqp * d] = 0
+    m[:] = -np.inf
+    total[:] = 0
+    first = seq_len - n                       # position of the prefill's first new row
+    for k0 in range(0, first + r1, SPAN):
+        nk = min(SPAN, first + r1 - k0)
+        _load_span(k_cache, v_cache, table, h, k0, nk, kw, vw)
+        _scores(qt, kw, nqp, (nk + 3) // 4 * 4, d, scale, s)
+        # Causal: row i (query vectors i * group ..) sees keys up to position first + r0 + i,
+        # so key p is hidden from rows 0 .. p - first - r0 - 1 (only keys past the first row).
+        for j in range(max(0, first + r0 + 1 - k0), nk):
+            for v in range(min(k0 + j - first - r0, r1 - r0) * group):
+                s[j * nqp + v] = -np.inf
+        _softmax_span(s, nqp, nk, m, total, alpha)
+        for v in range(nq):
+            if alpha[v] != 1:
+                acc[v * d:(v + 1) * d] *= alpha[v]
+        _weigh_values(s, vw, nqp, nk, d, acc)
+    for i in range(r1 - r0):
+        for g in range(group):
+            v = i * group + g
+            inv = np.float32(1.0) / total[v]
+            for x in range(d):
+                out[q0 + r0 + i, h, g, x] = acc[v * d + x] * inv
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _items(q_starts, num_kv_heads):  # type: ignore[no-untyped-def]
+    """(prefill, first row, kv head) per item: each prefill's rows in tiles of TILE_ROWS. A
+    prefill's later tiles see more keys; dealt round robin, every worker gets light and heavy
+    tiles alike (in contiguous shares the last worker got three quarters of a long prompt)."""
+    count = 0
+    for p in range(q_starts.shape[0] - 1):
+        count += (q_starts[p + 1] - q_starts[p] + TILE_ROWS - 1) // TILE_ROWS
+    items = np.empty((count * num_kv_heads, 3), np.int64)
+    i = 0
+    for p in range(q_starts.shape[0] - 1):
+        for r0 in range(0, q_starts[p + 1] - q_starts[p], TILE_ROWS):
+            for h in range(num_kv_heads):
+                items[i, 0], items[i, 1], items[i, 2] = p, r0, h
+                i += 1
+    return items
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _scratch(group, d):  # type: ignore[no-untyped-def]
+    """One worker's scratch for _tile, sized for a full tile: queries transposed qt, a span's
+    keys kw and values vw, its scores s, the weighted values acc, the running max m, sum total
+    and rescale alpha."""
+    nqp = (TILE_ROWS * group + 15) // 16 * 16
+    kw = np.zeros(SPAN * d, np.float32)      # zeros: the padding of a short span stays finite
+    return (np.empty(d * nqp, np.float32), kw, np.empty(SPAN * d, np.float32),
+            np.empty(SPAN * nqp, np.float32), np.empty(nqp * d, np.float32),
+            np.empty(nqp, np.float32), np.empty(nqp, np.float32), np.empty(nqp, np.float32))
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)
+def _prefill_parallel(q, k_cache, v_cache, tables, seq_lens, q_starts, scale, threads, out):  # type: ignore[no-untyped-def]
+    items = _items(q_starts, q.shape[1])
+    workers = max(1, min(threads, items.shape[0]))
+    for w in prange(workers):               # one scratch per worker, items dealt round robin
+        qt, kw, vw, s, acc, m, total, alpha = _scratch(q.shape[2], q.shape[3])
+        for i in range(w, items.shape[0], workers):
+            p, r0, h = items[i, 0], items[i, 1], items[i, 2]
+            n = q_starts[p + 1] - q_starts[p]
+            _tile(q, k_cache, v_cache, tables[p], seq_lens[p], n, q_starts[p], r0,
+                  min(r0 + TILE_ROWS, n), h, scale, out, qt, kw, vw, s, acc, m, total, alpha)
+
+
+def can_prefill_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the in-place prefill takes these: an fp32 or bf16 cache of q's dtype, on the CPU,
+    contiguous, head_dim a multiple of 8 (the kernels' vectors)."""
+    return (q.dtype == k_cache.dtype == v_cache.dtype
+            and q.dtype in (torch.float32, torch.bfloat16) and not q.is_cuda
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and q.shape[-1] % 8 == 0)
+
+
+def prefill_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     tables: np.ndarray, seq_lens: np.ndarray, q_starts: np.ndarray,
+                     scale: float) -> torch.Tensor:
+    """q [T, h, d] -> [T, h, d]: prefill p's rows q_starts[p] .. q_starts[p + 1] - 1 attend,
+    causally, to the first seq_lens[p] keys of block table tables[p] (its new rows are the last
+    ones of those keys), read in place. Arithmetic is fp32; a bf16 result is rounded once."""
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    qd = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    if qd.dtype != torch.float32 or not qd.is_contiguous():
+        qd = qd.to(torch.float32).contiguous()
+    out = torch.empty_like(qd)
+    if k_cache.dtype == torch.bfloat16:
+        kc, vc = k_cache.view(torch.int16).numpy(), v_cache.view(torch.int16).numpy()
+    else:
+        kc, vc = k_cache.numpy(), v_cache.numpy()
+    _prefill_parallel(qd.numpy(), kc, vc, tables, seq_lens, q_starts, np.float32(scale),
+                      numba_threads(), out.numpy())
+    out = out.view(rows, num_heads, head_dim)
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def warm_up() -> None:
+    """Compile the in-place prefill (fp32 and bf16 caches) now, or load it from numba's cache."""
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = torch.zeros(1, 16, 1, 8, dtype=dtype)
+        prefill_in_place(torch.zeros(2, 1, 8, dtype=dtype), cache, cache,
+                         np.zeros((1, 1), np.int32), np.full(1, 2, np.int32),
+                         np.array([0, 2], np.int32), 1.0)
