@@ -8,16 +8,24 @@ from pathlib import Path
 FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def cpu_line() -> str:
-    """e.g. 'AMD EPYC 9R14, 2 logical CPUs: avx2 fma avx512f avx512_bf16 (no amx_bf16 amx_tile)'."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+def cpu_line(info: str | None = None) -> str:
+    """e.g. 'AMD EPYC (family 26 model 2), 2 logical CPUs: avx2 fma avx512f avx512_bf16 (no
+    amx_bf16 amx_tile)'. The family and model number tell apart CPUs that a VM names alike
+    ("AMD EPYC" on Zen 4, family 25, and on Zen 5, family 26). info: /proc/cpuinfo's text."""
+    if info is None:
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model, flags = platform.processor() or platform.machine(), set()
+    fields: dict[str, str] = {}
     for line in info.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
+        key = key.strip()
+        if key in ("model name", "cpu family", "model") and key not in fields:
+            fields[key] = value.strip()
+        elif key == "flags":
             flags = set(value.split())
+    model = fields.get("model name", model)
+    if "cpu family" in fields:
+        model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
     count = info.count("processor\t:") or "?"
     have = [f for f in FLAGS if f in flags]
     missing = [f for f in FLAGS if f not in flags]

@@ -47,6 +47,7 @@ from numba import njit, prange
 
 from kernels import dot_bf16
 from kernels.backend import dot_bf16_linear, numba_threads, panel_linear, prepack_linear
+from kernels.dot_bf16 import PANEL as DOT_PANEL
 from kernels.dot_bf16 import dot_gemm, dot_silu, gate_up_order, pack_pairs
 from kernels.dot_bf16 import flat as flat_pairs
 from kernels.simd import add8, fma8, load8, splat8, store8, zeros8
@@ -103,7 +104,7 @@ def prepare_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Li
     no data)."""
     packed = panels = packed_bf16 = pairs = None
     bf16 = weight.dtype == torch.bfloat16
-    if (bf16 and not weight.is_cuda and dot_bf16_linear() and weight.shape[0] % PANEL == 0
+    if (bf16 and not weight.is_cuda and dot_bf16_linear() and weight.shape[0] % DOT_PANEL == 0
             and weight.shape[1] % 2 == 0):
         pairs = pack_pairs(weight)
     elif not weight.is_cuda and panel_linear() and weight.shape[0] % PANEL == 0:
@@ -198,7 +199,7 @@ def prepare_gate_up(weight: torch.Tensor, bias: torch.Tensor | None = None) -> L
     `gate_up_silu` computes silu(gate) * up in the same call: one call and one pass over the
     [T, 2 I] product less per layer."""
     layer = prepare_linear(weight, bias)
-    if layer.pairs is not None and bias is None and weight.shape[0] % (2 * PANEL) == 0:
+    if layer.pairs is not None and bias is None and weight.shape[0] % (2 * DOT_PANEL) == 0:
         layer.pairs = pack_pairs(weight[gate_up_order(weight.shape[0])])
         layer.pairs_data, layer.gated = flat_pairs(layer.pairs), True
     return layer
