@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import AttentionMetadata, slots_for  # noqa: E402
 from kernels.calibrate import median_ms as timed_ms, medians_ms  # noqa: E402
-from kernels import attention, calibrate, kv_store, linear, logit_mask, rmsnorm, rotary, split_head  # noqa: E402
+from kernels import (attention, calibrate, decode_cpu, kv_store, linear, logit_mask, rmsnorm,  # noqa: E402
+                     rotary, split_head)
 from kernels.backend import cpu_flags  # noqa: E402
 from benchmarks.cpu import cpu_line  # noqa: E402
 
@@ -131,16 +132,26 @@ def bench_attention(device: str, repeats: int, dtypes: list[torch.dtype]) -> Non
             cols["naive_gather"] = median_ms(
                 lambda: naive_paged_attention(q, kc, vc, slots, mask, scale), repeats, device)
             row(f"  {str(dtype)[6:]} seqs={num_seqs} ctx~{context}", **cols)
-    print("# paged prefill attention, causal over cached + new keys (ms)")
+    print("# paged prefill attention, causal over cached + new keys (ms): the engine's kernel "
+          "(on the CPU kernels/prefill_cpu.py, one call for every prefill), SDPA one call per "
+          "prompt (the CPU path before it), the naive reference")
     for dtype in dtypes:
-        for num_seqs, context, new in ((1, 0, 256), (4, 128, 64)):
+        for num_seqs, context, new in ((1, 0, 256), (5, 0, 100), (4, 128, 64)):
             q, kc, vc, meta, lens, _ = make_attention_case(num_seqs, context, new, dtype, device)
             fast = median_ms(lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
-            ref = median_ms(lambda: attention.paged_attention_ref(
+            cols: dict[str, float | str] = {"kernel": fast}
+            if device == "cpu":
+                attention.PREFILL_IN_PLACE = False
+                try:
+                    cols["sdpa_per_prompt"] = median_ms(
+                        lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
+                finally:
+                    attention.PREFILL_IN_PLACE = True
+                cols["kernel_over_sdpa"] = fast / float(cols["sdpa_per_prompt"])
+            cols["naive_reference"] = median_ms(lambda: attention.paged_attention_ref(
                 q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale),
                 max(3, repeats // 5), device)
-            row(f"  {str(dtype)[6:]} seqs={num_seqs} cached~{context} new={new}", kernel=fast,
-                naive_reference=ref)
+            row(f"  {str(dtype)[6:]} seqs={num_seqs} cached~{context} new={new}", **cols)
 
 
 def bench_store(device: str, repeats: int) -> None:
@@ -330,11 +341,36 @@ def bench_head(repeats: int, rounds: int = 5) -> None:
         row(f"  rows={rows}", **cols)
 
 
+def bench_placement(repeats: int, layers: int = 30, num_blocks: int = 2912) -> None:
+    """The bf16 decode attention of one step (`layers` layers, each its own cache of num_blocks
+    blocks: 2912 is the server's default 1 GiB of KV for SmolLM2-135M, too big for the caches)
+    over rows whose blocks are consecutive in memory, as a fresh server hands them out, and
+    scattered, as a long-running one reuses them. Medians of `repeats` passes, alternating."""
+    print(f"# decode attention, {layers} layers, consecutive vs scattered KV blocks, ms; {cpu_line()}")
+    g = torch.Generator().manual_seed(0)
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    caches = [(torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16())
+              for _ in range(layers)]
+    for seqs, keys in ((8, 200), (32, 200)):
+        per = (keys + BLOCK - 1) // BLOCK
+        tables = {"consecutive": torch.arange(seqs * per, dtype=torch.int32).view(seqs, per),
+                  "scattered": torch.randperm(num_blocks, generator=g)[:seqs * per]
+                  .to(torch.int32).view(seqs, per)}
+        lens = torch.full((seqs,), keys, dtype=torch.int32)
+        q = torch.randn(seqs, HEADS, HEAD_DIM, generator=g).bfloat16()
+        fns = [lambda t=t: [decode_cpu.attend_rows_in_place(q, kc, vc, t, lens, HEAD_DIM ** -0.5)
+                            for kc, vc in caches] for t in tables.values()]
+        times = medians_ms(fns, repeats)
+        row(f"  seqs={seqs} keys={keys}", consecutive=times[0], scattered=times[1],
+            scattered_over_consecutive=times[1] / times[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--only", nargs="*",
-                        default=["mask", "attention", "store", "norm", "linear", "body", "head"])
+                        default=["mask", "attention", "store", "norm", "linear", "body", "head",
+                                 "placement"])
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
@@ -358,6 +394,8 @@ def main() -> None:
             bench_body(max(5, args.repeats // 3))
         if "head" in args.only and args.device == "cpu":
             bench_head(args.repeats)
+        if "placement" in args.only and args.device == "cpu":
+            bench_placement(max(5, args.repeats // 3))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 from numba import njit, prange
 
 from kernels.backend import numba_threads
-from kernels.simd import WIDTH, as_f32, exp_sum, row_max
+from kernels.simd import WIDTH, as_f32, exp_sum, prefetch, row_max
 
 
 _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
@@ -49,7 +49,22 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
     num_kv_heads, group, head_dim = q.shape
     bs = k_cache.shape[1]
     n = min(b1 * bs, seq_len) - b0 * bs
+    last = (seq_len - 1) // bs                                   # the row's last block
+    line = 64 // k_cache.itemsize                                # values per cache line
     for b in range(b0, b1):
+        # A row's blocks lie wherever the allocator found them, and a long-running server's are
+        # scattered (freed blocks are reused in the order they were freed): over scattered
+        # blocks this kernel took about twice as long as over consecutive ones, the hardware
+        # prefetcher not knowing where the next block is (docs/BENCHMARKS.md). So where the next
+        # key block is not the next in memory, name it, and this block's values (read after the
+        # span's keys), to the CPU before computing on this one. Consecutive blocks are left to
+        # the hardware: prefetching them too cost more than it saved.
+        if table[min(b + 1, last)] != table[b] + 1:
+            nxt = k_cache[table[min(b + 1, last)]]
+            vals = v_cache[table[b]]
+            for i in range(0, nxt.size, line):
+                prefetch(nxt, i)
+                prefetch(vals, i)
         blk = k_cache[table[b]]                                  # [bs, kvh, d]
         for o in range(min(bs, seq_len - b * bs)):
             for h in range(num_kv_heads):

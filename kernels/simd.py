@@ -249,6 +249,28 @@ def _as_f32(x):  # type: ignore[no-untyped-def]  # annotations would differ from
     return None
 
 
+@intrinsic
+def prefetch(typingctx: Any, arr: Any, index: Any) -> Any:
+    """Ask the CPU to bring the cache line holding element `index` of a C-contiguous array (of
+    any rank, counted flat) into its caches, without waiting for it: a kernel that walks memory
+    in an order the hardware prefetcher cannot guess (paged KV blocks through a block table)
+    names the next block while it computes on this one."""
+    if not (isinstance(arr, types.Array) and arr.layout == "C" and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(array.data, [args[1]])
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        # read (0), keep in every cache level (3), data (1)
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(arr, index), codegen
+
+
 # --- row helpers: a softmax's max and sum of exps (attention and sampler kernels) -----------
 
 @njit(nogil=True, boundscheck=False, inline="always")

@@ -190,3 +190,28 @@ def test_cpu_fallback_for_caches_the_kernel_does_not_take() -> None:
     assert out.dtype == torch.float16
     expected = paged_attention(q.float(), kc.float(), vc.float(), meta, 0.125)
     torch.testing.assert_close(out.float(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_gives_the_same_bits_on_consecutive_and_scattered_blocks(dtype: torch.dtype) -> None:
+    """The decode kernel names scattered blocks to the CPU ahead of use (a prefetch hint) and
+    leaves consecutive ones to the hardware: where a row's blocks lie changes no bit."""
+    lens = [40, 130, 7, 300]
+    need = [(n + 15) // 16 for n in lens]
+    g = torch.Generator().manual_seed(3)
+    keys = [torch.randn(n * 16, 3, 64, generator=g).to(dtype) for n in need]
+    values = [torch.randn(n * 16, 3, 64, generator=g).to(dtype) for n in need]
+    q = torch.randn(len(lens), 9, 64, generator=g).to(dtype)
+    outs = []
+    for order in (torch.arange(sum(need)), torch.randperm(sum(need), generator=g)):
+        kc = torch.zeros(sum(need), 16, 3, 64, dtype=dtype)
+        vc = torch.zeros_like(kc)
+        tables, used = [], 0
+        for n, k, v in zip(need, keys, values):
+            table = order[used:used + n]
+            kc[table], vc[table] = k.view(n, 16, 3, 64), v.view(n, 16, 3, 64)
+            tables.append(table.tolist() + [0] * (max(need) - n))
+            used += n
+        outs.append(decode_cpu.attend_rows_in_place(q, kc, vc, torch.tensor(tables, dtype=torch.int32),
+                                                    torch.tensor(lens, dtype=torch.int32), 0.125))
+    assert torch.equal(outs[0], outs[1])
