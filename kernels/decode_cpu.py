@@ -182,6 +182,21 @@ def can_attend_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             and k_cache.is_contiguous() and v_cache.is_contiguous())
 
 
+def kernel_views(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """What the in-place kernels (this one and kernels.prefill_cpu) take: q [T, h, d] as fp32
+    [T, kvh, group, d] (a copy only where it is not that already), an empty output of that
+    shape, and the caches as numpy arrays (a bf16 cache as its int16 bits)."""
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    qd = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    if qd.dtype != torch.float32 or not qd.is_contiguous():
+        qd = qd.to(torch.float32).contiguous()
+    if k_cache.dtype == torch.bfloat16:
+        k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)
+    return qd, torch.empty_like(qd), k_cache.numpy(), v_cache.numpy()
+
+
 def attend_rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          tables: torch.Tensor | np.ndarray, lens: torch.Tensor | np.ndarray,
                          scale: float) -> torch.Tensor:
@@ -191,15 +206,7 @@ def attend_rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     end (as SDPA does). tables and lens may be given as numpy arrays already (see
     decode_in_place: each layer would otherwise convert them again)."""
     rows, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    qd = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    if qd.dtype != torch.float32 or not qd.is_contiguous():
-        qd = qd.to(torch.float32).contiguous()
-    out = torch.empty_like(qd)
-    if k_cache.dtype == torch.bfloat16:
-        kc, vc = k_cache.view(torch.int16).numpy(), v_cache.view(torch.int16).numpy()
-    else:
-        kc, vc = k_cache.numpy(), v_cache.numpy()
+    qd, out, kc, vc = kernel_views(q, k_cache, v_cache)
     tables = tables.numpy() if isinstance(tables, torch.Tensor) else tables
     lens = lens.numpy() if isinstance(lens, torch.Tensor) else lens
     bs = k_cache.shape[1]

@@ -28,6 +28,7 @@ import torch
 from numba import njit, prange
 
 from kernels.backend import numba_threads
+from kernels.decode_cpu import can_attend_in_place, kernel_views
 from kernels.simd import (add8, broadcast8, exp8, fma8, load8, max8, mul8, splat8,
                           store8, sub8, zeros8)
 
@@ -227,9 +228,7 @@ def _prefill_parallel(q, k_cache, v_cache, tables, seq_lens, q_starts, scale, th
 def can_prefill_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether the in-place prefill takes these: an fp32 or bf16 cache of q's dtype, on the CPU,
     contiguous, head_dim a multiple of 8 (the kernels' vectors)."""
-    return (q.dtype == k_cache.dtype == v_cache.dtype
-            and q.dtype in (torch.float32, torch.bfloat16) and not q.is_cuda
-            and k_cache.is_contiguous() and v_cache.is_contiguous() and q.shape[-1] % 8 == 0)
+    return can_attend_in_place(q, k_cache, v_cache) and q.shape[-1] % 8 == 0
 
 
 def prefill_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -239,15 +238,7 @@ def prefill_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     causally, to the first seq_lens[p] keys of block table tables[p] (its new rows are the last
     ones of those keys), read in place. Arithmetic is fp32; a bf16 result is rounded once."""
     rows, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    qd = q.reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    if qd.dtype != torch.float32 or not qd.is_contiguous():
-        qd = qd.to(torch.float32).contiguous()
-    out = torch.empty_like(qd)
-    if k_cache.dtype == torch.bfloat16:
-        kc, vc = k_cache.view(torch.int16).numpy(), v_cache.view(torch.int16).numpy()
-    else:
-        kc, vc = k_cache.numpy(), v_cache.numpy()
+    qd, out, kc, vc = kernel_views(q, k_cache, v_cache)
     _prefill_parallel(qd.numpy(), kc, vc, tables, seq_lens, q_starts, np.float32(scale),
                       numba_threads(), out.numpy())
     out = out.view(rows, num_heads, head_dim)
