@@ -3,7 +3,7 @@
 vdpbf16ps adds to each fp32 lane the two products of a pair of bf16 values: twice the
 multiply-adds of an fp32 FMA per instruction. oneDNN's bf16 product uses it too, but on a SmolLM2
 body's four layer shapes, weights read from memory as in a decode step, our kernel below is
-faster at 1-16 rows and even from 32 (kernels_bench --only body; docs/BENCHMARKS.md). So where
+faster at 1-8 rows and even from 16 (kernels_bench --only body; docs/BENCHMARKS.md). So where
 the CPU has the instruction, a bf16 layer's panels are kept in the pair layout below, and its
 products below the bf16 crossover (kernels.linear.calibrate) run here instead of widening to
 fp32. The arithmetic is the same: a product of two bf16 values is exact in fp32 and the sums are
