@@ -114,16 +114,23 @@ def _paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         return outs[0]
     if PREFILL_IN_PLACE and can_prefill_in_place(q, k_cache, v_cache):
         outs.append(prefills_in_place(q[nd:], k_cache, v_cache, meta, scale))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    else:
+        outs += _prefills_sdpa(q, k_cache, v_cache, meta, scale)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def _prefills_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   meta: AttentionMetadata, scale: float) -> list[torch.Tensor]:
+    """Each prefill through SDPA over its gathered keys (_prefill_cpu), one call per prefill."""
     prefills = prefill_view(meta, k_cache.shape[1])     # made by the step's first layer
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)
     v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-    start = nd
+    outs, start = [], meta.num_decodes
     for n, seq_len, slots in prefills:
         outs.append(_prefill_cpu(q[start:start + n], k_flat, v_flat, n, seq_len, slots, scale))
         start += n
-    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    return outs
 
 
 # --- Triton kernel ----------------------------------------------------------------------------

@@ -20,7 +20,8 @@ class AttentionMetadata:
     Sequences are ordered decodes first (one query row each), then prefills (ragged queries).
     The fields after max_query_len are views made on first use: the prefills' key slots
     (`prefill_view`, the CPU prefill), every query row as its own decode (`row_view`,
-    deterministic mode), and the numpy views of the decode and prefill rows that the CPU kernels take.
+    deterministic mode), and the numpy views of the decode and prefill rows that the CPU
+    kernels take.
     """
 
     slot_mapping: torch.Tensor          # [num_tokens] int64: each new token's slot, -1 = padding

@@ -35,7 +35,7 @@ from kernels.simd import (add8, broadcast8, exp8, fma8, load8, max8, mul8, splat
 _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
 
 TILE_ROWS = 16      # query rows per item: 48 query vectors for SmolLM2's 3 heads per kv head
-SPAN = 64           # keys per span (a multiple of 16: the score blocks)
+SPAN = 64           # keys per span (a multiple of 4: the score blocks' keys)
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
@@ -206,10 +206,12 @@ def _scratch(group, d):  # type: ignore[no-untyped-def]
     keys kw and values vw, its scores s, the weighted values acc, the running max m, sum total
     and rescale alpha."""
     nqp = (TILE_ROWS * group + 15) // 16 * 16
-    kw = np.zeros(SPAN * d, np.float32)      # zeros: the padding of a short span stays finite
-    return (np.empty(d * nqp, np.float32), kw, np.empty(SPAN * d, np.float32),
-            np.empty(SPAN * nqp, np.float32), np.empty(nqp * d, np.float32),
-            np.empty(nqp, np.float32), np.empty(nqp, np.float32), np.empty(nqp, np.float32))
+    # A short span's keys are padded to the score blocks' 4 with whatever kw holds: their
+    # scores are computed and never read.
+    return (np.empty(d * nqp, np.float32), np.empty(SPAN * d, np.float32),
+            np.empty(SPAN * d, np.float32), np.empty(SPAN * nqp, np.float32),
+            np.empty(nqp * d, np.float32), np.empty(nqp, np.float32), np.empty(nqp, np.float32),
+            np.empty(nqp, np.float32))
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)

@@ -212,6 +212,9 @@ def test_cpu_decode_gives_the_same_bits_on_consecutive_and_scattered_blocks(dtyp
             kc[table], vc[table] = k.view(n, 16, 3, 64), v.view(n, 16, 3, 64)
             tables.append(table.tolist() + [0] * (max(need) - n))
             used += n
-        outs.append(decode_cpu.attend_rows_in_place(q, kc, vc, torch.tensor(tables, dtype=torch.int32),
-                                                    torch.tensor(lens, dtype=torch.int32), 0.125))
+        bt, sl = torch.tensor(tables, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
+        outs.append(decode_cpu.attend_rows_in_place(q, kc, vc, bt, sl, 0.125))
+        expected = paged_attention_ref(q, kc, vc, bt, sl, torch.arange(len(lens) + 1,
+                                                                        dtype=torch.int32), 0.125)
+        torch.testing.assert_close(outs[-1], expected, **tol(dtype))
     assert torch.equal(outs[0], outs[1])
