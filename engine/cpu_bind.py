@@ -87,3 +87,17 @@ def choose_binding(cpu_bind: str, num_threads: int) -> CpuBinding:
     loop = [c for c in allowed if c not in team]
     return CpuBinding(tuple(team), tuple(loop),
                       f"{n} compute thread(s) on cores of their own, the event loop on the rest")
+
+
+def wait_policy_warning() -> str | None:
+    """Why OMP_WAIT_POLICY, if set as it is, slows the CPU engine; None where it does not.
+
+    PASSIVE puts a team's threads to sleep at the end of every parallel region, and a decode
+    step is hundreds of short regions with Python between them, so each one starts with a
+    wake-up: the server ran at 0.69-0.70x the speed at 8 and 32 streams (docs/BENCHMARKS.md,
+    the OpenMP wait policy). It is easily inherited from a shell set up for another program.
+    """
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() != "passive":
+        return None
+    return ("OMP_WAIT_POLICY=PASSIVE makes every parallel region of a step wake its threads: "
+            "about 0.7x the speed on the CPU; unset it")

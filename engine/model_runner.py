@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig
 
 from engine.config import EngineConfig
-from engine.cpu_bind import CpuBinding, choose_binding
+from engine.cpu_bind import CpuBinding, choose_binding, wait_policy_warning
 from engine.cuda_graphs import CudaGraphs
 from engine.device import Transfer, choose_device, cuda_bf16
 from engine.loader import load_state_dict
@@ -94,6 +94,8 @@ class ModelRunner:
         log.info("cpu_bind", team_cpus=list(self.cpu_binding.team_cpus),
                  loop_cpus=list(self.cpu_binding.loop_cpus), asked=config.cpu_bind,
                  num_threads=self.num_threads, reason=self.cpu_binding.reason)
+        if self.device.type == "cpu" and (warning := wait_policy_warning()):
+            log.warning("omp_wait_policy", problem=warning)
         self.dtype_name, self.dtype_reason = choose_dtype(config, self.device_name)
         self.dtype = _DTYPES[self.dtype_name]
         log.info("dtype_chosen", dtype=self.dtype_name, asked=config.dtype, reason=self.dtype_reason)

@@ -129,3 +129,19 @@ def test_an_engine_dropped_is_freed_with_its_threads(tiny_model_dir):
     del llm
     gc.collect()
     assert runner() is None
+
+
+def test_a_passive_omp_wait_policy_is_warned_of_at_start(tiny_model_dir, monkeypatch):
+    from structlog.testing import capture_logs
+
+    from engine import LLM
+    from engine.cpu_bind import wait_policy_warning
+    for value, warned in (("PASSIVE", True), (" passive ", True), ("ACTIVE", False), ("", False)):
+        monkeypatch.setenv("OMP_WAIT_POLICY", value)
+        assert (wait_policy_warning() is not None) == warned
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert wait_policy_warning() is None
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    with capture_logs() as logs:
+        LLM(str(tiny_model_dir))
+    assert [e["problem"] for e in logs if e["event"] == "omp_wait_policy"] == [wait_policy_warning()]
