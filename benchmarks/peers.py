@@ -29,7 +29,9 @@ Workload: a ~100-token prompt, its start made different for each request (`--sha
 sends one prompt to all; vLLM's prefix cache then skips their prefill), 128 new tokens
 (`ignore_eos` where the peer accepts it), greedy, streamed over SSE from /v1/completions (plain)
 or /v1/chat/completions with a JSON schema (constrained); N requests at once for each
-concurrency N, after one warm-up request. Reported per peer and N: aggregate completion tokens/s
+concurrency N, after one warm-up request. Every server peer is started first and stays up; with
+`--runs R` each run is one pass over them all, the order reversed from one run to the next, so
+that the machine's drift falls on every peer alike. Reported per peer and N: aggregate completion tokens/s
 (all tokens / wall time of the round), TTFT p50/p95, plumbline's ratio to the peer
 (>1: plumbline ahead), the round's wall time, for json rounds how many outputs are complete
 documents matching the schema, and for plumbline how many prompt tokens of the round its prefix
@@ -53,7 +55,7 @@ import sys
 import time
 import venv
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -461,22 +463,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
-def bench_peer(peer: Peer, cache: Path, model: dict[str, Path], prompt: str,
-               args: argparse.Namespace, out: Path) -> list[Round]:
+def start_server(peer: Peer, cache: Path, model: dict[str, Path], args: argparse.Namespace,
+                 out: Path) -> tuple[subprocess.Popen[bytes] | None, int, list[Round]]:
+    """Install peer and start its server: (process, port, []) once it answers, else (None, 0,
+    rounds that carry the error)."""
     log = out / f"{peer.name}.log"
-    modes = [False] + ([True] if args.constrained else [])
+    failed = [Round(peer.name, n, c) for c in modes(args) for n in args.concurrency]
     try:
         peer.install(cache, log)
     except (subprocess.CalledProcessError, OSError) as exc:
-        return [Round(peer.name, n, c, errors=[f"install failed: {exc} (see {log})"])
-                for c in modes for n in args.concurrency]
-    if isinstance(peer, Transformers):
-        rounds = [transformers_round(peer, cache, model, prompt, n, args, log)
-                  for n in args.concurrency]
-        if args.constrained:
-            rounds += [Round(peer.name, n, True, note="n/a: no constrained decoding in generate")
-                       for n in args.concurrency]
-        return rounds
+        return None, 0, [replace(r, errors=[f"install failed: {exc} (see {log})"]) for r in failed]
     port = free_port()
     cmd, extra_env = peer.command(cache, port, model)
     with open(log, "a") as f:
@@ -484,21 +480,60 @@ def bench_peer(peer: Peer, cache: Path, model: dict[str, Path], prompt: str,
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, **extra_env})
-    rounds: list[Round] = []
     try:
         wait_ready(proc, port, args.start_timeout)
-        for run in range(args.runs):        # runs outermost: each one a pass over every round
-            for constrained in modes:
-                for n in args.concurrency:
-                    r = asyncio.run(http_round(peer, port, prompt, n, constrained, args))
-                    print(f"[{peer.name}] run {run + 1} n={n} {'json' if constrained else 'plain'}: "
-                          f"{_num(r.tokens_per_s)} tok/s, TTFT p50 {_num(r.ttft_p50_s, 2)} s"
-                          f"{' errors: ' + '; '.join(r.errors[:2]) if r.errors else ''}", flush=True)
-                    rounds.append(r)
     except RuntimeError as exc:
-        rounds.append(Round(peer.name, 0, False, errors=[f"{exc} (see {log})"]))
-    finally:
         stop(proc)
+        return None, 0, [replace(r, errors=[f"{exc} (see {log})"]) for r in failed]
+    return proc, port, []
+
+
+def modes(args: argparse.Namespace) -> list[bool]:
+    return [False] + ([True] if args.constrained else [])
+
+
+def bench_servers(peers: list[Peer], cache: Path, model: dict[str, Path], prompt: str,
+                  args: argparse.Namespace, out: Path) -> list[Round]:
+    """Every server peer's rounds. All their servers are up together (an idle one took under 2%
+    of a CPU), and each run is one pass over every peer, the order reversed from run to run:
+    this VM's speed drifts by a quarter and more within minutes, and the drift then falls on
+    every peer alike rather than on whichever ran last."""
+    rounds: list[Round] = []
+    servers: dict[str, tuple[Peer, subprocess.Popen[bytes], int]] = {}
+    try:
+        for peer in peers:
+            proc, port, failed = start_server(peer, cache, model, args, out)
+            rounds += failed
+            if proc is not None:
+                servers[peer.name] = (peer, proc, port)
+        for run in range(args.runs):
+            for name in list(servers)[::1 if run % 2 == 0 else -1]:
+                peer, _, port = servers[name]
+                for constrained in modes(args):
+                    for n in args.concurrency:
+                        r = asyncio.run(http_round(peer, port, prompt, n, constrained, args))
+                        print(f"[{peer.name}] run {run + 1} n={n} {'json' if constrained else 'plain'}: "
+                              f"{_num(r.tokens_per_s)} tok/s, TTFT p50 {_num(r.ttft_p50_s, 2)} s"
+                              f"{' errors: ' + '; '.join(r.errors[:2]) if r.errors else ''}", flush=True)
+                        rounds.append(r)
+    finally:
+        for _, proc, _ in servers.values():
+            stop(proc)
+    return rounds
+
+
+def bench_transformers(peer: Transformers, cache: Path, model: dict[str, Path], prompt: str,
+                       args: argparse.Namespace, out: Path) -> list[Round]:
+    log = out / f"{peer.name}.log"
+    try:
+        peer.install(cache, log)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        return [Round(peer.name, n, c, errors=[f"install failed: {exc} (see {log})"])
+                for c in modes(args) for n in args.concurrency]
+    rounds = [transformers_round(peer, cache, model, prompt, n, args, log) for n in args.concurrency]
+    if args.constrained:
+        rounds += [Round(peer.name, n, True, note="n/a: no constrained decoding in generate")
+                   for n in args.concurrency]
     return rounds
 
 
@@ -595,11 +630,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = {"hf": resolve_model(MODEL_NAME), "gguf": fetch_default_gguf()}
     prompt = make_prompt(model["hf"], args.prompt_tokens)
-    rounds: list[Round] = []
-    # plumbline first, so every ratio has its numerator even when a peer fails later
-    for name in sorted(args.peers, key=lambda n: n != "plumbline"):
-        rounds += bench_peer(PEERS[name], cache, model, prompt, args, args.out)
-        (args.out / "peers.json").write_text(json.dumps([asdict(r) for r in rounds], indent=1))
+    # plumbline first, so that the table's ratios have their numerator on top
+    peers = [PEERS[name] for name in sorted(args.peers, key=lambda n: n != "plumbline")]
+    rounds = bench_servers([p for p in peers if not isinstance(p, Transformers)],
+                           cache, model, prompt, args, args.out)
+    for peer in peers:
+        if isinstance(peer, Transformers):
+            rounds += bench_transformers(peer, cache, model, prompt, args, args.out)
+    (args.out / "peers.json").write_text(json.dumps([asdict(r) for r in rounds], indent=1))
     rounds = median_rounds(rounds)
     md = f"cpu: {cpu_line()}\n\n{table(rounds)}"
     (args.out / "peers.md").write_text(

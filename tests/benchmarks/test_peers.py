@@ -25,3 +25,38 @@ def test_runs_reduce_to_one_median_row_per_peer_streams_and_mode():
     md = table(medians)
     assert "| plumbline | json_schema | 8 | 85.0 |" in md and "| 15/16 |" in md
     assert "| vllm | plain | 8 | 60.0 | 0.50 | 0.90 | 2.00 |" in md      # 120 / 60
+
+
+def test_every_server_is_up_for_all_runs_and_the_runs_alternate_the_order(monkeypatch, tmp_path):
+    import argparse
+
+    from benchmarks import peers
+
+    started, stopped, calls = [], [], []
+
+    class Proc:
+        def __init__(self, name):
+            self.name = name
+
+    def start_server(peer, cache, model, args, out):
+        if peer.name == "llamacpp":             # one that fails to start: its error, no rounds
+            return None, 0, [peers.Round(peer.name, 8, False, errors=["not ready"])]
+        started.append(peer.name)
+        return Proc(peer.name), 1000 + len(started), []
+
+    async def http_round(peer, port, prompt, n, constrained, args):
+        calls.append((peer.name, n, constrained, tuple(started), tuple(stopped)))
+        return peers.Round(peer.name, n, constrained, 1.0)
+
+    monkeypatch.setattr(peers, "start_server", start_server)
+    monkeypatch.setattr(peers, "http_round", http_round)
+    monkeypatch.setattr(peers, "stop", lambda proc: stopped.append(proc.name))
+    args = argparse.Namespace(runs=3, concurrency=[1, 8], constrained=True)
+    chosen = [peers.PEERS[n] for n in ("plumbline", "vllm", "llamacpp")]
+    rounds = peers.bench_servers(chosen, tmp_path, {}, "p", args, tmp_path)
+    assert [c[0] for c in calls] == ["plumbline"] * 4 + ["vllm"] * 8 + ["plumbline"] * 8 + ["vllm"] * 4
+    assert all(c[3] == ("plumbline", "vllm") and c[4] == () for c in calls)
+    assert [(c[1], c[2]) for c in calls[:4]] == [(1, False), (8, False), (1, True), (8, True)]
+    assert sorted(stopped) == ["plumbline", "vllm"]
+    assert [r.errors for r in rounds if r.peer == "llamacpp"] == [["not ready"]]
+    assert len(rounds) == 1 + 3 * 2 * 4
