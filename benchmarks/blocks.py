@@ -3,13 +3,15 @@ block, least recently freed first), which it replaced.
 
     python -m benchmarks.blocks                 # the simulation: consecutive steps, hit rate
     python -m benchmarks.blocks --engine 5      # and the default model's engine, 5 rounds each
+    python -m benchmarks.blocks --engine 5 --streams 16 --prompt-tokens 1000 --kv-blocks 2912 --no-simulation
 
 The simulation (`serve`) drives a BlockManager alone through decode steps of many concurrent
 sequences until its pool has cycled several times, and counts how many of the live block
 tables' steps go onto the next block in memory (what the CPU attention kernels read fastest,
-kernels_bench --only placement) and the prefix cache's hit rate. The engine rounds are 32
-greedy requests of 100 random prompt tokens and 128 new tokens through the offline LLM, the
-two policies in alternating rounds on one engine whose pool has been cycled first.
+kernels_bench --only placement) and the prefix cache's hit rate. The engine rounds are
+--streams greedy requests of --prompt-tokens random tokens and 128 new tokens through the
+offline LLM, the two policies in alternating rounds on one engine whose pool has been cycled
+first.
 """
 from __future__ import annotations
 
@@ -104,24 +106,24 @@ def simulate() -> None:
             print(f"| {blocks} | {live} | {load} | {cells[0]} | {cells[1]} |", flush=True)
 
 
-def engine_rounds(rounds: int) -> None:
+def engine_rounds(rounds: int, streams: int, prompt_tokens: int, kv_blocks: int) -> None:
     from engine import LLM
     runs = BlockManager._next_block
-    llm = LLM()
+    llm = LLM(**({"num_kv_blocks": kv_blocks} if kv_blocks else {}))
     rng = random.Random(0)
     params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     tps: dict[str, list[float]] = {"hand-out order": [], "runs": []}
     for r in range(4 + 2 * rounds):             # 4 rounds to cycle the pool first
         name = "runs" if r < 4 or r % 2 else "hand-out order"
         BlockManager._next_block = runs if name == "runs" else hand_out_order  # type: ignore[method-assign]
-        prompts = [[rng.randrange(1000, 40000) for _ in range(100)] for _ in range(32)]
+        prompts = [[rng.randrange(1000, 40000) for _ in range(prompt_tokens)] for _ in range(streams)]
         start = time.perf_counter()
         llm.generate(prompts, params)
         if r >= 4:
-            tps[name].append(32 * 128 / (time.perf_counter() - start))
+            tps[name].append(streams * 128 / (time.perf_counter() - start))
     BlockManager._next_block = runs             # type: ignore[method-assign]
     ratios = [b / a for a, b in zip(tps["hand-out order"], tps["runs"])]
-    print(f"engine, 32 streams, tokens/s (median of {rounds}): "
+    print(f"engine, {streams} streams, {prompt_tokens}-token prompts, tokens/s (median of {rounds}): "
           + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in tps.items())
           + f"; runs / hand-out order per round: {' '.join(f'{x:.2f}' for x in ratios)}, "
           f"median {statistics.median(ratios):.2f}")
@@ -131,11 +133,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engine", type=int, default=0, metavar="ROUNDS",
                     help="also time the default model's engine, ROUNDS rounds per policy")
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--kv-blocks", type=int, default=0, help="the engine's pool (0: LLM's default)")
+    ap.add_argument("--no-simulation", dest="simulation", action="store_false")
     args = ap.parse_args()
     print(f"# KV block placement; {cpu_line()}")
-    simulate()
+    if args.simulation:
+        simulate()
     if args.engine:
-        engine_rounds(args.engine)
+        engine_rounds(args.engine, args.streams, args.prompt_tokens, args.kv_blocks)
 
 
 if __name__ == "__main__":
