@@ -128,6 +128,10 @@ def bench_attention(device: str, repeats: int, dtypes: list[torch.dtype]) -> Non
                               repeats, device)
             fast = median_ms(lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
             cols: dict[str, float | str] = {"kernel": fast, "dense_sdpa": dense, "ratio": fast / dense}
+            if device == "cpu":     # each key widened per query head, reduced on its own
+                with plain_decode_loops():
+                    cols["plain_loops"] = median_ms(
+                        lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
             slots = slots.to(device)
             cols["naive_gather"] = median_ms(
                 lambda: naive_paged_attention(q, kc, vc, slots, mask, scale), repeats, device)
@@ -341,17 +345,36 @@ def bench_head(repeats: int, rounds: int = 5) -> None:
         row(f"  rows={rows}", **cols)
 
 
+@contextlib.contextmanager
+def plain_decode_loops() -> Iterator[None]:
+    """The CPU decode kernel with its plain loops for every head size (kernels.decode_cpu.CHUNKED
+    off): what it ran before keys and values were widened once per group."""
+    decode_cpu.CHUNKED = False
+    try:
+        yield
+    finally:
+        decode_cpu.CHUNKED = True
+
+
+def _plain(fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        with plain_decode_loops():
+            return fn()
+    return run
+
+
 def bench_placement(repeats: int, layers: int = 30, num_blocks: int = 2912) -> None:
     """The bf16 decode attention of one step (`layers` layers, each its own cache of num_blocks
     blocks: 2912 is the server's default 1 GiB of KV for SmolLM2-135M, too big for the caches)
     over rows whose blocks are consecutive in memory, as a fresh server hands them out, and
-    scattered, as a long-running one reuses them. Medians of `repeats` passes, alternating."""
+    scattered, as a long-running one reuses them; each also with the kernel's plain loops
+    (plain_decode_loops). Medians of `repeats` passes, alternating."""
     print(f"# decode attention, {layers} layers, consecutive vs scattered KV blocks, ms; {cpu_line()}")
     g = torch.Generator().manual_seed(0)
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     caches = [(torch.randn(shape, generator=g).bfloat16(), torch.randn(shape, generator=g).bfloat16())
               for _ in range(layers)]
-    for seqs, keys in ((8, 200), (32, 200)):
+    for seqs, keys in ((8, 200), (32, 200), (32, 600)):
         per = (keys + BLOCK - 1) // BLOCK
         tables = {"consecutive": torch.arange(seqs * per, dtype=torch.int32).view(seqs, per),
                   "scattered": torch.randperm(num_blocks, generator=g)[:seqs * per]
@@ -360,9 +383,11 @@ def bench_placement(repeats: int, layers: int = 30, num_blocks: int = 2912) -> N
         q = torch.randn(seqs, HEADS, HEAD_DIM, generator=g).bfloat16()
         fns = [lambda t=t: [decode_cpu.attend_rows_in_place(q, kc, vc, t, lens, HEAD_DIM ** -0.5)
                             for kc, vc in caches] for t in tables.values()]
-        times = medians_ms(fns, repeats)
+        times = medians_ms(fns + [_plain(fn) for fn in fns], repeats)
         row(f"  seqs={seqs} keys={keys}", consecutive=times[0], scattered=times[1],
-            scattered_over_consecutive=times[1] / times[0])
+            scattered_over_consecutive=times[1] / times[0], consecutive_plain_loops=times[2],
+            scattered_plain_loops=times[3], kernel_over_plain=f"{times[0] / times[2]:.2f} / "
+            f"{times[1] / times[3]:.2f}")
 
 
 def main() -> None:

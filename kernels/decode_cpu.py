@@ -3,7 +3,8 @@
 The fast CPU decode path, for an fp32 or bf16 cache, is a numba kernel that reads the blocks in
 place through the block table: each query row's keys cut into spans of SPAN_KEYS (work items,
 split across threads), all kv heads of a block together, fp32 softmax per span (its exp eight
-lanes at once, kernels.simd.exp8), the spans then combined in order. Its timings against dense
+lanes at once, kernels.simd.exp8), the spans then combined in order. A 64-dim head's key and
+value are widened once into registers and shared by the query heads of their group (CHUNK). Its timings against dense
 SDPA on the same keys and against the gather it replaced are in docs/BENCHMARKS.md
 (benchmarks/kernels_bench.py --only attention). A row is cut and combined the same way whatever
 the batch, so its output is bitwise batch-invariant. numba has no
@@ -22,7 +23,8 @@ import torch
 from numba import njit, prange
 
 from kernels.backend import numba_threads
-from kernels.simd import WIDTH, as_f32, exp_sum, prefetch, row_max
+from kernels.simd import (WIDTH, as_f32, broadcast8, exp_sum, fma8, load8, mul8, prefetch, row_max,
+                          store8, sum8)
 
 
 _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
@@ -34,12 +36,22 @@ _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf m
 # row's own length, never on the batch, so the output stays batch-invariant.
 SPAN_KEYS = 128
 
+# A head of this size (SmolLM2's, Llama 3.2 1B's, Qwen2.5 0.5B's) fits eight vector registers:
+# each key and value is widened once and shared by the query heads of its group (_block_scores,
+# _block_values). Other sizes take the plain loops, which LLVM vectorizes per query head. A
+# loop over 64-dim pieces, for 128 and up, ran no faster than the plain loops on the Zen 5 box
+# (its offsets no longer constants), so it is not here.
+CHUNK = 8 * WIDTH
+# False: every head size takes the plain loops (kernels_bench --only attention times both).
+CHUNKED = True
+
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
-def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc, ml):  # type: ignore[no-untyped-def]
+def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc, ml, chunked):  # type: ignore[no-untyped-def]
     """One item: query row q [kvh, group, d] over the keys in blocks [b0, b1) of its table
     (clipped to seq_len) -> per head, the scores' max m and sum l of exp(score - m) in ml
-    [kvh, group, 2], and acc [kvh, group, d] = sum of exp(score - m) * value.
+    [kvh, group, 2], and acc [kvh, group, d] = sum of exp(score - m) * value. chunked: head_dim
+    is CHUNK, and the keys and values go through _block_scores and _block_values.
 
     Blocks are read in place, once each for keys and once for values, all kv heads together
     (a block's rows hold every head). scores [kvh, group, span rounded up to a multiple of
@@ -68,6 +80,9 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
                 prefetch(nxt, i)
                 prefetch(vals, i)
         blk = k_cache[table[b]]                                  # [bs, kvh, d]
+        if chunked:
+            _block_scores(q, blk, min(bs, seq_len - b * bs), (b - b0) * bs, scale, scores)
+            continue
         for o in range(min(bs, seq_len - b * bs)):
             for h in range(num_kv_heads):
                 for g in range(group):
@@ -84,12 +99,65 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
     acc[:] = 0
     for b in range(b0, b1):
         blk = v_cache[table[b]]
+        if chunked:
+            _block_values(scores, blk, min(bs, seq_len - b * bs), (b - b0) * bs, acc)
+            continue
         for o in range(min(bs, seq_len - b * bs)):
             for h in range(num_kv_heads):
                 for g in range(group):
                     w = scores[h, g, (b - b0) * bs + o]
                     for x in range(head_dim):
                         acc[h, g, x] += w * as_f32(blk[o, h, x])
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, inline="always")
+def _block_scores(q, blk, keys, j0, scale, scores):  # type: ignore[no-untyped-def]
+    """scores[h, g, j0 + o] = scale * q[h, g] . key o of blk, for its first `keys` keys (head_dim
+    CHUNK). Each key's head is widened once into eight vectors and dotted with every query head
+    of its group; the plain loops widen it again for each of them and reduce each product on its
+    own (kernels_bench --only attention placement times both)."""
+    num_kv_heads, group = q.shape[0], q.shape[1]
+    for o in range(keys):
+        j = j0 + o
+        for h in range(num_kv_heads):
+            kr = blk[o, h]
+            k0, k1, k2, k3 = load8(kr, 0), load8(kr, 8), load8(kr, 16), load8(kr, 24)
+            k4, k5, k6, k7 = load8(kr, 32), load8(kr, 40), load8(kr, 48), load8(kr, 56)
+            for g in range(group):
+                qg = q[h, g]
+                s = mul8(load8(qg, 0), k0)
+                s = fma8(load8(qg, 8), k1, s)
+                s = fma8(load8(qg, 16), k2, s)
+                s = fma8(load8(qg, 24), k3, s)
+                s = fma8(load8(qg, 32), k4, s)
+                s = fma8(load8(qg, 40), k5, s)
+                s = fma8(load8(qg, 48), k6, s)
+                s = fma8(load8(qg, 56), k7, s)
+                scores[h, g, j] = sum8(s) * scale
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, inline="always")
+def _block_values(scores, blk, keys, j0, acc):  # type: ignore[no-untyped-def]
+    """acc[h, g] += scores[h, g, j0 + o] * value o of blk, for its first `keys` values (head_dim
+    CHUNK): each value's head widened once and added into every query head of its group."""
+    num_kv_heads, group = acc.shape[0], acc.shape[1]
+    for o in range(keys):
+        j = j0 + o
+        for h in range(num_kv_heads):
+            vr = blk[o, h]
+            v0, v1, v2, v3 = load8(vr, 0), load8(vr, 8), load8(vr, 16), load8(vr, 24)
+            v4, v5, v6, v7 = load8(vr, 32), load8(vr, 40), load8(vr, 48), load8(vr, 56)
+            for g in range(group):
+                p = broadcast8(scores[h, g, j])
+                a = acc[h, g]
+                store8(a, 0, fma8(p, v0, load8(a, 0)))
+                store8(a, 8, fma8(p, v1, load8(a, 8)))
+                store8(a, 16, fma8(p, v2, load8(a, 16)))
+                store8(a, 24, fma8(p, v3, load8(a, 24)))
+                store8(a, 32, fma8(p, v4, load8(a, 32)))
+                store8(a, 40, fma8(p, v5, load8(a, 40)))
+                store8(a, 48, fma8(p, v6, load8(a, 48)))
+                store8(a, 56, fma8(p, v7, load8(a, 56)))
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
@@ -151,19 +219,19 @@ def _workspace(q, seq_lens, bs, span_blocks):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)
-def _decode_parallel(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, out):  # type: ignore[no-untyped-def]
+def _decode_parallel(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, chunked, out):  # type: ignore[no-untyped-def]
     starts, row_of, b0, acc, ml = _workspace(q, seq_lens, k_cache.shape[1], span_blocks)
     for i in prange(row_of.shape[0]):        # items split across threads
         r = row_of[i]
         scores = _scores(q, k_cache.shape[1], span_blocks)
         _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
-                     seq_lens[r], scale, scores, acc[i], ml[i])
+                     seq_lens[r], scale, scores, acc[i], ml[i], chunked)
     for r in prange(seq_lens.shape[0]):
         _combine(acc, ml, starts[r], starts[r + 1], out[r])
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
-def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, out):  # type: ignore[no-untyped-def]
+def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, chunked, out):  # type: ignore[no-untyped-def]
     """_decode_parallel without a parallel launch, for a single item (the same functions, so
     the same bits)."""
     starts, row_of, b0, acc, ml = _workspace(q, seq_lens, k_cache.shape[1], span_blocks)
@@ -171,7 +239,7 @@ def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_bloc
     for i in range(row_of.shape[0]):
         r = row_of[i]
         _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
-                     seq_lens[r], scale, scores, acc[i], ml[i])
+                     seq_lens[r], scale, scores, acc[i], ml[i], chunked)
     for r in range(seq_lens.shape[0]):
         _combine(acc, ml, starts[r], starts[r + 1], out[r])
 
@@ -213,7 +281,8 @@ def attend_rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     lens = lens.numpy() if isinstance(lens, torch.Tensor) else lens
     bs = k_cache.shape[1]
     span_blocks = max(1, SPAN_KEYS // bs)
-    args = (qd.numpy(), kc, vc, tables, lens, np.float32(scale), span_blocks, out.numpy())
+    chunked = CHUNKED and head_dim == CHUNK
+    args = (qd.numpy(), kc, vc, tables, lens, np.float32(scale), span_blocks, chunked, out.numpy())
     if rows == 1 and lens[0] <= span_blocks * bs:
         _decode_serial(*args)               # one item: a parallel launch would only cost
     else:

@@ -172,6 +172,27 @@ def lane8(typingctx: Any, v: Any, i: Any) -> Any:
     return types.float32(v, i), codegen
 
 
+@intrinsic
+def sum8(typingctx: Any, v: Any) -> Any:
+    """The sum of v's lanes, as a float32, in a fixed order on every CPU: the two halves added
+    lane by lane, then those four lanes' halves, then the last two (LLVM makes it shuffles and
+    adds, where a scalar loop over lane8 would be eight extracts)."""
+    if v != float32x8:
+        return None
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        i32 = ir.IntType(32)
+
+        def lanes(x: Any, idx: list[int]) -> Any:
+            return builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, len(idx)), idx))
+
+        four = builder.fadd(lanes(args[0], [0, 1, 2, 3]), lanes(args[0], [4, 5, 6, 7]))
+        two = builder.fadd(lanes(four, [0, 1]), lanes(four, [2, 3]))
+        return builder.fadd(builder.extract_element(two, ir.Constant(i32, 0)),
+                            builder.extract_element(two, ir.Constant(i32, 1)))
+    return types.float32(v), codegen
+
+
 # exp8: Cephes' expf, eight lanes at once. x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
 # so n ln2 is exact), exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits.
 # Within ~1 ulp of the correctly rounded value; below -87.33 the result is 0 (exp(-inf) = 0),

@@ -63,7 +63,7 @@ def tol(dtype: torch.dtype) -> dict[str, float]:
 
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("group", [1, 3, 4])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [40, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_path_matches_reference(block_size: int, group: int, head_dim: int,
                                     dtype: torch.dtype) -> None:
@@ -218,3 +218,21 @@ def test_cpu_decode_gives_the_same_bits_on_consecutive_and_scattered_blocks(dtyp
                                                                         dtype=torch.int32), 0.125)
         torch.testing.assert_close(outs[-1], expected, **tol(dtype))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_widened_once_agrees_with_the_plain_loops(dtype: torch.dtype,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 64-dim head takes the path that widens each key and value once for its group
+    (decode_cpu.CHUNK); the plain loops (CHUNKED off) compute the same sums in another order:
+    within a few fp32 ulps."""
+    q, kc, vc, meta, _ = build(DECODES, 16, 3, 3, 64, dtype)
+    fast = paged_attention(q, kc, vc, meta, 0.125)
+    monkeypatch.setattr(decode_cpu, "CHUNKED", False)
+    plain = paged_attention(q, kc, vc, meta, 0.125)
+    assert decode_cpu.CHUNK == 64
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, plain, rtol=0, atol=1e-6)
+        assert not torch.equal(fast, plain)          # the two paths really are different code
+    else:
+        torch.testing.assert_close(fast.float(), plain.float(), rtol=0, atol=8e-3)
