@@ -110,6 +110,13 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
                         acc[h, g, x] += w * as_f32(blk[o, h, x])
 
 
+@njit(nogil=True, boundscheck=False, inline="always")
+def _head64(row):  # type: ignore[no-untyped-def]
+    """A 64-dim head's row of the cache as eight fp32 vectors (a bf16 row widened exactly)."""
+    return (load8(row, 0), load8(row, 8), load8(row, 16), load8(row, 24),
+            load8(row, 32), load8(row, 40), load8(row, 48), load8(row, 56))
+
+
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, inline="always")
 def _block_scores(q, blk, keys, j0, scale, scores):  # type: ignore[no-untyped-def]
     """scores[h, g, j0 + o] = scale * q[h, g] . key o of blk, for its first `keys` keys (head_dim
@@ -120,9 +127,7 @@ def _block_scores(q, blk, keys, j0, scale, scores):  # type: ignore[no-untyped-d
     for o in range(keys):
         j = j0 + o
         for h in range(num_kv_heads):
-            kr = blk[o, h]
-            k0, k1, k2, k3 = load8(kr, 0), load8(kr, 8), load8(kr, 16), load8(kr, 24)
-            k4, k5, k6, k7 = load8(kr, 32), load8(kr, 40), load8(kr, 48), load8(kr, 56)
+            k0, k1, k2, k3, k4, k5, k6, k7 = _head64(blk[o, h])
             for g in range(group):
                 qg = q[h, g]
                 s = mul8(load8(qg, 0), k0)
@@ -144,9 +149,7 @@ def _block_values(scores, blk, keys, j0, acc):  # type: ignore[no-untyped-def]
     for o in range(keys):
         j = j0 + o
         for h in range(num_kv_heads):
-            vr = blk[o, h]
-            v0, v1, v2, v3 = load8(vr, 0), load8(vr, 8), load8(vr, 16), load8(vr, 24)
-            v4, v5, v6, v7 = load8(vr, 32), load8(vr, 40), load8(vr, 48), load8(vr, 56)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _head64(blk[o, h])
             for g in range(group):
                 p = broadcast8(scores[h, g, j])
                 a = acc[h, g]
