@@ -1,6 +1,7 @@
 """A decode step's time depending on which thread runs it (why AsyncEngine has one compute thread).
 
-    python -m benchmarks.step_threads [--seqs 32] [--repeats 10] [--profile] [--ops] [--dtype D]
+    python -m benchmarks.step_threads [--seqs 32] [--prompt-tokens 100] [--repeats 10] [--profile]
+                                      [--ops] [--dtype D] [--ab MODULE.NAME=VALUE ...]
 
 Each thread that enters an OpenMP region gets its own team of workers. The script fills a batch
 of decoding sequences, then times the same step on the main thread, on one worker thread, on
@@ -8,13 +9,17 @@ the main thread again, and on a pool of rotating threads. Prints medians in ms. 
 prints torch's profiler table (self CPU time per op) over 5 steps on the main thread. --ops
 first prints wall-clock ms per step in each of the model's calls (linear, attention, norm,
 rotary + store, logits, sampling, input preparation), timed around the calls themselves: torch's
-profiler does not see numba kernels and inflates small ops.
+profiler does not see numba kernels and inflates small ops. --ab times `--repeats` pairs of decode
+steps, one as the engine runs and one with the given module globals set (benchmarks.engine_ab's
+--b-set, e.g. kernels.decode_cpu.CHUNKED=false), step by step in alternation: the whole step and
+its attention calls, medians and the median of the pairs' ratios.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import concurrent.futures
+import statistics
 import time
 from typing import Any
 
@@ -33,6 +38,9 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true", help="wall-clock ms per step in each model call")
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--deterministic", action="store_true")
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--ab", nargs="+", default=[], metavar="MODULE.NAME=VALUE",
+                    help="step pairs: as the engine runs, and with these module globals set")
     args = ap.parse_args()
     from benchmarks.cpu import cpu_line
     print(f"cpu: {cpu_line()}", flush=True)
@@ -41,7 +49,7 @@ def main() -> None:
           f"{core.runner.head_precision} ({core.runner.head_reason})", flush=True)
     params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
     for i in range(args.seqs):
-        core.add_request(GenerateRequest(f"s{i}", tuple(prompt_ids(core.tokenizer, 100, i)), params))
+        core.add_request(GenerateRequest(f"s{i}", tuple(prompt_ids(core.tokenizer, args.prompt_tokens, i)), params))
     while core.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
                                         for s in core.scheduler.running):
         core.step()                                  # prefill, so every timed step is a decode
@@ -53,6 +61,8 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     if args.ops:
         op_times(core, args.repeats)
+    if args.ab:
+        ab_steps(core, args.ab, args.repeats)
     one = concurrent.futures.ThreadPoolExecutor(1)
     rotating = concurrent.futures.ThreadPoolExecutor(4)
     runs = [("main thread", core.step),
@@ -62,6 +72,40 @@ def main() -> None:
     for name, fn in runs:
         print(f"{name:<20} {median_ms(fn, args.repeats):7.1f} ms per {args.seqs}-sequence decode step",
               flush=True)
+
+
+def ab_steps(core: EngineCore, items: list[str], pairs: int) -> None:
+    """`pairs` pairs of decode steps: as the engine runs (A), then with `items` set (B)."""
+    from benchmarks.engine_ab import module_values
+    model = core.runner.model
+    attention, spent = model.attention, [0.0]
+
+    def timed(*a: Any, **kw: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return attention(*a, **kw)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    def step(settings: list[str]) -> tuple[float, float]:
+        spent[0] = 0.0
+        with module_values(settings):
+            start = time.perf_counter()
+            core.step()
+            return (time.perf_counter() - start) * 1e3, spent[0] * 1e3
+
+    model.attention = timed
+    try:
+        step([]), step(items)                          # compile and warm both
+        runs = [(step([]), step(items)) for _ in range(pairs)]
+    finally:
+        model.attention = attention
+    print(f"A: as the engine runs   B: {' '.join(items)}; {pairs} pairs of decode steps, ms")
+    for i, what in enumerate(("whole step", "attention")):
+        a, b = [r[0][i] for r in runs], [r[1][i] for r in runs]
+        ratio = statistics.median(x / y for x, y in zip(a, b))
+        print(f"{what:<12} A {statistics.median(a):7.2f}   B {statistics.median(b):7.2f}   "
+              f"A / B {ratio:.3f}", flush=True)
 
 
 def op_times(core: EngineCore, steps: int, run: Any = None) -> None:
