@@ -4,7 +4,9 @@ vectors.
 
 numba has no bf16 type, so a pair travels as one int32 (its two int16 bits), sixteen pairs as
 one `<16 x i32>`, bitcast to `<32 x bfloat>` for the call. LLVM emits the instruction only for a
-CPU that has it: nothing here is compiled unless kernels.backend.dot_bf16_linear() says so.
+CPU that has it: dot_pairs is compiled only where kernels.backend.dot_bf16_linear() says so.
+round8 and store_rounded8 are plain integer vector ops, which the bf16 rotary (kernels/rotary.py)
+compiles on every CPU.
 
 A 16-lane result is split into two kernels.simd vectors (low8, high8) for what follows the
 products (bias, rounding, silu), which runs once per output block.
