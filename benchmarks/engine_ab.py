@@ -6,12 +6,12 @@ round in alternation, so that whatever else the machine does falls on both.
     python -m benchmarks.engine_ab --b dtype=bfloat16          # the bf16 body against fp32
     python -m benchmarks.engine_ab --a dtype=bfloat16 --b dtype=bfloat16 cpu_bind=0,1
     python -m benchmarks.engine_ab --a dtype=bfloat16 --a-env PLUMBLINE_DOT_BF16=0 --b dtype=bfloat16
-    python -m benchmarks.engine_ab --a dtype=bfloat16 --a-set kernels.decode_cpu.CHUNKED=false \
+    python -m benchmarks.engine_ab --a dtype=bfloat16 --a-set kernels.decode_cpu.WIDEN_ONCE=false \
         --b dtype=bfloat16 --prompt-tokens 1000
 
 `--a-env` / `--b-env` set environment variables while that engine is built (the kernels read
 theirs when the weights are prepared, kernels/backend.py), and restore them after. `--a-set` /
-`--b-set` set module globals that the kernels read at every call (kernels.decode_cpu.CHUNKED,
+`--b-set` set module globals that the kernels read at every call (kernels.decode_cpu.WIDEN_ONCE,
 kernels.attention.PREFILL_IN_PLACE) around each of that engine's rounds.
 
 Each engine is built and driven on a thread of its own, as the server drives its compute thread:

@@ -28,6 +28,9 @@ from kernels import (attention, calibrate, decode_cpu, kv_store, linear, logit_m
                      rotary, split_head)
 from kernels.backend import cpu_flags  # noqa: E402
 from benchmarks.cpu import cpu_line  # noqa: E402
+from benchmarks.engine_ab import module_values  # noqa: E402
+
+PLAIN_DECODE = ["kernels.decode_cpu.WIDEN_ONCE=false"]    # module_values: the decode's plain loops
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, BLOCK = 9, 3, 64, 576, 49152, 16
 
@@ -129,7 +132,7 @@ def bench_attention(device: str, repeats: int, dtypes: list[torch.dtype]) -> Non
             fast = median_ms(lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
             cols: dict[str, float | str] = {"kernel": fast, "dense_sdpa": dense, "ratio": fast / dense}
             if device == "cpu":     # each key widened per query head, reduced on its own
-                with plain_decode_loops():
+                with module_values(PLAIN_DECODE):
                     cols["plain_loops"] = median_ms(
                         lambda: attention.paged_attention(q, kc, vc, meta, scale), repeats, device)
             slots = slots.to(device)
@@ -345,20 +348,11 @@ def bench_head(repeats: int, rounds: int = 5) -> None:
         row(f"  rows={rows}", **cols)
 
 
-@contextlib.contextmanager
-def plain_decode_loops() -> Iterator[None]:
-    """The CPU decode kernel with its plain loops for every head size (kernels.decode_cpu.CHUNKED
-    off): what it ran before keys and values were widened once per group."""
-    decode_cpu.CHUNKED = False
-    try:
-        yield
-    finally:
-        decode_cpu.CHUNKED = True
-
-
 def _plain(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with the CPU decode kernel's plain loops for every head size (what it ran before keys
+    and values were widened once per group)."""
     def run() -> object:
-        with plain_decode_loops():
+        with module_values(PLAIN_DECODE):
             return fn()
     return run
 
@@ -368,7 +362,7 @@ def bench_placement(repeats: int, layers: int = 30, num_blocks: int = 2912) -> N
     blocks: 2912 is the server's default 1 GiB of KV for SmolLM2-135M, too big for the caches)
     over rows whose blocks are consecutive in memory, as a fresh server hands them out, and
     scattered, as a long-running one reuses them; each also with the kernel's plain loops
-    (plain_decode_loops). Medians of `repeats` passes, alternating."""
+    (PLAIN_DECODE). Medians of `repeats` passes, alternating."""
     print(f"# decode attention, {layers} layers, consecutive vs scattered KV blocks, ms; {cpu_line()}")
     g = torch.Generator().manual_seed(0)
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)

@@ -11,7 +11,7 @@ first prints wall-clock ms per step in each of the model's calls (linear, attent
 rotary + store, logits, sampling, input preparation), timed around the calls themselves: torch's
 profiler does not see numba kernels and inflates small ops. --ab times `--repeats` pairs of decode
 steps, one as the engine runs and one with the given module globals set (benchmarks.engine_ab's
---b-set, e.g. kernels.decode_cpu.CHUNKED=false), step by step in alternation: the whole step and
+--b-set, e.g. kernels.decode_cpu.WIDEN_ONCE=false), step by step in alternation: the whole step and
 its attention calls, medians and the median of the pairs' ratios.
 """
 from __future__ import annotations
@@ -74,27 +74,31 @@ def main() -> None:
               flush=True)
 
 
+def _timed(spent: dict[str, float], name: str, fn: Any) -> Any:
+    """fn, adding the seconds each call takes to spent[name]."""
+    def call(*a: Any, **kw: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            spent[name] += time.perf_counter() - start
+    return call
+
+
 def ab_steps(core: EngineCore, items: list[str], pairs: int) -> None:
     """`pairs` pairs of decode steps: as the engine runs (A), then with `items` set (B)."""
     from benchmarks.engine_ab import module_values
     model = core.runner.model
-    attention, spent = model.attention, [0.0]
-
-    def timed(*a: Any, **kw: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return attention(*a, **kw)
-        finally:
-            spent[0] += time.perf_counter() - start
+    attention, spent = model.attention, collections.defaultdict(float)
 
     def step(settings: list[str]) -> tuple[float, float]:
-        spent[0] = 0.0
+        spent.clear()
         with module_values(settings):
             start = time.perf_counter()
             core.step()
-            return (time.perf_counter() - start) * 1e3, spent[0] * 1e3
+            return (time.perf_counter() - start) * 1e3, spent["attention"] * 1e3
 
-    model.attention = timed
+    model.attention = _timed(spent, "attention", attention)
     try:
         step([]), step(items)                          # compile and warm both
         runs = [(step([]), step(items)) for _ in range(pairs)]
@@ -118,13 +122,7 @@ def op_times(core: EngineCore, steps: int, run: Any = None) -> None:
     spent: dict[str, float] = collections.defaultdict(float)
 
     def timed(name: str, fn: Any) -> Any:
-        def call(*a: Any, **kw: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                spent[name] += time.perf_counter() - start
-        return call
+        return _timed(spent, name, fn)
 
     runner, model = core.runner, core.runner.model
     # set per instance in __init__ (deterministic mode swaps them)

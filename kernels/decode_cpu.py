@@ -4,7 +4,8 @@ The fast CPU decode path, for an fp32 or bf16 cache, is a numba kernel that read
 place through the block table: each query row's keys cut into spans of SPAN_KEYS (work items,
 split across threads), all kv heads of a block together, fp32 softmax per span (its exp eight
 lanes at once, kernels.simd.exp8), the spans then combined in order. A 64-dim head's key and
-value are widened once into registers and shared by the query heads of their group (CHUNK).
+value are widened once into registers and shared by the query heads of their group
+(HEAD_IN_REGISTERS).
 Its timings against dense SDPA on the same keys and against the gather it replaced are in
 docs/BENCHMARKS.md (benchmarks/kernels_bench.py --only attention). A row is cut and combined the
 same way whatever the batch, so its output is bitwise batch-invariant. numba has no bfloat16: a
@@ -41,17 +42,18 @@ SPAN_KEYS = 128
 # _block_values). Other sizes take the plain loops, which LLVM vectorizes per query head. A
 # loop over 64-dim pieces, for 128 and up, ran no faster than the plain loops on the Zen 5 box
 # (its offsets no longer constants), so it is not here.
-CHUNK = 8 * WIDTH
+HEAD_IN_REGISTERS = 8 * WIDTH
 # False: every head size takes the plain loops (kernels_bench --only attention times both).
-CHUNKED = True
+WIDEN_ONCE = True
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
-def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc, ml, chunked):  # type: ignore[no-untyped-def]
+def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc, ml, widen_once):  # type: ignore[no-untyped-def]
     """One item: query row q [kvh, group, d] over the keys in blocks [b0, b1) of its table
     (clipped to seq_len) -> per head, the scores' max m and sum l of exp(score - m) in ml
-    [kvh, group, 2], and acc [kvh, group, d] = sum of exp(score - m) * value. chunked: head_dim
-    is CHUNK, and the keys and values go through _block_scores and _block_values.
+    [kvh, group, 2], and acc [kvh, group, d] = sum of exp(score - m) * value. widen_once:
+    head_dim is HEAD_IN_REGISTERS, and the keys and values go through _block_scores and
+    _block_values.
 
     Blocks are read in place, once each for keys and once for values, all kv heads together
     (a block's rows hold every head). scores [kvh, group, span rounded up to a multiple of
@@ -80,7 +82,7 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
                 prefetch(nxt, i)
                 prefetch(vals, i)
         blk = k_cache[table[b]]                                  # [bs, kvh, d]
-        if chunked:
+        if widen_once:
             _block_scores(q, blk, min(bs, seq_len - b * bs), (b - b0) * bs, scale, scores)
             continue
         for o in range(min(bs, seq_len - b * bs)):
@@ -99,7 +101,7 @@ def _attend_span(q, k_cache, v_cache, table, b0, b1, seq_len, scale, scores, acc
     acc[:] = 0
     for b in range(b0, b1):
         blk = v_cache[table[b]]
-        if chunked:
+        if widen_once:
             _block_values(scores, blk, min(bs, seq_len - b * bs), (b - b0) * bs, acc)
             continue
         for o in range(min(bs, seq_len - b * bs)):
@@ -120,9 +122,9 @@ def _head64(row):  # type: ignore[no-untyped-def]
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, inline="always")
 def _block_scores(q, blk, keys, j0, scale, scores):  # type: ignore[no-untyped-def]
     """scores[h, g, j0 + o] = scale * q[h, g] . key o of blk, for its first `keys` keys (head_dim
-    CHUNK). Each key's head is widened once into eight vectors and dotted with every query head
-    of its group; the plain loops widen it again for each of them and reduce each product on its
-    own (kernels_bench --only attention placement times both)."""
+    HEAD_IN_REGISTERS). Each key's head is widened once into eight vectors and dotted with every
+    query head of its group; the plain loops widen it again for each of them and reduce each
+    product on its own (kernels_bench --only attention placement times both)."""
     num_kv_heads, group = q.shape[0], q.shape[1]
     for o in range(keys):
         j = j0 + o
@@ -144,7 +146,8 @@ def _block_scores(q, blk, keys, j0, scale, scores):  # type: ignore[no-untyped-d
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, inline="always")
 def _block_values(scores, blk, keys, j0, acc):  # type: ignore[no-untyped-def]
     """acc[h, g] += scores[h, g, j0 + o] * value o of blk, for its first `keys` values (head_dim
-    CHUNK): each value's head widened once and added into every query head of its group."""
+    HEAD_IN_REGISTERS): each value's head widened once and added into every query head of its
+    group."""
     num_kv_heads, group = acc.shape[0], acc.shape[1]
     for o in range(keys):
         j = j0 + o
@@ -222,19 +225,21 @@ def _workspace(q, seq_lens, bs, span_blocks):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, parallel=True, cache=True)
-def _decode_parallel(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, chunked, out):  # type: ignore[no-untyped-def]
+def _decode_parallel(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, widen_once,
+                     out):  # type: ignore[no-untyped-def]
     starts, row_of, b0, acc, ml = _workspace(q, seq_lens, k_cache.shape[1], span_blocks)
     for i in prange(row_of.shape[0]):        # items split across threads
         r = row_of[i]
         scores = _scores(q, k_cache.shape[1], span_blocks)
         _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
-                     seq_lens[r], scale, scores, acc[i], ml[i], chunked)
+                     seq_lens[r], scale, scores, acc[i], ml[i], widen_once)
     for r in prange(seq_lens.shape[0]):
         _combine(acc, ml, starts[r], starts[r + 1], out[r])
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
-def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, chunked, out):  # type: ignore[no-untyped-def]
+def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_blocks, widen_once,
+                   out):  # type: ignore[no-untyped-def]
     """_decode_parallel without a parallel launch, for a single item (the same functions, so
     the same bits)."""
     starts, row_of, b0, acc, ml = _workspace(q, seq_lens, k_cache.shape[1], span_blocks)
@@ -242,7 +247,7 @@ def _decode_serial(q, k_cache, v_cache, block_tables, seq_lens, scale, span_bloc
     for i in range(row_of.shape[0]):
         r = row_of[i]
         _attend_span(q[r], k_cache, v_cache, block_tables[r], b0[i], b0[i] + span_blocks,
-                     seq_lens[r], scale, scores, acc[i], ml[i], chunked)
+                     seq_lens[r], scale, scores, acc[i], ml[i], widen_once)
     for r in range(seq_lens.shape[0]):
         _combine(acc, ml, starts[r], starts[r + 1], out[r])
 
@@ -284,8 +289,9 @@ def attend_rows_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     lens = lens.numpy() if isinstance(lens, torch.Tensor) else lens
     bs = k_cache.shape[1]
     span_blocks = max(1, SPAN_KEYS // bs)
-    chunked = CHUNKED and head_dim == CHUNK
-    args = (qd.numpy(), kc, vc, tables, lens, np.float32(scale), span_blocks, chunked, out.numpy())
+    widen_once = WIDEN_ONCE and head_dim == HEAD_IN_REGISTERS
+    args = (qd.numpy(), kc, vc, tables, lens, np.float32(scale), span_blocks, widen_once,
+            out.numpy())
     if rows == 1 and lens[0] <= span_blocks * bs:
         _decode_serial(*args)               # one item: a parallel launch would only cost
     else:

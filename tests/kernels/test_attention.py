@@ -224,13 +224,13 @@ def test_cpu_decode_gives_the_same_bits_on_consecutive_and_scattered_blocks(dtyp
 def test_cpu_decode_widened_once_agrees_with_the_plain_loops(dtype: torch.dtype,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A 64-dim head takes the path that widens each key and value once for its group
-    (decode_cpu.CHUNK); the plain loops (CHUNKED off) compute the same sums in another order:
-    within a few fp32 ulps."""
+    (decode_cpu.HEAD_IN_REGISTERS); the plain loops (WIDEN_ONCE off) compute the same sums in
+    another order: within a few fp32 ulps."""
     q, kc, vc, meta, _ = build(DECODES, 16, 3, 3, 64, dtype)
     fast = paged_attention(q, kc, vc, meta, 0.125)
-    monkeypatch.setattr(decode_cpu, "CHUNKED", False)
+    monkeypatch.setattr(decode_cpu, "WIDEN_ONCE", False)
     plain = paged_attention(q, kc, vc, meta, 0.125)
-    assert decode_cpu.CHUNK == 64
+    assert decode_cpu.HEAD_IN_REGISTERS == 64
     if dtype == torch.float32:
         torch.testing.assert_close(fast, plain, rtol=0, atol=1e-6)
         assert not torch.equal(fast, plain)          # the two paths really are different code
