@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/kernels_bench.py                 # CPU, every section
     .venv/bin/python benchmarks/kernels_bench.py --only mask attention --threads 1
     .venv/bin/python benchmarks/kernels_bench.py --only head --threads 2    # fp32 vs split-bf16
+    .venv/bin/python benchmarks/kernels_bench.py --only attention --no-avx512  # numba's AVX2 code
     python benchmarks/kernels_bench.py --device cuda             # Triton kernels on a GPU
 
 Each figure is the median of several runs, in milliseconds. Shapes are the default model's
@@ -27,7 +28,7 @@ from kernels.calibrate import median_ms as timed_ms, medians_ms  # noqa: E402
 from kernels import (attention, calibrate, decode_cpu, kv_store, linear, logit_mask, rmsnorm,  # noqa: E402
                      rotary, split_head)
 from kernels.backend import cpu_flags  # noqa: E402
-from benchmarks.cpu import cpu_line  # noqa: E402
+from benchmarks.cpu import cpu_line, no_avx512_env  # noqa: E402
 from benchmarks.engine_ab import module_values  # noqa: E402
 
 PLAIN_DECODE = ["kernels.decode_cpu.WIDEN_ONCE=false"]    # module_values: the decode's plain loops
@@ -392,11 +393,18 @@ def main() -> None:
                                  "placement"])
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-avx512", action="store_true",
+                        help="numba kernels compiled without AVX-512/AMX (the code an AVX2 CPU "
+                             "runs; torch's own kernels unchanged): the script runs again so")
     args = parser.parse_args()
+    if args.no_avx512 and os.environ.get("NUMBA_CPU_NAME") != "haswell":
+        os.execve(sys.executable, [sys.executable, *sys.argv], no_avx512_env())
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}"
-          + (f" gpu={torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
+          + (" numba target: no AVX-512" if args.no_avx512 else "")
+          + (f" gpu={torch.cuda.get_device_name()}" if args.device == "cuda" else "")
+          + f"\n# {cpu_line()}")
     dtypes = [torch.float32, torch.bfloat16]
     with torch.inference_mode():
         if "mask" in args.only:

@@ -31,9 +31,8 @@ import torch
 from numba import njit, prange
 
 from kernels.backend import numba_threads
-from kernels.simd import add8, broadcast8, div8, exp8, load8, mul8, store8, sub8, zeros8
-from kernels.simd_bf16 import (dot_pairs, high8, load_pairs, low8, round8, splat_pair,
-                               store_rounded8, zeros16)
+from kernels.simd import add8, broadcast8, div8, exp8, load8, mul8, store8, sub8, zeros8, zeros16
+from kernels.simd_bf16 import dot_pairs, high8, load_pairs, low8, round8, splat_pair, store_rounded8
 
 PANEL = 48      # output columns per panel: three 16-lane vectors
 

@@ -9,12 +9,17 @@ softmax (flash attention's order: a span's scores, the running max and sum, the 
 values rescaled whenever the max grows), fp32 throughout, causal: query row i of a prompt of n
 new tokens over seq_len keys sees keys 0 ..= seq_len - n + i.
 
-The products are kernels.simd's eight-float vectors held in registers:
-- scores: the span's keys widened and transposed once into kt [head_dim, SPAN], so four query
-  vectors' scores against 16 keys are eight accumulators over head_dim FMAs, with no horizontal
-  sums;
-- values: the span's values widened once into vs [SPAN, head_dim]; two query vectors' weighted
-  sums over 32 dims are eight accumulators over the span's keys.
+The products are kernels.simd's vectors held in registers:
+- scores: the span's keys widened once into kw [SPAN, head_dim], the tile's query vectors
+  transposed into qt [head_dim, query vectors], so eight keys' scores against LANES query
+  vectors are eight accumulators over head_dim FMAs, with no horizontal sums;
+- values: the span's values widened once into vw [SPAN, head_dim]; two query vectors' weighted
+  sums over four vectors of LANES dims are eight accumulators over the span's keys. The earlier
+  spans' sums are rescaled by the online softmax's alpha as they are loaded (a pass of their
+  own over the accumulated values took a sixth of the kernel's time).
+LANES is 16 where numba's target holds sixteen floats in one register (AVX-512), else 8. Each
+lane's sums are the same either way, so are the bits; sixteen lanes took 0.67x the time of
+eight on Zen 5 (Kernels section of docs/BENCHMARKS.md).
 
 Needs head_dim % 8 == 0 (can_prefill_in_place); anything else keeps SDPA (kernels.attention).
 fastmath is limited to reassociation and contraction, as in decode_cpu: NaN and inf propagate.
@@ -29,13 +34,22 @@ from numba import njit, prange
 
 from kernels.backend import numba_threads
 from kernels.decode_cpu import can_attend_in_place, kernel_views
-from kernels.simd import (add8, broadcast8, exp8, fma8, load8, max8, mul8, splat8,
-                          store8, sub8, zeros8)
+from kernels.simd import (WIDE, WIDTH, add8, broadcast8, broadcast16, exp8, fma8, fma16, load8,
+                          load16, max8, mul8, mul16, splat8, splat16, store8, store16, sub8,
+                          wide_registers, zeros8, zeros16)
 
 _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
 
 TILE_ROWS = 16      # query rows per item: 48 query vectors for SmolLM2's 3 heads per kv head
-SPAN = 64           # keys per span (a multiple of 4: the score blocks' keys)
+SPAN = 64           # keys per span (a multiple of 8: the score blocks' keys)
+
+# The vectors of the products: sixteen lanes where they fill one register, eight elsewhere
+# (sixteen-lane blocks split in halves would need 16 accumulators in 16 AVX registers).
+# numba's on-disk cache keys a kernel on the target CPU, which decides this too.
+LANES = WIDE if wide_registers() else WIDTH
+loadv, storev, splatv, fmav, mulv, broadcastv, zerosv = (
+    (load16, store16, splat16, fma16, mul16, broadcast16, zeros16) if LANES == WIDE
+    else (load8, store8, splat8, fma8, mul8, broadcast8, zeros8))
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
@@ -54,33 +68,30 @@ def _load_span(k_cache, v_cache, table, h, k0, nk, kw, vw):  # type: ignore[no-u
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
 def _scores(qt, kw, nqp, nk, d, scale, s):  # type: ignore[no-untyped-def]
-    """s[j * nqp + v] = scale * (key j . query vector v): four keys by 16 query vectors, the
+    """s[j * nqp + v] = scale * (key j . query vector v): eight keys by LANES query vectors, the
     query vectors across the lanes (qt[x * nqp + v] is vector v's dim x)."""
-    sc = broadcast8(scale)
-    for j in range(0, nk, 4):
-        for v in range(0, nqp, 16):
-            s0, s1, s2, s3 = zeros8(), zeros8(), zeros8(), zeros8()
-            s4, s5, s6, s7 = zeros8(), zeros8(), zeros8(), zeros8()
+    sc = broadcastv(scale)
+    for j in range(0, nk, 8):
+        k0, k1, k2, k3 = j * d, (j + 1) * d, (j + 2) * d, (j + 3) * d
+        k4, k5, k6, k7 = (j + 4) * d, (j + 5) * d, (j + 6) * d, (j + 7) * d
+        for v in range(0, nqp, LANES):
+            s0, s1, s2, s3 = zerosv(), zerosv(), zerosv(), zerosv()
+            s4, s5, s6, s7 = zerosv(), zerosv(), zerosv(), zerosv()
             for x in range(d):
-                lo = load8(qt, x * nqp + v)
-                hi = load8(qt, x * nqp + v + 8)
-                k = splat8(kw, j * d + x)
-                s0, s1 = fma8(k, lo, s0), fma8(k, hi, s1)
-                k = splat8(kw, (j + 1) * d + x)
-                s2, s3 = fma8(k, lo, s2), fma8(k, hi, s3)
-                k = splat8(kw, (j + 2) * d + x)
-                s4, s5 = fma8(k, lo, s4), fma8(k, hi, s5)
-                k = splat8(kw, (j + 3) * d + x)
-                s6, s7 = fma8(k, lo, s6), fma8(k, hi, s7)
+                q = loadv(qt, x * nqp + v)
+                s0, s1 = fmav(splatv(kw, k0 + x), q, s0), fmav(splatv(kw, k1 + x), q, s1)
+                s2, s3 = fmav(splatv(kw, k2 + x), q, s2), fmav(splatv(kw, k3 + x), q, s3)
+                s4, s5 = fmav(splatv(kw, k4 + x), q, s4), fmav(splatv(kw, k5 + x), q, s5)
+                s6, s7 = fmav(splatv(kw, k6 + x), q, s6), fmav(splatv(kw, k7 + x), q, s7)
             base = j * nqp + v
-            store8(s, base, mul8(s0, sc))
-            store8(s, base + 8, mul8(s1, sc))
-            store8(s, base + nqp, mul8(s2, sc))
-            store8(s, base + nqp + 8, mul8(s3, sc))
-            store8(s, base + 2 * nqp, mul8(s4, sc))
-            store8(s, base + 2 * nqp + 8, mul8(s5, sc))
-            store8(s, base + 3 * nqp, mul8(s6, sc))
-            store8(s, base + 3 * nqp + 8, mul8(s7, sc))
+            storev(s, base, mulv(s0, sc))
+            storev(s, base + nqp, mulv(s1, sc))
+            storev(s, base + 2 * nqp, mulv(s2, sc))
+            storev(s, base + 3 * nqp, mulv(s3, sc))
+            storev(s, base + 4 * nqp, mulv(s4, sc))
+            storev(s, base + 5 * nqp, mulv(s5, sc))
+            storev(s, base + 6 * nqp, mulv(s6, sc))
+            storev(s, base + 7 * nqp, mulv(s7, sc))
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
@@ -105,34 +116,40 @@ def _softmax_span(s, nqp, nk, m, total, alpha):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
-def _weigh_values(s, vw, nqp, nk, d, acc):  # type: ignore[no-untyped-def]
-    """acc[v * d + x] += sum over the span's keys j of s[j * nqp + v] * vw[j * d + x]: two
-    query vectors by 32 dims (by 8 for a head_dim's last d % 32)."""
-    wide = d - d % 32
+def _weigh_values(s, vw, nqp, nk, d, alpha, acc):  # type: ignore[no-untyped-def]
+    """acc[v * d + x] = alpha[v] * acc[v * d + x] + the sum over the span's keys j of
+    s[j * nqp + v] * vw[j * d + x]: the earlier spans' sum rescaled as it is loaded, then two
+    query vectors by four vectors of LANES dims (by 8 for a head_dim's last d % (4 * LANES))."""
+    step = 4 * LANES
+    wide = d - d % step
     for a in range(0, nqp, 2):
         ca, cb = a * d, (a + 1) * d
-        for c in range(0, wide, 32):
-            a0, a1 = load8(acc, ca + c), load8(acc, ca + c + 8)
-            a2, a3 = load8(acc, ca + c + 16), load8(acc, ca + c + 24)
-            b0, b1 = load8(acc, cb + c), load8(acc, cb + c + 8)
-            b2, b3 = load8(acc, cb + c + 16), load8(acc, cb + c + 24)
+        ra, rb = broadcastv(alpha[a]), broadcastv(alpha[a + 1])
+        for c in range(0, wide, step):
+            c1, c2, c3 = c + LANES, c + 2 * LANES, c + 3 * LANES
+            a0, a1 = mulv(loadv(acc, ca + c), ra), mulv(loadv(acc, ca + c1), ra)
+            a2, a3 = mulv(loadv(acc, ca + c2), ra), mulv(loadv(acc, ca + c3), ra)
+            b0, b1 = mulv(loadv(acc, cb + c), rb), mulv(loadv(acc, cb + c1), rb)
+            b2, b3 = mulv(loadv(acc, cb + c2), rb), mulv(loadv(acc, cb + c3), rb)
             for j in range(nk):
-                v0, v1 = load8(vw, j * d + c), load8(vw, j * d + c + 8)
-                v2, v3 = load8(vw, j * d + c + 16), load8(vw, j * d + c + 24)
-                p = splat8(s, j * nqp + a)
-                a0, a1, a2, a3 = fma8(p, v0, a0), fma8(p, v1, a1), fma8(p, v2, a2), fma8(p, v3, a3)
-                p = splat8(s, j * nqp + a + 1)
-                b0, b1, b2, b3 = fma8(p, v0, b0), fma8(p, v1, b1), fma8(p, v2, b2), fma8(p, v3, b3)
-            store8(acc, ca + c, a0)
-            store8(acc, ca + c + 8, a1)
-            store8(acc, ca + c + 16, a2)
-            store8(acc, ca + c + 24, a3)
-            store8(acc, cb + c, b0)
-            store8(acc, cb + c + 8, b1)
-            store8(acc, cb + c + 16, b2)
-            store8(acc, cb + c + 24, b3)
+                row = j * d
+                v0, v1 = loadv(vw, row + c), loadv(vw, row + c1)
+                v2, v3 = loadv(vw, row + c2), loadv(vw, row + c3)
+                p = splatv(s, j * nqp + a)
+                a0, a1, a2, a3 = fmav(p, v0, a0), fmav(p, v1, a1), fmav(p, v2, a2), fmav(p, v3, a3)
+                p = splatv(s, j * nqp + a + 1)
+                b0, b1, b2, b3 = fmav(p, v0, b0), fmav(p, v1, b1), fmav(p, v2, b2), fmav(p, v3, b3)
+            storev(acc, ca + c, a0)
+            storev(acc, ca + c1, a1)
+            storev(acc, ca + c2, a2)
+            storev(acc, ca + c3, a3)
+            storev(acc, cb + c, b0)
+            storev(acc, cb + c1, b1)
+            storev(acc, cb + c2, b2)
+            storev(acc, cb + c3, b3)
+        ra8, rb8 = broadcast8(alpha[a]), broadcast8(alpha[a + 1])
         for c in range(wide, d, 8):
-            a0, b0 = load8(acc, ca + c), load8(acc, cb + c)
+            a0, b0 = mul8(load8(acc, ca + c), ra8), mul8(load8(acc, cb + c), rb8)
             for j in range(nk):
                 v0 = load8(vw, j * d + c)
                 a0 = fma8(splat8(s, j * nqp + a), v0, a0)
@@ -163,17 +180,14 @@ def _tile(q, k_cache, v_cache, table, seq_len, n, q0, r0, r1, h, scale, out,
     for k0 in range(0, first + r1, SPAN):
         nk = min(SPAN, first + r1 - k0)
         _load_span(k_cache, v_cache, table, h, k0, nk, kw, vw)
-        _scores(qt, kw, nqp, (nk + 3) // 4 * 4, d, scale, s)
+        _scores(qt, kw, nqp, (nk + 7) // 8 * 8, d, scale, s)
         # Causal: row i (query vectors i * group ..) sees keys up to position first + r0 + i,
         # so key p is hidden from rows 0 .. p - first - r0 - 1 (only keys past the first row).
         for j in range(max(0, first + r0 + 1 - k0), nk):
             for v in range(min(k0 + j - first - r0, r1 - r0) * group):
                 s[j * nqp + v] = -np.inf
         _softmax_span(s, nqp, nk, m, total, alpha)
-        for v in range(nq):
-            if alpha[v] != 1:
-                acc[v * d:(v + 1) * d] *= alpha[v]
-        _weigh_values(s, vw, nqp, nk, d, acc)
+        _weigh_values(s, vw, nqp, nk, d, alpha, acc)
     for i in range(r1 - r0):
         for g in range(group):
             v = i * group + g
@@ -206,7 +220,7 @@ def _scratch(group, d):  # type: ignore[no-untyped-def]
     keys kw and values vw, its scores s, the weighted values acc, the running max m, sum total
     and rescale alpha."""
     nqp = (TILE_ROWS * group + 15) // 16 * 16
-    # A short span's keys are padded to the score blocks' 4 with whatever kw holds: their
+    # A short span's keys are padded to the score blocks' 8 with whatever kw holds: their
     # scores are computed and never read.
     return (np.empty(d * nqp, np.float32), np.empty(SPAN * d, np.float32),
             np.empty(SPAN * d, np.float32), np.empty(SPAN * nqp, np.float32),

@@ -1,5 +1,5 @@
-"""Eight-float vectors inside numba kernels: a value type and the few operations a GEMM and a
-softmax need.
+"""Eight- and sixteen-float vectors inside numba kernels: value types and the few operations a
+GEMM and a softmax need.
 
 numba vectorizes simple loops on its own, but it cannot keep a block of accumulators in
 registers across a loop: its arrays live in memory, and a matrix product written with them
@@ -8,7 +8,9 @@ intrinsics hand LLVM `<8 x float>` values directly, so a kernel can hold twelve 
 twelve AVX registers, the way a BLAS microkernel does (kernels/linear.py).
 
 `<8 x float>` is one AVX register. On a CPU without AVX, LLVM splits it into two SSE halves:
-slower, still correct.
+slower, still correct. `<16 x float>` (load16, fma16, ...) is one AVX-512 register where LLVM
+uses those (`wide_registers`), and two AVX halves elsewhere: a kernel blocked for sixteen lanes
+then needs twice the registers it was written for, so it chooses its width by wide_registers.
 
 Also here: `as_f32`, which reads bfloat16 values that numba has no type for. A bf16 tensor is
 handed to numba as its int16 bits; widening is exact (bf16 is the top half of an fp32), and it
@@ -19,6 +21,7 @@ the function it caches, not this one: after editing an intrinsic here, delete th
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -28,7 +31,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
 
 WIDTH = 8
+WIDE = 2 * WIDTH    # fp32 lanes of one 512-bit register
 _VEC = ir.VectorType(ir.FloatType(), WIDTH)
+_VEC16 = ir.VectorType(ir.FloatType(), WIDE)
 
 
 class Float32x8(types.Type):
@@ -36,13 +41,29 @@ class Float32x8(types.Type):
         super().__init__(name="float32x8")
 
 
+class Float32x16(types.Type):
+    def __init__(self) -> None:
+        super().__init__(name="float32x16")
+
+
 float32x8 = Float32x8()
+float32x16 = Float32x16()
 
 
 @register_model(Float32x8)
 class _Float32x8Model(models.PrimitiveModel):
     def __init__(self, dmm: Any, fe_type: Any) -> None:
         super().__init__(dmm, fe_type, _VEC)
+
+
+@register_model(Float32x16)
+class _Float32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm: Any, fe_type: Any) -> None:
+        super().__init__(dmm, fe_type, _VEC16)
+
+
+# lanes -> (numba type, LLVM type): the ops below come in both widths (load8 and load16, ...)
+_VECTORS = {WIDTH: (float32x8, _VEC), WIDE: (float32x16, _VEC16)}
 
 
 def _element_pointer(context: Any, builder: Any, arrty: Any, arr: Any, index: Any) -> Any:
@@ -57,108 +78,153 @@ def _is_f32_vector(arr: Any) -> bool:
             and arr.layout == "C")
 
 
-@intrinsic
-def load8(typingctx: Any, arr: Any, index: Any) -> Any:
-    """arr[index:index + 8] of a contiguous 1-d float32 array, as one vector (unaligned). An
-    int16 array holds bfloat16 bits: the eight are widened exactly (a shift into the top half),
-    so a kernel reading bf16 weights moves half the bytes of fp32 and computes the same."""
-    bf16 = (isinstance(arr, types.Array) and arr.dtype == types.int16 and arr.ndim == 1
-            and arr.layout == "C")
-    if not (_is_f32_vector(arr) or bf16):
-        return None
+def _load(width: int) -> Any:
+    """load8 / load16: arr[index:index + width] of a contiguous 1-d float32 array, as one vector
+    (unaligned). An int16 array holds bfloat16 bits: they are widened exactly (a shift into the
+    top half), so a kernel reading bf16 weights moves half the bytes of fp32 and computes the
+    same."""
+    vtype, vec = _VECTORS[width]
 
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        if not bf16:
-            return builder.load(builder.bitcast(ptr, _VEC.as_pointer()), align=4)
-        i16x8, i32x8 = ir.VectorType(ir.IntType(16), WIDTH), ir.VectorType(ir.IntType(32), WIDTH)
-        bits = builder.zext(builder.load(builder.bitcast(ptr, i16x8.as_pointer()), align=2),
-                            i32x8)
-        return builder.bitcast(builder.shl(bits, ir.Constant(i32x8, [16] * WIDTH)), _VEC)
-    return float32x8(arr, index), codegen
+    def typer(typingctx: Any, arr: Any, index: Any) -> Any:
+        bf16 = (isinstance(arr, types.Array) and arr.dtype == types.int16 and arr.ndim == 1
+                and arr.layout == "C")
+        if not (_is_f32_vector(arr) or bf16):
+            return None
 
-
-@intrinsic
-def store8(typingctx: Any, arr: Any, index: Any, value: Any) -> Any:
-    """arr[index:index + 8] = value, for a contiguous 1-d float32 array."""
-    if not (_is_f32_vector(arr) and value == float32x8):
-        return None
-
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        builder.store(args[2], builder.bitcast(ptr, _VEC.as_pointer()), align=4)
-        return context.get_dummy_value()
-    return types.void(arr, index, value), codegen
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+            if not bf16:
+                return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+            i16s, i32s = ir.VectorType(ir.IntType(16), width), ir.VectorType(ir.IntType(32), width)
+            bits = builder.zext(builder.load(builder.bitcast(ptr, i16s.as_pointer()), align=2), i32s)
+            return builder.bitcast(builder.shl(bits, ir.Constant(i32s, [16] * width)), vec)
+        return vtype(arr, index), codegen
+    return intrinsic(typer)
 
 
-@intrinsic
-def splat8(typingctx: Any, arr: Any, index: Any) -> Any:
-    """A vector with arr[index] in every lane (one broadcast load)."""
-    if not _is_f32_vector(arr):
-        return None
+def _store(width: int) -> Any:
+    """store8 / store16: arr[index:index + width] = value, for a contiguous 1-d float32 array."""
+    vtype, vec = _VECTORS[width]
 
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        x = builder.load(_element_pointer(context, builder, sig.args[0], args[0], args[1]))
-        return _splat(builder, x)
-    return float32x8(arr, index), codegen
+    def typer(typingctx: Any, arr: Any, index: Any, value: Any) -> Any:
+        if not (_is_f32_vector(arr) and value == vtype):
+            return None
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+            builder.store(args[2], builder.bitcast(ptr, vec.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return types.void(arr, index, value), codegen
+    return intrinsic(typer)
 
 
-def _splat(builder: Any, x: Any) -> Any:
-    lane0 = builder.insert_element(ir.Constant(_VEC, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+def _splat_load(width: int) -> Any:
+    """splat8 / splat16: a vector with arr[index] in every lane (one broadcast load)."""
+    vtype, vec = _VECTORS[width]
+
+    def typer(typingctx: Any, arr: Any, index: Any) -> Any:
+        if not _is_f32_vector(arr):
+            return None
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            x = builder.load(_element_pointer(context, builder, sig.args[0], args[0], args[1]))
+            return _splat(builder, x, vec)
+        return vtype(arr, index), codegen
+    return intrinsic(typer)
+
+
+def _splat(builder: Any, x: Any, vec: Any = _VEC) -> Any:
+    lanes = vec.count
+    lane0 = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(lane0, lane0,
-                                  ir.Constant(ir.VectorType(ir.IntType(32), WIDTH), [0] * WIDTH))
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
-@intrinsic
-def zeros8(typingctx: Any) -> Any:
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return ir.Constant(_VEC, [0.0] * WIDTH)
-    return float32x8(), codegen
+def _zeros(width: int) -> Any:
+    vtype, vec = _VECTORS[width]
+
+    def typer(typingctx: Any) -> Any:
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return ir.Constant(vec, [0.0] * width)
+        return vtype(), codegen
+    return intrinsic(typer)
 
 
-@intrinsic
-def fma8(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
-    """a * b + c lane by lane: one FMA instruction where the CPU has FMA (then rounded once), a
-    multiply and an add where it has not (llvm.fmuladd, never a slow software fma)."""
-    if not a == b == c == float32x8:
-        return None
+def _fma(width: int) -> Any:
+    """fma8 / fma16: a * b + c lane by lane: one FMA instruction where the CPU has FMA (then
+    rounded once), a multiply and an add where it has not (llvm.fmuladd, never a slow software
+    fma)."""
+    vtype, vec = _VECTORS[width]
 
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VEC, [_VEC] * 3),
-                                            "llvm.fmuladd.v8f32")
-        return builder.call(fn, args)
-    return float32x8(a, b, c), codegen
+    def typer(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+        if not a == b == c == vtype:
+            return None
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3),
+                                                f"llvm.fmuladd.v{width}f32")
+            return builder.call(fn, args)
+        return vtype(a, b, c), codegen
+    return intrinsic(typer)
 
 
-def _lanewise(op: Any) -> Any:
-    """An intrinsic (a, b) -> op(builder, a, b) on two float32x8 values."""
+def _lanewise(op: Any, width: int = WIDTH) -> Any:
+    """An intrinsic (a, b) -> op(builder, a, b) on two vectors of `width` lanes."""
+    vtype = _VECTORS[width][0]
+
     def typer(typingctx: Any, a: Any, b: Any) -> Any:
-        if not a == b == float32x8:
+        if not a == b == vtype:
             return None
 
         def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
             return op(builder, args[0], args[1])
-        return float32x8(a, b), codegen
+        return vtype(a, b), codegen
     return intrinsic(typer)
 
 
+def _broadcast(width: int) -> Any:
+    """broadcast8 / broadcast16: a vector with the float32 x in every lane."""
+    vtype, vec = _VECTORS[width]
+
+    def typer(typingctx: Any, x: Any) -> Any:
+        if x != types.float32:
+            return None
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            return _splat(builder, args[0], vec)
+        return vtype(x), codegen
+    return intrinsic(typer)
+
+
+load8, load16 = _load(WIDTH), _load(WIDE)
+store8, store16 = _store(WIDTH), _store(WIDE)
+splat8, splat16 = _splat_load(WIDTH), _splat_load(WIDE)
+zeros8, zeros16 = _zeros(WIDTH), _zeros(WIDE)
+fma8, fma16 = _fma(WIDTH), _fma(WIDE)
+broadcast8, broadcast16 = _broadcast(WIDTH), _broadcast(WIDE)
 add8 = _lanewise(lambda b, x, y: b.fadd(x, y))
 sub8 = _lanewise(lambda b, x, y: b.fsub(x, y))
 mul8 = _lanewise(lambda b, x, y: b.fmul(x, y))
+mul16 = _lanewise(lambda b, x, y: b.fmul(x, y), WIDE)
 div8 = _lanewise(lambda b, x, y: b.fdiv(x, y))
 # y where y > x, else x: a NaN in y is passed over, as Python's max(x, y) does.
 max8 = _lanewise(lambda b, x, y: b.select(b.fcmp_ordered(">", y, x), y, x))
 
 
-@intrinsic
-def broadcast8(typingctx: Any, x: Any) -> Any:
-    """A vector with the float32 x in every lane."""
-    if x != types.float32:
-        return None
+def _probe(a):  # type: ignore[no-untyped-def]
+    store16(a, 0, fma16(load16(a, 0), load16(a, WIDE), load16(a, 2 * WIDE)))
 
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return _splat(builder, args[0])
-    return float32x8(x), codegen
+
+@functools.cache
+def wide_registers() -> bool:
+    """Whether numba's target keeps a float32x16 in one 512-bit register. Decided on the code
+    LLVM emits, not on the CPU's flags: the target is numba's (NUMBA_CPU_NAME/FEATURES may name
+    another than the host), and whether LLVM uses 512-bit registers for a target is its own
+    choice. A three-line probe is compiled (not cached: its machine code is what is read, about
+    0.3 s once per process) and its code searched for a zmm register."""
+    probe = njit(_probe)
+    probe(np.zeros(3 * WIDE, np.float32))
+    return any("zmm" in code for code in probe.inspect_asm().values())
 
 
 @intrinsic

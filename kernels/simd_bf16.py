@@ -1,6 +1,6 @@
-"""bf16 pairs and 16-lane fp32 vectors inside numba kernels: what kernels/dot_bf16.py's GEMM
-needs of AVX512-BF16's dot-product instruction (vdpbf16ps), beside kernels/simd.py's eight-float
-vectors.
+"""bf16 pairs inside numba kernels: what kernels/dot_bf16.py's GEMM needs of AVX512-BF16's
+dot-product instruction (vdpbf16ps), beside kernels/simd.py's fp32 vectors (whose 16-lane
+float32x16 holds its results).
 
 numba has no bf16 type, so a pair travels as one int32 (its two int16 bits), sixteen pairs as
 one `<16 x i32>`, bitcast to `<32 x bfloat>` for the call. LLVM emits the instruction only for a
@@ -23,9 +23,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from kernels.simd import WIDTH, _VEC, _element_pointer, _is_f32_vector, float32x8
-
-WIDE = 2 * WIDTH    # fp32 lanes of one 512-bit register
+from kernels.simd import WIDE, WIDTH, _VEC, _VEC16, _element_pointer, _is_f32_vector, float32x8, float32x16
 
 
 class _BFloat(ir.Type):
@@ -43,7 +41,6 @@ class _BFloat(ir.Type):
 
 _I32x8 = ir.VectorType(ir.IntType(32), WIDTH)
 _I32x16 = ir.VectorType(ir.IntType(32), WIDE)
-_F32x16 = ir.VectorType(ir.FloatType(), WIDE)
 _BF16x32 = ir.VectorType(_BFloat(), 2 * WIDE)
 
 
@@ -52,25 +49,13 @@ class Bf16Pairs(types.Type):
         super().__init__(name="bf16x16x2")
 
 
-class Float32x16(types.Type):
-    def __init__(self) -> None:
-        super().__init__(name="float32x16")
-
-
 bf16_pairs = Bf16Pairs()
-float32x16 = Float32x16()
 
 
 @register_model(Bf16Pairs)
 class _Bf16PairsModel(models.PrimitiveModel):
     def __init__(self, dmm: Any, fe_type: Any) -> None:
         super().__init__(dmm, fe_type, _I32x16)
-
-
-@register_model(Float32x16)
-class _Float32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm: Any, fe_type: Any) -> None:
-        super().__init__(dmm, fe_type, _F32x16)
 
 
 def _is_i16_vector(arr: Any) -> bool:
@@ -114,18 +99,11 @@ def dot_pairs(typingctx: Any, acc: Any, a: Any, b: Any) -> Any:
 
     def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_F32x16, [_F32x16, _BF16x32, _BF16x32]),
+            builder.module, ir.FunctionType(_VEC16, [_VEC16, _BF16x32, _BF16x32]),
             "llvm.x86.avx512bf16.dpbf16ps.512")
         return builder.call(fn, [args[0], builder.bitcast(args[1], _BF16x32),
                                  builder.bitcast(args[2], _BF16x32)])
     return float32x16(acc, a, b), codegen
-
-
-@intrinsic
-def zeros16(typingctx: Any) -> Any:
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        return ir.Constant(_F32x16, [0.0] * WIDE)
-    return float32x16(), codegen
 
 
 def _half(first: int) -> Any:

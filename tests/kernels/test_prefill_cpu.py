@@ -3,12 +3,18 @@ tiles of query rows, spans of keys, cached keys before the new rows (chunked pre
 and head sizes that exercise every branch of its vector code."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from kernels import paged_attention, prefill_cpu
 from kernels.attention import paged_attention_ref
 
+from benchmarks.cpu import no_avx512_env
 from tests.kernels.test_attention import build, tol
 
 # (cached, new) per prefill: one row; a tile exactly and one past it (TILE_ROWS = 16); a span
@@ -18,7 +24,7 @@ PREFILLS = [(0, 2), (0, 16), (0, 17), (0, 64), (0, 65), (0, 200), (5, 1), (100, 
             (63, 2), (64, 40)]
 
 
-@pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (4, 128), (8, 16), (3, 40)])
+@pytest.mark.parametrize("group,head_dim", [(1, 64), (3, 64), (4, 128), (8, 16), (3, 40), (2, 96)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_matches_reference(group: int, head_dim: int, dtype: torch.dtype) -> None:
     seqs = [(7, 1), (40, 1)] + PREFILLS                  # decodes first, as the engine orders
@@ -27,6 +33,43 @@ def test_prefill_matches_reference(group: int, head_dim: int, dtype: torch.dtype
     expected = paged_attention_ref(q, kc, vc, bt, lens, starts, head_dim ** -0.5)
     out = paged_attention(q, kc, vc, meta, head_dim ** -0.5)
     torch.testing.assert_close(out, expected, **tol(dtype))
+
+
+_EIGHT_LANES = """
+import sys
+import numpy as np
+import torch
+from kernels import prefill_cpu
+d = dict(np.load(sys.argv[1]))
+q, kc, vc = (torch.from_numpy(d[n]).view(torch.bfloat16) for n in ("q", "kc", "vc"))
+out = prefill_cpu.prefill_in_place(q, kc, vc, d["tables"], d["lens"], d["starts"], 0.125)
+np.save(sys.argv[2], out.view(torch.int16).numpy())
+print(prefill_cpu.LANES)
+"""
+
+
+def test_eight_and_sixteen_lanes_give_the_same_bits(tmp_path: Path) -> None:
+    """LANES follows what numba's target holds in one register (kernels.simd.wide_registers). A
+    second process compiles the kernel for a target without AVX-512 (NUMBA_CPU_NAME/FEATURES:
+    eight lanes, the code an AVX2 CPU runs) and must return this process's bits. On a CPU with
+    AVX-512 this process runs sixteen lanes; on one without, both run eight."""
+    seqs = [(0, 17), (100, 77), (64, 40), (0, 200)]
+    q, kc, vc, meta, (bt, lens, starts) = build(seqs, 16, 3, 3, 64, torch.bfloat16, seed=5)
+    arrays = {"q": q.view(torch.int16).numpy(), "kc": kc.view(torch.int16).numpy(),
+              "vc": vc.view(torch.int16).numpy(), "tables": bt.numpy(), "lens": lens.numpy(),
+              "starts": starts.numpy()}
+    np.savez(tmp_path / "case.npz", **arrays)
+    run = subprocess.run([sys.executable, "-c", _EIGHT_LANES, str(tmp_path / "case.npz"),
+                          str(tmp_path / "out.npy")], env=no_avx512_env(str(tmp_path / "numba")),
+                         capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "8"
+    here = prefill_cpu.prefill_in_place(q, kc, vc, arrays["tables"], arrays["lens"],
+                                        arrays["starts"], 0.125)
+    expected = paged_attention_ref(q, kc, vc, bt, lens, starts, 0.125)
+    torch.testing.assert_close(here, expected, **tol(torch.bfloat16))
+    assert np.array_equal(np.load(tmp_path / "out.npy"), here.view(torch.int16).numpy())
 
 
 def test_block_size_32_and_one_kv_head() -> None:
