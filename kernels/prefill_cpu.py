@@ -34,22 +34,23 @@ from numba import njit, prange
 
 from kernels.backend import numba_threads
 from kernels.decode_cpu import can_attend_in_place, kernel_views
-from kernels.simd import (WIDE, WIDTH, add8, broadcast8, broadcast16, exp8, fma8, fma16, load8,
-                          load16, max8, mul8, mul16, splat8, splat16, store8, store16, sub8,
-                          wide_registers, zeros8, zeros16)
+from kernels.simd import (WIDE, WIDTH, add8, add16, broadcast8, broadcast16, exp8, exp16, fma8,
+                          fma16, load8, load16, max8, max16, mul8, mul16, splat8, splat16, store8,
+                          store16, sub8, sub16, wide_registers, zeros8, zeros16)
 
 _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
 
 TILE_ROWS = 16      # query rows per item: 48 query vectors for SmolLM2's 3 heads per kv head
 SPAN = 64           # keys per span (a multiple of 8: the score blocks' keys)
 
-# The vectors of the products: sixteen lanes where they fill one register, eight elsewhere
+# The vectors of the products and the softmax: sixteen lanes where they fill one register, eight elsewhere
 # (sixteen-lane blocks split in halves would need 16 accumulators in 16 AVX registers).
 # numba's on-disk cache keys a kernel on the target CPU, which decides this too.
 LANES = WIDE if wide_registers() else WIDTH
-loadv, storev, splatv, fmav, mulv, broadcastv, zerosv = (
-    (load16, store16, splat16, fma16, mul16, broadcast16, zeros16) if LANES == WIDE
-    else (load8, store8, splat8, fma8, mul8, broadcast8, zeros8))
+(loadv, storev, splatv, fmav, mulv, broadcastv, zerosv, addv, subv, maxv, expv) = (
+    (load16, store16, splat16, fma16, mul16, broadcast16, zeros16, add16, sub16, max16, exp16)
+    if LANES == WIDE else
+    (load8, store8, splat8, fma8, mul8, broadcast8, zeros8, add8, sub8, max8, exp8))
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
@@ -96,23 +97,23 @@ def _scores(qt, kw, nqp, nk, d, scale, s):  # type: ignore[no-untyped-def]
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)
 def _softmax_span(s, nqp, nk, m, total, alpha):  # type: ignore[no-untyped-def]
-    """The online softmax's step over one span, eight query vectors at a time (a lane each):
+    """The online softmax's step over one span, LANES query vectors at a time (a lane each):
     the running max m grows to the span's, alpha = exp(old max - new max) rescales the earlier
-    sum (and, in the caller, the weighted values), s becomes exp(score - max) (0 where -inf)."""
-    for v in range(0, nqp, 8):
-        old = load8(m, v)
+    sum (and, in _weigh_values, the weighted values), s becomes exp(score - max) (0 where -inf)."""
+    for v in range(0, nqp, LANES):
+        old = loadv(m, v)
         mx = old
         for j in range(nk):
-            mx = max8(mx, load8(s, j * nqp + v))
-        sums = zeros8()
+            mx = maxv(mx, loadv(s, j * nqp + v))
+        sums = zerosv()
         for j in range(nk):
-            e = exp8(sub8(load8(s, j * nqp + v), mx))
-            store8(s, j * nqp + v, e)
-            sums = add8(sums, e)
-        a = exp8(sub8(old, mx))              # 0 on the first span (old = -inf)
-        store8(alpha, v, a)
-        store8(total, v, fma8(load8(total, v), a, sums))
-        store8(m, v, mx)
+            e = expv(subv(loadv(s, j * nqp + v), mx))
+            storev(s, j * nqp + v, e)
+            sums = addv(sums, e)
+        a = expv(subv(old, mx))              # 0 on the first span (old = -inf)
+        storev(alpha, v, a)
+        storev(total, v, fmav(loadv(total, v), a, sums))
+        storev(m, v, mx)
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_FASTMATH, cache=True)

@@ -202,13 +202,13 @@ splat8, splat16 = _splat_load(WIDTH), _splat_load(WIDE)
 zeros8, zeros16 = _zeros(WIDTH), _zeros(WIDE)
 fma8, fma16 = _fma(WIDTH), _fma(WIDE)
 broadcast8, broadcast16 = _broadcast(WIDTH), _broadcast(WIDE)
-add8 = _lanewise(lambda b, x, y: b.fadd(x, y))
-sub8 = _lanewise(lambda b, x, y: b.fsub(x, y))
-mul8 = _lanewise(lambda b, x, y: b.fmul(x, y))
-mul16 = _lanewise(lambda b, x, y: b.fmul(x, y), WIDE)
+add8, add16 = (_lanewise(lambda b, x, y: b.fadd(x, y), w) for w in (WIDTH, WIDE))
+sub8, sub16 = (_lanewise(lambda b, x, y: b.fsub(x, y), w) for w in (WIDTH, WIDE))
+mul8, mul16 = (_lanewise(lambda b, x, y: b.fmul(x, y), w) for w in (WIDTH, WIDE))
 div8 = _lanewise(lambda b, x, y: b.fdiv(x, y))
 # y where y > x, else x: a NaN in y is passed over, as Python's max(x, y) does.
-max8 = _lanewise(lambda b, x, y: b.select(b.fcmp_ordered(">", y, x), y, x))
+max8, max16 = (_lanewise(lambda b, x, y: b.select(b.fcmp_ordered(">", y, x), y, x), w)
+               for w in (WIDTH, WIDE))
 
 
 def _probe(a):  # type: ignore[no-untyped-def]
@@ -259,7 +259,7 @@ def sum8(typingctx: Any, v: Any) -> Any:
     return types.float32(v), codegen
 
 
-# exp8: Cephes' expf, eight lanes at once. x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
+# exp8 / exp16: Cephes' expf, eight or sixteen lanes at once. x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
 # so n ln2 is exact), exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits.
 # Within ~1 ulp of the correctly rounded value; below -87.33 the result is 0 (exp(-inf) = 0),
 # above 88.72 it is inf, and NaN stays NaN (comparisons with NaN are false, so the selects keep
@@ -268,43 +268,49 @@ _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
              1.6666665459e-1, 5.0000001201e-1)
 
 
-@intrinsic
-def exp8(typingctx: Any, x: Any) -> Any:
-    if x != float32x8:
-        return None
+def _exp(width: int) -> Any:
+    vtype, vec = _VECTORS[width]
 
-    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
-        def const(v: float) -> Any:
-            return ir.Constant(_VEC, [v] * WIDTH)
-        module = builder.module
-        fma = cgutils.get_or_insert_function(module, ir.FunctionType(_VEC, [_VEC] * 3),
-                                             "llvm.fmuladd.v8f32")
-        rint = cgutils.get_or_insert_function(module, ir.FunctionType(_VEC, [_VEC]),
-                                              "llvm.rint.v8f32")
-        x = args[0]
-        lo, hi = const(-87.33), const(88.72)
-        xc = builder.select(builder.fcmp_ordered("<", x, lo), lo, x)
-        xc = builder.select(builder.fcmp_ordered(">", xc, hi), hi, xc)
-        n = builder.call(rint, [builder.fmul(xc, const(1.44269504088896341))])
-        r = builder.fsub(xc, builder.fmul(n, const(0.693359375)))
-        r = builder.fsub(r, builder.fmul(n, const(-2.12194440e-4)))
-        p = const(_EXP_POLY[0])
-        for c in _EXP_POLY[1:]:
-            p = builder.call(fma, [p, r, const(c)])
-        r2 = builder.fmul(r, r)
-        y = builder.call(fma, [p, r2, builder.fadd(r, const(1.0))])
-        # 2^n as two factors 2^(n >> 1) * 2^(n - (n >> 1)): each stays a normal float for every
-        # n in [-126, 128], where 2^n alone would not at n = 128.
-        i32 = ir.VectorType(ir.IntType(32), WIDTH)
-        ni = builder.fptosi(n, i32)
-        half = builder.ashr(ni, ir.Constant(i32, [1] * WIDTH))
-        for part in (half, builder.sub(ni, half)):
-            bits = builder.shl(builder.add(part, ir.Constant(i32, [127] * WIDTH)),
-                               ir.Constant(i32, [23] * WIDTH))
-            y = builder.fmul(y, builder.bitcast(bits, _VEC))
-        y = builder.select(builder.fcmp_ordered("<", x, lo), const(0.0), y)
-        return builder.select(builder.fcmp_ordered(">", x, hi), const(float("inf")), y)
-    return float32x8(x), codegen
+    def typer(typingctx: Any, x: Any) -> Any:
+        if x != vtype:
+            return None
+
+        def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+            def const(v: float) -> Any:
+                return ir.Constant(vec, [v] * width)
+            module = builder.module
+            fma = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec] * 3),
+                                                 f"llvm.fmuladd.v{width}f32")
+            rint = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec]),
+                                                  f"llvm.rint.v{width}f32")
+            x = args[0]
+            lo, hi = const(-87.33), const(88.72)
+            xc = builder.select(builder.fcmp_ordered("<", x, lo), lo, x)
+            xc = builder.select(builder.fcmp_ordered(">", xc, hi), hi, xc)
+            n = builder.call(rint, [builder.fmul(xc, const(1.44269504088896341))])
+            r = builder.fsub(xc, builder.fmul(n, const(0.693359375)))
+            r = builder.fsub(r, builder.fmul(n, const(-2.12194440e-4)))
+            p = const(_EXP_POLY[0])
+            for c in _EXP_POLY[1:]:
+                p = builder.call(fma, [p, r, const(c)])
+            r2 = builder.fmul(r, r)
+            y = builder.call(fma, [p, r2, builder.fadd(r, const(1.0))])
+            # 2^n as two factors 2^(n >> 1) * 2^(n - (n >> 1)): each stays a normal float for
+            # every n in [-126, 128], where 2^n alone would not at n = 128.
+            i32 = ir.VectorType(ir.IntType(32), width)
+            ni = builder.fptosi(n, i32)
+            half = builder.ashr(ni, ir.Constant(i32, [1] * width))
+            for part in (half, builder.sub(ni, half)):
+                bits = builder.shl(builder.add(part, ir.Constant(i32, [127] * width)),
+                                   ir.Constant(i32, [23] * width))
+                y = builder.fmul(y, builder.bitcast(bits, vec))
+            y = builder.select(builder.fcmp_ordered("<", x, lo), const(0.0), y)
+            return builder.select(builder.fcmp_ordered(">", x, hi), const(float("inf")), y)
+        return vtype(x), codegen
+    return intrinsic(typer)
+
+
+exp8, exp16 = _exp(WIDTH), _exp(WIDE)     # each lane's result the same in both widths
 
 
 @intrinsic
