@@ -18,8 +18,8 @@ The products are kernels.simd's vectors held in registers:
   spans' sums are rescaled by the online softmax's alpha as they are loaded (a pass of their
   own over the accumulated values took a sixth of the kernel's time).
 LANES is 16 where numba's target holds sixteen floats in one register (AVX-512), else 8. Each
-lane's sums are the same either way, so are the bits; sixteen lanes took 0.67x the time of
-eight on Zen 5 (Kernels section of docs/BENCHMARKS.md).
+lane's sums are the same either way, so are the bits; sixteen lanes took 0.63-0.75x the time
+of eight on Zen 5 (docs/BENCHMARKS.md, Kernels: prefill attention).
 
 Needs head_dim % 8 == 0 (can_prefill_in_place); anything else keeps SDPA (kernels.attention).
 fastmath is limited to reassociation and contraction, as in decode_cpu: NaN and inf propagate.
