@@ -97,6 +97,24 @@ def _dot_bf16_cpu() -> bool:
     return bool(features.get("avx512bf16")) and bool(features.get("avx512vl"))
 
 
+@functools.cache
+def wide_registers() -> bool:
+    """Whether numba's target keeps a 16-float vector (kernels.simd's float32x16) in one 512-bit
+    register. Decided on the code LLVM emits, not on the CPU's flags: the target is numba's
+    (NUMBA_CPU_NAME/FEATURES may name another than the host), and whether LLVM uses 512-bit
+    registers for a target is its own choice. A one-line probe is compiled (not cached: its
+    machine code is what is read, about 0.3 s once per process) and searched for a zmm register."""
+    import numba
+    import numpy as np
+    from kernels import simd
+
+    def probe(a):  # type: ignore[no-untyped-def]
+        simd.store16(a, 0, simd.fma16(simd.load16(a, 0), simd.load16(a, 16), simd.load16(a, 32)))
+    compiled = numba.njit(probe)
+    compiled(np.zeros(48, np.float32))
+    return any("zmm" in code for code in compiled.inspect_asm().values())
+
+
 _numba_set = threading.local()      # the thread count this thread last gave numba
 _numba_lock = threading.Lock()
 _numba_started = False

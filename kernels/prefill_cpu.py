@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from kernels.backend import numba_threads
+from kernels.backend import numba_threads, wide_registers
 from kernels.decode_cpu import can_attend_in_place, kernel_views
 from kernels.simd import (WIDE, WIDTH, add8, add16, broadcast8, broadcast16, exp8, exp16, fma8,
                           fma16, load8, load16, max8, max16, mul8, mul16, splat8, splat16, store8,
-                          store16, sub8, sub16, wide_registers, zeros8, zeros16)
+                          store16, sub8, sub16, zeros8, zeros16)
 
 _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf must propagate
 

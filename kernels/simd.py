@@ -9,19 +9,16 @@ twelve AVX registers, the way a BLAS microkernel does (kernels/linear.py).
 
 `<8 x float>` is one AVX register. On a CPU without AVX, LLVM splits it into two SSE halves:
 slower, still correct. `<16 x float>` (load16, fma16, ...) is one AVX-512 register where LLVM
-uses those (`wide_registers`), and two AVX halves elsewhere: a kernel blocked for sixteen lanes
-then needs twice the registers it was written for, so it chooses its width by wide_registers.
+uses those (kernels.backend.wide_registers), and two AVX halves elsewhere: a kernel blocked for
+sixteen lanes then needs twice the registers it was written for, so it chooses its width by that.
 
-Also here: `as_f32`, which reads bfloat16 values that numba has no type for. A bf16 tensor is
-handed to numba as its int16 bits; widening is exact (bf16 is the top half of an fp32), and it
-is plain integer IR that LLVM vectorizes like any load.
+Also here: `as_f32`, which reads bfloat16 values (numba has no type for them) from int16 bits.
 
 numba's on-disk cache (`cache=True` kernels, kernels/__pycache__) checks only the source file of
 the function it caches, not this one: after editing an intrinsic here, delete the cache files.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -50,16 +47,13 @@ float32x8 = Float32x8()
 float32x16 = Float32x16()
 
 
-@register_model(Float32x8)
-class _Float32x8Model(models.PrimitiveModel):
+class _VectorModel(models.PrimitiveModel):
     def __init__(self, dmm: Any, fe_type: Any) -> None:
-        super().__init__(dmm, fe_type, _VEC)
+        super().__init__(dmm, fe_type, _VEC if fe_type == float32x8 else _VEC16)
 
 
-@register_model(Float32x16)
-class _Float32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm: Any, fe_type: Any) -> None:
-        super().__init__(dmm, fe_type, _VEC16)
+register_model(Float32x8)(_VectorModel)
+register_model(Float32x16)(_VectorModel)
 
 
 # lanes -> (numba type, LLVM type): the ops below come in both widths (load8 and load16, ...)
@@ -209,22 +203,6 @@ div8 = _lanewise(lambda b, x, y: b.fdiv(x, y))
 # y where y > x, else x: a NaN in y is passed over, as Python's max(x, y) does.
 max8, max16 = (_lanewise(lambda b, x, y: b.select(b.fcmp_ordered(">", y, x), y, x), w)
                for w in (WIDTH, WIDE))
-
-
-def _probe(a):  # type: ignore[no-untyped-def]
-    store16(a, 0, fma16(load16(a, 0), load16(a, WIDE), load16(a, 2 * WIDE)))
-
-
-@functools.cache
-def wide_registers() -> bool:
-    """Whether numba's target keeps a float32x16 in one 512-bit register. Decided on the code
-    LLVM emits, not on the CPU's flags: the target is numba's (NUMBA_CPU_NAME/FEATURES may name
-    another than the host), and whether LLVM uses 512-bit registers for a target is its own
-    choice. A three-line probe is compiled (not cached: its machine code is what is read, about
-    0.3 s once per process) and its code searched for a zmm register."""
-    probe = njit(_probe)
-    probe(np.zeros(3 * WIDE, np.float32))
-    return any("zmm" in code for code in probe.inspect_asm().values())
 
 
 @intrinsic

@@ -49,7 +49,7 @@ print(prefill_cpu.LANES)
 
 
 def test_eight_and_sixteen_lanes_give_the_same_bits(tmp_path: Path) -> None:
-    """LANES follows what numba's target holds in one register (kernels.simd.wide_registers). A
+    """LANES follows what numba's target holds in one register (kernels.backend.wide_registers). A
     second process compiles the kernel for a target without AVX-512 (NUMBA_CPU_NAME/FEATURES:
     eight lanes, the code an AVX2 CPU runs) and must return this process's bits. On a CPU with
     AVX-512 this process runs sixteen lanes; on one without, both run eight."""
