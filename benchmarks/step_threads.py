@@ -49,7 +49,8 @@ def main() -> None:
           f"{core.runner.head_precision} ({core.runner.head_reason})", flush=True)
     params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
     for i in range(args.seqs):
-        core.add_request(GenerateRequest(f"s{i}", tuple(prompt_ids(core.tokenizer, args.prompt_tokens, i)), params))
+        ids = prompt_ids(core.tokenizer, args.prompt_tokens, i)
+        core.add_request(GenerateRequest(f"s{i}", tuple(ids), params))
     while core.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
                                         for s in core.scheduler.running):
         core.step()                                  # prefill, so every timed step is a decode

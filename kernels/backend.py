@@ -108,10 +108,12 @@ def wide_registers() -> bool:
     import numpy as np
     from kernels import simd
 
+    w = simd.WIDE
+
     def probe(a):  # type: ignore[no-untyped-def]
-        simd.store16(a, 0, simd.fma16(simd.load16(a, 0), simd.load16(a, 16), simd.load16(a, 32)))
+        simd.store16(a, 0, simd.fma16(simd.load16(a, 0), simd.load16(a, w), simd.load16(a, 2 * w)))
     compiled = numba.njit(probe)
-    compiled(np.zeros(48, np.float32))
+    compiled(np.zeros(3 * w, np.float32))
     return any("zmm" in code for code in compiled.inspect_asm().values())
 
 

@@ -5,12 +5,11 @@ place through the block table: each query row's keys cut into spans of SPAN_KEYS
 split across threads), all kv heads of a block together, fp32 softmax per span (its exp eight
 lanes at once, kernels.simd.exp8), the spans then combined in order. A 64-dim head's key and
 value are widened once into registers and shared by the query heads of their group
-(HEAD_IN_REGISTERS).
-Its timings against dense SDPA on the same keys and against the gather it replaced are in
-docs/BENCHMARKS.md (benchmarks/kernels_bench.py --only attention). A row is cut and combined the
-same way whatever the batch, so its output is bitwise batch-invariant. numba has no bfloat16: a
-bf16 cache goes in as its int16 bits and each value is widened exactly in the kernel
-(kernels.simd.as_f32). Other dtypes (which the engine never uses) take the torch reference
+(HEAD_IN_REGISTERS). Its timings against dense SDPA on the same keys and against the gather it
+replaced are in docs/BENCHMARKS.md (benchmarks/kernels_bench.py --only attention). A row is cut
+and combined the same way whatever the batch, so its output is bitwise batch-invariant. numba
+has no bfloat16: a bf16 cache goes in as its int16 bits and each value is widened exactly in the
+kernel (kernels.simd.as_f32). Other dtypes (which the engine never uses) take the torch reference
 (kernels.attention). numba's threads are torch's: its OpenMP layer binds to the libgomp torch
 loaded first (kernels.backend.start_numba), so a kernel called from the engine's one compute
 thread, between torch's linear layers, runs on the same team of workers as they do.

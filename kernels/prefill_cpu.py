@@ -43,8 +43,9 @@ _FASTMATH = {"reassoc", "contract", "arcp"}     # not nnan / ninf: NaN and inf m
 TILE_ROWS = 16      # query rows per item: 48 query vectors for SmolLM2's 3 heads per kv head
 SPAN = 64           # keys per span (a multiple of 8: the score blocks' keys)
 
-# The vectors of the products and the softmax: sixteen lanes where they fill one register, eight elsewhere
-# (sixteen-lane blocks split in halves would need 16 accumulators in 16 AVX registers).
+# The vectors of the products and the softmax: sixteen lanes where they fill one register,
+# eight elsewhere (sixteen-lane blocks split in halves would need 16 accumulators in 16 AVX
+# registers).
 # numba's on-disk cache keys a kernel on the target CPU, which decides this too.
 LANES = WIDE if wide_registers() else WIDTH
 (loadv, storev, splatv, fmav, mulv, broadcastv, zerosv, addv, subv, maxv, expv) = (

@@ -72,6 +72,12 @@ def _is_f32_vector(arr: Any) -> bool:
             and arr.layout == "C")
 
 
+def _is_i16_vector(arr: Any) -> bool:
+    """A contiguous 1-d int16 array: bf16 values as their bits."""
+    return (isinstance(arr, types.Array) and arr.dtype == types.int16 and arr.ndim == 1
+            and arr.layout == "C")
+
+
 def _load(width: int) -> Any:
     """load8 / load16: arr[index:index + width] of a contiguous 1-d float32 array, as one vector
     (unaligned). An int16 array holds bfloat16 bits: they are widened exactly (a shift into the
@@ -80,8 +86,7 @@ def _load(width: int) -> Any:
     vtype, vec = _VECTORS[width]
 
     def typer(typingctx: Any, arr: Any, index: Any) -> Any:
-        bf16 = (isinstance(arr, types.Array) and arr.dtype == types.int16 and arr.ndim == 1
-                and arr.layout == "C")
+        bf16 = _is_i16_vector(arr)
         if not (_is_f32_vector(arr) or bf16):
             return None
 
@@ -237,8 +242,9 @@ def sum8(typingctx: Any, v: Any) -> Any:
     return types.float32(v), codegen
 
 
-# exp8 / exp16: Cephes' expf, eight or sixteen lanes at once. x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two
-# so n ln2 is exact), exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits.
+# exp8 / exp16: Cephes' expf, eight or sixteen lanes at once. x = n ln2 + r with |r| <= ln2 / 2
+# (ln2 split in two so n ln2 is exact), exp(r) by a degree-7 polynomial, times 2^n built in the
+# exponent bits.
 # Within ~1 ulp of the correctly rounded value; below -87.33 the result is 0 (exp(-inf) = 0),
 # above 88.72 it is inf, and NaN stays NaN (comparisons with NaN are false, so the selects keep
 # it). It replaces libm's scalar expf, one call per value, in the attention softmax.

@@ -23,7 +23,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from kernels.simd import WIDE, WIDTH, _VEC, _VEC16, _element_pointer, _is_f32_vector, float32x8, float32x16
+from kernels.simd import (WIDE, WIDTH, _VEC, _VEC16, _element_pointer, _is_f32_vector,
+                          _is_i16_vector, float32x8, float32x16)
 
 
 class _BFloat(ir.Type):
@@ -56,11 +57,6 @@ bf16_pairs = Bf16Pairs()
 class _Bf16PairsModel(models.PrimitiveModel):
     def __init__(self, dmm: Any, fe_type: Any) -> None:
         super().__init__(dmm, fe_type, _I32x16)
-
-
-def _is_i16_vector(arr: Any) -> bool:
-    return (isinstance(arr, types.Array) and arr.dtype == types.int16 and arr.ndim == 1
-            and arr.layout == "C")
 
 
 @intrinsic
