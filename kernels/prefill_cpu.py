@@ -168,7 +168,7 @@ def _tile(q, k_cache, v_cache, table, seq_len, n, q0, r0, r1, h, scale, out,
     (_scratch), overwritten."""
     group, d = q.shape[2], q.shape[3]
     nq = (r1 - r0) * group                   # query vectors, v = row * group + head in group
-    nqp = (nq + 15) // 16 * 16               # padded to the score blocks' 16 (zero queries)
+    nqp = _padded(nq)                        # zero queries up to whole vectors
     for i in range(r1 - r0):
         for g in range(group):
             for x in range(d):
@@ -216,12 +216,19 @@ def _items(q_starts, num_kv_heads):  # type: ignore[no-untyped-def]
     return items
 
 
+@njit(nogil=True, boundscheck=False, inline="always")
+def _padded(nq):  # type: ignore[no-untyped-def]
+    """nq query vectors rounded up to a multiple of WIDE: whole vectors at either LANES, so a
+    tile's bits do not depend on the width."""
+    return (nq + WIDE - 1) // WIDE * WIDE
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _scratch(group, d):  # type: ignore[no-untyped-def]
     """One worker's scratch for _tile, sized for a full tile: queries transposed qt, a span's
     keys kw and values vw, its scores s, the weighted values acc, the running max m, sum total
     and rescale alpha."""
-    nqp = (TILE_ROWS * group + 15) // 16 * 16
+    nqp = _padded(TILE_ROWS * group)
     # A short span's keys are padded to the score blocks' 8 with whatever kw holds: their
     # scores are computed and never read.
     return (np.empty(d * nqp, np.float32), np.empty(SPAN * d, np.float32),
